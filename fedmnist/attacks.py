@@ -1,0 +1,177 @@
+"""Malicious clients for the simulation: model-poisoning attacks on a client's update, and label flipping.
+
+Every model attack is a pure function with one signature,
+``attack(weights, global_weights, rng, strength) -> weights``: ``weights`` is what the client
+trained honestly (a list of layer arrays), ``global_weights`` the round's global model it started
+from, ``rng`` a ``numpy.random.Generator`` and ``strength`` the attack's parameter. It returns fresh
+float32 arrays and never modifies its inputs. The update of a client is ``Δ = w − w_g``.
+
+=============  ===========================================  ==================  ======================
+name           what the malicious client sends              default strength    with 1 of 5 clients
+=============  ===========================================  ==================  ======================
+``signflip``   ``w_g − s·Δ``                                ``s = 4``           FedAvg stalls
+``gaussian``   ``w_g + N(0, σ²)`` (the update is noise)     ``σ = 200``         FedAvg is destroyed
+``scale``      ``w_g + λ·Δ``                                ``λ = 10``          FedAvg overshoots
+``labelflip``  honest training on labels ``9 − y``          (none)              FedAvg degrades mildly
+=============  ===========================================  ==================  ======================
+
+With ``K`` equally sized clients of which one sends ``w_g + a·Δ_m`` and the others ``w_g + Δ_h``,
+FedAvg's new model is ``w_g + ((K−1)·Δ_h + a·Δ_m) / K``: for ``K = 5`` sign flipping with ``s = 4``
+cancels the honest clients' progress (``0.8·Δ_h − 0.8·Δ_m``) and scaling with ``λ = 10`` takes a step
+2.8 times too long. The Gaussian attack's σ = 200 is the strength of the "Gaussian Byzantine
+workers" in the experiments of Blanchard et al. 2017 ("Machine Learning with Adversaries: Byzantine
+Tolerant Gradient Descent", NeurIPS, §5), which send vectors drawn from ``N(0, 200²·I)`` in place of
+their gradient; here the noise replaces the client's update, so one attacker of five adds noise of
+standard deviation 40 to every weight of the average. The coordinate-wise median, the trimmed mean
+and Krum ignore a single outlier like these.
+
+Label flipping (Tolpegin et al. 2020, "Data Poisoning Attacks Against Federated Learning Systems")
+is a data attack: the malicious client trains normally on ``flip_labels(y) = 9 − y``. It is much
+weaker than the model attacks: with a minority of flippers FedAvg loses only some accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fedmnist.errors import ConfigError
+
+Weights = list[np.ndarray]
+ModelAttack = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], np.random.Generator, float], Weights]
+
+NUM_CLASSES = 10
+DEFAULT_SIGNFLIP = 4.0
+DEFAULT_GAUSSIAN_STD = 200.0
+DEFAULT_SCALE = 10.0
+
+
+def _check_pair(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> None:
+    if len(weights) != len(global_weights):
+        raise ValueError(f"{len(weights)} layers in the update but {len(global_weights)} in the global model")
+    for i, (w, g) in enumerate(zip(weights, global_weights)):
+        if np.shape(w) != np.shape(g):
+            raise ValueError(f"layer {i}: shape {np.shape(w)} differs from the global model's {np.shape(g)}")
+
+
+def _combine(global_weights, weights, factor: float) -> Weights:
+    """``w_g + factor·(w − w_g)``, per layer, computed in float64 and returned as float32."""
+    _check_pair(weights, global_weights)
+    out = []
+    for w, g in zip(weights, global_weights):
+        g64 = np.asarray(g, dtype=np.float64)
+        out.append((g64 + factor * (np.asarray(w, dtype=np.float64) - g64)).astype(np.float32))
+    return out
+
+
+def sign_flip(
+    weights: Sequence[np.ndarray],
+    global_weights: Sequence[np.ndarray],
+    rng: np.random.Generator | None = None,
+    strength: float = DEFAULT_SIGNFLIP,
+) -> Weights:
+    """Send ``w_g − s·(w − w_g)``: the update reversed and amplified ``s`` times (``rng`` unused)."""
+    return _combine(global_weights, weights, -float(strength))
+
+
+def scale(
+    weights: Sequence[np.ndarray],
+    global_weights: Sequence[np.ndarray],
+    rng: np.random.Generator | None = None,
+    strength: float = DEFAULT_SCALE,
+) -> Weights:
+    """Send ``w_g + λ·(w − w_g)``: the update boosted ``λ`` times (``rng`` unused)."""
+    return _combine(global_weights, weights, float(strength))
+
+
+def gaussian_noise(
+    weights: Sequence[np.ndarray],
+    global_weights: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    strength: float = DEFAULT_GAUSSIAN_STD,
+) -> Weights:
+    """Send ``w_g + ε`` with ``ε ~ N(0, σ²)`` per coordinate, ``σ = strength``: the update is pure noise.
+
+    Blanchard et al. 2017, §5, use σ = 200 ("Gaussian Byzantine workers"). ``weights`` only fixes
+    the shapes; the noise is drawn from ``rng`` layer by layer in order.
+    """
+    _check_pair(weights, global_weights)
+    return [
+        (np.asarray(g, dtype=np.float64) + rng.normal(0.0, float(strength), size=np.shape(g))).astype(np.float32)
+        for g in global_weights
+    ]
+
+
+def flip_labels(y: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Labels ``num_classes − 1 − y`` (MNIST: 0↔9, 1↔8, …), as a new array of ``y``'s dtype."""
+    y = np.asarray(y)
+    return (num_classes - 1 - y).astype(y.dtype)
+
+
+MODEL_ATTACKS: dict[str, ModelAttack] = {
+    "signflip": sign_flip,
+    "gaussian": gaussian_noise,
+    "scale": scale,
+}
+"""Attacks applied to the trained weights, by name."""
+
+DATA_ATTACKS = ("labelflip",)
+"""Attacks applied to the client's labels before training."""
+
+ATTACKS = (*MODEL_ATTACKS, *DATA_ATTACKS)
+
+DEFAULT_STRENGTH: dict[str, float | None] = {
+    "signflip": DEFAULT_SIGNFLIP,
+    "gaussian": DEFAULT_GAUSSIAN_STD,
+    "scale": DEFAULT_SCALE,
+    "labelflip": None,
+}
+
+
+def check_attack(name: str | None, strength: float | None = None) -> None:
+    """Raise ConfigError for an unknown attack or a strength it cannot use."""
+    if name is None:
+        if strength is not None:
+            raise ConfigError("an attack strength was given but no attack (--attack)")
+        return
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack '{name}'; choose one of {', '.join(ATTACKS)}")
+    if strength is None:
+        return
+    if DEFAULT_STRENGTH[name] is None:
+        raise ConfigError(f"the '{name}' attack takes no strength")
+    if not (np.isfinite(strength) and strength > 0):
+        raise ConfigError(f"the attack strength must be a finite number > 0 (got {strength})")
+
+
+def attack_strength(name: str, strength: float | None = None) -> float | None:
+    """``strength``, or the attack's documented default when None."""
+    check_attack(name, strength)
+    return DEFAULT_STRENGTH[name] if strength is None else float(strength)
+
+
+def attack_update(
+    name: str,
+    weights: Sequence[np.ndarray],
+    global_weights: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    strength: float | None = None,
+) -> Weights:
+    """What a malicious client sends instead of ``weights`` under attack ``name``.
+
+    A data attack (``labelflip``) acts before training, so its trained weights are sent as they are
+    (copied).
+    """
+    value = attack_strength(name, strength)
+    if name in DATA_ATTACKS:
+        _check_pair(weights, global_weights)
+        return [np.array(w, dtype=np.float32, copy=True) for w in weights]
+    return MODEL_ATTACKS[name](weights, global_weights, rng, value)
+
+
+def choose_malicious(num_clients: int, num_malicious: int, rng: np.random.Generator) -> list[int]:
+    """The ids (1..num_clients) of the malicious clients: the first ``num_malicious`` of a permutation."""
+    if not 0 <= num_malicious <= num_clients:
+        raise ConfigError(f"the number of malicious clients must be in [0, {num_clients}] (got {num_malicious})")
+    return sorted(int(k) + 1 for k in rng.permutation(num_clients)[:num_malicious])

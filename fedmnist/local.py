@@ -1,0 +1,159 @@
+"""One team member's job: train the shared CNN on its partition from the round's global weights.
+
+Used by ``local_training.ipynb`` and ``fedmnist train``: both call ``run_local_training`` and get the
+same four files (``modelo_local_cliente_N.h5``, ``pesos_cliente_N.pkl``,
+``curvas_aprendizaje_cliente_N.png``, ``matriz_confusion_cliente_N.png``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmnist.data import client_file, common_test_file, load_partition
+from fedmnist.errors import ConfigError, DataError
+from fedmnist.evaluation import EvalResult, evaluate
+from fedmnist.exchange import ClientUpdate, GlobalWeights, load_global, make_global, save_update, update_path
+from fedmnist.io import sha256_file
+from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
+from fedmnist.partition import read_manifest
+from fedmnist.training import ClientTrainer, TrainConfig, TrainResult, make_trainer, validation_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalTrainingOutput:
+    """Everything a member's local training produced, with the paths of the files written."""
+
+    client_id: int
+    round: int
+    start: GlobalWeights
+    result: TrainResult
+    test: EvalResult
+    update: ClientUpdate
+    files: dict[str, Path]
+    seconds: float
+
+
+def output_paths(out_dir: str | Path, client_id: int) -> dict[str, Path]:
+    """The four files a member's training writes."""
+    out_dir = Path(out_dir)
+    return {
+        "model": out_dir / f"modelo_local_cliente_{client_id}.h5",
+        "update": update_path(out_dir, client_id),
+        "curves": out_dir / f"curvas_aprendizaje_cliente_{client_id}.png",
+        "confusion": out_dir / f"matriz_confusion_cliente_{client_id}.png",
+    }
+
+
+def starting_point(global_weights: str | Path | None, round_: int | None, seed: int = DEFAULT_SEED) -> GlobalWeights:
+    """The round's shared starting weights: the given file, or ``build_model(seed)`` for round 0."""
+    if global_weights:
+        start = load_global(global_weights)
+        if round_ is not None and round_ != start.round:
+            raise ConfigError(
+                f"{global_weights}: holds the global weights of round {start.round}, but round {round_} "
+                "was requested; use the file of the round you are training"
+            )
+        return start
+    if round_ not in (None, 0):
+        raise ConfigError(
+            f"round {round_} needs the global weights written by the previous aggregation "
+            f"(pesos_globales_ronda_{round_}.pkl); pass it with --global-weights / GLOBAL_WEIGHTS"
+        )
+    log.info("no global weights given: starting from build_model(seed=%d), round 0", seed)
+    return make_global(initial_weights(seed), 0, "init", seed)
+
+
+def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
+    """Path of the client's partition, checked against the federation manifest when there is one."""
+    path = client_file(data_dir, client_id)
+    if not path.exists():
+        raise DataError(
+            f"{path}: partition file not found; run split_data.py first or check CLIENT_ID/--client "
+            f"({client_id}) and DATA_DIR/--data-dir ({data_dir})"
+        )
+    manifest = read_manifest(data_dir)
+    if manifest:
+        entries = {c["client_id"]: c for c in manifest.get("clients", [])}
+        entry = entries.get(client_id)
+        if entry is None:
+            raise DataError(
+                f"{path}: client {client_id} is not in the federation manifest "
+                f"({len(entries)} clients: 1..{len(entries)})"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path}: contents differ from the manifest's sha256: the file was changed or corrupted")
+    return path
+
+
+def run_local_training(
+    client_id: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    global_weights: str | Path | None = None,
+    round_: int | None = None,
+    trainer: ClientTrainer | None = None,
+) -> LocalTrainingOutput:
+    """Train client ``client_id`` and write its four files to ``out_dir``.
+
+    All inputs are loaded and checked before anything is written; every file is written atomically.
+    """
+    config.validate()
+    if client_id < 1:
+        raise ConfigError(f"client ids start at 1 (got {client_id})")
+    started = time.perf_counter()
+    x, y = load_partition(check_partition_file(data_dir, client_id))
+    test_path = common_test_file(data_dir)
+    if not test_path.exists():
+        raise DataError(f"{test_path}: common test set not found; run split_data.py first")
+    x_test, y_test = load_partition(test_path)
+    start = starting_point(global_weights, round_, config.seed)
+
+    trainer = trainer or make_trainer(config)
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split, config.seed + client_id)
+    client_seed = int(np.random.SeedSequence([config.seed, start.round, client_id]).generate_state(1)[0])
+    result = trainer.train(
+        start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
+        mu=config.mu, seed=client_seed, x_val=x_val, y_val=y_val,
+    )
+    test = evaluate(trainer, result.weights, x_test, y_test)
+
+    metrics = {
+        "history": result.history,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "validation_examples": 0 if x_val is None else len(x_val),
+    }
+    update = ClientUpdate(
+        client_id=client_id,
+        round=start.round,
+        num_examples=result.num_examples,
+        weights=result.weights,
+        start_sha256=start.sha256,
+        fingerprint=model_fingerprint(),
+        mu=config.mu,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        metrics=metrics,
+    )
+    from fedmnist.plots import plot_confusion_matrix, plot_learning_curves
+
+    files = output_paths(out_dir, client_id)
+    save_keras_model(result.weights, files["model"])
+    plot_learning_curves(result.history, files["curves"],
+                         title=f"Cliente {client_id} — ronda {start.round}")
+    plot_confusion_matrix(test.confusion, files["confusion"],
+                          title=f"Cliente {client_id} — test común (precisión {test.accuracy:.2%})")
+    save_update(files["update"], update)
+    update.path = files["update"]
+    return LocalTrainingOutput(client_id, start.round, start, result, test, update, files,
+                               time.perf_counter() - started)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.config import DEFAULT_METHODS
 from fedmnist.data import common_test_file, load_partition
 from fedmnist.errors import DataError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate, intervals_overlap
@@ -38,7 +39,6 @@ from fedmnist.training import ClientTrainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("fedavg", "fedprox", "fedmed")
 RESULTS_JSON = "resultados_agregacion.json"
 RESULTS_CSV = "resultados_agregacion.csv"
 COMPARISON_PLOT = "comparacion_metodos.png"

@@ -10,8 +10,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from fedmnist.config import DEFAULT_SEED
 from fedmnist.errors import FedMnistError
-from fedmnist.model import DEFAULT_SEED
 
 log = logging.getLogger("fedmnist")
 
@@ -94,7 +94,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def add_aggregate_args(parser: argparse.ArgumentParser) -> None:
-    from fedmnist.aggregation import DEFAULT_METHODS
+    from fedmnist.config import DEFAULT_METHODS
     from fedmnist.strategies import AGGREGATORS
 
     parser.add_argument("--weights-dir", help="directory holding every member's pesos_cliente_N.pkl")
@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arg(p)
     p.add_argument("--out", default="resultados_demo", help="output directory (default resultados_demo)")
     p.set_defaults(func=cmd_demo)
+
+    from fedmnist.simulation import register_simulate
+
+    register_simulate(sub)
 
     for register in EXTRA_COMMANDS:
         register(sub)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,12 @@ def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: {what} is not a file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: {what} is a single .npy array, not an npz archive with named arrays")
+        with loaded as npz:
             return {key: npz[key] for key in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read {what} as an npz archive ({exc})") from exc
 
 

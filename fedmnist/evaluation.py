@@ -39,12 +39,18 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == total else min(1.0, centre + half)
+    return low, high
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Counts matrix: rows are true classes, columns predicted classes."""
-    flat = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    for name, values in (("true", y_true), ("predicted", y_pred)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}")
+    flat = y_true * num_classes + y_pred
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 

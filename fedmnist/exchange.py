@@ -8,6 +8,7 @@ numpy arrays. A teammate's pickle could run arbitrary code when unpickled, so ev
 
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 import pickle
@@ -33,6 +34,9 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
     ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
     ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("_codecs", "encode"): codecs.encode,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }

@@ -19,7 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-DEFAULT_SEED = 42
+from fedmnist.config import DEFAULT_SEED
+
 DROPOUT_RATE = 0.5
 ARCHITECTURE = "fedmnist-cnn-v1"
 NUM_CLASSES = 10
@@ -68,7 +69,11 @@ def get_weights(model: keras.Model) -> Weights:
 def weight_spec() -> tuple[tuple[str, tuple[int, ...], str], ...]:
     """(name, shape, dtype) of each weight array of the shared CNN, in exchange order."""
     model = build_model(DEFAULT_SEED)
-    return tuple((v.path, tuple(v.shape), "float32") for v in model.weights)
+    return tuple(
+        (f"{layer.name}/{w.name}", tuple(w.shape), "float32")
+        for layer in model.layers
+        for w in layer.weights
+    )
 
 
 def initial_weights(seed: int = DEFAULT_SEED) -> Weights:

@@ -136,6 +136,8 @@ def partition(labels: np.ndarray, config: PartitionConfig) -> list[np.ndarray]:
     """Split ``labels`` as ``config`` says, seeded by ``config.seed``."""
     labels = np.asarray(labels)
     config.validate(labels.size)
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ConfigError(f"labels must lie in 0..{NUM_CLASSES - 1} (found {labels.min()}..{labels.max()})")
     rng = np.random.default_rng(config.seed)
     if config.scheme == "iid":
         return partition_iid(labels, config.num_clients, rng)

@@ -98,7 +98,7 @@ def test_weighted_average_is_accurate_with_many_clients():
 def test_weighted_average_negative_count_raises():
     results = [([f32(1)], 3), ([f32(2)], -1)]
 
-    with pytest.raises(ValueError, match="client 1.*num_examples"):
+    with pytest.raises(ValueError, match=r"client 1.*num_examples"):
         weighted_average(results)
 
 
@@ -248,7 +248,7 @@ def test_krum_accepts_2f_plus_3_clients(n, f):
 def test_krum_invalid_parameters_raise(f, m):
     results = line_results(KRUM_XS)
 
-    with pytest.raises(ValueError, match="num_malicious|num_to_keep"):
+    with pytest.raises(ValueError, match=r"num_malicious|num_to_keep"):
         krum(results, num_malicious=f, num_to_keep=m)
 
 

@@ -113,6 +113,11 @@ def fill_missing_counts(updates: list[ClientUpdate], data_dir: str | Path | None
     return notes
 
 
+def _label(update: ClientUpdate) -> str:
+    """How messages name an update: its file, or its client id when it was never a file."""
+    return str(update.path) if update.path is not None else f"client {update.client_id}"
+
+
 def validate_updates(updates: list[ClientUpdate], expected_round: int | None = None) -> list[str]:
     """Refuse sets of updates that cannot be aggregated; return warnings for what can only be trusted.
 
@@ -122,36 +127,36 @@ def validate_updates(updates: list[ClientUpdate], expected_round: int | None = N
     """
     notes: list[str] = []
     fingerprint = model_fingerprint()
-    seen: dict[int, Path | None] = {}
+    seen: dict[int, str] = {}
     for u in updates:
         if u.fingerprint is not None and u.fingerprint != fingerprint:
             raise ValidationError(
-                f"{u.path}: made for model fingerprint {u.fingerprint}, but this model's is {fingerprint}"
+                f"{_label(u)}: made for model fingerprint {u.fingerprint}, but this model's is {fingerprint}"
             )
         problem = weights_mismatch(u.weights)
         if problem:
-            raise ValidationError(f"{u.path}: {problem}")
+            raise ValidationError(f"{_label(u)}: {problem}")
         for i, array in enumerate(u.weights):
             if not np.all(np.isfinite(array)):
-                raise ValidationError(f"{u.path}: weight {i} holds NaN or infinite values")
+                raise ValidationError(f"{_label(u)}: weight {i} holds NaN or infinite values")
         if u.client_id in seen:
             raise ValidationError(
-                f"{u.path}: client id {u.client_id} appears twice (also in {seen[u.client_id]})"
+                f"{_label(u)}: client id {u.client_id} appears twice (also in {seen[u.client_id]})"
             )
-        seen[u.client_id] = u.path
+        seen[u.client_id] = _label(u)
     rounds = Counter(u.round for u in updates if not u.bare)
     if len(rounds) > 1:
-        detail = ", ".join(f"{p.path.name}: round {p.round}" for p in updates if not p.bare)
+        detail = ", ".join(f"{_label(p)}: round {p.round}" for p in updates if not p.bare)
         raise ValidationError(f"updates from different rounds cannot be aggregated together ({detail})")
     if expected_round is not None and rounds and expected_round not in rounds:
         first = next(u for u in updates if not u.bare)
-        raise ValidationError(f"{first.path}: trained in round {first.round}, but round {expected_round} was requested")
+        raise ValidationError(f"{_label(first)}: trained in round {first.round}, but round {expected_round} was requested")
     starts = {u.start_sha256 for u in updates if u.start_sha256}
     if len(starts) > 1:
         groups: dict[str, list[str]] = {}
         for u in updates:
             if u.start_sha256:
-                groups.setdefault(u.start_sha256[:12], []).append(u.path.name if u.path else str(u.client_id))
+                groups.setdefault(u.start_sha256[:12], []).append(u.path.name if u.path else f"client {u.client_id}")
         detail = "; ".join(f"{h}: {', '.join(names)}" for h, names in groups.items())
         raise ValidationError(
             "the updates started from different global weights "
@@ -161,7 +166,7 @@ def validate_updates(updates: list[ClientUpdate], expected_round: int | None = N
         )
     for u in updates:
         if u.bare:
-            notes.append(f"{u.path}: bare list of weights: its round and starting point cannot be verified")
+            notes.append(f"{_label(u)}: bare list of weights: its round and starting point cannot be verified")
     return notes
 
 
@@ -269,7 +274,7 @@ def report_to_dict(report: AggregationReport) -> dict:
             for name, r in report.methods.items()
         },
         "locals": [
-            {"client_id": u.client_id, "num_examples": u.num_examples, "mu": u.mu, **metrics(e)}
+            {"client_id": u.client_id, "mu": u.mu, **metrics(e), "train_examples": u.num_examples}
             for u, e in report.locals_
         ],
         "best": report.best,

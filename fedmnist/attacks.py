@@ -6,28 +6,32 @@ trained honestly (a list of layer arrays), ``global_weights`` the round's global
 from, ``rng`` a ``numpy.random.Generator`` and ``strength`` the attack's parameter. It returns fresh
 float32 arrays and never modifies its inputs. The update of a client is ``Δ = w − w_g``.
 
-=============  ===========================================  ==================  ======================
-name           what the malicious client sends              default strength    with 1 of 5 clients
-=============  ===========================================  ==================  ======================
-``signflip``   ``w_g − s·Δ``                                ``s = 4``           FedAvg stalls
-``gaussian``   ``w_g + N(0, σ²)`` (the update is noise)     ``σ = 200``         FedAvg is destroyed
-``scale``      ``w_g + λ·Δ``                                ``λ = 10``          FedAvg overshoots
-``labelflip``  honest training on labels ``9 − y``          (none)              FedAvg degrades mildly
-=============  ===========================================  ==================  ======================
+=============  ===========================================  ================  =============================
+name           what the malicious client sends              default strength  FedAvg / FedMed, 1 of 5 bad
+=============  ===========================================  ================  =============================
+``signflip``   ``w_g − s·Δ``                                ``s = 4``         0.09 / 0.64 (chance level)
+``gaussian``   ``w_g + N(0, σ²)`` (the update is noise)     ``σ = 200``       0.12 / 0.67 (chance level)
+``scale``      ``w_g + λ·Δ``                                ``λ = 10``        0.37 / 0.69 (overshoots)
+``labelflip``  honest training on labels ``9 − y``          (none)            0.71 / 0.67 (mild)
+=============  ===========================================  ================  =============================
+
+(Test accuracy after 3 rounds, 5 IID clients of 300 MNIST images, E = 1, B = 32, Adam 1e-3, all
+clients sampled, seed 7, first 300 test images; without attack both reach about 0.7.)
 
 With ``K`` equally sized clients of which one sends ``w_g + a·Δ_m`` and the others ``w_g + Δ_h``,
 FedAvg's new model is ``w_g + ((K−1)·Δ_h + a·Δ_m) / K``: for ``K = 5`` sign flipping with ``s = 4``
-cancels the honest clients' progress (``0.8·Δ_h − 0.8·Δ_m``) and scaling with ``λ = 10`` takes a step
-2.8 times too long. The Gaussian attack's σ = 200 is the strength of the "Gaussian Byzantine
-workers" in the experiments of Blanchard et al. 2017 ("Machine Learning with Adversaries: Byzantine
-Tolerant Gradient Descent", NeurIPS, §5), which send vectors drawn from ``N(0, 200²·I)`` in place of
-their gradient; here the noise replaces the client's update, so one attacker of five adds noise of
-standard deviation 40 to every weight of the average. The coordinate-wise median, the trimmed mean
-and Krum ignore a single outlier like these.
+gives ``w_g + 0.8·Δ_h − 0.8·Δ_m``, which cancels the honest progress at best and, as the malicious
+step grows, pushes the model away from it; scaling with ``λ = 10`` takes a step 2.8 times too long.
+The Gaussian attack's σ = 200 is the strength of the "Gaussian Byzantine workers" in the experiments
+of Blanchard et al. 2017 ("Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
+NeurIPS, §5), which send vectors drawn from ``N(0, 200²·I)`` in place of their gradient; here the
+noise replaces the client's update, so one attacker of five adds noise of standard deviation 40 to
+every weight of the average. The coordinate-wise median, the trimmed mean and Krum ignore a single
+outlier like these.
 
 Label flipping (Tolpegin et al. 2020, "Data Poisoning Attacks Against Federated Learning Systems")
 is a data attack: the malicious client trains normally on ``flip_labels(y) = 9 − y``. It is much
-weaker than the model attacks: with a minority of flippers FedAvg loses only some accuracy.
+weaker than the model attacks: with a minority of flippers FedAvg loses little or no accuracy.
 """
 
 from __future__ import annotations
@@ -98,7 +102,9 @@ def gaussian_noise(
     """
     _check_pair(weights, global_weights)
     return [
-        (np.asarray(g, dtype=np.float64) + rng.normal(0.0, float(strength), size=np.shape(g))).astype(np.float32)
+        (np.asarray(g, dtype=np.float64) + rng.normal(0.0, float(strength), size=np.shape(g))).astype(
+            np.float32
+        )
         for g in global_weights
     ]
 
@@ -173,5 +179,7 @@ def attack_update(
 def choose_malicious(num_clients: int, num_malicious: int, rng: np.random.Generator) -> list[int]:
     """The ids (1..num_clients) of the malicious clients: the first ``num_malicious`` of a permutation."""
     if not 0 <= num_malicious <= num_clients:
-        raise ConfigError(f"the number of malicious clients must be in [0, {num_clients}] (got {num_malicious})")
+        raise ConfigError(
+            f"the number of malicious clients must be in [0, {num_clients}] (got {num_malicious})"
+        )
     return sorted(int(k) + 1 for k in rng.permutation(num_clients)[:num_malicious])

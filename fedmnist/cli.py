@@ -144,6 +144,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from fedmnist.experiments import run_experiments
+
+    run_experiments(args.profile, args.data, args.out, tuple(args.only), args.quiet,
+                    argv=["experiments", "--profile", args.profile, "--out", str(args.out),
+                          *(["--only", *args.only] if args.only != list(EXPERIMENT_NAMES) else [])])
+    print(f"results in {args.out}")
+    return 0
+
+
+EXPERIMENT_NAMES = ("course", "heterogeneity", "fedprox_mu", "attacks", "mcmahan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmnist", description="Federated learning on MNIST.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -188,13 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_simulate(sub)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("experiments", help="run the essay's experiments and write their result files")
+    p.add_argument("--profile", choices=("quick", "full"), default="quick",
+                   help="quick: CI-sized check (minutes); full: the essay's results (about an hour)")
+    p.add_argument("--only", nargs="+", default=list(EXPERIMENT_NAMES), choices=EXPERIMENT_NAMES,
+                   help="run only these experiments")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_data_arg(p)
+    p.add_argument("--out", default="resultados", help="output directory (default resultados)")
+    p.set_defaults(func=cmd_experiments)
+
     return parser
-
-
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-"""Sub-command registrars of optional modules (simulation, experiments) appended at import."""
 
 
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -92,6 +92,38 @@ def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
     return path
 
 
+def train_member(
+    trainer: ClientTrainer, start: GlobalWeights, x: np.ndarray, y: np.ndarray, config: TrainConfig, client_id: int
+) -> TrainResult:
+    """A member's local training as the notebook does it: hold out validation data, train from ``start``.
+
+    The shuffling/dropout seed is derived from (seed, round, client id), so members never share one.
+    """
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split, config.seed + client_id)
+    seed = int(np.random.SeedSequence([config.seed, start.round, client_id]).generate_state(1)[0])
+    return trainer.train(
+        start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
+        mu=config.mu, seed=seed, x_val=x_val, y_val=y_val,
+    )
+
+
+def make_update(result: TrainResult, start: GlobalWeights, config: TrainConfig, client_id: int,
+                metrics: dict | None = None) -> ClientUpdate:
+    """The update a member hands the server for ``result``."""
+    return ClientUpdate(
+        client_id=client_id,
+        round=start.round,
+        num_examples=result.num_examples,
+        weights=result.weights,
+        start_sha256=start.sha256,
+        fingerprint=model_fingerprint(),
+        mu=config.mu,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        metrics=metrics or {"history": result.history},
+    )
+
+
 def run_local_training(
     client_id: int,
     data_dir: str | Path,
@@ -117,12 +149,7 @@ def run_local_training(
     start = starting_point(global_weights, round_, config.seed)
 
     trainer = trainer or make_trainer(config)
-    x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split, config.seed + client_id)
-    client_seed = int(np.random.SeedSequence([config.seed, start.round, client_id]).generate_state(1)[0])
-    result = trainer.train(
-        start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
-        mu=config.mu, seed=client_seed, x_val=x_val, y_val=y_val,
-    )
+    result = train_member(trainer, start, x, y, config, client_id)
     test = evaluate(trainer, result.weights, x_test, y_test)
 
     metrics = {
@@ -131,20 +158,9 @@ def run_local_training(
         "test_loss": test.loss,
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
-        "validation_examples": 0 if x_val is None else len(x_val),
+        "validation_examples": len(x) - result.num_examples,
     }
-    update = ClientUpdate(
-        client_id=client_id,
-        round=start.round,
-        num_examples=result.num_examples,
-        weights=result.weights,
-        start_sha256=start.sha256,
-        fingerprint=model_fingerprint(),
-        mu=config.mu,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        metrics=metrics,
-    )
+    update = make_update(result, start, config, client_id, metrics)
     from fedmnist.plots import plot_confusion_matrix, plot_learning_curves
 
     files = output_paths(out_dir, client_id)

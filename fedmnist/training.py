@@ -23,7 +23,7 @@ from fedmnist.errors import ConfigError
 from fedmnist.model import DEFAULT_SEED, Weights, build_model, weights_mismatch
 
 OPTIMIZERS = ("sgd", "adam")
-EVAL_BATCH = 1000
+EVAL_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class ClientTrainer:
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        self.optimizer_name, self.learning_rate = optimizer, float(learning_rate)
+        self.momentum = float(momentum) if optimizer == "sgd" else 0.0
         self.model = build_model(model_seed)
         self.variables = list(self.model.trainable_variables)
         if len(self.variables) != len(self.model.weights):

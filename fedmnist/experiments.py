@@ -1,0 +1,513 @@
+"""The experiments behind ``ensayo_aprendizaje_federado.md``, reproducible with one command.
+
+``fedmnist experiments --profile quick|full --out resultados`` runs every experiment of the essay
+on the real MNIST with the shared CNN, the same seed and initial weights for every method, and writes
+small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions).
+``render_tables`` turns those files into the Markdown tables the essay quotes; a test checks that
+the essay's tables equal what the committed files give.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedmnist.config import DEFAULT_SEED
+from fedmnist.errors import ConfigError
+from fedmnist.io import atomic_write_text
+
+COURSE_CSV = "curso.csv"
+INIT_CSV = "inicializacion.csv"
+HETERO_CSV = "heterogeneidad.csv"
+PROX_CSV = "fedprox_mu.csv"
+ATTACK_CSV = "ataques.csv"
+MCMAHAN_CSV = "mcmahan.csv"
+ENV_FILE = "entorno.json"
+EXPERIMENTS = ("course", "heterogeneity", "fedprox_mu", "attacks", "mcmahan")
+
+# McMahan et al. 2017, Table 2 (CNN, E = 5, B = 10, C = 0.1): rounds to 99% test accuracy.
+MCMAHAN_PAPER_ROUNDS = {"iid": 20, "shards": 229}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of each experiment to run; ``quick`` is CI-sized, ``full`` is the essay's."""
+
+    name: str
+    seeds: tuple[int, ...]
+    course_epochs: int = 2
+    course_train_subset: int | None = None
+    course_test_subset: int | None = None
+    course_mu: float = 0.01
+    clients: int = 10
+    train_subset: int = 10_000
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    round_test_subset: int | None = 2_000
+    alphas: tuple[float, ...] = (1.0, 0.3, 0.1)
+    prox_mus: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+    prox_partition: str = "shards"
+    attacks: tuple[str, ...] = ("gaussian", "signflip")
+    malicious_counts: tuple[int, ...] = (0, 1, 2)
+    attack_methods: tuple[str, ...] = ("fedavg", "fedmed", "trimmed", "krum")
+    attack_rounds: int = 8
+    attack_train_subset: int = 5_000
+    mcmahan: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+    """(split, maximum rounds, methods) runs of McMahan's protocol; each stops once all reach 99%."""
+    mcmahan_mu: float = 0.01
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick", seeds=(DEFAULT_SEED,), course_epochs=1, course_train_subset=3_000,
+        course_test_subset=1_000, clients=5, train_subset=1_500, rounds=2, round_test_subset=500,
+        alphas=(0.3,), prox_mus=(0.0, 0.1), attacks=("gaussian",), malicious_counts=(0, 1),
+        attack_methods=("fedavg", "fedmed"), attack_rounds=2, attack_train_subset=1_500,
+        mcmahan=(("iid", 1, ("fedavg",)),),
+    ),
+    "full": Profile(
+        name="full", seeds=(42, 43), train_subset=6_000, rounds=10, attack_rounds=6,
+        attack_train_subset=4_000,
+        mcmahan=(("iid", 30, ("fedavg",)), ("shards", 10, ("fedavg", "fedprox"))),
+    ),
+}
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, _csv_text(rows))
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows of a result CSV as dicts of strings."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- experiment 1 and 2: the course flow, and shared versus independent initialisation ----------
+
+
+def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dict]:
+    """One round of the course (5 IID clients) per seed: locals, FedAvg/FedProx/FedMed, central model.
+
+    Also averages clients trained from *independent* random initialisations (one-shot FedAvg), the
+    failure that makes a shared starting point necessary.
+    """
+    from fedmnist.aggregation import run_aggregation
+    from fedmnist.data import normalize_images
+    from fedmnist.evaluation import evaluate
+    from fedmnist.exchange import make_global
+    from fedmnist.local import make_update, train_member
+    from fedmnist.model import initial_weights
+    from fedmnist.partition import PartitionConfig, partition
+    from fedmnist.strategies import weighted_average
+    from fedmnist.training import TrainConfig
+
+    n_train = profile.course_train_subset or mnist.y_train.size
+    n_test = profile.course_test_subset or mnist.y_test.size
+    x_all = normalize_images(mnist.x_train[:n_train])
+    y_all = mnist.y_train[:n_train]
+    x_test, y_test = normalize_images(mnist.x_test[:n_test]), mnist.y_test[:n_test]
+    rows, init_rows = [], []
+    for seed in profile.seeds:
+        t0 = time.perf_counter()
+        parts = partition(y_all, PartitionConfig("iid", 5, seed=seed))
+        start = make_global(initial_weights(seed), 0, "init", seed)
+        plain = TrainConfig(epochs=profile.course_epochs, seed=seed)
+        prox = replace(plain, mu=profile.course_mu)
+        updates = {}
+        for label, config in (("plain", plain), ("prox", prox)):
+            updates[label] = []
+            for k, idx in enumerate(parts, start=1):
+                result = train_member(trainer, start, x_all[idx], y_all[idx], config, k)
+                updates[label].append(make_update(result, start, config, k))
+                say(f"  course seed {seed}: client {k} ({label}) trained")
+        report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
+                                 evaluator=trainer)
+        for name, r in report.methods.items():
+            rows.append({"seed": seed, "model": name, **_metrics(r.evaluation)})
+        for update, evaluation in report.locals_:
+            rows.append({"seed": seed, "model": f"local_{update.client_id}", **_metrics(evaluation)})
+        central = train_member(trainer, start, x_all, y_all, plain, 0)
+        rows.append({"seed": seed, "model": "central", **_metrics(evaluate(trainer, central.weights, x_test, y_test))})
+
+        independent = []
+        for k, idx in enumerate(parts, start=1):
+            own_start = make_global(initial_weights(seed * 1000 + k), 0, "init", seed * 1000 + k)
+            result = train_member(trainer, own_start, x_all[idx], y_all[idx], plain, k)
+            independent.append((result.weights, result.num_examples))
+        shared = [(u.weights, u.num_examples) for u in updates["plain"]]
+        for label, results in (("compartida", shared), ("independiente", independent)):
+            averaged = weighted_average(results)
+            init_rows.append({"seed": seed, "init": label, **_metrics(evaluate(trainer, averaged, x_test, y_test))})
+        say(f"  course seed {seed} done in {time.perf_counter() - t0:.0f} s")
+    _write_csv(out_dir / COURSE_CSV, rows)
+    _write_csv(out_dir / INIT_CSV, init_rows)
+    _plot_course(rows, out_dir / "curso.png")
+    return rows
+
+
+def _metrics(evaluation) -> dict:
+    return {"accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
+            "ci_high": float(evaluation.ci_high), "loss": float(evaluation.loss)}
+
+
+def _plot_course(rows: list[dict], path: Path) -> None:
+    from fedmnist.plots import method_label, plot_method_comparison
+
+    def summary(name: str) -> tuple[str, float, float, float]:
+        acc = np.array([r["accuracy"] for r in rows if r["model"] == name])
+        spread = acc.std(ddof=1) if acc.size > 1 else 0.0
+        label = {"central": "Central"}.get(name, method_label(name).replace("local_", "local "))
+        return label, float(acc.mean()), float(acc.mean() - spread), float(acc.mean() + spread)
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    globals_ = [summary(n) for n in names if not n.startswith("local_")]
+    locals_ = [summary(n) for n in names if n.startswith("local_")]
+    plot_method_comparison(globals_, locals_, path,
+                           title="Flujo del curso (5 clientes IID, 1 ronda): media ± desv. entre semillas")
+
+
+# --- experiments 3 to 6: multi-round simulations --------------------------------------------------
+
+
+def _simulate(config, mnist, out_dir: Path, trainer, full_test) -> dict:
+    """Run one simulation quietly and evaluate its final models on the full test set."""
+    from fedmnist.evaluation import evaluate
+    from fedmnist.simulation import run_simulation
+
+    if (trainer.optimizer_name, trainer.learning_rate, trainer.momentum) != (
+        config.optimizer, config.learning_rate, config.momentum if config.optimizer == "sgd" else 0.0
+    ):
+        trainer = None  # the simulation builds one with the config's optimizer
+    result = run_simulation(config, out_dir=out_dir, progress=False, trainer=trainer, mnist=mnist)
+    trainer = trainer or _evaluator()
+    final = {m: evaluate(trainer, w, *full_test) for m, w in result.final_weights.items()}
+    return {"result": result, "final": final}
+
+
+_EVALUATOR = []
+
+
+def _evaluator():
+    from fedmnist.training import ClientTrainer
+
+    if not _EVALUATOR:
+        _EVALUATOR.append(ClientTrainer())
+    return _EVALUATOR[0]
+
+
+def _sim_config(profile: Profile, seed: int, **changes):
+    from fedmnist.simulation import SimulationConfig
+
+    base = SimulationConfig(
+        num_clients=profile.clients, fraction=1.0, rounds=profile.rounds, local_epochs=profile.local_epochs,
+        batch_size=profile.batch_size, train_subset=profile.train_subset,
+        test_subset=profile.round_test_subset, seed=seed, target_accuracy=0.95,
+    )
+    return replace(base, **changes)
+
+
+def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """IID versus Dirichlet(α) versus 2-shard splits, for FedAvg, FedProx and FedMed."""
+    splits = [("iid", {"partition": "iid"})]
+    splits += [(f"dirichlet_{a:g}", {"partition": "dirichlet", "alpha": a}) for a in profile.alphas]
+    splits += [("shards_2", {"partition": "shards", "shards_per_client": 2})]
+    rows = []
+    curves = {}
+    for label, changes in splits:
+        config = _sim_config(profile, profile.seeds[0], methods=("fedavg", "fedprox", "fedmed"), **changes)
+        run = _simulate(config, mnist, out_dir / "simulaciones" / f"heterogeneidad_{label}", trainer, full_test)
+        for method, evaluation in run["final"].items():
+            rows.append({"partition": label, "method": method, "rounds": config.rounds,
+                         "final_accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
+                         "ci_high": float(evaluation.ci_high),
+                         "rounds_to_95": _or_none(run["result"].rounds_to_target[method])})
+        curves[label] = run["result"].curves()
+        say(f"  heterogeneity {label} done")
+    _write_csv(out_dir / HETERO_CSV, rows)
+    _plot_curves_grid(curves, out_dir / "heterogeneidad.png", "Precisión por ronda según la partición")
+    return rows
+
+
+def _or_none(value):
+    return "" if value is None else value
+
+
+def run_fedprox_mu(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """FedProx with μ ∈ profile.prox_mus on the most heterogeneous split (μ = 0 is FedAvg)."""
+    rows, curves = [], {}
+    for mu in profile.prox_mus:
+        method = "fedprox" if mu > 0 else "fedavg"  # FedProx with mu = 0 is FedAvg
+        config = _sim_config(profile, profile.seeds[0], methods=(method,), mu=mu if mu > 0 else 0.01,
+                             partition=profile.prox_partition, shards_per_client=2, alpha=0.1)
+        run = _simulate(config, mnist, out_dir / "simulaciones" / f"fedprox_mu_{mu:g}", trainer, full_test)
+        evaluation = run["final"][method]
+        acc_curve = run["result"].curves()[method]
+        rows.append({"mu": f"{mu:g}", "partition": profile.prox_partition, "rounds": config.rounds,
+                     "final_accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
+                     "ci_high": float(evaluation.ci_high),
+                     "mean_last3_round_accuracy": float(np.nanmean(acc_curve[-3:]))})
+        curves[f"μ = {mu:g}"] = acc_curve
+        say(f"  fedprox mu={mu:g} done")
+    _write_csv(out_dir / PROX_CSV, rows)
+    from fedmnist.plots import plot_accuracy_per_round
+
+    plot_accuracy_per_round(curves, out_dir / "fedprox_mu.png",
+                            title=f"FedProx según μ (partición {profile.prox_partition})")
+    return rows
+
+
+def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """0, 1 and 2 malicious clients of 10 (each attack), FedAvg versus robust rules."""
+    rows = []
+    cases = [(0, None)] + [(f, a) for a in profile.attacks for f in profile.malicious_counts if f > 0]
+    for count, attack in cases:
+        config = _sim_config(profile, profile.seeds[0], methods=profile.attack_methods,
+                             rounds=profile.attack_rounds, train_subset=profile.attack_train_subset,
+                             num_malicious=count, attack=attack, krum_f=max(count, 1))
+        label = "sin_ataque" if attack is None else f"{attack}_{count}"
+        run = _simulate(config, mnist, out_dir / "simulaciones" / f"ataques_{label}", trainer, full_test)
+        for method, evaluation in run["final"].items():
+            rows.append({"attack": attack or "ninguno", "malicious": count, "method": method,
+                         "rounds": config.rounds, "final_accuracy": float(evaluation.accuracy),
+                         "ci_low": float(evaluation.ci_low), "ci_high": float(evaluation.ci_high)})
+        say(f"  attacks {label} done")
+    _write_csv(out_dir / ATTACK_CSV, rows)
+    return rows
+
+
+def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """McMahan et al. 2017's protocol (100 clients × 600, C = 0.1, E = 5, B = 10): rounds to 99%."""
+    from fedmnist.simulation import PRESETS
+
+    rows = []
+    for split, max_rounds, methods in profile.mcmahan:
+        preset = PRESETS["mcmahan-iid" if split == "iid" else "mcmahan-noniid"]
+        config = replace(preset, rounds=max_rounds, methods=methods, mu=profile.mcmahan_mu,
+                         seed=profile.seeds[0], stop_at_target=True)
+        run = _simulate(config, mnist, out_dir / "simulaciones" / f"mcmahan_{split}", trainer, full_test)
+        for method, evaluation in run["final"].items():
+            curve = run["result"].curves()[method]
+            rows.append({"split": split, "method": method, "max_rounds": max_rounds, "rounds_run": len(curve),
+                         "rounds_to_99": _or_none(run["result"].rounds_to_target[method]),
+                         "best_round_accuracy": float(np.nanmax(curve)),
+                         "final_accuracy": float(evaluation.accuracy),
+                         "paper_rounds_to_99": MCMAHAN_PAPER_ROUNDS[split]})
+        say(f"  mcmahan {split} done")
+    if rows:
+        _write_csv(out_dir / MCMAHAN_CSV, rows)
+    return rows
+
+
+def _plot_curves_grid(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from fedmnist.io import atomic_path
+    from fedmnist.plots import method_label
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.4), sharey=True, squeeze=False)
+    for ax, (label, per_method) in zip(axes[0], curves.items()):
+        for method, values in per_method.items():
+            ax.plot(np.arange(1, len(values) + 1), np.asarray(values) * 100, marker="o", markersize=3,
+                    label=method_label(method))
+        ax.set_title(label.replace("_", " "))
+        ax.set_xlabel("Ronda")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Precisión (%)")
+    axes[0][0].legend()
+    fig.suptitle(title)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+def environment(profile: Profile, argv: list[str], seconds: dict[str, float]) -> dict:
+    """Command, profile, seeds and software versions, saved beside the results."""
+    import keras
+    import tensorflow as tf
+
+    from fedmnist import __version__
+
+    try:
+        import flwr
+
+        flwr_version = flwr.__version__ if hasattr(flwr, "__version__") else "installed"
+    except ImportError:
+        flwr_version = None
+    return {
+        "command": " ".join(["fedmnist", *argv]) if argv else "fedmnist experiments",
+        "profile": asdict(profile),
+        "seeds": list(profile.seeds),
+        "seconds_per_experiment": {k: round(v, 1) for k, v in seconds.items()},
+        "software": {"fedmnist": __version__, "python": platform.python_version(),
+                     "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+                     "flwr": flwr_version},
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpus": __import__("os").cpu_count()},
+    }
+
+
+def run_experiments(
+    profile_name: str,
+    data: str | None,
+    out_dir: str | Path,
+    only: tuple[str, ...] = EXPERIMENTS,
+    quiet: bool = False,
+    argv: list[str] | None = None,
+) -> dict[str, list[dict]]:
+    """Run the selected experiments of a profile into ``out_dir``."""
+    from fedmnist.data import load_raw_mnist, normalize_images
+    from fedmnist.training import ClientTrainer
+
+    if profile_name not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile_name}'; choose one of {', '.join(PROFILES)}")
+    unknown = [e for e in only if e not in EXPERIMENTS]
+    if unknown:
+        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    profile = PROFILES[profile_name]
+    say = (lambda *_: None) if quiet else (lambda msg: print(msg, flush=True))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mnist = load_raw_mnist(data)
+    full_test = (normalize_images(mnist.x_test), mnist.y_test)
+    trainer = ClientTrainer()
+    runners = {
+        "course": lambda: run_course(profile, mnist, out_dir, trainer, say),
+        "heterogeneity": lambda: run_heterogeneity(profile, mnist, out_dir, trainer, full_test, say),
+        "fedprox_mu": lambda: run_fedprox_mu(profile, mnist, out_dir, trainer, full_test, say),
+        "attacks": lambda: run_attacks(profile, mnist, out_dir, trainer, full_test, say),
+        "mcmahan": lambda: run_mcmahan(profile, mnist, out_dir, trainer, full_test, say),
+    }
+    results, seconds = {}, {}
+    env_path = out_dir / ENV_FILE
+    previous = json.loads(env_path.read_text()) if env_path.exists() else {}
+    seconds.update(previous.get("seconds_per_experiment", {}))
+    for name in only:
+        say(f"experiment {name} ({profile.name} profile)")
+        t0 = time.perf_counter()
+        results[name] = runners[name]()
+        seconds[name] = time.perf_counter() - t0
+        atomic_write_text(env_path, json.dumps(environment(profile, argv or sys.argv[1:], seconds),
+                                               indent=2, ensure_ascii=False) + "\n")
+    return results
+
+
+# --- tables for the essay ---------------------------------------------------------------------
+
+
+def _pct(value: str | float) -> str:
+    return f"{float(value) * 100:.2f}"
+
+
+def _mean_spread(values: list[float]) -> str:
+    arr = np.array(values, dtype=float) * 100
+    if arr.size == 1:
+        return f"{arr[0]:.2f}"
+    return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}"
+
+
+def render_tables(results_dir: str | Path) -> dict[str, str]:
+    """The essay's Markdown tables, computed from the result files in ``results_dir``."""
+    from fedmnist.plots import method_label
+
+    results_dir = Path(results_dir)
+    tables: dict[str, str] = {}
+    if (results_dir / COURSE_CSV).exists():
+        rows = read_csv(results_dir / COURSE_CSV)
+        seeds = sorted({r["seed"] for r in rows})
+        names = list(dict.fromkeys(r["model"] for r in rows))
+        lines = ["| modelo | precisión (%) media ± desv. | pérdida media |", "|---|---|---|"]
+        locals_acc = [float(r["accuracy"]) for r in rows if r["model"].startswith("local_")]
+        for name in names:
+            if name.startswith("local_"):
+                continue
+            sel = [r for r in rows if r["model"] == name]
+            label = "Central (mismas épocas)" if name == "central" else method_label(name)
+            lines.append(f"| {label} | {_mean_spread([float(r['accuracy']) for r in sel])} | "
+                         f"{np.mean([float(r['loss']) for r in sel]):.4f} |")
+        lines.append(f"| Modelos locales (5 por semilla) | {_mean_spread(locals_acc)} | "
+                     f"{np.mean([float(r['loss']) for r in rows if r['model'].startswith('local_')]):.4f} |")
+        tables["curso"] = "\n".join(lines) + f"\n\nSemillas: {', '.join(seeds)}."
+    if (results_dir / INIT_CSV).exists():
+        rows = read_csv(results_dir / INIT_CSV)
+        lines = ["| inicialización | precisión de FedAvg en una ronda (%) |", "|---|---|"]
+        for label in dict.fromkeys(r["init"] for r in rows):
+            lines.append(f"| {label} | {_mean_spread([float(r['accuracy']) for r in rows if r['init'] == label])} |")
+        tables["inicializacion"] = "\n".join(lines)
+    if (results_dir / HETERO_CSV).exists():
+        rows = read_csv(results_dir / HETERO_CSV)
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines = ["| partición | " + " | ".join(method_label(m) for m in methods) + " |",
+                 "|---|" + "---|" * len(methods)]
+        for part in dict.fromkeys(r["partition"] for r in rows):
+            cells = [_pct(next(r["final_accuracy"] for r in rows if r["partition"] == part and r["method"] == m))
+                     for m in methods]
+            lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        tables["heterogeneidad"] = "\n".join(lines)
+    if (results_dir / PROX_CSV).exists():
+        rows = read_csv(results_dir / PROX_CSV)
+        lines = ["| μ | precisión final (%) | media de las 3 últimas rondas (%) |", "|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['mu']} | {_pct(r['final_accuracy'])} | {_pct(r['mean_last3_round_accuracy'])} |")
+        tables["fedprox_mu"] = "\n".join(lines)
+    if (results_dir / ATTACK_CSV).exists():
+        rows = read_csv(results_dir / ATTACK_CSV)
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines = ["| ataque | maliciosos | " + " | ".join(method_label(m) for m in methods) + " |",
+                 "|---|---|" + "---|" * len(methods)]
+        for key in dict.fromkeys((r["attack"], r["malicious"]) for r in rows):
+            cells = [_pct(next(r["final_accuracy"] for r in rows if (r["attack"], r["malicious"]) == key
+                               and r["method"] == m)) for m in methods]
+            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+        tables["ataques"] = "\n".join(lines)
+    if (results_dir / MCMAHAN_CSV).exists():
+        rows = read_csv(results_dir / MCMAHAN_CSV)
+        lines = ["| partición | método | rondas hasta 99 % (nuestro) | rondas ejecutadas | mejor precisión (%) | "
+                 "rondas hasta 99 % (artículo, FedAvg) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            reached = r["rounds_to_99"] or f"no alcanzado en {r['rounds_run']}"
+            lines.append(f"| {r['split']} | {method_label(r['method'])} | {reached} | {r['rounds_run']} | "
+                         f"{_pct(r['best_round_accuracy'])} | {r['paper_rounds_to_99']} |")
+        tables["mcmahan"] = "\n".join(lines)
+    return tables
+
+
+TABLE_BLOCK = re.compile(r"<!-- tabla:(?P<name>[\w-]+) -->\n(?P<body>.*?)\n<!-- /tabla -->", re.DOTALL)
+
+
+def essay_tables(text: str) -> dict[str, str]:
+    """The generated table blocks of the essay, by name."""
+    return {m.group("name"): m.group("body").strip() for m in TABLE_BLOCK.finditer(text)}
+
+
+def fill_essay_tables(text: str, tables: dict[str, str]) -> str:
+    """Replace every table block of the essay with the table rendered from the result files."""
+    def body(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in tables:
+            raise ConfigError(f"the essay quotes table '{name}', but the results have no such table")
+        return f"<!-- tabla:{name} -->\n{tables[name]}\n<!-- /tabla -->"
+
+    return TABLE_BLOCK.sub(body, text)

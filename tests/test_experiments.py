@@ -1,0 +1,96 @@
+"""The essay's experiments on a tiny profile, and the tables rendered from result files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedmnist import experiments
+from fedmnist.errors import ConfigError
+from fedmnist.experiments import Profile, read_csv, render_tables, run_experiments
+
+TINY = Profile(
+    name="tiny", seeds=(3,), course_epochs=1, course_train_subset=600, course_test_subset=300,
+    clients=3, train_subset=450, rounds=1, round_test_subset=200, alphas=(), prox_mus=(0.0, 0.1),
+    attacks=("gaussian",), malicious_counts=(1,), attack_methods=("fedavg", "fedmed"),
+    attack_rounds=1, attack_train_subset=450,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory, mnist_path, monkeypatch_module):
+    monkeypatch_module.setitem(experiments.PROFILES, "tiny", TINY)
+    out = tmp_path_factory.mktemp("resultados")
+    run_experiments("tiny", str(mnist_path), out, only=("course", "fedprox_mu", "attacks"), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_course_rows_cover_every_model(tiny_results):
+    # Execute
+    rows = read_csv(tiny_results / experiments.COURSE_CSV)
+
+    # Assert: three global methods, five locals, the central model, one seed
+    models = [r["model"] for r in rows]
+    assert models == ["fedavg", "fedprox", "fedmed", *[f"local_{k}" for k in range(1, 6)], "central"]
+    assert {r["seed"] for r in rows} == {"3"}
+    for r in rows:
+        assert 0.0 <= float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) <= 1.0
+
+
+def test_shared_init_beats_independent_init(tiny_results):
+    rows = {r["init"]: float(r["accuracy"]) for r in read_csv(tiny_results / experiments.INIT_CSV)}
+
+    assert set(rows) == {"compartida", "independiente"}
+    assert rows["compartida"] > rows["independiente"]
+
+
+def test_fedprox_mu_zero_is_reported_as_fedavg_run(tiny_results):
+    rows = read_csv(tiny_results / experiments.PROX_CSV)
+
+    assert [r["mu"] for r in rows] == ["0", "0.1"]
+    assert (tiny_results / "simulaciones" / "fedprox_mu_0" / "resumen.json").exists()
+
+
+def test_tables_are_rendered_from_the_files(tiny_results):
+    # Execute
+    tables = render_tables(tiny_results)
+
+    # Assert: one table per result file written, numbers as percentages of the CSV values
+    assert set(tables) == {"curso", "inicializacion", "fedprox_mu", "ataques"}
+    fedavg = next(r for r in read_csv(tiny_results / experiments.COURSE_CSV) if r["model"] == "fedavg")
+    assert f"| FedAvg | {float(fedavg['accuracy']) * 100:.2f} |" in tables["curso"]
+    attack = read_csv(tiny_results / experiments.ATTACK_CSV)
+    assert f"{float(attack[0]['final_accuracy']) * 100:.2f}" in tables["ataques"]
+
+
+def test_environment_records_command_seeds_and_versions(tiny_results):
+    import json
+
+    env = json.loads((tiny_results / experiments.ENV_FILE).read_text())
+
+    assert env["seeds"] == [3]
+    assert env["profile"]["name"] == "tiny"
+    assert {"tensorflow", "keras", "numpy", "python"} <= set(env["software"])
+    assert set(env["seconds_per_experiment"]) == {"course", "fedprox_mu", "attacks"}
+
+
+def test_unknown_profile_and_experiment_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown profile"):
+        run_experiments("huge", None, tmp_path)
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        run_experiments("quick", None, tmp_path, only=("everything",))
+
+
+def test_profiles_are_frozen_and_full_repeats_seeds():
+    full = experiments.PROFILES["full"]
+
+    assert len(full.seeds) >= 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        full.rounds = 1  # type: ignore[misc]

@@ -1,0 +1,97 @@
+"""Tests of local_training.ipynb: its papermill parameters cell, committed without outputs, and a real
+papermill run on the small federation (a Jupyter kernel in a subprocess: marked slow, but it runs by default)."""
+
+import ast
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fedmnist.exchange import global_path, load_update, make_global, save_global
+from fedmnist.local import output_paths
+from fedmnist.model import initial_weights, model_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "local_training.ipynb"
+PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "EPOCHS", "BATCH_SIZE", "PROX_MU", "SEED", "OUT_DIR")
+
+
+@pytest.fixture(scope="module")
+def notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_first_code_cell_is_the_tagged_parameters_cell(notebook):
+    # Prepare
+    first = code_cells(notebook)[0]
+
+    # Execute
+    assigned = {target.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)}
+
+    # Assert
+    assert "parameters" in first.metadata.get("tags", [])
+    assert set(PARAMETERS) <= assigned
+    tagged = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert tagged == [first], "papermill needs exactly one parameters cell"
+
+
+def test_parameter_defaults_are_the_course_defaults(notebook):
+    # Execute
+    namespace = {}
+    exec(code_cells(notebook)[0].source, namespace)  # plain assignments only
+
+    # Assert
+    assert namespace["GLOBAL_WEIGHTS"] is None and namespace["ROUND"] == 0
+    assert namespace["PROX_MU"] == 0.0 and namespace["SEED"] == 42
+    assert namespace["EPOCHS"] >= 1 and namespace["BATCH_SIZE"] >= 1 and namespace["CLIENT_ID"] >= 1
+
+
+def test_notebook_is_committed_without_outputs(notebook):
+    for cell in code_cells(notebook):
+        assert cell.get("outputs", []) == [], cell.source[:60]
+        assert cell.get("execution_count") is None, cell.source[:60]
+
+
+def test_every_code_cell_is_valid_python(notebook):
+    for cell in code_cells(notebook):
+        ast.parse(cell.source)
+
+
+@pytest.mark.slow
+def test_papermill_run_writes_the_four_files(tmp_path, small_federation, monkeypatch):
+    # Prepare: the kernel imports fedmnist from the repository and trains from round 0's file
+    import papermill
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    start = make_global(initial_weights(), 0, "init", 42)
+    start_file = global_path(tmp_path / "pesos", 0)
+    save_global(start_file, start)
+    out_dir = tmp_path / "salida"
+    executed = tmp_path / "salida_cliente_2.ipynb"
+
+    # Execute
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(executed), kernel_name="python3", cwd=str(REPO), progress_bar=False,
+        parameters={"CLIENT_ID": 2, "DATA_DIR": str(small_federation), "GLOBAL_WEIGHTS": str(start_file),
+                    "ROUND": 0, "EPOCHS": 1, "BATCH_SIZE": 32, "PROX_MU": 0.01, "SEED": 42, "OUT_DIR": str(out_dir)},
+    )
+
+    # Assert
+    expected = output_paths(out_dir, 2)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in expected.values())
+    update = load_update(expected["update"])
+    assert update.client_id == 2 and update.round == 0
+    assert update.start_sha256 == start.sha256
+    assert update.fingerprint == model_fingerprint()
+    assert update.mu == 0.01 and update.epochs == 1 and update.batch_size == 32
+    result = nbformat.read(executed, as_version=4)
+    printed = "".join(out.get("text", "") for cell in code_cells(result) for out in cell.get("outputs", []))
+    assert "pesos_cliente_2.pkl" in printed
+    assert not any(out.get("output_type") == "error" for cell in code_cells(result) for out in cell.outputs)

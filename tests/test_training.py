@@ -1,0 +1,309 @@
+"""Tests for fedmnist.training: the proximal term, determinism, optimizer reset, config checks, no retrace."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedmnist.data import normalize_images
+from fedmnist.errors import ConfigError
+from fedmnist.model import initial_weights, weight_spec
+from fedmnist.training import ClientTrainer, TrainConfig, make_trainer, proximal_penalty, validation_split
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def start_weights():
+    """The federation's round-0 weights (build_model's default seed)."""
+    return initial_weights()
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One trainer shared by the tests of this module (as the package reuses one for every client)."""
+    return ClientTrainer()
+
+
+@pytest.fixture(scope="module")
+def images(raw_mnist):
+    """160 real training images and labels, normalised: (x_a, y_a) 64 images, (x_b, y_b) 96 others."""
+    x = normalize_images(raw_mnist.x_train[:160])
+    y = raw_mnist.y_train[:160].copy()
+    return x[:64], y[:64], x[64:], y[64:]
+
+
+def l2_distance(a, b):
+    return float(np.sqrt(sum(np.sum((np.float64(u) - np.float64(v)) ** 2) for u, v in zip(a, b))))
+
+
+def assert_weights_identical(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        assert np.array_equal(u, v)
+
+
+# --- the proximal term ------------------------------------------------------------------------
+
+
+def test_proximal_penalty_value_and_gradient_by_hand():
+    # Prepare: two small "layers" and their anchors (the global weights)
+    w = [tf.Variable([[1.0, 2.0], [3.0, 4.0]]), tf.Variable([0.5, -1.0, 2.0])]
+    a = [tf.Variable([[0.0, 2.5], [1.0, 4.0]]), tf.Variable([0.5, 1.0, -1.0])]
+    mu = tf.constant(0.2)
+    # squared distance: (1 + 0.25 + 4 + 0) + (0 + 4 + 9) = 18.25
+    expected_value = 0.5 * 0.2 * 18.25
+    expected_grads = [0.2 * (np.array([[1.0, 2.0], [3.0, 4.0]]) - np.array([[0.0, 2.5], [1.0, 4.0]])),
+                      0.2 * (np.array([0.5, -1.0, 2.0]) - np.array([0.5, 1.0, -1.0]))]
+
+    # Execute
+    with tf.GradientTape(persistent=True) as tape:
+        value = proximal_penalty(w, a, mu)
+    grads = tape.gradient(value, w)
+    anchor_grads = tape.gradient(value, a)
+
+    # Assert
+    assert float(value) == pytest.approx(expected_value, rel=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert all(g is None for g in anchor_grads), "the global weights must be held fixed"
+
+
+def test_proximal_penalty_is_zero_at_the_anchor():
+    # Prepare
+    w = [tf.Variable([1.0, -2.0]), tf.Variable(3.0)]
+
+    # Execute
+    value = proximal_penalty(w, [tf.constant([1.0, -2.0]), tf.constant(3.0)], tf.constant(5.0))
+
+    # Assert
+    assert float(value) == 0.0
+
+
+def test_positive_mu_keeps_weights_closer_to_the_start(trainer, start_weights, images):
+    # Prepare
+    x, y, _, _ = images
+
+    # Execute: same data and seed, growing mu
+    moved = {
+        mu: l2_distance(trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, mu=mu, seed=3).weights,
+                        start_weights)
+        for mu in (0.0, 1.0, 5.0)
+    }
+
+    # Assert
+    assert moved[0.0] > 0
+    assert moved[0.0] > moved[1.0] > moved[5.0], moved
+    assert moved[5.0] < 0.8 * moved[0.0], moved
+
+
+# --- determinism and state reset ----------------------------------------------------------------
+
+
+def test_same_seed_gives_bit_identical_weights_and_history(trainer, start_weights, images):
+    # Prepare: the shared trainer (already used by other tests) and a fresh one
+    x, y, x_val, y_val = images
+    fresh = ClientTrainer()
+
+    # Execute
+    a = trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=11, x_val=x_val, y_val=y_val)
+    b = fresh.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=11, x_val=x_val, y_val=y_val)
+
+    # Assert
+    assert_weights_identical(a.weights, b.weights)
+    assert a.history == b.history
+    assert a.num_examples == b.num_examples == len(x)
+
+
+def test_different_seed_gives_different_weights(trainer, start_weights, images):
+    # Prepare
+    x, y, _, _ = images
+
+    # Execute
+    a = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=1)
+    b = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=2)
+
+    # Assert
+    assert any(not np.array_equal(u, v) for u, v in zip(a.weights, b.weights))
+    assert a.history != b.history
+
+
+def test_training_twice_in_a_row_gives_identical_results(trainer, start_weights, images):
+    # Prepare
+    x, y, x_other, y_other = images
+
+    # Execute: the same job twice, then once more after another client's FedProx job
+    first = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=5)
+    second = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=5)
+    trainer.train(first.weights, x_other, y_other, epochs=1, batch_size=BATCH, mu=0.5, seed=9)
+    third = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=5)
+
+    # Assert: momentum, dropout state, anchors and mu are reset for every client
+    assert_weights_identical(first.weights, second.weights)
+    assert_weights_identical(first.weights, third.weights)
+    assert first.history == second.history == third.history
+
+
+def test_adam_state_is_reset_between_clients(start_weights, images):
+    # Prepare
+    x, y, x_other, y_other = images
+    adam = make_trainer(TrainConfig(optimizer="adam", learning_rate=1e-3))
+
+    # Execute
+    first = adam.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=4)
+    adam.train(start_weights, x_other, y_other, epochs=1, batch_size=BATCH, seed=8)
+    again = adam.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=4)
+
+    # Assert
+    assert_weights_identical(first.weights, again.weights)
+
+
+# --- inputs and outputs -----------------------------------------------------------------------
+
+
+def test_training_does_not_mutate_the_input_weights(trainer, start_weights, images):
+    # Prepare
+    x, y, _, _ = images
+    given = [w.copy() for w in start_weights]
+    snapshot = [w.copy() for w in given]
+    ids = [id(w) for w in given]
+
+    # Execute
+    result = trainer.train(given, x, y, epochs=1, batch_size=BATCH, mu=0.1, seed=0)
+
+    # Assert
+    assert [id(w) for w in given] == ids
+    assert_weights_identical(given, snapshot)
+    assert all(r is not g for r, g in zip(result.weights, given))
+    assert all(r.dtype == np.float32 for r in result.weights)
+
+
+def test_history_has_val_keys_only_with_validation_data(trainer, start_weights, images):
+    # Prepare
+    x, y, x_val, y_val = images
+
+    # Execute
+    with_val = trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, x_val=x_val, y_val=y_val)
+    without = trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH)
+
+    # Assert
+    assert set(with_val.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 2 for v in with_val.history.values())
+    assert all(0.0 <= v <= 1.0 for v in with_val.history["val_accuracy"])
+    assert all(np.isfinite(v) and v > 0 for v in with_val.history["val_loss"])
+    assert set(without.history) == {"loss", "accuracy"}
+    assert all(len(v) == 2 for v in without.history.values())
+
+
+def test_second_client_of_another_size_does_not_retrace(start_weights, images):
+    # Prepare
+    x, y, x_other, y_other = images
+    fresh = ClientTrainer()
+
+    # Execute: two clients with different sizes and batch sizes
+    fresh.train(start_weights, x[:40], y[:40], epochs=1, batch_size=BATCH, seed=0)
+    after_first = fresh._epoch_plain.experimental_get_tracing_count()
+    fresh.train(start_weights, x_other, y_other, epochs=2, batch_size=BATCH * 2, seed=1)
+
+    # Assert
+    assert after_first == 1
+    assert fresh._epoch_plain.experimental_get_tracing_count() == 1
+
+
+def test_set_weights_with_wrong_shapes_raises_config_error(trainer, start_weights):
+    # Prepare
+    transposed = [w.copy() for w in start_weights]
+    dense = next(i for i, (_, shape, _) in enumerate(weight_spec()) if len(shape) == 2)
+    transposed[dense] = transposed[dense].T.copy()
+    too_few = [w.copy() for w in start_weights[:-1]]
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="shape"):
+        trainer.set_weights(transposed)
+    with pytest.raises(ConfigError, match="weight arrays"):
+        trainer.set_weights(too_few)
+
+
+def test_empty_or_mismatched_data_raise_config_error(trainer, start_weights, images):
+    # Prepare
+    x, y, _, _ = images
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="empty"):
+        trainer.train(start_weights, x[:0], y[:0], epochs=1, batch_size=BATCH)
+    with pytest.raises(ConfigError, match="labels"):
+        trainer.train(start_weights, x[:10], y[:9], epochs=1, batch_size=BATCH)
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch size"),
+        ({"mu": -0.01}, "mu"),
+        ({"mu": float("nan")}, "mu"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+        ({"learning_rate": 0.0}, "learning rate"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"validation_split": 1.0}, "validation split"),
+    ],
+)
+def test_train_config_validate_rejects(changes, fragment):
+    # Prepare
+    config = TrainConfig(**changes)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=fragment):
+        config.validate()
+
+
+def test_default_train_config_is_valid():
+    TrainConfig().validate()
+    TrainConfig(epochs=1, batch_size=1, optimizer="adam", mu=0.0, validation_split=0.0).validate()
+
+
+def test_trainer_rejects_unknown_optimizer():
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        ClientTrainer(optimizer="rmsprop")
+
+
+# --- validation split ---------------------------------------------------------------------------
+
+
+def test_validation_split_sizes_and_disjointness():
+    # Prepare: image i holds the value i everywhere, so rows can be traced back
+    n = 100
+    x = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 28, 28, 1)).copy()
+    y = (np.arange(n) % 10).astype(np.uint8)
+
+    # Execute
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, 0.1, seed=7)
+    again = validation_split(x, y, 0.1, seed=7)
+    other = validation_split(x, y, 0.1, seed=8)
+
+    # Assert
+    assert len(x_fit) == len(y_fit) == 90
+    assert len(x_val) == len(y_val) == 10
+    fit_ids, val_ids = x_fit[:, 0, 0, 0].astype(int), x_val[:, 0, 0, 0].astype(int)
+    assert set(fit_ids).isdisjoint(val_ids)
+    assert sorted(np.concatenate([fit_ids, val_ids])) == list(range(n))
+    assert np.array_equal(y_fit, fit_ids % 10) and np.array_equal(y_val, val_ids % 10)
+    assert np.array_equal(again[2], x_val)
+    assert not np.array_equal(other[2], x_val)
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(100, 0.0), (5, 0.05), (3, 0.9)])
+def test_validation_split_without_a_usable_hold_out_keeps_everything(n, fraction):
+    # Prepare
+    x = np.zeros((n, 28, 28, 1), np.float32)
+    y = np.zeros(n, np.uint8)
+
+    # Execute
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, fraction, seed=0)
+
+    # Assert
+    assert x_fit is x and y_fit is y
+    assert x_val is None and y_val is None

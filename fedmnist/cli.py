@@ -147,9 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiments(args: argparse.Namespace) -> int:
     from fedmnist.experiments import run_experiments
 
-    run_experiments(args.profile, args.data, args.out, tuple(args.only), args.quiet,
-                    argv=["experiments", "--profile", args.profile, "--out", str(args.out),
-                          *(["--only", *args.only] if args.only != list(EXPERIMENT_NAMES) else [])])
+    run_experiments(args.profile, args.data, args.out, tuple(args.only), args.quiet)
     print(f"results in {args.out}")
     return 0
 

@@ -14,7 +14,6 @@ import io
 import json
 import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -76,9 +75,9 @@ PROFILES: dict[str, Profile] = {
         mcmahan=(("iid", 1, ("fedavg",)),),
     ),
     "full": Profile(
-        name="full", seeds=(42, 43), train_subset=6_000, rounds=10, attack_rounds=6,
+        name="full", seeds=(42, 43), train_subset=5_000, rounds=8, attack_rounds=6,
         attack_train_subset=4_000,
-        mcmahan=(("iid", 30, ("fedavg",)), ("shards", 10, ("fedavg", "fedprox"))),
+        mcmahan=(("iid", 20, ("fedavg",)), ("shards", 3, ("fedavg", "fedprox"))),
     ),
 }
 
@@ -171,10 +170,11 @@ def _metrics(evaluation) -> dict:
 
 
 def _plot_course(rows: list[dict], path: Path) -> None:
+    """Course-flow bars (mean ± spread over seeds) from ``curso.csv`` rows."""
     from fedmnist.plots import method_label, plot_method_comparison
 
     def summary(name: str) -> tuple[str, float, float, float]:
-        acc = np.array([r["accuracy"] for r in rows if r["model"] == name])
+        acc = np.array([float(r["accuracy"]) for r in rows if r["model"] == name])
         spread = acc.std(ddof=1) if acc.size > 1 else 0.0
         label = {"central": "Central"}.get(name, method_label(name).replace("local_", "local "))
         return label, float(acc.mean()), float(acc.mean() - spread), float(acc.mean() + spread)
@@ -343,7 +343,7 @@ def _plot_curves_grid(curves: dict[str, dict[str, list[float]]], path: Path, tit
 # --- driver -----------------------------------------------------------------------------------
 
 
-def environment(profile: Profile, argv: list[str], seconds: dict[str, float]) -> dict:
+def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> dict:
     """Command, profile, seeds and software versions, saved beside the results."""
     import keras
     import tensorflow as tf
@@ -357,7 +357,7 @@ def environment(profile: Profile, argv: list[str], seconds: dict[str, float]) ->
     except ImportError:
         flwr_version = None
     return {
-        "command": " ".join(["fedmnist", *argv]) if argv else "fedmnist experiments",
+        "command": f"fedmnist experiments --profile {profile.name} --out {out_dir.name} --data MNIST.npz",
         "profile": asdict(profile),
         "seeds": list(profile.seeds),
         "seconds_per_experiment": {k: round(v, 1) for k, v in seconds.items()},
@@ -375,7 +375,6 @@ def run_experiments(
     out_dir: str | Path,
     only: tuple[str, ...] = EXPERIMENTS,
     quiet: bool = False,
-    argv: list[str] | None = None,
 ) -> dict[str, list[dict]]:
     """Run the selected experiments of a profile into ``out_dir``."""
     from fedmnist.data import load_raw_mnist, normalize_images
@@ -400,16 +399,18 @@ def run_experiments(
         "attacks": lambda: run_attacks(profile, mnist, out_dir, trainer, full_test, say),
         "mcmahan": lambda: run_mcmahan(profile, mnist, out_dir, trainer, full_test, say),
     }
-    results, seconds = {}, {}
+    results = {}
     env_path = out_dir / ENV_FILE
-    previous = json.loads(env_path.read_text()) if env_path.exists() else {}
-    seconds.update(previous.get("seconds_per_experiment", {}))
     for name in only:
         say(f"experiment {name} ({profile.name} profile)")
         t0 = time.perf_counter()
         results[name] = runners[name]()
+        # merge with what other runs of the same profile (e.g. --only) recorded in this directory
+        previous = json.loads(env_path.read_text()) if env_path.exists() else {}
+        same = previous.get("profile", {}).get("name") == profile.name
+        seconds = dict(previous.get("seconds_per_experiment", {})) if same else {}
         seconds[name] = time.perf_counter() - t0
-        atomic_write_text(env_path, json.dumps(environment(profile, argv or sys.argv[1:], seconds),
+        atomic_write_text(env_path, json.dumps(environment(profile, out_dir, seconds),
                                                indent=2, ensure_ascii=False) + "\n")
     return results
 
@@ -422,10 +423,10 @@ def _pct(value: str | float) -> str:
 
 
 def _mean_spread(values: list[float]) -> str:
-    arr = np.array(values, dtype=float) * 100
+    arr = np.array(values, dtype=float)
     if arr.size == 1:
-        return f"{arr[0]:.2f}"
-    return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}"
+        return f"{arr[0] * 100:.2f}"
+    return f"{arr.mean() * 100:.2f} ± {arr.std(ddof=1) * 100:.2f}"
 
 
 def render_tables(results_dir: str | Path) -> dict[str, str]:

@@ -62,7 +62,7 @@ from fedmnist.strategies import AGGREGATORS, aggregate
 
 if TYPE_CHECKING:
     from fedmnist.data import Mnist
-    from fedmnist.training import ClientTrainer
+    from fedmnist.training import ClientTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,7 @@ class SimulationConfig:
             f"the fraction of clients per round C must be in (0, 1] (got {self.fraction})",
         )
         need(self.rounds >= 1, f"the number of rounds must be at least 1 (got {self.rounds})")
-        need(self.local_epochs >= 1, f"local epochs must be at least 1 (got {self.local_epochs})")
-        need(self.batch_size >= 1, f"batch size must be at least 1 (got {self.batch_size})")
-        need(self.optimizer in ("sgd", "adam"), f"unknown optimizer '{self.optimizer}'; choose sgd or adam")
-        need(
-            self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            f"learning rate must be > 0 (got {self.learning_rate})",
-        )
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
+        self.train_config("fedprox").validate()
         need(
             self.partition in SCHEMES,
             f"unknown partition '{self.partition}'; choose one of {', '.join(SCHEMES)}",
@@ -232,6 +225,16 @@ class SimulationConfig:
                 f"Krum with f={f} needs more than {2 * f + 2} clients per round, but C*K gives {m}: raise "
                 "--fraction or --clients, or lower --krum-f"
             )
+
+    def train_config(self, method: str) -> TrainConfig:
+        """The local training of ``method``'s clients (no validation split: the server evaluates)."""
+        from fedmnist.training import TrainConfig
+
+        return TrainConfig(
+            epochs=self.local_epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+            learning_rate=self.learning_rate, momentum=self.momentum, mu=self.method_mu(method),
+            validation_split=0.0, seed=self.seed,
+        )
 
     def partition_config(self) -> PartitionConfig:
         """The split of the training set, seeded by ``seed``."""

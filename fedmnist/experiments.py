@@ -495,7 +495,9 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
     return tables
 
 
-TABLE_BLOCK = re.compile(r"<!-- tabla:(?P<name>[\w-]+) -->\n(?P<body>.*?)\n<!-- /tabla -->", re.DOTALL)
+TABLE_BLOCK = re.compile(
+    r"<!-- tabla:(?P<name>[\w-]+) -->\n(?P<body>(?:(?!<!--).)*?)\n?<!-- /tabla -->", re.DOTALL
+)
 
 
 def essay_tables(text: str) -> dict[str, str]:

@@ -77,3 +77,11 @@ def test_fill_essay_tables_rewrites_stale_numbers():
     text = "a\n<!-- tabla:x -->\n| old |\n<!-- /tabla -->\nb"
 
     assert fill_essay_tables(text, {"x": "| new |"}) == "a\n<!-- tabla:x -->\n| new |\n<!-- /tabla -->\nb"
+
+
+def test_fill_essay_tables_keeps_the_text_between_empty_blocks():
+    text = "<!-- tabla:a -->\n<!-- /tabla -->\nprose\n<!-- tabla:b -->\n<!-- /tabla -->"
+
+    filled = fill_essay_tables(text, {"a": "| A |", "b": "| B |"})
+
+    assert filled == "<!-- tabla:a -->\n| A |\n<!-- /tabla -->\nprose\n<!-- tabla:b -->\n| B |\n<!-- /tabla -->"

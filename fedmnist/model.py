@@ -119,11 +119,17 @@ def weights_mismatch(weights: Weights) -> str | None:
     return None
 
 
+@functools.cache
+def _model_for_saving() -> keras.Model:
+    """One compiled model reused by every save (the server saves a model per method or per round)."""
+    return compile_for_saving(build_model(DEFAULT_SEED))
+
+
 def save_keras_model(weights: Weights, path: str | os.PathLike) -> None:
     """Save the shared CNN holding ``weights`` as a compiled Keras .h5 file, atomically."""
     from fedmnist.io import atomic_path
 
-    model = compile_for_saving(build_model(DEFAULT_SEED))
+    model = _model_for_saving()
     model.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
     absl = logging.getLogger("absl")
     level = absl.level

@@ -417,6 +417,13 @@ def rounds_to_target(rows: Sequence[RoundMetrics], target: float) -> int | None:
 # --- the simulation ---------------------------------------------------------------------------
 
 
+def _every_method_reached(history: Sequence[RoundMetrics], config: SimulationConfig) -> bool:
+    return all(
+        rounds_to_target([r for r in history if r.method == m], config.target_accuracy) is not None
+        for m in config.methods
+    )
+
+
 def _check_trainer(trainer, config: SimulationConfig) -> None:
     """A trainer passed in must have been built with the config's optimizer settings."""
     import keras
@@ -612,6 +619,9 @@ def run_simulation(
     bar = tqdm(total=config.rounds, initial=done, desc="rondas", unit="ronda", disable=not progress)
     try:
         for round_ in range(done + 1, config.rounds + 1):
+            if config.stop_at_target and _every_method_reached(history, config):
+                log.info("every method reached %.4f by round %d: stopping early", config.target_accuracy, round_ - 1)
+                break
             global_weights, rows = _run_round(
                 round_, config, fed, trainer, global_weights, set(malicious), progress
             )
@@ -624,12 +634,6 @@ def run_simulation(
             bar.update()
             if callback is not None:
                 callback(round_, rows)
-            if config.stop_at_target and all(
-                rounds_to_target([r for r in history if r.method == m], config.target_accuracy) is not None
-                for m in config.methods
-            ):
-                log.info("every method reached %.4f by round %d: stopping early", config.target_accuracy, round_)
-                break
     finally:
         bar.close()
 

@@ -149,6 +149,28 @@ def test_resume_after_interruption_equals_uninterrupted_run(reference, trainer, 
     assert [(r["round"], r["method"]) for r in rows] == [(r, m) for r in (1, 2) for m in TINY.methods]
 
 
+def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, trainer, raw_mnist, tmp_path):
+    # Arrange: a target every method passes in round 1 (the reference's round-1 accuracies are far above it)
+    low = min(rows[0].test_accuracy for rows in reference.metrics.values()) - 0.01
+    config = replace(TINY, rounds=4, target_accuracy=low, stop_at_target=True)
+
+    # Execute: a run capped at 4 rounds, then the same run resumed with a higher cap
+    first = run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
+    resumed = run_simulation(
+        replace(config, rounds=6), out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist,
+        resume=True,
+    )
+
+    # Assert: one round only, the same numbers as the reference's round 1, nothing added on resume
+    assert {m: [r.round for r in rows] for m, rows in first.metrics.items()} == dict.fromkeys(TINY.methods, [1])
+    assert first.rounds_to_target == dict.fromkeys(TINY.methods, 1)
+    assert {m: rows[0].comparable() for m, rows in first.metrics.items()} == {
+        m: rows[0].comparable() for m, rows in reference.metrics.items()
+    }
+    assert resumed.resumed_from_round == 1
+    assert comparable(resumed) == comparable(first)
+
+
 def test_resume_refuses_another_config_or_a_longer_checkpoint(raw_mnist, trainer, tmp_path):
     from fedmnist.model import initial_weights
 

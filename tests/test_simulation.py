@@ -162,7 +162,7 @@ def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, 
     )
 
     # Assert: one round only, the same numbers as the reference's round 1, nothing added on resume
-    assert {m: [r.round for r in rows] for m, rows in first.metrics.items()} == dict.fromkeys(TINY.methods, [1])
+    assert {m: [r.round for r in rows] for m, rows in first.metrics.items()} == {m: [1] for m in TINY.methods}
     assert first.rounds_to_target == dict.fromkeys(TINY.methods, 1)
     assert {m: rows[0].comparable() for m, rows in first.metrics.items()} == {
         m: rows[0].comparable() for m, rows in reference.metrics.items()

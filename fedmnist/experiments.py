@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import platform
 import re
 import time
@@ -23,6 +24,8 @@ import numpy as np
 from fedmnist.config import DEFAULT_SEED
 from fedmnist.errors import ConfigError
 from fedmnist.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 COURSE_CSV = "curso.csv"
 INIT_CSV = "inicializacion.csv"
@@ -61,8 +64,9 @@ class Profile:
     attack_methods: tuple[str, ...] = ("fedavg", "fedmed", "trimmed", "krum")
     attack_rounds: int = 8
     attack_train_subset: int = 5_000
-    mcmahan: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
-    """(split, maximum rounds, methods) runs of McMahan's protocol; each stops once all reach 99%."""
+    mcmahan: tuple[tuple[str, int, tuple[str, ...], float], ...] = ()
+    """(split, maximum rounds, methods, client learning rate) runs of McMahan's protocol; each stops once
+    all its methods reach 99%, and continues its checkpoint when the maximum is raised."""
     mcmahan_mu: float = 0.01
 
 
@@ -72,12 +76,13 @@ PROFILES: dict[str, Profile] = {
         course_test_subset=1_000, clients=5, train_subset=1_500, rounds=2, round_test_subset=500,
         alphas=(0.3,), prox_mus=(0.0, 0.1), attacks=("gaussian",), malicious_counts=(0, 1),
         attack_methods=("fedavg", "fedmed"), attack_rounds=2, attack_train_subset=1_500,
-        mcmahan=(("iid", 1, ("fedavg",)),),
+        mcmahan=(("iid", 1, ("fedavg",), 0.05),),
     ),
     "full": Profile(
         name="full", seeds=(42, 43), train_subset=5_000, rounds=8, attack_rounds=6,
         attack_train_subset=4_000,
-        mcmahan=(("iid", 20, ("fedavg",)), ("shards", 3, ("fedavg", "fedprox"))),
+        mcmahan=(("iid", 40, ("fedavg",), 0.05), ("iid", 40, ("fedavg",), 0.1),
+                 ("shards", 70, ("fedavg", "fedprox"), 0.05)),
     ),
 }
 
@@ -189,16 +194,27 @@ def _plot_course(rows: list[dict], path: Path) -> None:
 # --- experiments 3 to 6: multi-round simulations --------------------------------------------------
 
 
-def _simulate(config, mnist, out_dir: Path, trainer, full_test) -> dict:
-    """Run one simulation quietly and evaluate its final models on the full test set."""
+def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = False) -> dict:
+    """Run one simulation quietly and evaluate its final models on the full test set.
+
+    With ``resume``, a checkpoint left in ``out_dir`` by the same configuration is continued (its
+    numbers equal an uninterrupted run's); one from another configuration is ignored.
+    """
     from fedmnist.evaluation import evaluate
-    from fedmnist.simulation import run_simulation
+    from fedmnist.simulation import CHECKPOINT_FILE, load_checkpoint, prepare_federation, run_simulation
 
     if (trainer.optimizer_name, trainer.learning_rate, trainer.momentum) != (
         config.optimizer, config.learning_rate, config.momentum if config.optimizer == "sgd" else 0.0
     ):
         trainer = None  # the simulation builds one with the config's optimizer
-    result = run_simulation(config, out_dir=out_dir, progress=False, trainer=trainer, mnist=mnist)
+    if resume and (out_dir / CHECKPOINT_FILE).exists():
+        try:
+            load_checkpoint(out_dir / CHECKPOINT_FILE, config, prepare_federation(config, mnist=mnist).sha256)
+        except ConfigError as exc:
+            log.info("not resuming: %s", exc)
+            resume = False
+    result = run_simulation(config, out_dir=out_dir, progress=False, resume=resume, trainer=trainer,
+                            mnist=mnist)
     trainer = trainer or _evaluator()
     final = {m: evaluate(trainer, w, *full_test) for m, w in result.final_weights.items()}
     return {"result": result, "final": final}
@@ -300,19 +316,24 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
     from fedmnist.simulation import PRESETS
 
     rows = []
-    for split, max_rounds, methods in profile.mcmahan:
+    for split, max_rounds, methods, learning_rate in profile.mcmahan:
         preset = PRESETS["mcmahan-iid" if split == "iid" else "mcmahan-noniid"]
         config = replace(preset, rounds=max_rounds, methods=methods, mu=profile.mcmahan_mu,
-                         seed=profile.seeds[0], stop_at_target=True)
-        run = _simulate(config, mnist, out_dir / "simulaciones" / f"mcmahan_{split}", trainer, full_test)
+                         learning_rate=learning_rate, seed=profile.seeds[0], stop_at_target=True)
+        name = f"mcmahan_{split}" + ("" if learning_rate == preset.learning_rate else f"_lr{learning_rate:g}")
+        run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test, resume=True)
+        result = run["result"]
+        rounds = {r.round: r.round_seconds for rows_ in result.metrics.values() for r in rows_}
         for method, evaluation in run["final"].items():
-            curve = run["result"].curves()[method]
-            rows.append({"split": split, "method": method, "max_rounds": max_rounds, "rounds_run": len(curve),
-                         "rounds_to_99": _or_none(run["result"].rounds_to_target[method]),
+            curve = result.curves()[method]
+            rows.append({"split": split, "method": method, "learning_rate": learning_rate,
+                         "max_rounds": max_rounds, "rounds_run": len(curve),
+                         "rounds_to_99": _or_none(result.rounds_to_target[method]),
                          "best_round_accuracy": float(np.nanmax(curve)),
                          "final_accuracy": float(evaluation.accuracy),
-                         "paper_rounds_to_99": MCMAHAN_PAPER_ROUNDS[split]})
-        say(f"  mcmahan {split} done")
+                         "paper_rounds_to_99": MCMAHAN_PAPER_ROUNDS[split],
+                         "run_seconds": round(sum(rounds.values()), 1)})
+        say(f"  mcmahan {split} lr={learning_rate:g} done")
     if rows:
         _write_csv(out_dir / MCMAHAN_CSV, rows)
     return rows
@@ -361,6 +382,8 @@ def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> d
         "profile": asdict(profile),
         "seeds": list(profile.seeds),
         "seconds_per_experiment": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds_note": "wall time of the latest run of each experiment; the McMahan runs continue their "
+                        "checkpoints, so their total time is run_seconds in mcmahan.csv (sum of round times)",
         "software": {"fedmnist": __version__, "python": platform.python_version(),
                      "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
                      "flwr": flwr_version},
@@ -485,11 +508,12 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
         tables["ataques"] = "\n".join(lines)
     if (results_dir / MCMAHAN_CSV).exists():
         rows = read_csv(results_dir / MCMAHAN_CSV)
-        lines = ["| partición | método | rondas hasta 99 % (nuestro) | rondas ejecutadas | mejor precisión (%) | "
-                 "rondas hasta 99 % (artículo, FedAvg) |", "|---|---|---|---|---|---|"]
+        lines = ["| partición | método | tasa de aprendizaje | rondas hasta 99 % (nuestro) | rondas ejecutadas | "
+                 "mejor precisión (%) | rondas hasta 99 % (artículo, FedAvg) |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             reached = r["rounds_to_99"] or f"no alcanzado en {r['rounds_run']}"
-            lines.append(f"| {r['split']} | {method_label(r['method'])} | {reached} | {r['rounds_run']} | "
+            lines.append(f"| {r['split']} | {method_label(r['method'])} | {float(r['learning_rate']):g} | "
+                         f"{reached} | {r['rounds_run']} | "
                          f"{_pct(r['best_round_accuracy'])} | {r['paper_rounds_to_99']} |")
         tables["mcmahan"] = "\n".join(lines)
     return tables

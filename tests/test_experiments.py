@@ -94,3 +94,56 @@ def test_profiles_are_frozen_and_full_repeats_seeds():
     assert len(full.seeds) >= 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         full.rounds = 1  # type: ignore[misc]
+
+
+def _summary(run_dir):
+    import json
+
+    return json.loads((run_dir / "resumen.json").read_text())
+
+
+@pytest.fixture
+def run_tiny_mcmahan(raw_mnist, monkeypatch):
+    """``run(out, *runs)``: run_mcmahan with McMahan's preset shrunk to 3 clients of 100 images."""
+    from fedmnist import simulation
+    from fedmnist.data import normalize_images
+    from fedmnist.training import ClientTrainer
+
+    tiny = simulation.SimulationConfig(num_clients=3, fraction=1.0, local_epochs=1, batch_size=32,
+                                       learning_rate=0.05, momentum=0.0, train_subset=300, test_subset=200)
+    monkeypatch.setitem(simulation.PRESETS, "mcmahan-iid", tiny)
+    full_test = (normalize_images(raw_mnist.x_test[:200]), raw_mnist.y_test[:200])
+    trainer = ClientTrainer()
+
+    def run(out, *runs):
+        profile = dataclasses.replace(TINY, mcmahan=runs)
+        return experiments.run_mcmahan(profile, raw_mnist, out, trainer, full_test, lambda *_: None)
+
+    return run
+
+
+def test_mcmahan_runs_continue_their_checkpoint_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan):
+    # Execute: one round at two learning rates, then a cap of two rounds, and a fresh two-round run
+    first = run_tiny_mcmahan(tmp_path / "r", ("iid", 1, ("fedavg",), 0.05), ("iid", 1, ("fedavg",), 0.1))
+    raised = run_tiny_mcmahan(tmp_path / "r", ("iid", 2, ("fedavg",), 0.05))
+    fresh = run_tiny_mcmahan(tmp_path / "fresh", ("iid", 2, ("fedavg",), 0.05))
+
+    # Assert: the raised run continued round 1's checkpoint and equals the uninterrupted run
+    def without_time(rows):
+        return [{k: v for k, v in r.items() if k != "run_seconds"} for r in rows]
+
+    runs = tmp_path / "r" / "simulaciones"
+    assert sorted(p.name for p in runs.iterdir()) == ["mcmahan_iid", "mcmahan_iid_lr0.1"]
+    assert [(r["learning_rate"], r["rounds_run"]) for r in first] == [(0.05, 1), (0.1, 1)]
+    assert _summary(runs / "mcmahan_iid")["resumed_from_round"] == 1
+    assert without_time(raised) == without_time(fresh)
+    assert raised[0]["rounds_run"] == 2
+    assert "| iid | FedAvg | 0.05 | no alcanzado en 2 | 2 |" in render_tables(tmp_path / "fresh")["mcmahan"]
+
+
+def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):
+    run_tiny_mcmahan(tmp_path, ("iid", 1, ("fedavg",), 0.05))
+    rows = run_tiny_mcmahan(tmp_path, ("iid", 1, ("fedavg", "fedmed"), 0.05))
+
+    assert [r["method"] for r in rows] == ["fedavg", "fedmed"]
+    assert _summary(tmp_path / "simulaciones" / "mcmahan_iid")["resumed_from_round"] == 0

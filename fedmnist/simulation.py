@@ -278,7 +278,7 @@ _MCMAHAN = SimulationConfig(
 PRESETS: dict[str, SimulationConfig] = {
     # McMahan et al. 2017, CNN on MNIST: 100 clients of 600 images, C = 0.1, E = 5, B = 10, plain SGD
     # (lr 0.05 without momentum is our choice; the paper tunes it). FedAvg reached 99% in about 20
-    # rounds IID and about 200 with the pathological non-IID split (2 shards of 300) (their Table 2).
+    # rounds IID and 229 with the pathological non-IID split (2 shards of 300) (their Table 2).
     # One round takes about 30-33 s of local training per method on 2 CPU cores (plus ~2.5 s to
     # evaluate on the 10,000 test images; resultados/simulaciones/mcmahan_*), so pass --methods to pick
     # what to compare.

@@ -1,8 +1,11 @@
 """The server's job: check the members' updates, aggregate them with each rule, compare, write the next round.
 
-Used by ``global_aggregation.py`` / ``fedmnist aggregate`` and by ``fedmnist demo``. Every check runs
-before any arithmetic and every output is computed before the first file is written, so a bad update
-leaves the output directory untouched.
+Used by ``global_aggregation.py`` / ``fedmnist aggregate`` and by ``fedmnist demo``: the file flow's
+adapter to the shared server step (``fedmnist.server``). It reads the members' files, checks what
+only files can get wrong (model fingerprint, round, the start file), hands them to ``Server.step``
+once per method with ``strict=True``, and writes the course's comparison. Every check runs before
+any arithmetic and every output is computed before the first file is written, so a bad update leaves
+the output directory untouched.
 """
 
 from __future__ import annotations
@@ -11,46 +14,47 @@ import csv
 import io
 import json
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist.config import DEFAULT_METHODS
+from fedmnist.config import DEFAULT_METHODS, DEFAULT_SEED
 from fedmnist.data import common_test_file, load_partition
-from fedmnist.errors import DataError, ValidationError
+from fedmnist.errors import ConfigError, DataError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate, intervals_overlap
 from fedmnist.exchange import (
     ClientUpdate,
     GlobalWeights,
     find_updates,
     global_path,
+    load_global,
     load_update,
     make_global,
     save_global,
 )
-from fedmnist.io import atomic_write_text
-from fedmnist.model import model_fingerprint, save_keras_model, weights_mismatch
+from fedmnist.io import OutputSet, check_writable_dir
+from fedmnist.methods import DEFAULT_MU, MethodConfig, build_methods, with_privacy
+from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
+from fedmnist.outputs import json_text
+from fedmnist.partition import manifest_counts as partition_counts
 from fedmnist.partition import read_manifest
 from fedmnist.plots import method_label, plot_confusion_matrix, plot_method_comparison
-from fedmnist.strategies import AGGREGATORS, aggregate
+from fedmnist.server import Reply, RoundRecord, Server, ServerState
+from fedmnist.strategies import DEFAULT_NUM_MALICIOUS
 from fedmnist.training import ClientTrainer
+
+if TYPE_CHECKING:
+    from fedmnist.privacy import DPConfig
 
 log = logging.getLogger(__name__)
 
 RESULTS_JSON = "resultados_agregacion.json"
 RESULTS_CSV = "resultados_agregacion.csv"
 COMPARISON_PLOT = "comparacion_metodos.png"
-
-
-@dataclass(frozen=True)
-class AggregationParams:
-    """Parameters of the robust rules."""
-
-    trim_beta: float = 0.2
-    num_malicious: int = 1
-    num_to_keep: int | None = None
 
 
 @dataclass
@@ -64,14 +68,21 @@ class MethodResult:
     mu_values: dict[int, float]
     sha256: str = ""
     train_examples: int = 0
+    state: dict = field(default_factory=dict)
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 @dataclass
 class AggregationReport:
-    """Everything the server computed for one round."""
+    """Everything the server computed for one round of the file flow.
+
+    ``round`` is the training round (1 for the updates trained from ``pesos_globales_ronda_0.pkl``),
+    numbered as in the simulation; the next global weights are ``pesos_globales_ronda_{round}.pkl``.
+    """
 
     round: int
-    start_sha256: str | None
+    start: GlobalWeights
     methods: dict[str, MethodResult]
     locals_: list[tuple[ClientUpdate, EvalResult]]
     best: str
@@ -79,11 +90,17 @@ class AggregationReport:
     best_resolved: bool
     next_from: str
     notes: list[str] = field(default_factory=list)
+    records: list[RoundRecord] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def start_sha256(self) -> str:
+        """Hash of the global weights every update started from."""
+        return self.start.sha256
 
 
 def load_updates(weights_dir: str | Path) -> list[ClientUpdate]:
-    """Safely read every ``pesos_cliente_*.pkl`` in ``weights_dir``."""
+    """Safely read every ``pesos_cliente_N.pkl`` in ``weights_dir``, each checked as it is read."""
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise ValidationError(f"{weights_dir}: weights directory not found")
@@ -93,24 +110,74 @@ def load_updates(weights_dir: str | Path) -> list[ClientUpdate]:
     return [load_update(p) for p in paths]
 
 
-def fill_missing_counts(updates: list[ClientUpdate], data_dir: str | Path | None) -> list[str]:
-    """Give bare updates (no sample count) the count from the federation manifest, else equal weights."""
-    notes = []
-    missing = [u for u in updates if u.num_examples is None]
-    if not missing:
-        return notes
-    manifest = read_manifest(data_dir) if data_dir else None
-    counts = {c["client_id"]: c["num_examples"] for c in (manifest or {}).get("clients", [])}
-    for update in missing:
-        if update.client_id in counts:
-            update.num_examples = int(counts[update.client_id])
-            notes.append(f"{update.path}: sample count taken from particion.json ({update.num_examples})")
-        else:
-            update.num_examples = 1
-            notes.append(f"{update.path}: sample count unknown; weighted as 1 (equal weights)")
+def manifest_counts(data_dir: str | Path | None) -> dict[int, int] | None:
+    """Client id -> sample count from the federation manifest ``particion.json``, if there is one."""
+    return partition_counts(read_manifest(data_dir) if data_dir else None)
+
+
+def find_start(weights_dir: str | Path, updates: list[ClientUpdate], path: str | Path | None = None
+               ) -> GlobalWeights | None:
+    """The round's global weights: ``path`` if given, else ``pesos_globales_ronda_R.pkl`` beside the updates.
+
+    R is the round the (non-bare) updates say they trained in, the earliest if they disagree (then
+    ``to_replies`` refuses the others, naming them). None when no such file exists.
+    """
+    if path:
+        return load_global(path)
+    rounds = sorted({u.round for u in updates if not u.bare})
+    if rounds and global_path(weights_dir, rounds[0]).exists():
+        return load_global(global_path(weights_dir, rounds[0]))
+    return None
+
+
+def to_replies(updates: list[ClientUpdate], start: GlobalWeights, counts: dict[int, int] | None,
+               expected_round: int | None = None) -> tuple[list[Reply], list[str]]:
+    """The server's view of the updates: their file's claims, checked against what the file flow knows.
+
+    Bare legacy updates (no sample count) take it from the manifest, else weight 1, with a note.
+
+    Raises
+    ------
+    ValidationError
+        An update made for another model or another round; the message names its file.
+    """
+    fingerprint = model_fingerprint()
+    replies, notes = [], []
+    for u in updates:
+        if u.fingerprint is not None and u.fingerprint != fingerprint:
+            raise ValidationError(f"{_label(u)}: made for model fingerprint {u.fingerprint}, "
+                                  f"but this model's is {fingerprint}")
+        if not u.bare and u.round != start.round:
+            raise ValidationError(
+                f"{_label(u)}: trained from the global weights of round {u.round}, but this aggregation uses "
+                f"those of round {start.round} ({_label_start(start)}); updates from different rounds "
+                "cannot be aggregated together"
+            )
+        if expected_round is not None and not u.bare and u.round != expected_round:
+            raise ValidationError(f"{_label(u)}: trained in round {u.round}, but round {expected_round} was requested")
+        count = u.num_examples
+        if count is None:
+            if counts and u.client_id in counts:
+                count = counts[u.client_id]
+                notes.append(f"{_label(u)}: sample count taken from particion.json ({count})")
+            else:
+                count = 1
+                notes.append(f"{_label(u)}: sample count unknown; weighted as 1 (equal weights)")
+        unclipped = u.metrics.get("unclipped")
+        replies.append(Reply(u.client_id, u.weights, count, _label(u), None if u.bare else u.start_sha256,
+                             _last_loss(u), u.mu, {"unclipped": unclipped} if isinstance(unclipped, bool) else {}))
     for note in notes:
         log.warning(note)
-    return notes
+    return replies, notes
+
+
+def _last_loss(update: ClientUpdate) -> float | None:
+    """The last local epoch's loss an update reports, if it is a finite number (it is only displayed)."""
+    history = update.metrics.get("history")
+    losses = history.get("loss") if isinstance(history, dict) else None
+    last = losses[-1] if isinstance(losses, list) and losses else None
+    ok = isinstance(last, (int, float)) and not isinstance(last, bool) and math.isfinite(last)
+    return float(last) if ok else None
 
 
 def _label(update: ClientUpdate) -> str:
@@ -118,72 +185,8 @@ def _label(update: ClientUpdate) -> str:
     return str(update.path) if update.path is not None else f"client {update.client_id}"
 
 
-def validate_updates(updates: list[ClientUpdate], expected_round: int | None = None) -> list[str]:
-    """Refuse sets of updates that cannot be aggregated; return warnings for what can only be trusted.
-
-    Raises:
-        ValidationError: naming the file and the reason (model mismatch, shapes, non-finite values,
-            duplicate clients, mixed rounds, mixed starting points).
-    """
-    notes: list[str] = []
-    fingerprint = model_fingerprint()
-    seen: dict[int, str] = {}
-    for u in updates:
-        if u.fingerprint is not None and u.fingerprint != fingerprint:
-            raise ValidationError(
-                f"{_label(u)}: made for model fingerprint {u.fingerprint}, but this model's is {fingerprint}"
-            )
-        problem = weights_mismatch(u.weights)
-        if problem:
-            raise ValidationError(f"{_label(u)}: {problem}")
-        for i, array in enumerate(u.weights):
-            if not np.all(np.isfinite(array)):
-                raise ValidationError(f"{_label(u)}: weight {i} holds NaN or infinite values")
-        if u.client_id in seen:
-            raise ValidationError(
-                f"{_label(u)}: client id {u.client_id} appears twice (also in {seen[u.client_id]})"
-            )
-        seen[u.client_id] = _label(u)
-    rounds = Counter(u.round for u in updates if not u.bare)
-    if len(rounds) > 1:
-        detail = ", ".join(f"{_label(p)}: round {p.round}" for p in updates if not p.bare)
-        raise ValidationError(f"updates from different rounds cannot be aggregated together ({detail})")
-    if expected_round is not None and rounds and expected_round not in rounds:
-        first = next(u for u in updates if not u.bare)
-        raise ValidationError(f"{_label(first)}: trained in round {first.round}, but round {expected_round} was requested")
-    starts = {u.start_sha256 for u in updates if u.start_sha256}
-    if len(starts) > 1:
-        groups: dict[str, list[str]] = {}
-        for u in updates:
-            if u.start_sha256:
-                groups.setdefault(u.start_sha256[:12], []).append(u.path.name if u.path else f"client {u.client_id}")
-        detail = "; ".join(f"{h}: {', '.join(names)}" for h, names in groups.items())
-        raise ValidationError(
-            "the updates started from different global weights "
-            f"({detail}). Averaging networks trained from different starting points gives "
-            "chance-level accuracy (about 10% on MNIST), because their hidden units are not aligned: "
-            "every member must train from the same pesos_globales_ronda_R.pkl"
-        )
-    for u in updates:
-        if u.bare:
-            notes.append(f"{_label(u)}: bare list of weights: its round and starting point cannot be verified")
-    return notes
-
-
-def _round_of(updates: list[ClientUpdate]) -> int:
-    rounds = [u.round for u in updates if not u.bare]
-    return rounds[0] if rounds else 0
-
-
-def _start_of(updates: list[ClientUpdate]) -> str | None:
-    return next((u.start_sha256 for u in updates if u.start_sha256), None)
-
-
-def aggregate_updates(method: str, updates: list[ClientUpdate], params: AggregationParams) -> list[np.ndarray]:
-    """Apply rule ``method`` from the registry to the updates' (weights, num_examples)."""
-    results = [(u.weights, int(u.num_examples or 1)) for u in updates]
-    return aggregate(method, results, trim_beta=params.trim_beta, num_malicious=params.num_malicious,
-                     num_to_keep=params.num_to_keep)
+def _label_start(start: GlobalWeights) -> str:
+    return str(start.path) if start.path is not None else f"global weights {start.sha256[:12]}"
 
 
 def run_aggregation(
@@ -191,40 +194,80 @@ def run_aggregation(
     x_test: np.ndarray,
     y_test: np.ndarray,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    params: AggregationParams = AggregationParams(),
+    params: MethodConfig | None = None,
     prox_updates: list[ClientUpdate] | None = None,
     next_from: str | None = None,
     evaluator: ClientTrainer | None = None,
     evaluate_locals: bool = True,
+    start: GlobalWeights | None = None,
+    counts: dict[int, int] | None = None,
+    expected_round: int | None = None,
+    max_count_ratio: float | None = None,
+    privacy: DPConfig | None = None,
 ) -> AggregationReport:
-    """Aggregate, evaluate every global model (and each local one), and pick the best method.
+    """Run the server step for every method over the same updates, evaluate the locals, pick the best.
 
-    ``prox_updates``, when given, are the same federation's updates trained with μ > 0; FedProx
-    aggregates those (its server step is the weighted average), the other rules aggregate ``updates``.
+    ``start`` is the round's global weights (every non-bare update must have started from them);
+    without it only bare legacy updates are accepted, assumed to start from ``build_model(seed)``.
+    ``prox_updates``, when given, are the same federation's updates trained with mu > 0; FedProx
+    aggregates those (its server step is the weighted average), the other rules ``updates``.
+    ``counts`` are the manifest's sample counts by client id: a claim that differs is refused.
+    Without them, ``max_count_ratio`` caps every claim at that many times the median claim.
+    A method that keeps server state (a server optimiser, DP-FedAvg with ``privacy``) resumes the
+    state ``start`` carries when ``start`` was written by that method, and starts afresh otherwise;
+    the next round's file carries the chosen method's new state.
     """
-    unknown = [m for m in methods if m not in AGGREGATORS]
-    if unknown:
-        raise ValidationError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(AGGREGATORS)}")
-    if not methods:
-        raise ValidationError("no aggregation method requested")
-    if next_from is not None and next_from not in methods:
-        raise ValidationError(f"--next-from {next_from} is not among the methods run ({', '.join(methods)})")
-    notes = validate_updates(updates)
-    round_, start = _round_of(updates), _start_of(updates)
-    if prox_updates is not None:
-        notes += validate_updates(prox_updates, expected_round=round_)
-        prox_start = _start_of(prox_updates)
-        if start and prox_start and prox_start != start:
+    config = replace(params or MethodConfig(), methods=tuple(methods), mu=DEFAULT_MU)
+    try:
+        built = build_methods(config, krum_f=DEFAULT_NUM_MALICIOUS)
+        if privacy is not None:
+            from fedmnist.privacy import check_dp_method
+
+            for method in config.methods:
+                check_dp_method(method)
+    except ConfigError as exc:
+        raise ValidationError(str(exc)) from None
+    if next_from is not None and next_from not in config.methods:
+        raise ValidationError(f"--next-from {next_from} is not among the methods run ({', '.join(config.methods)})")
+    notes: list[str] = []
+    if start is None:
+        if any(not u.bare for u in updates + (prox_updates or [])):
             raise ValidationError(
-                "the FedProx updates started from other global weights than the main updates "
-                f"({prox_start[:12]} vs {start[:12]}); both must start from the same round file"
+                "cannot check where the updates started: the round's global weights were not found. Pass "
+                "--global-weights pesos_globales_ronda_R.pkl (the file every member trained from) or put it "
+                "beside the updates"
             )
+        start = make_global(initial_weights(DEFAULT_SEED), 0, "init", DEFAULT_SEED)
+        notes.append("no global-weights file: the bare updates are assumed to start from build_model(42), round 0")
+    replies, more = to_replies(updates, start, counts, expected_round)
+    notes += more
+    prox_replies = None
+    if prox_updates is not None:
+        prox_replies, more = to_replies(prox_updates, start, counts, expected_round)
+        notes += more
+    if privacy is not None:
+        num_clients = len(counts) if counts else len(replies)
+        built = [with_privacy(m, privacy, num_clients, min(len(replies), num_clients),
+                              start.seed if start.seed is not None else DEFAULT_SEED) for m in built]
+    state = ServerState.initial(built, start.weights, start.round)
+    for method in built:
+        if start.state is not None and start.method == method.name:
+            try:
+                method.check_state(start.state, start.weights)
+            except ValidationError as exc:
+                raise ValidationError(f"{_label_start(start)}: server state of {method.name}: {exc}") from None
+            state.method_state[method.name] = start.state
+        elif method.initial_state():
+            notes.append(f"{method.name}: {_label_start(start)} carries no {method.name} state; it starts afresh")
     evaluator = evaluator or ClientTrainer()
+    server = Server(built, state, lambda w: evaluate(evaluator, w, x_test, y_test), counts, max_count_ratio)
+    round_ = start.round + 1
     results: dict[str, MethodResult] = {}
-    for method in methods:
-        source = prox_updates if (method == "fedprox" and prox_updates is not None) else updates
-        weights = aggregate_updates(method, source, params)
-        mus = {u.client_id: u.mu for u in source}
+    for method in config.methods:
+        source = prox_replies if (method == "fedprox" and prox_replies is not None) else replies
+        step = server.step(round_, method, source, strict=True)
+        notes += [w for w in step.warnings if w not in notes]
+        mus = {r.client_id: r.mu for r in step.accepted}
         if method == "fedprox":
             if all(mu == 0 for mu in mus.values()):
                 notes.append("FedProx: no update was trained with mu > 0, so for this set FedProx equals "
@@ -232,13 +275,21 @@ def run_aggregation(
             else:
                 notes.append("FedProx: clients trained with mu = "
                              + ", ".join(f"{cid}: {mu:g}" for cid, mu in sorted(mus.items())))
-        evaluation = evaluate(evaluator, weights, x_test, y_test)
-        gw = make_global(weights, round_ + 1, method)
-        results[method] = MethodResult(method, gw.weights, evaluation, sorted(mus), mus, gw.sha256,
-                                       sum(int(u.num_examples or 1) for u in source))
+        gw = make_global(step.weights, round_, method, start.seed)
+        results[method] = MethodResult(method, gw.weights, step.evaluation, sorted(mus), mus, gw.sha256,
+                                       sum(r.num_examples for r in step.accepted),
+                                       server.state.method_state[method], step.record.epsilon, step.record.delta)
+        if step.record.epsilon is not None:
+            from fedmnist.privacy import privacy_verdict
+
+            verdict = privacy_verdict(server.methods[method].accountant, server.state.method_state[method]["releases"])
+            notes.append(f"{method} (DP-FedAvg): {verdict.message}")
+    records = server.end_round(round_)
     locals_ = []
     if evaluate_locals:
-        locals_ = [(u, evaluate(evaluator, u.weights, x_test, y_test)) for u in updates]
+        used = {r.client_id: r.num_examples for r in replies}
+        locals_ = [(replace(u, num_examples=used.get(u.client_id, u.num_examples)),
+                    evaluate(evaluator, u.weights, x_test, y_test)) for u in updates]
 
     ranking = sorted(results.values(), key=lambda r: (-r.evaluation.accuracy, r.evaluation.loss))
     best = ranking[0]
@@ -250,9 +301,9 @@ def run_aggregation(
             "within its 95% interval: the difference is not statistically resolved on this test set"
         )
     return AggregationReport(
-        round=round_, start_sha256=start, methods=results, locals_=locals_, best=best.method,
+        round=round_, start=start, methods=results, locals_=locals_, best=best.method,
         runner_up=runner_up.method if runner_up else None, best_resolved=resolved,
-        next_from=next_from or best.method, notes=notes,
+        next_from=next_from or best.method, notes=notes, records=records,
     )
 
 
@@ -264,12 +315,14 @@ def report_to_dict(report: AggregationReport) -> dict:
 
     return {
         "round": report.round,
-        "next_round": report.round + 1,
+        "start_round": report.start.round,
+        "next_round": report.round,
         "start_sha256": report.start_sha256,
         "model_fingerprint": model_fingerprint(),
         "methods": {
             name: {**metrics(r.evaluation), "clients": r.clients,
                    "mu": {str(k): v for k, v in r.mu_values.items()}, "sha256": r.sha256,
+                   "epsilon": r.epsilon, "delta": r.delta,
                    "model_file": f"modelo_global_{name}.h5"}
             for name, r in report.methods.items()
         },
@@ -315,36 +368,65 @@ def format_table(report: AggregationReport) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: AggregationReport, out_dir: str | Path, seed: int | None = None) -> dict[str, Path]:
-    """Write models, plots, result tables and the next round's global weights, each atomically."""
+def write_outputs(report: AggregationReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write models, plots, result tables and the next round's global weights as one all-or-nothing set.
+
+    Every file is staged under a temporary name and the set appears at once (``fedmnist.io.OutputSet``):
+    a run killed while writing leaves the previous complete set, and the next run sweeps its temporary
+    files. Outputs of the previous set that this one does not produce (a method not run again) are
+    removed with it, so ``resultados_agregacion.json`` always describes exactly what is there.
+    """
     out_dir = Path(out_dir)
     files: dict[str, Path] = {}
-    for name, r in report.methods.items():
-        files[f"model_{name}"] = out_dir / f"modelo_global_{name}.h5"
-        save_keras_model(r.weights, files[f"model_{name}"])
-        files[f"confusion_{name}"] = plot_confusion_matrix(
-            r.evaluation.confusion, out_dir / f"matriz_confusion_{name}.png",
-            title=f"{method_label(name)} — ronda {report.round} (precisión {r.evaluation.accuracy:.2%})",
-        )
-    files["comparison"] = plot_method_comparison(
-        [(method_label(n), r.evaluation.accuracy, r.evaluation.ci_low, r.evaluation.ci_high)
-         for n, r in report.methods.items()],
-        [(f"local {u.client_id}", e.accuracy, e.ci_low, e.ci_high) for u, e in report.locals_],
-        out_dir / COMPARISON_PLOT,
-        title=f"Ronda {report.round}: modelos globales frente a modelos locales (IC 95%)",
-    )
-    nxt = report.methods[report.next_from]
-    files["next_round"] = global_path(out_dir, report.round + 1)
-    save_global(files["next_round"], GlobalWeights(report.round + 1, nxt.weights, nxt.sha256,
-                                                   model_fingerprint(), seed, report.next_from))
-    files["csv"] = out_dir / RESULTS_CSV
-    atomic_write_text(files["csv"], _csv_text(report))
-    files["json"] = out_dir / RESULTS_JSON
-    summary = report_to_dict(report)
-    summary["files"] = {k: p.name for k, p in files.items()}
-    atomic_write_text(files["json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    with OutputSet(out_dir, "--out directory") as out:
+        for name, r in report.methods.items():
+            with out.temp_path(f"modelo_global_{name}.h5") as tmp:
+                save_keras_model(r.weights, tmp)
+            with out.temp_path(f"matriz_confusion_{name}.png") as tmp:
+                plot_confusion_matrix(r.evaluation.confusion, tmp, title=f"{method_label(name)} — ronda "
+                                      f"{report.round} (precisión {r.evaluation.accuracy:.2%})")
+            files[f"model_{name}"] = out.path(f"modelo_global_{name}.h5")
+            files[f"confusion_{name}"] = out.path(f"matriz_confusion_{name}.png")
+        with out.temp_path(COMPARISON_PLOT) as tmp:
+            plot_method_comparison(
+                [(method_label(n), r.evaluation.accuracy, r.evaluation.ci_low, r.evaluation.ci_high)
+                 for n, r in report.methods.items()],
+                [(f"local {u.client_id}", e.accuracy, e.ci_low, e.ci_high) for u, e in report.locals_],
+                tmp, title=f"Ronda {report.round}: modelos globales frente a modelos locales (IC 95%)",
+            )
+        files["comparison"] = out.path(COMPARISON_PLOT)
+        nxt = report.methods[report.next_from]
+        next_name = global_path(".", report.round).name
+        with out.temp_path(next_name) as tmp:
+            save_global(tmp, GlobalWeights(report.round, nxt.weights, nxt.sha256, model_fingerprint(),
+                                           report.start.seed, report.next_from, state=nxt.state or None))
+        files["next_round"] = out.path(next_name)
+        files["csv"] = out.write_text(RESULTS_CSV, _csv_text(report))
+        files["json"] = out.path(RESULTS_JSON)
+        summary = report_to_dict(report)
+        summary["files"] = {k: p.name for k, p in files.items()}
+        out.write_text(RESULTS_JSON, json_text(summary))
+        for stale in _previous_outputs(out_dir) - {p.name for p in files.values()}:
+            out.discard(stale)
     report.files = files
     return files
+
+
+_OUTPUT_NAME = re.compile(r"(modelo_global|matriz_confusion)_[a-z]+\.(h5|png)")
+
+
+def _previous_outputs(out_dir: Path) -> set[str]:
+    """The per-method files the previous set in ``out_dir`` listed (only names this writer makes)."""
+    previous = out_dir / RESULTS_JSON
+    try:
+        if previous.stat().st_size > 1 << 20:
+            return set()
+        listed = json.loads(previous.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, dict):
+        return set()
+    return {name for name in listed.values() if isinstance(name, str) and _OUTPUT_NAME.fullmatch(name)}
 
 
 def aggregate_directory(
@@ -352,23 +434,32 @@ def aggregate_directory(
     data_dir: str | Path,
     out_dir: str | Path,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    params: AggregationParams = AggregationParams(),
+    params: MethodConfig | None = None,
     expected_round: int | None = None,
     prox_dir: str | Path | None = None,
     next_from: str | None = None,
+    global_weights: str | Path | None = None,
+    max_count_ratio: float | None = None,
+    privacy: DPConfig | None = None,
 ) -> AggregationReport:
-    """The whole server step over files: load, check, aggregate, evaluate, write."""
-    updates = load_updates(weights_dir)
-    prox_updates = load_updates(prox_dir) if prox_dir else None
-    notes = fill_missing_counts(updates, data_dir)
-    if prox_updates:
-        notes += fill_missing_counts(prox_updates, data_dir)
-    validate_updates(updates, expected_round)
+    """The whole server step over files: check the output, load, validate, aggregate, evaluate, write.
+
+    ``global_weights`` is the round's ``pesos_globales_ronda_R.pkl``; without it the file of the
+    updates' round is looked for beside them.
+    """
+    check_writable_dir(out_dir, "--out directory")
     test_path = common_test_file(data_dir)
     if not test_path.exists():
         raise DataError(f"{test_path}: common test set not found (the --data-dir written by split_data.py)")
+    updates = load_updates(weights_dir)
+    prox_updates = load_updates(prox_dir) if prox_dir else None
+    start = find_start(weights_dir, updates, global_weights)
+    if start is not None and expected_round is not None and start.round != expected_round:
+        raise ValidationError(f"{_label_start(start)}: holds the global weights of round {start.round}, "
+                              f"but round {expected_round} was requested")
     x_test, y_test = load_partition(test_path)
-    report = run_aggregation(updates, x_test, y_test, methods, params, prox_updates, next_from)
-    report.notes = notes + report.notes
+    report = run_aggregation(updates, x_test, y_test, methods, params, prox_updates, next_from,
+                             start=start, counts=manifest_counts(data_dir), expected_round=expected_round,
+                             max_count_ratio=max_count_ratio, privacy=privacy)
     write_outputs(report, out_dir)
     return report

@@ -37,6 +37,7 @@ weaker than the model attacks: with a minority of flippers FedAvg loses little o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -183,3 +184,33 @@ def choose_malicious(num_clients: int, num_malicious: int, rng: np.random.Genera
             f"the number of malicious clients must be in [0, {num_clients}] (got {num_malicious})"
         )
     return sorted(int(k) + 1 for k in rng.permutation(num_clients)[:num_malicious])
+
+
+@dataclass(frozen=True)
+class ThreatConfig:
+    """The attackers a simulation injects: how many clients are malicious and what they do."""
+
+    num_malicious: int = 0
+    attack: str | None = None
+    attack_strength: float | None = None
+
+    def validate(self, num_clients: int) -> None:
+        """Raise ConfigError for an attack without attackers, attackers without an attack, or bad counts."""
+        if isinstance(self.num_malicious, bool) or not isinstance(self.num_malicious, int):
+            raise ConfigError(f"the number of malicious clients must be an integer (got {self.num_malicious!r})")
+        if not 0 <= self.num_malicious <= num_clients:
+            raise ConfigError(
+                f"the number of malicious clients must be in [0, {num_clients}] (got {self.num_malicious})"
+            )
+        if self.num_malicious and self.attack is None:
+            raise ConfigError(
+                f"{self.num_malicious} malicious clients but no attack: choose --attack {'|'.join(ATTACKS)}"
+            )
+        if self.attack is not None and not self.num_malicious:
+            raise ConfigError(f"attack '{self.attack}' given but no malicious clients: set --malicious F > 0")
+        check_attack(self.attack, self.attack_strength)
+
+    @property
+    def strength(self) -> float | None:
+        """The attack's strength (its documented default when not given), None without an attack."""
+        return attack_strength(self.attack, self.attack_strength) if self.attack else None

@@ -3,14 +3,20 @@
 MNIST comes from an npz in the keras layout (``x_train``, ``y_train``, ``x_test``, ``y_test``) named by
 a ``--data`` flag or the ``FEDMNIST_DATA`` environment variable, or else from
 ``keras.datasets.mnist.load_data()`` (which needs a network the first time).
+
+Every npz (MNIST, ``cliente_N.npz``, ``test.npz``) is read member by member with ``_NpzReader``: only
+the arrays asked for, each ``.npy`` header checked (shape, dtype, at most ``MAX_IMAGES`` images)
+before its data is read, never more bytes than the header declares, and nothing unpickled; a file
+built to exhaust memory or time gets a ``DataError`` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,19 +63,199 @@ def normalize_images(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float32) / np.float32(255.0))[..., np.newaxis]
 
 
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise DataError(f"{path}: {what} not found")
-    if not path.is_file():
-        raise DataError(f"{path}: {what} is not a file")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: {what} is a single .npy array, not an npz archive with named arrays")
-        with loaded as npz:
-            return {key: npz[key] for key in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read {what} as an npz archive ({exc})") from exc
+MAX_IMAGES = 100_000
+"""Most images one array of an npz may hold: MNIST has 60,000 training and 10,000 test images."""
+_MAX_LABEL_ITEMSIZE = 8
+_NPZ_SLACK = 1 << 20  # zip headers, npy headers and small extra members
+_MAX_CENTRAL_DIRECTORY = 1 << 20  # a legit npz lists a handful of members in a few hundred bytes
+_MAX_NPY_HEADER = 10_000  # numpy's own default limit
+_CHUNK = 1 << 20
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What an ``.npy`` member declares before its data: checked before anything is allocated."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int
+    listed: int  # bytes of data the archive lists after the header
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _shown(shape: tuple[int, ...]) -> str:
+    text = str(shape)
+    return text if len(text) <= 60 else f"a shape of {len(shape)} axes with sizes of up to {len(str(max(shape)))} digits"
+
+
+class _NpzReader:
+    """An npz archive read member by member: only the requested ``.npy`` members, headers first.
+
+    ``np.load`` would decompress members nobody asked for and allocate whatever a header declares;
+    here the archive's size, its central directory, each member's compression method, declared
+    size and ``.npy`` header are checked before a member's data is read, and the data is read into
+    an array of exactly the declared size (a compressed bomb cannot inflate past it). Nothing is ever
+    unpickled (``allow_pickle=False``: object dtypes are refused from the header).
+    """
+
+    def __init__(self, path: Path, what: str, max_bytes: int) -> None:
+        self.path, self.what = path, what
+        if not path.exists():
+            raise DataError(f"{path}: {what} not found")
+        if not path.is_file():
+            raise DataError(f"{path}: {what} is not a file")
+        self._handle = open(path, "rb")  # closed by __exit__
+        try:
+            self._open(max_bytes)
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _open(self, max_bytes: int) -> None:
+        path, what = self.path, self.what
+        size = os.fstat(self._handle.fileno()).st_size
+        if size > max_bytes:
+            raise DataError(f"{path}: {what} of {size:,} bytes exceeds the {max_bytes:,}-byte limit")
+        with self._errors():
+            if self._handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+                raise DataError(f"{path}: {what} is a single .npy array, not an npz archive with named arrays")
+            end = zipfile._EndRecData(self._handle)
+            if end is None:
+                raise zipfile.BadZipFile("not a zip archive (no end-of-archive record)")
+            if end[zipfile._ECD_SIZE] > _MAX_CENTRAL_DIRECTORY:
+                raise DataError(
+                    f"{path}: {what} lists {end[zipfile._ECD_SIZE]:,} bytes of members, more than an npz "
+                    f"of a few arrays needs ({_MAX_CENTRAL_DIRECTORY:,})"
+                )
+            self._zip = zipfile.ZipFile(self._handle)
+            self.members = {}
+            for info in self._zip.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                self.members[key] = info
+
+    def __enter__(self) -> _NpzReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except DataError:
+            raise
+        except Exception as exc:  # zipfile, zlib and numpy raise many types on damaged archives
+            raise DataError(
+                f"{self.path}: cannot read {self.what} as an npz archive ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _member(self, key: str):
+        info = self.members[key]
+        if info.flag_bits & 0x1:
+            raise DataError(f"{self.path}: '{key}' is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise DataError(
+                f"{self.path}: '{key}' uses compression method {info.compress_type}; npz files are "
+                "stored or deflated"
+            )
+        return self._zip.open(info)
+
+    def header(self, key: str) -> _Header:
+        """Parse member ``key``'s ``.npy`` header and check it against the member's declared size."""
+        with self._errors(), self._member(key) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member, _MAX_NPY_HEADER)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member, _MAX_NPY_HEADER)
+            else:
+                raise DataError(f"{self.path}: '{key}' uses .npy format version {version}, not 1.0 or 2.0")
+            offset = member.tell()
+        header = _Header(key, tuple(shape), dtype, bool(fortran), offset, self.members[key].file_size - offset)
+        if dtype.hasobject:
+            raise DataError(f"{self.path}: '{key}' holds Python objects, which are never loaded (allow_pickle=False)")
+        return header
+
+    def array(self, header: _Header) -> np.ndarray:
+        """Read the data of a checked header into a fresh, writable array of exactly its size.
+
+        The archive must list exactly the bytes the header declares, so a member cannot inflate past
+        them (and zipfile stops at the listed size and checks the CRC).
+        """
+        if header.listed != header.nbytes:
+            raise DataError(
+                f"{self.path}: '{header.name}' declares {_shown(header.shape)} {header.dtype} "
+                f"({header.nbytes:,} bytes) but the archive lists {header.listed:,} bytes of data"
+            )
+        buffer = np.empty(header.nbytes, dtype=np.uint8)
+        with self._errors(), self._member(header.name) as member:
+            member.read(header.offset)
+            view, filled = memoryview(buffer), 0
+            while filled < header.nbytes:
+                chunk = member.read(min(_CHUNK, header.nbytes - filled))
+                if not chunk:
+                    raise EOFError(f"'{header.name}' ended after {filled:,} of {header.nbytes:,} bytes")
+                view[filled:filled + len(chunk)] = chunk
+                filled += len(chunk)
+            member.read(1)  # reaching the end makes zipfile verify the member's CRC
+        array = buffer.view(header.dtype)
+        return array.reshape(header.shape, order="F" if header.fortran else "C")
+
+
+def _image_header(path: Path, key: str, header: _Header) -> None:
+    shape = header.shape
+    if len(shape) != 3 or shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{path}: '{key}' has shape {_shown(shape)}, expected (n, 28, 28)")
+    if header.dtype != np.uint8:
+        raise DataError(f"{path}: '{key}' has dtype {header.dtype}, expected uint8 pixels 0-255")
+    if shape[0] > MAX_IMAGES:
+        raise DataError(
+            f"{path}: '{key}' declares {shape[0]:,} images; at most {MAX_IMAGES:,} are accepted "
+            "(MNIST has 60,000 training and 10,000 test images)"
+        )
+
+
+def _label_header(path: Path, key: str, header: _Header, n: int) -> None:
+    if len(header.shape) != 1 or header.shape[0] != n:
+        raise DataError(f"{path}: '{key}' has shape {_shown(header.shape)}, expected ({n},) to match the images")
+    if header.dtype.kind not in "iu" or header.dtype.itemsize > _MAX_LABEL_ITEMSIZE:
+        raise DataError(f"{path}: '{key}' has dtype {header.dtype}, expected integer labels")
+
+
+def _npz_limit(pairs: int) -> int:
+    """Largest npz holding ``pairs`` (images, labels) pairs of at most MAX_IMAGES each."""
+    per_pair = MAX_IMAGES * (IMAGE_SHAPE[0] * IMAGE_SHAPE[1] + _MAX_LABEL_ITEMSIZE)
+    return pairs * per_pair + _NPZ_SLACK
+
+
+def _read_pairs(path: Path, what: str, pairs: list[tuple[str, str]], missing_message) -> dict[str, np.ndarray]:
+    """Read (images, labels) member pairs of an npz, every header checked before any data is read.
+
+    ``missing_message(missing_keys, found_keys)`` words the error for absent members.
+    """
+    with _NpzReader(path, what, _npz_limit(len(pairs))) as npz:
+        wanted = [key for pair in pairs for key in pair]
+        missing = [key for key in wanted if key not in npz.members]
+        if missing:
+            raise DataError(missing_message(missing, sorted(npz.members)))
+        headers = []
+        for x_key, y_key in pairs:
+            x_header = npz.header(x_key)
+            _image_header(path, x_key, x_header)
+            y_header = npz.header(y_key)
+            _label_header(path, y_key, y_header, x_header.shape[0])
+            headers += [x_header, y_header]
+        arrays = {h.name: npz.array(h) for h in headers}
+    for x_key, y_key in pairs:
+        _check_labels(path, y_key, arrays[y_key], arrays[x_key].shape[0])
+    return arrays
 
 
 def _check_images(path: Path, key: str, x: np.ndarray) -> None:
@@ -102,20 +288,22 @@ def load_raw_mnist(path: str | os.PathLike | None = None) -> Mnist:
     if resolved is None:
         arrays = _keras_download()
         source = Path("keras.datasets.mnist")
+        for split in ("train", "test"):
+            _check_images(source, f"x_{split}", arrays[f"x_{split}"])
+            _check_labels(source, f"y_{split}", arrays[f"y_{split}"], arrays[f"x_{split}"].shape[0])
     else:
-        arrays = _read_npz(resolved, "MNIST file")
         source = resolved
-        missing = [key for key in MNIST_KEYS if key not in arrays]
-        if missing:
-            raise DataError(
+
+        def missing_message(missing: list[str], found: list[str]) -> str:
+            return (
                 f"{source}: missing key(s) {', '.join(missing)}; expected the keras layout "
-                f"{', '.join(MNIST_KEYS)} (found: {', '.join(sorted(arrays)) or 'none'})"
+                f"{', '.join(MNIST_KEYS)} (found: {', '.join(found) or 'none'})"
             )
+
+        arrays = _read_pairs(source, "MNIST file", [("x_train", "y_train"), ("x_test", "y_test")],
+                             missing_message)
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        _check_images(source, f"x_{split}", x)
-        _check_labels(source, f"y_{split}", y, x.shape[0])
-        if x.shape[0] == 0:
+        if arrays[f"x_{split}"].shape[0] == 0:
             raise DataError(f"{source}: 'x_{split}' is empty")
     return Mnist(
         arrays["x_train"], arrays["y_train"].astype(np.uint8),
@@ -175,16 +363,15 @@ def save_arrays(path: str | os.PathLike, x: np.ndarray, y: np.ndarray) -> None:
 def load_partition_raw(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate a partition file: uint8 images (n, 28, 28) and uint8 labels (n,)."""
     path = Path(path)
-    arrays = _read_npz(path, "partition file")
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(
-                f"{path}: missing key '{key}'; a partition file holds 'x' (n, 28, 28) uint8 images "
-                "and 'y' (n,) labels, as written by split_data.py"
-            )
+
+    def missing_message(missing: list[str], found: list[str]) -> str:
+        return (
+            f"{path}: missing key '{missing[0]}'; a partition file holds 'x' (n, 28, 28) uint8 images "
+            "and 'y' (n,) labels, as written by split_data.py"
+        )
+
+    arrays = _read_pairs(path, "partition file", [("x", "y")], missing_message)
     x, y = arrays["x"], arrays["y"]
-    _check_images(path, "x", x)
-    _check_labels(path, "y", y, x.shape[0])
     if x.shape[0] == 0:
         raise DataError(f"{path}: the partition holds no images")
     return x, y.astype(np.uint8)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from fedmnist.aggregation import (
     DEFAULT_METHODS,
-    AggregationParams,
     format_table,
+    manifest_counts,
     run_aggregation,
     write_outputs,
 )
@@ -78,9 +78,9 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
     x_test, y_test = load_partition(common_test_file(data_dir))
     plain_updates = [outputs[("mu=0", k)].update for k in range(1, config.num_clients + 1)]
     prox_updates = [outputs[(f"FedProx mu={config.mu:g}", k)].update for k in range(1, config.num_clients + 1)]
-    report = run_aggregation(plain_updates, x_test, y_test, DEFAULT_METHODS, AggregationParams(),
-                             prox_updates=prox_updates, evaluator=trainer)
-    write_outputs(report, out_dir, seed=config.seed)
+    report = run_aggregation(plain_updates, x_test, y_test, DEFAULT_METHODS, prox_updates=prox_updates,
+                             evaluator=trainer, start=start, counts=manifest_counts(data_dir))
+    write_outputs(report, out_dir)
     atomic_write_text(out_dir / "configuracion_demo.json",
                       json.dumps({"demo": asdict(config), "train": asdict(plain)}, indent=2) + "\n")
     say(format_table(report))

@@ -33,8 +33,10 @@ HETERO_CSV = "heterogeneidad.csv"
 PROX_CSV = "fedprox_mu.csv"
 ATTACK_CSV = "ataques.csv"
 MCMAHAN_CSV = "mcmahan.csv"
+PRIVACY_CSV = "privacidad.csv"
+TEAM_PRIVACY_CSV = "privacidad_equipo.csv"
 ENV_FILE = "entorno.json"
-EXPERIMENTS = ("course", "heterogeneity", "fedprox_mu", "attacks", "mcmahan")
+EXPERIMENTS = ("course", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
 
 # McMahan et al. 2017, Table 2 (CNN, E = 5, B = 10, C = 0.1): rounds to 99% test accuracy.
 MCMAHAN_PAPER_ROUNDS = {"iid": 20, "shards": 229}
@@ -68,6 +70,14 @@ class Profile:
     """(split, maximum rounds, methods, client learning rate) runs of McMahan's protocol; each stops once
     all its methods reach 99%, and continues its checkpoint when the maximum is raised."""
     mcmahan_mu: float = 0.01
+    dp_clients: tuple[int, ...] = (100, 1000)
+    """Federation sizes K of the DP-FedAvg runs (IID, equal parts, C = ``dp_fraction``)."""
+    dp_noises: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    dp_rounds: int = 20
+    dp_fraction: float = 0.1
+    dp_train_subset: int | None = None
+    dp_eval_every: int = 5
+    dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
 
 
 PROFILES: dict[str, Profile] = {
@@ -77,6 +87,8 @@ PROFILES: dict[str, Profile] = {
         alphas=(0.3,), prox_mus=(0.0, 0.1), attacks=("gaussian",), malicious_counts=(0, 1),
         attack_methods=("fedavg", "fedmed"), attack_rounds=2, attack_train_subset=1_500,
         mcmahan=(("iid", 1, ("fedavg",), 0.05),),
+        dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
+        dp_team_noises=(1.0,),
     ),
     "full": Profile(
         name="full", seeds=(42, 43), train_subset=5_000, rounds=8, attack_rounds=6,
@@ -145,7 +157,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
                 updates[label].append(make_update(result, start, config, k))
                 say(f"  course seed {seed}: client {k} ({label}) trained")
         report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
-                                 evaluator=trainer)
+                                 evaluator=trainer, start=start)
         for name, r in report.methods.items():
             rows.append({"seed": seed, "model": name, **_metrics(r.evaluation)})
         for update, evaluation in report.locals_:
@@ -200,27 +212,33 @@ def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = F
     With ``resume``, a checkpoint left in ``out_dir`` by the same configuration is continued (its
     numbers equal an uninterrupted run's); one from another configuration is ignored.
     """
+    from fedmnist.checkpoint import load_checkpoint
     from fedmnist.evaluation import evaluate
-    from fedmnist.simulation import CHECKPOINT_FILE, load_checkpoint, prepare_federation, run_simulation
+    from fedmnist.federation import prepare_federation
+    from fedmnist.simulation import CHECKPOINT_FILE, run_simulation
 
+    training = config.training
     if (trainer.optimizer_name, trainer.learning_rate, trainer.momentum) != (
-        config.optimizer, config.learning_rate, config.momentum if config.optimizer == "sgd" else 0.0
+        training.optimizer, training.learning_rate, training.momentum if training.optimizer == "sgd" else 0.0
     ):
         trainer = None  # the simulation builds one with the config's optimizer
     if resume and (out_dir / CHECKPOINT_FILE).exists():
         try:
-            load_checkpoint(out_dir / CHECKPOINT_FILE, config, prepare_federation(config, mnist=mnist).sha256)
+            load_checkpoint(out_dir / CHECKPOINT_FILE, config,
+                            prepare_federation(config.federation, config.seed, mnist=mnist).sha256)
         except ConfigError as exc:
             log.info("not resuming: %s", exc)
             resume = False
     result = run_simulation(config, out_dir=out_dir, progress=False, resume=resume, trainer=trainer,
-                            mnist=mnist)
+                            mnist=mnist, workers=WORKERS.get("workers"))
     trainer = trainer or _evaluator()
     final = {m: evaluate(trainer, w, *full_test) for m, w in result.final_weights.items()}
     return {"result": result, "final": final}
 
 
 _EVALUATOR = []
+WORKERS: dict[str, int | str] = {}
+"""``run_experiments(workers=...)``: the simulations' worker processes (empty: in this process)."""
 
 
 def _evaluator():
@@ -234,12 +252,12 @@ def _evaluator():
 def _sim_config(profile: Profile, seed: int, **changes):
     from fedmnist.simulation import SimulationConfig
 
-    base = SimulationConfig(
+    base = SimulationConfig.create(
         num_clients=profile.clients, fraction=1.0, rounds=profile.rounds, local_epochs=profile.local_epochs,
         batch_size=profile.batch_size, train_subset=profile.train_subset,
         test_subset=profile.round_test_subset, seed=seed, target_accuracy=0.95,
     )
-    return replace(base, **changes)
+    return base.replace(**changes)
 
 
 def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
@@ -318,9 +336,10 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
     rows = []
     for split, max_rounds, methods, learning_rate in profile.mcmahan:
         preset = PRESETS["mcmahan-iid" if split == "iid" else "mcmahan-noniid"]
-        config = replace(preset, rounds=max_rounds, methods=methods, mu=profile.mcmahan_mu,
-                         learning_rate=learning_rate, seed=profile.seeds[0], stop_at_target=True)
-        name = f"mcmahan_{split}" + ("" if learning_rate == preset.learning_rate else f"_lr{learning_rate:g}")
+        config = preset.replace(rounds=max_rounds, methods=methods, mu=profile.mcmahan_mu,
+                                learning_rate=learning_rate, seed=profile.seeds[0], stop_at_target=True)
+        name = f"mcmahan_{split}" + ("" if learning_rate == preset.training.learning_rate
+                                     else f"_lr{learning_rate:g}")
         run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test, resume=True)
         result = run["result"]
         rounds = {r.round: r.round_seconds for rows_ in result.metrics.values() for r in rows_}
@@ -337,6 +356,125 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
     if rows:
         _write_csv(out_dir / MCMAHAN_CSV, rows)
     return rows
+
+
+def median_update_norm(config, mnist) -> float:
+    """Median L2 norm of the round-1 updates of the clients sampled in round 1, trained without DP.
+
+    The clip norm S of the DP runs is set to it (Andrew et al. 2021 aim at this quantile), from
+    training data only. It is not itself private: a real deployment would take S from a public
+    proxy, or use adaptive clipping (``--dp-adaptive``).
+    """
+    from fedmnist.federation import prepare_federation
+    from fedmnist.model import initial_weights
+    from fedmnist.privacy import client_update, update_norm
+    from fedmnist.seeds import training_seed
+    from fedmnist.simulation import sample_clients
+    from fedmnist.training import ClientTrainer
+
+    fed = prepare_federation(config.federation, config.seed, mnist=mnist)
+    training = config.training
+    trainer = ClientTrainer(training.optimizer, training.learning_rate, training.momentum)
+    start = initial_weights(config.seed)
+    norms = []
+    for client_id in sample_clients(config, 1):
+        x, y = fed.client_data(client_id)
+        trained = trainer.train(start, x, y, epochs=training.epochs, batch_size=training.batch_size,
+                                seed=training_seed(config.seed, 1, client_id))
+        norms.append(update_norm(client_update(trained.weights, start)))
+    return float(f"{np.median(norms):.2g}")
+
+
+def run_privacy(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """DP-FedAvg (server-side fixed clipping) on K = 100 and 1,000 IID clients for several noise levels z.
+
+    McMahan et al. 2017's local training (E = 1 here, B = 10, SGD 0.05), C = 0.1, every z on the same
+    federations and seeds; z = 0 clips without noise (ε = ∞), the non-private reference. Also what a
+    5-member course team would get (``privacidad_equipo.csv``).
+    """
+    from fedmnist.privacy import clients_needed, privacy_verdict
+    from fedmnist.simulation import SimulationConfig
+
+    rows = []
+    curves: dict[str, dict[str, list[float]]] = {}
+    for num_clients in profile.dp_clients:
+        base = SimulationConfig.create(
+            num_clients=num_clients, fraction=profile.dp_fraction, rounds=profile.dp_rounds, local_epochs=1,
+            batch_size=10, optimizer="sgd", learning_rate=0.05, momentum=0.0, partition="iid",
+            methods=("fedavg",), train_subset=profile.dp_train_subset, eval_every=profile.dp_eval_every,
+            target_accuracy=0.95,
+        )
+        clip = median_update_norm(base.replace(seed=profile.seeds[0]), mnist)
+        say(f"  privacy K={num_clients}: clip norm S = {clip:g}")
+        for z in profile.dp_noises:
+            for seed in profile.seeds:
+                config = base.replace(seed=seed, dp_noise=z, dp_clip=clip)
+                name = f"privacidad_K{num_clients}_z{z:g}_s{seed}"
+                run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test, resume=True)
+                records = run["result"].metrics["fedavg"]
+                last = records[-1]
+                evaluation = run["final"]["fedavg"]
+                rows.append({"clients": num_clients, "clients_per_round": config.clients_per_round,
+                             "noise_multiplier": z, "clip": clip, "seed": seed, "rounds": last.round,
+                             "rounds_without_update": sum(r.num_replies == 0 for r in records),
+                             "final_loss": float(evaluation.loss),
+                             "epsilon": "inf" if last.epsilon is None or not np.isfinite(last.epsilon)
+                             else round(last.epsilon, 4),
+                             "delta": last.delta, "noise_std": z * clip / config.clients_per_round,
+                             "final_accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
+                             "ci_high": float(evaluation.ci_high)})
+                if seed == profile.seeds[0]:
+                    curves.setdefault(f"K = {num_clients}", {})[f"z = {z:g}"] = run["result"].curves()["fedavg"]
+                say(f"  privacy K={num_clients} z={z:g} seed {seed} done")
+    _write_csv(out_dir / PRIVACY_CSV, rows)
+    team = []
+    for z in profile.dp_team_noises:
+        from fedmnist.privacy import PrivacyAccountant
+
+        accountant = PrivacyAccountant(z, 5, 5, 1e-5)
+        verdict = privacy_verdict(accountant, profile.dp_rounds)
+        needed = clients_needed(2.0, profile.dp_rounds, profile.dp_fraction, mean_noise_std=z / 5, delta=1e-5)
+        team.append({"noise_multiplier": z, "rounds": profile.dp_rounds, "epsilon": round(verdict.epsilon, 4),
+                     "delta": verdict.delta, "meaningful": verdict.meaningful,
+                     "noise_std_over_clip": z / 5,
+                     "clients_for_epsilon_2": needed.num_clients if needed else "",
+                     "their_noise_multiplier": round(needed.noise_multiplier, 4) if needed else ""})
+    _write_csv(out_dir / TEAM_PRIVACY_CSV, team)
+    _plot_privacy(rows, out_dir / "privacidad.png")
+    return rows
+
+
+def _plot_privacy(rows: list[dict], path: Path) -> None:
+    """Final accuracy against ε (log scale), one line per K, mean over seeds with their range."""
+    import matplotlib.pyplot as plt
+
+    from fedmnist.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for num_clients in dict.fromkeys(r["clients"] for r in rows):
+        points = []
+        for z in dict.fromkeys(r["noise_multiplier"] for r in rows if r["clients"] == num_clients):
+            sel = [r for r in rows if r["clients"] == num_clients and r["noise_multiplier"] == z]
+            acc = np.array([r["final_accuracy"] for r in sel]) * 100
+            eps = sel[0]["epsilon"]
+            points.append((float("inf") if eps == "inf" else float(eps), acc.mean(), acc.min(), acc.max(), z))
+        finite = sorted(p for p in points if np.isfinite(p[0]))
+        line = ax.errorbar([p[0] for p in finite], [p[1] for p in finite],
+                           yerr=[[p[1] - p[2] for p in finite], [p[3] - p[1] for p in finite]],
+                           marker="o", capsize=3, label=f"K = {num_clients} (m = {num_clients // 10} por ronda)")
+        for p in points:
+            if not np.isfinite(p[0]):
+                ax.axhline(p[1], color=line[0].get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (δ = 1e-5, sustitución de un cliente)")
+    ax.set_ylabel("Precisión final en el test (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("DP-FedAvg: precisión frente a ε (punteado: sin ruido, z = 0)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
 
 
 def _plot_curves_grid(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
@@ -398,8 +536,9 @@ def run_experiments(
     out_dir: str | Path,
     only: tuple[str, ...] = EXPERIMENTS,
     quiet: bool = False,
+    workers: int | str | None = None,
 ) -> dict[str, list[dict]]:
-    """Run the selected experiments of a profile into ``out_dir``."""
+    """Run the selected experiments of a profile into ``out_dir`` (simulations in ``workers`` processes)."""
     from fedmnist.data import load_raw_mnist, normalize_images
     from fedmnist.training import ClientTrainer
 
@@ -409,6 +548,9 @@ def run_experiments(
     if unknown:
         raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     profile = PROFILES[profile_name]
+    WORKERS.clear()
+    if workers is not None:
+        WORKERS["workers"] = workers
     say = (lambda *_: None) if quiet else (lambda msg: print(msg, flush=True))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,6 +563,7 @@ def run_experiments(
         "fedprox_mu": lambda: run_fedprox_mu(profile, mnist, out_dir, trainer, full_test, say),
         "attacks": lambda: run_attacks(profile, mnist, out_dir, trainer, full_test, say),
         "mcmahan": lambda: run_mcmahan(profile, mnist, out_dir, trainer, full_test, say),
+        "privacy": lambda: run_privacy(profile, mnist, out_dir, trainer, full_test, say),
     }
     results = {}
     env_path = out_dir / ENV_FILE
@@ -516,6 +659,32 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
                          f"{reached} | {r['rounds_run']} | "
                          f"{_pct(r['best_round_accuracy'])} | {r['paper_rounds_to_99']} |")
         tables["mcmahan"] = "\n".join(lines)
+    if (results_dir / PRIVACY_CSV).exists():
+        rows = read_csv(results_dir / PRIVACY_CSV)
+        lines = ["| K (m por ronda) | S | z | ruido en la media (σ = z·S/m) | ε final (δ = 1e-5) | "
+                 "precisión final (%) por semilla | media (%) | rondas sin respuesta válida |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys((r["clients"], r["noise_multiplier"]) for r in rows):
+            sel = [r for r in rows if (r["clients"], r["noise_multiplier"]) == key]
+            first = sel[0]
+            eps = "∞ (sin ruido)" if first["epsilon"] == "inf" else \
+                " / ".join(f"{float(r['epsilon']):.2f}" for r in sel)
+            accs = [float(r["final_accuracy"]) for r in sel]
+            lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {float(first['clip']):g} | "
+                         f"{float(first['noise_multiplier']):g} | {float(first['noise_std']):.4f} | {eps} | "
+                         f"{' / '.join(_pct(a) for a in accs)} | {np.mean(accs) * 100:.2f} | "
+                         f"{' / '.join(r['rounds_without_update'] for r in sel)} |")
+        tables["privacidad"] = "\n".join(lines) + f"\n\n{sel[0]['rounds']} rondas; semillas: " + \
+            ", ".join(dict.fromkeys(r["seed"] for r in rows)) + "."
+    if (results_dir / TEAM_PRIVACY_CSV).exists():
+        rows = read_csv(results_dir / TEAM_PRIVACY_CSV)
+        lines = ["| z (5 miembros, todos en cada ronda) | rondas | ε (δ = 1e-5) | ¿con sentido (ε ≤ 10)? | "
+                 "clientes necesarios para ε ≤ 2 con el mismo ruido en la media (C = 0.1) |", "|---|---|---|---|---|"]
+        for r in rows:
+            verdict = "sí" if r["meaningful"] == "True" else "no"
+            lines.append(f"| {float(r['noise_multiplier']):g} | {r['rounds']} | {float(r['epsilon']):.1f} | {verdict} | "
+                         f"{r['clients_for_epsilon_2'] or 'más de 10⁷'} |")
+        tables["privacidad_equipo"] = "\n".join(lines)
     return tables
 
 

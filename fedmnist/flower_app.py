@@ -6,15 +6,17 @@ and evaluation as the other modes, over the network:
 * ``client_app``: each SuperNode (one team member) trains the shared CNN on its own partition file,
   named by the SuperNode's ``--node-config "data-file='/abs/cliente_N.npz'"`` (in Flower's simulation
   engine: ``cliente_{partition-id + 1}.npz`` of the run's ``data-dir``), with ``ClientTrainer.train``
-  and the training seed ``fedmnist.simulation.client_seed`` gives client N in that round, so a Flower
-  run and ``run_simulation`` on the same partitions give the same global weights.
-* ``server_app``: our own round loop (``@server_app.main()``, push/pull on the Grid). It starts from
-  ``initial_weights(seed)``, sends every round's global weights to a seeded sample of the connected
-  nodes, waits up to ``round-timeout`` for their replies, aggregates the successful ones with
-  ``fedmnist.strategies.aggregate`` (the registry ``global_aggregation.py`` uses), evaluates the new
-  global model on the common test set and writes the outputs of the other modes, atomically.
+  and the training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower
+  run, ``run_simulation`` and the file flow on the same partitions give the same global weights.
+* ``server_app``: a thin adapter over the shared server step (``fedmnist.server.Server``), driven by
+  our own round loop (``@server_app.main()``, push/pull on the Grid). It starts from
+  ``initial_weights(seed)``, sends every round's global weights to a seeded sample of ⌊C·n⌋ of the
+  connected nodes (``fedmnist.seeds``, the simulation's rule), waits up to ``round-timeout`` for their
+  replies and hands them to ``Server.step``, which validates each one (a malformed, non-finite,
+  misshapen or wrong-start reply fails that node, never the ServerApp), aggregates, evaluates on the
+  common test set and records; ``fedmnist.outputs`` writes the files of the other modes, atomically.
 
-A round with fewer than ``min-train-nodes`` successful replies stops the run with a ``RoundFailedError``
+A round with fewer than ``min-train-nodes`` accepted replies stops the run with a ``RoundFailedError``
 whose message Flower shows as the run's status details (``flwr ls``); the files of earlier rounds stay
 as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.toml``, overridden by
 ``flwr run --run-config``) becomes one ``FlowerRunConfig`` in ``FlowerRunConfig.from_run_config``.
@@ -22,11 +24,7 @@ as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.t
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import platform
 import re
 import time
 from collections.abc import Mapping
@@ -41,26 +39,19 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmnist import __version__
-from fedmnist.config import DEFAULT_SEED
-from fedmnist.errors import ConfigError, DataError, FedMnistError
-from fedmnist.io import atomic_write_text
-from fedmnist.strategies import AGGREGATORS, DEFAULT_NUM_MALICIOUS, DEFAULT_TRIM_BETA, aggregate
+from fedmnist.config import DEFAULT_SEED, TrainingConfig
+from fedmnist.errors import ConfigError, DataError
+from fedmnist.methods import SERVER_OPT_FIELDS, MethodConfig, build_method, with_privacy
+from fedmnist.seeds import clients_per_round, sample_positions, training_seed
+from fedmnist.server import Reply, RoundFailedError, RoundRecord, Server, ServerState
+from fedmnist.strategies import DEFAULT_NUM_MALICIOUS, DEFAULT_TRIM_BETA
 
 if TYPE_CHECKING:
     from fedmnist.training import ClientTrainer
 
-CONFIG_FILE = "configuracion.json"
-METRICS_CSV = "metricas_por_ronda.csv"
-METRICS_JSON = "metricas_por_ronda.json"
-ACCURACY_PLOT = "precision_por_ronda.png"
 POLL_SECONDS = 0.5
-_SAMPLING = 1  # random stream of the node sampling: default_rng([seed, _SAMPLING, round])
 _CLIENT_FILE = re.compile(r"cliente_(\d+)\.npz$")
-
-
-class RoundFailedError(FedMnistError, RuntimeError):
-    """A round that cannot complete: too few nodes connected or too few successful replies."""
+__all__ = ["RoundFailedError", "client_app", "server_app"]
 
 
 # --- the run configuration ---------------------------------------------------------------------
@@ -71,7 +62,12 @@ class FlowerRunConfig:
     """The Flower run's settings: ``[tool.flwr.app.config]`` with ``--run-config`` applied, typed.
 
     Each field is the kebab-case key with ``_`` for ``-`` (``num_server_rounds`` is
-    ``num-server-rounds``). ``output_dir`` and ``test_file`` are needed by the ServerApp only,
+    ``num-server-rounds``). The server optimisers' keys (``server-lr``, ``server-momentum``,
+    ``beta-1``, ``beta-2``, ``tau``) take the method's default when negative (TOML has no null).
+    DP-FedAvg is on when ``dp-noise`` >= 0 (``dp-clip``, ``dp-adaptive``, ``dp-side``, ``dp-delta`` and
+    ``target-epsilon``, negative: the defaults / none); ``dp-clients`` is the federation size K the
+    accountant assumes (0: the nodes connected when round 1 starts), with ⌊C·K⌋ sampled per round.
+    ``output_dir`` and ``test_file`` are needed by the ServerApp only,
     ``data_dir`` by the ClientApp in Flower's simulation engine only.
     """
 
@@ -93,7 +89,20 @@ class FlowerRunConfig:
     test_file: str = ""
     data_dir: str = ""
     trim_beta: float = DEFAULT_TRIM_BETA
-    num_malicious: int = DEFAULT_NUM_MALICIOUS
+    krum_f: int = DEFAULT_NUM_MALICIOUS
+    server_lr: float = -1.0
+    server_momentum: float = -1.0
+    beta_1: float = -1.0
+    beta_2: float = -1.0
+    tau: float = -1.0
+    dp_noise: float = -1.0
+    dp_clip: float = 1.0
+    dp_adaptive: bool = False
+    dp_side: str = "server"
+    dp_delta: float = -1.0
+    target_epsilon: float = -1.0
+    dp_clients: int = 0
+    max_count_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("method", "optimizer"):
@@ -125,34 +134,39 @@ class FlowerRunConfig:
         config.validate()
         return config
 
+    @property
+    def training(self) -> TrainingConfig:
+        """The clients' local training (the settings every mode shares)."""
+        return TrainingConfig(self.local_epochs, self.batch_size, self.optimizer, self.learning_rate, self.momentum)
+
+    @property
+    def method_config(self) -> MethodConfig:
+        """The method and its parameters (the settings every mode shares)."""
+        optimizer = {name: value if value >= 0 else None
+                     for name in SERVER_OPT_FIELDS if (value := getattr(self, name)) is not None}
+        return MethodConfig((self.method,), self.proximal_mu, self.trim_beta, self.krum_f, **optimizer)
+
     def validate(self) -> None:
-        """Raise ConfigError, naming the run-config key, for values the run cannot use."""
+        """Raise ConfigError, naming the run-config key, for values the run cannot use.
+
+        The training and method settings are checked by ``TrainingConfig`` and ``MethodConfig``,
+        as in every mode; this checks the Flower run's own keys.
+        """
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
+        self.training.validate()
+        self.method_config.validate()
+        if self.privacy is not None:
+            from fedmnist.privacy import check_dp_method
+
+            check_dp_method(self.method)
+        need(self.dp_clients >= 0, f"dp-clients must be >= 0 (got {self.dp_clients})")
+        need(self.max_count_ratio == 0 or self.max_count_ratio >= 1,
+             f"max-count-ratio must be 0 (no cap) or >= 1 (got {self.max_count_ratio})")
         need(self.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {self.num_server_rounds})")
-        need(self.local_epochs >= 1, f"local-epochs must be >= 1 (got {self.local_epochs})")
-        need(self.batch_size >= 1, f"batch-size must be >= 1 (got {self.batch_size})")
-        need(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam' (got {self.optimizer!r})")
-        need(
-            self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            f"learning-rate must be > 0 (got {self.learning_rate})",
-        )
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
-        need(
-            self.method in AGGREGATORS,
-            f"unknown method {self.method!r}; choose one of {', '.join(AGGREGATORS)}",
-        )
-        need(
-            self.proximal_mu >= 0 and math.isfinite(self.proximal_mu),
-            f"proximal-mu must be >= 0 (got {self.proximal_mu})",
-        )
-        need(
-            self.method != "fedprox" or self.proximal_mu > 0,
-            "method 'fedprox' needs proximal-mu > 0 (with mu = 0 it is FedAvg)",
-        )
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1] (got {self.fraction_train})")
         need(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1 (got {self.min_train_nodes})")
         need(
@@ -162,8 +176,6 @@ class FlowerRunConfig:
         need(self.wait_nodes_timeout > 0, f"wait-nodes-timeout must be > 0 (got {self.wait_nodes_timeout})")
         need(self.round_timeout > 0, f"round-timeout must be > 0 (got {self.round_timeout})")
         need(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
-        need(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5) (got {self.trim_beta})")
-        need(self.num_malicious >= 0, f"num-malicious must be >= 0 (got {self.num_malicious})")
         for key, value in (("output-dir", self.output_dir), ("test-file", self.test_file),
                            ("data-dir", self.data_dir)):
             need(
@@ -185,9 +197,20 @@ class FlowerRunConfig:
         return max(self.min_available_nodes, self.min_train_nodes)
 
     @property
+    def privacy(self):
+        """The ``DPConfig`` of DP-FedAvg when ``dp-noise`` >= 0, else None (validated on creation)."""
+        if self.dp_noise < 0:
+            return None
+        from fedmnist.privacy import DPConfig
+
+        return DPConfig(self.dp_noise, self.dp_clip, self.dp_adaptive, side=self.dp_side,
+                        delta=self.dp_delta if self.dp_delta >= 0 else None,
+                        target_epsilon=self.target_epsilon if self.target_epsilon >= 0 else None)
+
+    @property
     def client_mu(self) -> float:
         """The proximal coefficient the clients train with: ``proximal-mu`` for FedProx, else 0."""
-        return float(self.proximal_mu) if self.method == "fedprox" else 0.0
+        return build_method(self.method, self.method_config).client_mu
 
     def to_dict(self) -> dict:
         """The settings under their run-config keys."""
@@ -199,6 +222,10 @@ def _cast(key: str, value, kind: type):
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string (got {value!r}); quote it: {key}='...'")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key} must be a number (got {value!r})")
@@ -293,13 +320,6 @@ def _trainer(config: FlowerRunConfig) -> ClientTrainer:
     return _TRAINERS[key]
 
 
-def training_seed(seed: int, round_: int, client_id: int) -> int:
-    """Client ``client_id``'s training seed in ``round_``: the simulation's ``client_seed``."""
-    from fedmnist.simulation import SimulationConfig, client_seed
-
-    return client_seed(SimulationConfig(seed=seed), round_, client_id)
-
-
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global weights on this node's partition; reply with weights and metrics."""
@@ -311,8 +331,9 @@ def train(msg: Message, context: Context) -> Message:
     instructions = msg.content["config"]
     round_ = int(instructions["server-round"])
     mu = float(instructions["proximal-mu"])
+    start = record_to_weights(msg.content["arrays"])
     result = _trainer(config).train(
-        record_to_weights(msg.content["arrays"]),
+        start,
         x,
         y,
         epochs=config.local_epochs,
@@ -320,14 +341,23 @@ def train(msg: Message, context: Context) -> Message:
         mu=mu,
         seed=training_seed(config.seed, round_, client_id),
     )
-    metrics = MetricRecord({
+    from fedmnist.model import weights_sha256
+
+    values = {
         "num-examples": int(result.num_examples),
         "train-loss": float(result.history["loss"][-1]),
         "train-accuracy": float(result.history["accuracy"][-1]),
         "client-id": int(client_id),
         "server-round": round_,
-    })
-    content = RecordDict({"arrays": weights_to_record(result.weights), "metrics": metrics})
+    }
+    weights = result.weights
+    if "dp-clip" in instructions:  # client-side DP-FedAvg: clip before anything leaves this node
+        from fedmnist.privacy import clip_client_weights
+
+        clipped = clip_client_weights(weights, start, float(instructions["dp-clip"]))
+        weights, values["unclipped"] = clipped.weights, int(clipped.unclipped)
+    reply = ConfigRecord({"start-sha256": weights_sha256(start)})
+    content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(values), "reply": reply})
     return Message(content=content, reply_to=msg)
 
 
@@ -335,8 +365,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def nodes_to_sample(num_nodes: int, fraction: float) -> int:
-    """``⌈fraction · num_nodes⌉`` nodes per round (at least one)."""
-    return max(1, math.ceil(fraction * num_nodes - 1e-9))
+    """``max(1, ⌊fraction · num_nodes⌋)`` nodes per round: the simulation's (and Flower's) rule."""
+    return clients_per_round(num_nodes, fraction)
 
 
 def nodes_needed(min_train_nodes: int, fraction: float) -> int:
@@ -350,68 +380,60 @@ def nodes_needed(min_train_nodes: int, fraction: float) -> int:
 def sample_nodes(node_ids: list[int], fraction: float, seed: int, round_: int) -> list[int]:
     """The sorted node ids of ``round_``: ``nodes_to_sample`` of them, drawn with (seed, round)."""
     ids = sorted(node_ids)
-    rng = np.random.default_rng([seed, _SAMPLING, round_])
-    chosen = rng.choice(len(ids), size=nodes_to_sample(len(ids), fraction), replace=False)
-    return sorted(ids[i] for i in chosen)
-
-
-@dataclass(frozen=True)
-class ClientReply:
-    """One successful reply: the node, its client id, its trained weights and metrics."""
-
-    node_id: int
-    client_id: int
-    weights: list[np.ndarray]
-    num_examples: int
-    train_loss: float
+    return [ids[p] for p in sample_positions(len(ids), fraction, seed, round_)]
 
 
 @dataclass
 class RoundReplies:
-    """What came back from the nodes a round was sent to."""
+    """What came back from the nodes a round was sent to: parsed replies and nodes that failed."""
 
     sent: list[int]
-    ok: list[ClientReply] = field(default_factory=list)
+    ok: list[Reply] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> list[int]:
         """Nodes that neither replied nor failed before the timeout."""
-        answered = {r.node_id for r in self.ok} | set(self.failed)
+        answered = {int(r.source.split()[1]) for r in self.ok} | set(self.failed)
         return [n for n in self.sent if n not in answered]
 
-
-def replies_shortfall(round_: int, replies: RoundReplies, min_replies: int, timeout: float) -> str | None:
-    """Why the round cannot be aggregated (fewer than ``min_replies`` successes), or None if it can."""
-    if len(replies.ok) >= min_replies:
-        return None
-    parts = [f"round {round_}: only {len(replies.ok)} successful replies of {len(replies.sent)} "
-             f"nodes (min-train-nodes={min_replies})"]
-    if replies.failed:
-        parts.append("failed: " + "; ".join(f"node {n}: {why}" for n, why in sorted(replies.failed.items())))
-    if replies.missing:
-        parts.append(f"no reply after {timeout:g} s from node(s) {', '.join(map(str, replies.missing))}")
-    return "; ".join(parts)
+    def failures(self, timeout: float) -> dict[str, str]:
+        """Every node that contributed no reply, with the reason, for the server step's record."""
+        out = {f"node {n}": why for n, why in sorted(self.failed.items())}
+        out.update({f"node {n}": f"no reply after {timeout:g} s" for n in self.missing})
+        return out
 
 
-def _parse_reply(node_id: int, reply: Message) -> ClientReply:
-    """A ClientReply from a reply message; ValueError if it lacks weights or metrics."""
-    from fedmnist.model import weights_mismatch
+def parse_reply(node_id: int, reply: Message) -> Reply:
+    """The server's ``Reply`` from a node's message, claims unchecked (``Server.step`` checks them).
 
+    Raises
+    ------
+    ValueError
+        The message lacks the ``arrays`` ArrayRecord or ``metrics`` with ``num-examples`` and
+        ``client-id``, or its records cannot be read as arrays.
+    """
     arrays = reply.content.array_records.get("arrays")
     metrics = reply.content.metric_records.get("metrics")
-    if arrays is None or metrics is None or "num-examples" not in metrics:
-        raise ValueError("the reply has no 'arrays' ArrayRecord or no 'metrics' with num-examples")
-    weights = record_to_weights(arrays)
-    problem = weights_mismatch(weights)
-    if problem:
-        raise ValueError(f"the reply's weights do not fit the shared CNN: {problem}")
-    return ClientReply(
-        node_id,
-        int(metrics.get("client-id", 0)),
-        weights,
-        int(metrics["num-examples"]),
-        float(metrics.get("train-loss", math.nan)),
+    if arrays is None or metrics is None or "num-examples" not in metrics or "client-id" not in metrics:
+        raise ValueError("the reply has no 'arrays' ArrayRecord or no 'metrics' with num-examples and client-id")
+    start = reply.content.config_records.get("reply")
+    start_sha = start.get("start-sha256") if start is not None else None
+    if not isinstance(start_sha, str):
+        raise ValueError("the reply does not say which global weights it trained from (reply.start-sha256)")
+    try:
+        weights = record_to_weights(arrays)
+    except Exception as exc:  # a peer's malformed record must fail its node, never the ServerApp
+        raise ValueError(f"unreadable arrays ({type(exc).__name__}: {exc})") from None
+    loss = metrics.get("train-loss")
+    return Reply(
+        client_id=metrics["client-id"],
+        weights=weights,
+        num_examples=metrics["num-examples"],
+        source=f"node {node_id}",
+        start_sha256=start_sha,
+        train_loss=float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None,
+        metrics={"unclipped": bool(metrics["unclipped"])} if "unclipped" in metrics else {},
     )
 
 
@@ -459,7 +481,7 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> Roun
                 replies.failed[node] = f"error {reply.error.code}: {reply.error.reason}"
                 continue
             try:
-                replies.ok.append(_parse_reply(node, reply))
+                replies.ok.append(parse_reply(node, reply))
             except ValueError as exc:
                 replies.failed[node] = str(exc)
         if pending:
@@ -470,82 +492,73 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> Roun
 # --- the ServerApp: the round loop -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FlowerRoundMetrics:
-    """One round's numbers; the columns shared with ``simulation.RoundMetrics`` mean the same.
-
-    ``train_seconds`` is the wait for the replies (the clients' training and the network),
-    ``seconds`` and ``round_seconds`` the whole round (one method, so they are equal).
-    """
-
-    round: int
-    method: str
-    test_accuracy: float
-    test_loss: float
-    train_loss: float
-    seconds: float
-    train_seconds: float
-    eval_seconds: float
-    round_seconds: float
-    mu: float
-    num_sampled: int
-    start_sha256: str
-    num_replies: int
-    sampled_nodes: list[int]
-    replied_clients: list[int]
-    failed_nodes: list[str]
-
-
-CSV_COLUMNS = [f.name for f in fields(FlowerRoundMetrics)]
-
-
-def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -> list[FlowerRoundMetrics]:
+def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -> list[RoundRecord]:
     """Run ``config.num_server_rounds`` rounds on ``grid`` and write the outputs to ``output-dir``.
 
     Raises
     ------
     ConfigError, DataError
-        Bad settings or an unreadable test set (before any node is contacted).
+        Bad settings, an unusable output directory or an unreadable test set (before any node is
+        contacted).
     RoundFailedError
-        Too few nodes connected, or a round with fewer than ``min-train-nodes`` successful replies.
+        Too few nodes connected, or a round with fewer than ``min-train-nodes`` accepted replies.
     AggregationError
         The method rejects the replies (e.g. Krum with n <= 2f + 2).
     """
+    from fedmnist import outputs
     from fedmnist.data import load_partition
     from fedmnist.evaluation import evaluate
     from fedmnist.exchange import global_path, make_global, save_global
-    from fedmnist.model import initial_weights, save_keras_model, weights_sha256
-    from fedmnist.plots import method_label, plot_accuracy_per_round
+    from fedmnist.io import OutputSet, check_writable_dir
+    from fedmnist.model import initial_weights, weights_sha256
+    from fedmnist.plots import method_label
     from fedmnist.training import ClientTrainer
 
     config.check_server()
     out = Path(config.output_dir)
+    check_writable_dir(out, "output-dir")
     x_test, y_test = load_partition(config.test_file)
     evaluator = ClientTrainer(config.optimizer, config.learning_rate, config.momentum, model_seed=config.seed)
+    method = build_method(config.method, config.method_config)
     weights = initial_weights(config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    _dump_json(out / CONFIG_FILE, {
-        "flower": config.to_dict(),
-        "run_id": run_id,
-        "initial_sha256": weights_sha256(weights),
-        "software": {"fedmnist": __version__, "numpy": np.__version__, "python": platform.python_version()},
+    dp = config.privacy
+    if dp is not None:
+        num_clients = config.dp_clients or len(wait_for_nodes(grid, config.nodes_before_start,
+                                                              config.wait_nodes_timeout, "DP-FedAvg's K"))
+        method = with_privacy(method, dp, num_clients, nodes_to_sample(num_clients, config.fraction_train),
+                              config.seed)
+        if dp.target_epsilon is not None:
+            method.accountant.check_target(dp.target_epsilon)
+    server = Server([method], ServerState.initial([method], weights),
+                    lambda w: evaluate(evaluator, w, x_test, y_test),
+                    max_count_ratio=config.max_count_ratio or None)
+    outputs.dump_json(out / outputs.CONFIG_FILE, {
+        "flower": config.to_dict(), "run_id": run_id, "initial_sha256": weights_sha256(weights),
+        "software": outputs.software(),
     })
     save_global(global_path(out, 0), make_global(weights, 0, "init", config.seed))
-    history: list[FlowerRoundMetrics] = []
     title = (f"Flower, {method_label(config.method)}: E={config.local_epochs}, B={config.batch_size}, "
              f"C={config.fraction_train:g}")
 
     for round_ in range(1, config.num_server_rounds + 1):
         started = time.perf_counter()
+        if dp is not None and dp.target_epsilon is not None and method.accountant.would_exceed(
+                dp.target_epsilon, int(server.state.method_state[method.name]["releases"])):
+            log(INFO, "[fedmnist] round %d would exceed target epsilon %g: stopping", round_, dp.target_epsilon)
+            break
         needed = nodes_needed(config.min_train_nodes, config.fraction_train)
         if round_ == 1:
             needed = max(needed, config.nodes_before_start)
         node_ids = wait_for_nodes(grid, needed, config.wait_nodes_timeout, f"round {round_}")
         sampled = sample_nodes(node_ids, config.fraction_train, config.seed, round_)
         log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(node_ids))
+        instructions = {"server-round": round_, "proximal-mu": method.client_mu}
+        clip = method.client_clip(server.state.method_state[method.name])
+        if clip is not None:
+            instructions["dp-clip"] = clip
         content = RecordDict({
-            "arrays": weights_to_record(weights),
-            "config": ConfigRecord({"server-round": round_, "proximal-mu": config.client_mu}),
+            "arrays": weights_to_record(server.weights(method.name)),
+            "config": ConfigRecord(instructions),
         })
         messages = [
             Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
@@ -555,77 +568,25 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         t0 = time.perf_counter()
         replies = collect_replies(grid, messages, config.round_timeout)
         train_seconds = time.perf_counter() - t0
-        for node, why in sorted(replies.failed.items()):
-            log(WARNING, "[fedmnist] round %d: node %d failed: %s", round_, node, why)
-        for node in replies.missing:
-            log(WARNING, "[fedmnist] round %d: node %d did not reply within %g s", round_, node,
-                config.round_timeout)
-        shortfall = replies_shortfall(round_, replies, config.min_train_nodes, config.round_timeout)
-        if shortfall:
-            raise RoundFailedError(shortfall)
-
-        ok = sorted(replies.ok, key=lambda r: (r.client_id, r.node_id))
-        clients = [r.client_id for r in ok]
-        if len(set(clients)) < len(clients):
-            log(WARNING, "[fedmnist] round %d: client ids repeat (%s): do two SuperNodes share a "
-                "data-file?", round_, clients)
-        start_sha = weights_sha256(weights)[:16]
-        weights = aggregate(
-            config.method,
-            [(r.weights, r.num_examples) for r in ok],
-            trim_beta=config.trim_beta,
-            num_malicious=config.num_malicious,
-        )
-        t0 = time.perf_counter()
-        result = evaluate(evaluator, weights, x_test, y_test)
-        eval_seconds = time.perf_counter() - t0
-        round_seconds = time.perf_counter() - started
-        history.append(FlowerRoundMetrics(
-            round=round_,
-            method=config.method,
-            test_accuracy=float(result.accuracy),
-            test_loss=float(result.loss),
-            train_loss=float(np.mean([r.train_loss for r in ok])),
-            seconds=round_seconds,
-            train_seconds=train_seconds,
-            eval_seconds=eval_seconds,
-            round_seconds=round_seconds,
-            mu=config.client_mu,
-            num_sampled=len(sampled),
-            start_sha256=start_sha,
-            num_replies=len(ok),
-            sampled_nodes=sampled,
-            replied_clients=clients,
-            failed_nodes=[f"{n}: {why}" for n, why in sorted(replies.failed.items())]
-            + [f"{n}: no reply" for n in replies.missing],
-        ))
-        # Metrics last: a round listed in them has all of its files.
-        save_global(global_path(out, round_), make_global(weights, round_, config.method, config.seed))
-        save_keras_model(weights, out / f"modelo_global_{config.method}.h5")
-        plot_accuracy_per_round({config.method: [h.test_accuracy for h in history]}, out / ACCURACY_PLOT,
-                                title=title)
-        _write_metrics(out, config, history)
+        failures = replies.failures(config.round_timeout)
+        for node, why in failures.items():
+            log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
+        ok = sorted(replies.ok, key=lambda r: int(r.source.split()[1]))
+        step = server.step(round_, method.name, ok, sampled_nodes=sampled, failed=failures,
+                           min_replies=config.min_train_nodes, train_seconds=train_seconds, round_started=started)
+        for why in step.rejected.values():
+            log(WARNING, "[fedmnist] round %d: refused %s", round_, why)
+        record = server.end_round(round_, time.perf_counter() - started)[0]
+        with OutputSet(out, "output-dir") as staged:  # a round's files appear together or not at all
+            with staged.temp_path(global_path(".", round_).name) as tmp:
+                save_global(tmp, make_global(step.weights, round_, config.method, config.seed))
+            outputs.write_global(staged, f"pesos_globales_{config.method}", step.weights, round_, config.method,
+                                 config.seed)
+            outputs.write_accuracy_plot(staged, server.state.history, title)
+            outputs.write_metrics(staged, server.state.history)
         log(INFO, "[fedmnist] round %d: %d replies, test accuracy %.4f, loss %.4f (%.1f s)", round_,
-            len(ok), result.accuracy, result.loss, round_seconds)
-    return history
-
-
-def _dump_json(path: Path, payload: dict) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def _write_metrics(out: Path, config: FlowerRunConfig, history: list[FlowerRoundMetrics]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        values = asdict(row)
-        for key in ("sampled_nodes", "replied_clients"):
-            values[key] = " ".join(map(str, values[key]))
-        values["failed_nodes"] = " | ".join(values["failed_nodes"])
-        writer.writerow(values)
-    atomic_write_text(out / METRICS_CSV, buffer.getvalue())
-    _dump_json(out / METRICS_JSON, {"methods": [config.method], "rounds": [asdict(r) for r in history]})
+            record.num_replies, record.test_accuracy, record.test_loss, record.round_seconds)
+    return server.state.history
 
 
 server_app = ServerApp()

@@ -18,9 +18,10 @@ from fedmnist.data import client_file, common_test_file, load_partition
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.evaluation import EvalResult, evaluate
 from fedmnist.exchange import ClientUpdate, GlobalWeights, load_global, make_global, save_update, update_path
-from fedmnist.io import sha256_file
+from fedmnist.io import OutputSet, check_writable_dir, sha256_file
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
 from fedmnist.partition import read_manifest
+from fedmnist.seeds import training_seed, validation_seed
 from fedmnist.training import ClientTrainer, TrainConfig, TrainResult, make_trainer, validation_split
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
                 f"{path}: client {client_id} is not in the federation manifest "
                 f"({len(entries)} clients: 1..{len(entries)})"
             )
-        if sha256_file(path) != entry["sha256"]:
+        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path}: contents differ from the manifest's sha256: the file was changed or corrupted")
     return path
 
@@ -97,10 +98,13 @@ def train_member(
 ) -> TrainResult:
     """A member's local training as the notebook does it: hold out validation data, train from ``start``.
 
-    The shuffling/dropout seed is derived from (seed, round, client id), so members never share one.
+    The shuffling/dropout seed is ``fedmnist.seeds.training_seed(seed, round, client id)`` with
+    round = ``start.round + 1`` (the training round that starts from those weights), the seed the
+    simulation and Flower give the same client, so the three modes train it identically.
     """
-    x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split, config.seed + client_id)
-    seed = int(np.random.SeedSequence([config.seed, start.round, client_id]).generate_state(1)[0])
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split,
+                                                  validation_seed(config.seed, client_id))
+    seed = training_seed(config.seed, start.round + 1, client_id)
     return trainer.train(
         start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
         mu=config.mu, seed=seed, x_val=x_val, y_val=y_val,
@@ -108,12 +112,16 @@ def train_member(
 
 
 def make_update(result: TrainResult, start: GlobalWeights, config: TrainConfig, client_id: int,
-                metrics: dict | None = None) -> ClientUpdate:
-    """The update a member hands the server for ``result``."""
+                metrics: dict | None = None, num_examples: int | None = None) -> ClientUpdate:
+    """The update a member hands the server for ``result``.
+
+    ``num_examples`` is FedAvg's n_k, the size of the member's partition (validation hold-out included),
+    which the server checks against ``particion.json``; default: the examples trained on.
+    """
     return ClientUpdate(
         client_id=client_id,
         round=start.round,
-        num_examples=result.num_examples,
+        num_examples=result.num_examples if num_examples is None else num_examples,
         weights=result.weights,
         start_sha256=start.sha256,
         fingerprint=model_fingerprint(),
@@ -132,14 +140,21 @@ def run_local_training(
     global_weights: str | Path | None = None,
     round_: int | None = None,
     trainer: ClientTrainer | None = None,
+    dp_clip: float | None = None,
 ) -> LocalTrainingOutput:
     """Train client ``client_id`` and write its four files to ``out_dir``.
 
-    All inputs are loaded and checked before anything is written; every file is written atomically.
+    The output directory is checked writable and all inputs are loaded and checked before any
+    training; the four files appear together (``fedmnist.io.OutputSet``) or not at all. With
+    ``dp_clip`` S (client-side DP-FedAvg) the update is clipped to L2 norm S before it is written and
+    records whether it was within S (the bit adaptive clipping needs); the norm itself stays here.
     """
     config.validate()
     if client_id < 1:
         raise ConfigError(f"client ids start at 1 (got {client_id})")
+    if dp_clip is not None and not (isinstance(dp_clip, (int, float)) and dp_clip > 0):
+        raise ConfigError(f"the clip norm S (--dp-clip) must be > 0 (got {dp_clip})")
+    check_writable_dir(out_dir, "--out directory")
     started = time.perf_counter()
     x, y = load_partition(check_partition_file(data_dir, client_id))
     test_path = common_test_file(data_dir)
@@ -160,16 +175,25 @@ def run_local_training(
         "learning_rate": config.learning_rate,
         "validation_examples": len(x) - result.num_examples,
     }
-    update = make_update(result, start, config, client_id, metrics)
+    update = make_update(result, start, config, client_id, metrics, num_examples=len(x))
+    if dp_clip is not None:
+        from fedmnist.privacy import clip_client_weights
+
+        clipped = clip_client_weights(result.weights, start.weights, dp_clip)
+        update.weights, update.metrics["unclipped"] = clipped.weights, bool(clipped.unclipped)
     from fedmnist.plots import plot_confusion_matrix, plot_learning_curves
 
     files = output_paths(out_dir, client_id)
-    save_keras_model(result.weights, files["model"])
-    plot_learning_curves(result.history, files["curves"],
-                         title=f"Cliente {client_id} — ronda {start.round}")
-    plot_confusion_matrix(test.confusion, files["confusion"],
-                          title=f"Cliente {client_id} — test común (precisión {test.accuracy:.2%})")
-    save_update(files["update"], update)
+    with OutputSet(out_dir, "--out directory") as staged:
+        with staged.temp_path(files["model"].name) as tmp:
+            save_keras_model(result.weights, tmp)
+        with staged.temp_path(files["curves"].name) as tmp:
+            plot_learning_curves(result.history, tmp, title=f"Cliente {client_id} — ronda {start.round}")
+        with staged.temp_path(files["confusion"].name) as tmp:
+            plot_confusion_matrix(test.confusion, tmp,
+                                  title=f"Cliente {client_id} — test común (precisión {test.accuracy:.2%})")
+        with staged.temp_path(files["update"].name) as tmp:
+            save_update(tmp, update)
     update.path = files["update"]
     return LocalTrainingOutput(client_id, start.round, start, result, test, update, files,
                                time.perf_counter() - started)

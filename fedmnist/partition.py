@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,13 +16,18 @@ import numpy as np
 
 from fedmnist import __version__
 from fedmnist.data import NUM_CLASSES, Mnist, client_file, common_test_file, save_arrays
-from fedmnist.errors import ConfigError
-from fedmnist.io import atomic_write_text, sha256_file
+from fedmnist.errors import ConfigError, DataError
+from fedmnist.exchange import check_num_examples
+from fedmnist.io import atomic_write_text, read_capped, sha256_file
 
 SCHEMES = ("iid", "dirichlet", "shards")
 MANIFEST_FILE = "particion.json"
 DISTRIBUTION_PLOT = "distribucion_clases.png"
 DIRICHLET_MAX_TRIES = 1000
+MANIFEST_MAX_BYTES = 16 << 20
+"""Largest particion.json read: a manifest of 10,000 clients takes about 3 MB."""
+MAX_CLIENTS = 1_000_000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -198,8 +204,57 @@ def write_federation(mnist: Mnist, config: PartitionConfig, out_dir: str | Path)
 
 
 def read_manifest(data_dir: str | Path) -> dict | None:
-    """The federation manifest of ``data_dir``, or None if there is none."""
+    """The federation manifest of ``data_dir``, checked, or None if there is none.
+
+    The file is read only up to ``MANIFEST_MAX_BYTES``; it must be a JSON object whose ``clients``
+    list gives each client a distinct integer ``client_id`` >= 1 and, where stated, a ``num_examples``
+    that passes ``fedmnist.exchange.check_num_examples`` and a hexadecimal ``sha256``.
+
+    Raises:
+        DataError: naming the file and the problem (never a JSON traceback).
+    """
     path = Path(data_dir) / MANIFEST_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    data = read_capped(path, MANIFEST_MAX_BYTES, "federation manifest", error=DataError)
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not a valid JSON manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: Path, manifest) -> None:
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: the manifest must be a JSON object, found {type(manifest).__name__}")
+    clients = manifest.get("clients")
+    if not isinstance(clients, list):
+        raise DataError(f"{path}: the manifest has no 'clients' list")
+    seen = set()
+    for i, entry in enumerate(clients):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: clients[{i}] is not an object")
+        client_id = entry.get("client_id")
+        if isinstance(client_id, bool) or not isinstance(client_id, int) or not 1 <= client_id <= MAX_CLIENTS:
+            raise DataError(f"{path}: clients[{i}] has no valid client_id (an integer from 1 to {MAX_CLIENTS:,})")
+        if client_id in seen:
+            raise DataError(f"{path}: client {client_id} appears twice")
+        seen.add(client_id)
+        if entry.get("num_examples") is not None:
+            check_num_examples(entry["num_examples"], f"{path}: client {client_id}", error=DataError)
+        digest = entry.get("sha256")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise DataError(f"{path}: client {client_id} has a malformed sha256")
+
+
+def manifest_counts(manifest: dict | None) -> dict[int, int] | None:
+    """Each client's sample count from a manifest read by ``read_manifest`` (None without one or counts).
+
+    The server refuses an update whose claimed count differs from these.
+    """
+    if not manifest:
+        return None
+    counts = {c["client_id"]: int(c["num_examples"]) for c in manifest["clients"]
+              if c.get("num_examples") is not None}
+    return counts or None

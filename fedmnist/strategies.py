@@ -1,4 +1,4 @@
-"""Server-side aggregation rules: FedAvg/FedProx, FedMed, trimmed mean, Krum and Multi-Krum.
+"""Server-side aggregation rules: FedAvg/FedProx, FedMed, trimmed mean, Krum, Multi-Krum and Bulyan.
 
 Every rule is a pure function over ``results``, one ``(weights, num_examples)`` pair per client
 (``weights`` is the client's list of layer arrays, as ``model.get_weights()`` returns it), like
@@ -203,6 +203,64 @@ def multi_krum(results: Results, num_malicious: int, num_to_keep: int | None = N
     return krum(results, num_malicious, num_to_keep)
 
 
+def bulyan(results: Results, num_malicious: int) -> list[np.ndarray]:
+    """Bulyan: a Multi-Krum selection, then a per-coordinate mean of the values nearest the median.
+
+    El Mhamdi et al. 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium". With
+    ``n`` clients and ``f = num_malicious``: (1) keep the ``θ = n − 2f`` clients with the lowest Krum
+    scores (each score over the ``n − f − 2`` nearest other clients, as ``krum``); (2) for every
+    coordinate take the median of the ``θ`` kept values and average the ``β = θ − 2f`` kept values
+    closest to it. ``num_examples`` is ignored. Needs ``n >= 4f + 3``.
+
+    This is Flower 1.42's ``flwr.serverapp.strategy.Bulyan`` (with its default ``select_multikrum``):
+    one Multi-Krum pass that scores all ``n`` clients once. The paper, and the legacy
+    ``flwr.server.strategy.Bulyan`` (``aggregate_bulyan``), select recursively instead: apply Krum,
+    move its choice to the selection, re-score the remaining clients, ``θ`` times; the two can keep
+    different clients. Ties are broken towards the lower client index here (Flower's sorts are not
+    stable); the arithmetic is float64, rounded once to the input's dtype.
+
+    Parameters
+    ----------
+    results
+        One ``(weights, num_examples)`` pair per client; all clients have the same layer shapes.
+    num_malicious
+        ``f``, the number of Byzantine clients to tolerate, ``f >= 0``.
+
+    Returns
+    -------
+    list[np.ndarray]
+        Fresh arrays in the input's floating dtype.
+
+    Raises
+    ------
+    AggregationError
+        (a ``ValueError``) if ``num_malicious < 0``, ``n < 4f + 3``, ``results`` is empty or the
+        clients' layers differ in number or shape.
+    """
+    _check_layers(results)
+    n = len(results)
+    if isinstance(num_malicious, bool) or not isinstance(num_malicious, (int, np.integer)) or num_malicious < 0:
+        raise AggregationError(f"num_malicious must be an integer >= 0, got {num_malicious!r}")
+    if n < 4 * num_malicious + 3:
+        raise AggregationError(
+            f"Bulyan needs n >= 4f + 3 clients to tolerate f malicious ones: n={n}, f={num_malicious} "
+            f"(at least {4 * num_malicious + 3} clients)"
+        )
+    theta = n - 2 * num_malicious
+    beta = theta - 2 * num_malicious
+    scores = _krum_scores(results, num_closest=n - num_malicious - 2)
+    selected = np.sort(np.argsort(scores, kind="stable")[:theta])
+    out = []
+    for group in _layer_groups(results):
+        dtype = np.asarray(group[0]).dtype
+        stacked = np.stack([np.asarray(group[i], dtype=np.float64) for i in selected])
+        median = np.median(stacked, axis=0)
+        nearest = np.argsort(np.abs(stacked - median), axis=0, kind="stable")[:beta]
+        kept = np.take_along_axis(stacked, nearest, axis=0)
+        out.append(_as_output(kept.mean(axis=0), dtype))
+    return out
+
+
 @dataclass(frozen=True)
 class Aggregator:
     """A named aggregation rule and the ``aggregate`` keyword parameters it takes."""
@@ -246,6 +304,13 @@ AGGREGATORS: dict[str, Aggregator] = {
             True,
             ("num_malicious", "num_to_keep"),
         ),
+        Aggregator(
+            "bulyan",
+            "Bulyan: Multi-Krum keeps n - 2f clients, then a per-coordinate mean of the n - 4f nearest the median",
+            bulyan,
+            False,
+            ("num_malicious",),
+        ),
     )
 }
 
@@ -274,7 +339,7 @@ def aggregate(
     """Aggregate ``results`` with the rule named ``method``.
 
     Only the parameters the rule takes are passed on (``trim_beta`` to "trimmed",
-    ``num_malicious`` to "krum" and "multikrum", ``num_to_keep`` to "multikrum", where None means
+    ``num_malicious`` to "krum", "multikrum" and "bulyan", ``num_to_keep`` to "multikrum", where None means
     ``n - num_malicious``); the others are ignored.
 
     Raises

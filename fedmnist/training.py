@@ -6,6 +6,12 @@ for every client and round (no rebuild, recompile or retrace). A whole epoch run
 
 FedProx (Li et al. 2020) lives here: with ``mu > 0`` the loss gains μ/2·‖w − w_global‖², with the
 global weights held fixed, which keeps heterogeneous clients from drifting far from the global model.
+So does SCAFFOLD's drift correction (Karimireddy et al. 2020; the control variates are in
+``fedmnist.scaffold``): with ``correction = c − c_i`` every step's gradient gains that constant, i.e. SGD
+on loss + ⟨c − c_i, w⟩. It is defined for plain SGD (no momentum), and refused otherwise.
+
+Each variant (plain, proximal, corrected, both) is one ``tf.function`` traced once per trainer; the
+anchors, μ and the correction live in variables, so a new client never retraces.
 """
 
 from __future__ import annotations
@@ -19,39 +25,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fedmnist.config import OPTIMIZERS, TrainingConfig
 from fedmnist.errors import ConfigError
 from fedmnist.model import DEFAULT_SEED, Weights, build_model, weights_mismatch
 
-OPTIMIZERS = ("sgd", "adam")
 EVAL_BATCH = 500
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Local training hyper-parameters; the defaults train a 12k-image part in about a minute on a laptop."""
+class TrainConfig(TrainingConfig):
+    """A team member's local job: the shared training settings plus μ, the validation hold-out and the seed.
 
-    epochs: int = 2
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.9
+    The defaults train a 12k-image part in about a minute on a laptop.
+    """
+
     mu: float = 0.0
     validation_split: float = 0.1
     seed: int = DEFAULT_SEED
 
     def validate(self) -> None:
-        """Raise ConfigError for values training cannot use."""
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1 (got {self.batch_size})")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning rate must be > 0 (got {self.learning_rate})")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1) (got {self.momentum})")
-        if not (self.mu >= 0 and np.isfinite(self.mu)):
+        """Raise ConfigError for values training cannot use (the shared fields via ``TrainingConfig``)."""
+        super().validate()
+        if not (isinstance(self.mu, (int, float)) and self.mu >= 0 and np.isfinite(self.mu)):
             raise ConfigError(f"the FedProx coefficient mu must be >= 0 (got {self.mu})")
         if not 0 <= self.validation_split < 1:
             raise ConfigError(f"validation split must be in [0, 1) (got {self.validation_split})")
@@ -59,11 +54,35 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What one client's local training produced."""
+    """What one client's local training produced.
+
+    ``num_steps`` is the number of optimizer steps taken (``K`` in SCAFFOLD's control update):
+    ``epochs·⌈n / batch_size⌉``, counted by the compiled epochs themselves.
+    """
 
     weights: Weights
     num_examples: int
     history: dict[str, list[float]] = field(default_factory=dict)
+    num_steps: int = 0
+
+
+def check_scaffold_optimizer(optimizer: str, momentum: float) -> None:
+    """Raise ConfigError unless SCAFFOLD's correction is defined for this local optimizer (plain SGD).
+
+    Option II's control update ``c_i⁺ = c_i − c + (x − y_i)/(K·η_l)`` recovers the client's average
+    gradient only if each of the K steps moved the weights by exactly ``η_l·(g + c − c_i)``; momentum
+    and Adam rescale and mix the steps, so the control variates would be wrong.
+    """
+    if optimizer != "sgd":
+        raise ConfigError(
+            f"SCAFFOLD needs plain SGD as the local optimizer, not '{optimizer}': its control variates "
+            "(c_i + (x - y_i)/(K*lr) - c) assume every local step is lr*(gradient + c - c_i)"
+        )
+    if momentum != 0:
+        raise ConfigError(
+            f"SCAFFOLD needs local SGD without momentum (got momentum {momentum}): its control variates "
+            "(c_i + (x - y_i)/(K*lr) - c) assume every local step is lr*(gradient + c - c_i)"
+        )
 
 
 def proximal_penalty(variables: list, anchors: list, mu: tf.Tensor) -> tf.Tensor:
@@ -104,6 +123,7 @@ class ClientTrainer:
         ]
         self._anchors = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self._mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self._corrections = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self._dropout_state = [
             layer.seed_generator.state for layer in self.model.layers if hasattr(layer, "seed_generator")
         ]
@@ -114,16 +134,22 @@ class ClientTrainer:
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([], tf.int32),
         ]
-        self._epoch_plain = tf.function(self._make_epoch(proximal=False), input_signature=spec)
-        self._epoch_prox = tf.function(self._make_epoch(proximal=True), input_signature=spec)
+        self._epochs = {
+            (proximal, corrected): tf.function(self._make_epoch(proximal, corrected), input_signature=spec)
+            for proximal in (False, True)
+            for corrected in (False, True)
+        }
+        self._epoch_plain = self._epochs[False, False]
+        self._epoch_prox = self._epochs[True, False]
+        self._epoch_scaffold = self._epochs[False, True]
         self._evaluate = tf.function(
             self._evaluate_graph,
             input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32), tf.TensorSpec([None], tf.int32)],
         )
 
-    def _make_epoch(self, proximal: bool):
+    def _make_epoch(self, proximal: bool, corrected: bool):
         model, variables, optimizer, loss_fn = self.model, self.variables, self.optimizer, self._loss
-        anchors, mu = self._anchors, self._mu
+        anchors, mu, corrections = self._anchors, self._mu, self._corrections
 
         def epoch(x, y, order, batch_size):
             n = tf.shape(order)[0]
@@ -142,12 +168,14 @@ class ClientTrainer:
                     if proximal:
                         objective += proximal_penalty(variables, anchors, mu)
                 grads = tape.gradient(objective, variables)
+                if corrected:
+                    grads = [g + c for g, c in zip(grads, corrections)]
                 optimizer.apply_gradients(zip(grads, variables))
                 loss_sum += batch_loss
                 hits = tf.equal(tf.argmax(probs, axis=1, output_type=tf.int32), yb)
                 correct += tf.reduce_sum(tf.cast(hits, tf.float32))
             total = tf.cast(n, tf.float32)
-            return loss_sum / total, correct / total
+            return loss_sum / total, correct / total, num_batches
 
         return epoch
 
@@ -201,38 +229,53 @@ class ClientTrainer:
         seed: int = 0,
         x_val: np.ndarray | None = None,
         y_val: np.ndarray | None = None,
+        correction: Weights | None = None,
     ) -> TrainResult:
         """Train from ``global_weights`` on (x, y) for ``epochs`` epochs; deterministic for a seed.
 
-        ``mu > 0`` adds FedProx's proximal term anchored at ``global_weights``. Data are reshuffled
-        every epoch with a generator seeded by ``seed``, which also fixes the dropout masks.
+        ``mu > 0`` adds FedProx's proximal term anchored at ``global_weights``. ``correction`` (SCAFFOLD's
+        ``c − c_i``, one array per weight array) is added to every step's gradient; it needs a trainer
+        with plain SGD and momentum 0 (ConfigError otherwise). Data are reshuffled every epoch with a
+        generator seeded by ``seed``, which also fixes the dropout masks.
         """
         if len(x) == 0:
             raise ConfigError("cannot train on an empty partition")
         if len(x) != len(y):
             raise ConfigError(f"{len(x)} images but {len(y)} labels")
+        if correction is not None:
+            check_scaffold_optimizer(self.optimizer_name, self.momentum)
+            problem = weights_mismatch(correction)
+            if problem:
+                raise ConfigError(f"the SCAFFOLD correction does not fit the shared CNN: {problem}")
+            if not all(np.all(np.isfinite(c)) for c in correction):
+                raise ConfigError("the SCAFFOLD correction has non-finite values")
         self.set_weights(global_weights)
         for anchor, value in zip(self._anchors, global_weights):
             anchor.assign(np.asarray(value, dtype=np.float32))
         self._mu.assign(float(mu))
+        if correction is not None:
+            for variable, value in zip(self._corrections, correction):
+                variable.assign(np.asarray(value, dtype=np.float32))
         self._reset_client_state(seed)
-        epoch_fn = self._epoch_prox if mu > 0 else self._epoch_plain
+        epoch_fn = self._epochs[mu > 0, correction is not None]
         rng = np.random.default_rng(seed)
         x_t = tf.convert_to_tensor(x, dtype=tf.float32)
         y_t = tf.convert_to_tensor(np.asarray(y, dtype=np.int32))
         history: dict[str, list[float]] = {"loss": [], "accuracy": []}
         if x_val is not None and len(x_val):
             history.update(val_loss=[], val_accuracy=[])
+        num_steps = 0
         for _ in range(epochs):
             order = tf.convert_to_tensor(rng.permutation(len(x)).astype(np.int32))
-            loss, accuracy = epoch_fn(x_t, y_t, order, tf.constant(batch_size, tf.int32))
+            loss, accuracy, steps = epoch_fn(x_t, y_t, order, tf.constant(batch_size, tf.int32))
+            num_steps += int(steps)
             history["loss"].append(float(loss))
             history["accuracy"].append(float(accuracy))
             if "val_loss" in history:
                 val_loss, predicted = self.predict(None, x_val, y_val)
                 history["val_loss"].append(val_loss)
                 history["val_accuracy"].append(float(np.mean(predicted == y_val)))
-        return TrainResult(self.get_weights(), len(x), history)
+        return TrainResult(self.get_weights(), len(x), history, num_steps)
 
 
 def validation_split(

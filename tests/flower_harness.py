@@ -1,8 +1,13 @@
 """A loopback Flower deployment for tests and benchmarks: one SuperLink, N SuperNodes, the ``flwr`` CLI.
 
-Everything listens on 127.0.0.1 on free ports, without TLS (``--insecure``), with a private
-``FLWR_HOME``. Every process started here and every process they start (``flower-superexec``,
-``flwr-serverapp``, ``flwr-clientapp``) is recorded by pid, and ``close()`` stops them all: leaves
+Everything listens on 127.0.0.1 on free ports with a private ``FLWR_HOME``: without TLS
+(``--insecure``) by default, or with TLS and SuperNode authentication (``tls=``, ``supernode_auth=``)
+from certificates and keys written by ``write_certificate_authority``, ``write_server_certificate`` and
+``write_node_keys``. The command lines are built by pure functions (``superlink_args``,
+``supernode_args``, ``register_args``, ``connection_table``) so tests can compare them with the README's.
+
+Every process started here and every process they start (``flower-superexec``, ``flwr-serverapp``,
+``flwr-clientapp``) is recorded by pid, and ``close()`` stops them all: leaves
 first, then the SuperNodes, then the SuperLink, then SIGKILL for whatever is left. A SuperNode's
 ``flower-superexec`` outlives a SIGTERM to its SuperNode, which is why the descendants are recorded
 while the processes still run (``track()``), not looked up at the end.
@@ -11,13 +16,18 @@ while the processes still run (``track()``), not looked up at the end.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,20 +111,205 @@ def toml_pairs(values: dict) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
-def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Wait until ``url`` answers 200; TimeoutError after ``timeout``, RuntimeError if ``process`` exits."""
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None,
+              cafile: Path | None = None) -> None:
+    """Wait until ``url`` answers 200; TimeoutError after ``timeout``, RuntimeError if ``process`` exits.
+
+    An ``https://`` URL is verified against ``cafile`` (the CA that signed the server's certificate).
+    """
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{' '.join(process.args)} exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout:g} s")
+
+
+# --- TLS material and command lines --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The SuperLink's TLS files: the CA that signed its certificate, the certificate and its key."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def write_certificate_authority(directory: Path, name: str = "fedmnist CA",
+                                days: int = 2) -> tuple[Path, Path]:
+    """A self-signed CA (EC P-384) as ``ca.crt``/``ca.key`` in ``directory``: (certificate, key).
+
+    The same files as the README's ``openssl req -x509 ...`` line; written with ``cryptography`` (a
+    Flower dependency) so the tests need no ``openssl`` binary.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, encipher_only=False,
+                                     decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    return cert_path, key_path
+
+
+def write_server_certificate(directory: Path, ca_cert: Path, ca_key: Path,
+                             hosts: Sequence[str] = (HOST, "localhost"), days: int = 2) -> TlsFiles:
+    """``servidor.pem``/``servidor.key`` signed by the CA, naming ``hosts`` (IPs or DNS names) as SANs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    authority = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    authority_key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP384R1())
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmnist SuperLink")]))
+        .issuer_name(authority.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority_key.public_key()),
+                       critical=False)
+        .sign(authority_key, hashes.SHA384())
+    )
+    cert_path, key_path = directory / "servidor.pem", directory / "servidor.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    return TlsFiles(Path(ca_cert), cert_path, key_path)
+
+
+def write_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's key pair as ``ssh-keygen -t ecdsa -b 384 -N "" -f NAME`` writes it: (private, public).
+
+    OpenSSH format, which is what ``flower-supernode --auth-supernode-private-key`` and
+    ``flwr supernode register`` read.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / name, directory / f"{name}.pub"
+    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+    openssh = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                            serialization.PublicFormat.OpenSSH)
+    public.write_bytes(openssh + b" " + name.encode() + b"\n")
+    return private, public
+
+
+def superlink_args(port: int, tls: TlsFiles | None = None, supernode_auth: bool = False,
+                   simulation: bool = False, host: str = HOST) -> list[str]:
+    """The ``flower-superlink`` command line: ``--insecure``, or TLS (and SuperNode authentication)."""
+    if tls is None:
+        if supernode_auth:
+            raise ValueError("SuperNode authentication needs TLS")
+        security = ["--insecure"]
+    else:
+        security = ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                    "--ssl-keyfile", str(tls.server_key)]
+        if supernode_auth:
+            security.append("--enable-supernode-auth")
+    args = ["flower-superlink", *security, "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    return [*args, "--simulation"] if simulation else args
+
+
+def supernode_args(superlink: str, port: int, node_config: dict, root_certificates: Path | None = None,
+                   private_key: Path | None = None, max_wait_time: float | None = None,
+                   host: str = HOST) -> list[str]:
+    """The ``flower-supernode`` command line: ``--insecure`` unless it trusts ``root_certificates``."""
+    if root_certificates is None:
+        if private_key is not None:
+            raise ValueError("SuperNode authentication needs TLS")
+        security = ["--insecure"]
+    else:
+        security = ["--root-certificates", str(root_certificates)]
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(private_key)]
+    args = ["flower-supernode", *security, "--superlink", superlink, "--host", host, "--port", str(port)]
+    if max_wait_time is not None:
+        args += ["--max-wait-time", str(int(max_wait_time))]
+    return [*args, "--node-config", toml_pairs(node_config)]
+
+
+def register_args(public_key: Path, connection: str) -> list[str]:
+    """``flwr`` arguments that register a SuperNode's public key with the SuperLink of ``connection``."""
+    return ["supernode", "register", str(public_key), connection]
+
+
+def connection_table(address: str, root_certificates: Path | None = None) -> dict:
+    """One ``[superlink.NAME]`` table of ``config.toml``: ``insecure = true`` or the CA to trust."""
+    if root_certificates is None:
+        return {"address": address, "insecure": True}
+    return {"address": address, "root-certificates": str(root_certificates)}
+
+
+def connection_toml(name: str, table: dict) -> str:
+    """A ``config.toml`` whose default connection ``name`` is ``table``."""
+    lines = [f'[superlink]\ndefault = "{name}"\n', f"[superlink.{name}]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -135,6 +330,8 @@ class FlowerDeployment:
     app_dir: Path = REPO_ROOT
     simulation: bool = False
     startup_timeout: float = 120.0
+    tls: TlsFiles | None = None  # None: --insecure everywhere
+    supernode_auth: bool = False  # --enable-supernode-auth (needs tls)
     link: Started | None = None
     nodes: dict[str, Started] = field(default_factory=dict)
     known: dict[int, int] = field(default_factory=dict)  # pid -> depth below the process we started
@@ -173,24 +370,21 @@ class FlowerDeployment:
 
     def start_superlink(self) -> Started:
         """``flower-superlink`` on a free port (``--simulation`` for Flower's simulation engine)."""
+        ca = self.tls.ca_cert if self.tls else None
+        scheme = "https" if self.tls else "http"
         for _ in range(3):  # a free port can be taken between the check and the bind
             port = free_port()
-            args = ["flower-superlink", "--insecure", "--host", HOST, "--port", str(port),
-                    "--disable-runtime-dependency-installation"]
-            if self.simulation:
-                args.append("--simulation")
+            args = superlink_args(port, self.tls, self.supernode_auth, self.simulation)
             self.link = self._start("superlink", args, port)
             try:
-                wait_http(f"http://{HOST}:{port}/health", self.startup_timeout, self.link.process)
+                wait_http(f"{scheme}://{HOST}:{port}/health", self.startup_timeout, self.link.process, ca)
                 break
             except RuntimeError:
                 continue
         else:
             raise RuntimeError(f"flower-superlink did not start; see {self.link.log}")
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{HOST}:{self.link.port}"\ninsecure = true\n'
-        )
+        table = connection_table(f"{HOST}:{self.link.port}", ca)
+        (self.home / "config.toml").write_text(connection_toml(CONNECTION, table))
         return self.link
 
     def start_supernodes(self, node_configs: dict[str, dict], wait: bool = True) -> None:
@@ -199,19 +393,43 @@ class FlowerDeployment:
         With ``wait=False`` call ``wait_supernodes()`` later (e.g. after submitting the run, so the
         ServerApp starts while the SuperNodes do).
         """
-        assert self.link is not None, "start the SuperLink first"
         for name, node_config in node_configs.items():
-            port = free_port()
-            args = ["flower-supernode", "--insecure", "--superlink", f"{HOST}:{self.link.port}",
-                    "--host", HOST, "--port", str(port), "--max-wait-time", str(int(self.startup_timeout)),
-                    "--node-config", toml_pairs(node_config)]
-            self.nodes[name] = self._start(name, args, port)
+            self.start_supernode(name, node_config, max_wait_time=self.startup_timeout)
         if wait:
             self.wait_supernodes()
 
-    def wait_supernodes(self) -> None:
-        """Wait until every SuperNode's health endpoint answers."""
-        for node in self.nodes.values():
+    def start_supernode(self, name: str, node_config: dict, private_key: Path | None = None,
+                        trust: Path | None = None, max_wait_time: float | None = None) -> Started:
+        """Start one ``flower-supernode`` named ``name`` (not waited for).
+
+        With TLS it trusts ``trust`` (default: the deployment's CA) and authenticates with
+        ``private_key`` when given. ``max_wait_time`` bounds its reconnection attempts (None: no
+        ``--max-wait-time``, as in the README's commands).
+        """
+        assert self.link is not None, "start the SuperLink first"
+        ca = (trust or self.tls.ca_cert) if self.tls else None
+        port = free_port()
+        args = supernode_args(f"{HOST}:{self.link.port}", port, node_config, ca, private_key, max_wait_time)
+        self.nodes[name] = self._start(name, args, port)
+        return self.nodes[name]
+
+    def wait_exit(self, name: str, timeout: float) -> tuple[int, str]:
+        """Wait until SuperNode ``name`` exits (exit code, its log); TimeoutError after ``timeout``.
+
+        Its children are recorded meanwhile (``track()``), so that ``close()`` also stops any it orphans.
+        """
+        node = self.nodes[name]
+        deadline = time.monotonic() + timeout
+        while node.process.poll() is None:
+            self.track()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{name} still running after {timeout:g} s:\n{node.log.read_text()}")
+            time.sleep(0.2)
+        return node.process.returncode, node.log.read_text(errors="replace")
+
+    def wait_supernodes(self, names: Sequence[str] | None = None) -> None:
+        """Wait until the health endpoint of SuperNodes ``names`` (default: all) answers."""
+        for node in (self.nodes[n] for n in names) if names is not None else self.nodes.values():
             wait_http(f"http://{HOST}:{node.port}/health", self.startup_timeout, node.process)
 
     def track(self) -> None:
@@ -292,6 +510,20 @@ class FlowerDeployment:
         if not payload.get("success"):
             raise RuntimeError(f"flwr run failed: {payload}\n{result.stderr}")
         return int(payload["run-id"])
+
+    def register_supernode(self, public_key: Path) -> int:
+        """``flwr supernode register PUBLIC_KEY CONNECTION``: the node id the SuperLink gives the key."""
+        result = self.flwr(*register_args(public_key, CONNECTION))
+        match = re.search(r"SuperNode (\d+) registered", result.stdout)
+        if result.returncode != 0 or match is None:
+            raise RuntimeError(f"flwr supernode register failed (rc={result.returncode}): "
+                               f"{result.stdout}{result.stderr}")
+        return int(match.group(1))
+
+    def supernode_statuses(self) -> dict[int, str]:
+        """``flwr supernode list --format json``: node id -> status (registered, online, offline, ...)."""
+        nodes = self._json(self.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
+        return {int(node["node-id"]): node["status"] for node in nodes}
 
     def status(self, run_id: int) -> dict:
         """``flwr ls --run-id`` as a dict (``status``, ``status-details``, ...)."""

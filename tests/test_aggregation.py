@@ -1,8 +1,11 @@
-"""Tests for fedmnist.aggregation: refusals that name the file and write nothing, hand-checked rules,
-the FedProx note, --next-from, and the manual course flow end to end (split, train 3 clients, aggregate)."""
+"""Tests for fedmnist.aggregation, the file flow's adapter to the server step: refusals that name the file
+and write nothing, the round's start file, manifest counts, hand-checked rules, the FedProx note,
+--next-from, round numbering, NaN-free JSON, and the manual course flow end to end (split, train 3
+clients, aggregate)."""
 
 import csv
 import json
+import math
 import os
 import pickle
 import shutil
@@ -11,18 +14,18 @@ import keras
 import numpy as np
 import pytest
 
+from fedmnist import aggregation
 from fedmnist.aggregation import (
-    AggregationParams,
     aggregate_directory,
-    aggregate_updates,
-    fill_missing_counts,
+    find_start,
     load_updates,
+    manifest_counts,
     run_aggregation,
-    validate_updates,
+    to_replies,
     write_outputs,
 )
 from fedmnist.data import Mnist, load_partition
-from fedmnist.errors import DataError, FedMnistError, UpdateFileError, ValidationError
+from fedmnist.errors import ConfigError, DataError, FedMnistError, UpdateFileError, ValidationError
 from fedmnist.exchange import (
     ClientUpdate,
     global_path,
@@ -34,8 +37,10 @@ from fedmnist.exchange import (
     update_path,
 )
 from fedmnist.local import run_local_training
+from fedmnist.methods import MethodConfig
 from fedmnist.model import initial_weights, model_fingerprint, weight_spec, weights_sha256
 from fedmnist.partition import MANIFEST_FILE, PartitionConfig, write_federation
+from fedmnist.server import RejectedReply
 from fedmnist.training import ClientTrainer, TrainConfig
 
 METHODS = ("fedavg", "fedprox", "fedmed")
@@ -46,8 +51,14 @@ DENSE = next(i for i, (_, shape, _) in enumerate(weight_spec()) if len(shape) ==
 
 @pytest.fixture(scope="module")
 def start():
-    """Round-0 global weights (build_model's default seed)."""
-    return make_global(initial_weights(), 0, "init")
+    """Round-0 global weights (build_model's default seed), as ``global_aggregation.py --init`` writes them."""
+    return make_global(initial_weights(), 0, "init", 42)
+
+
+@pytest.fixture(scope="module")
+def other_start():
+    """Round-0 global weights of another federation (build_model(seed=7))."""
+    return make_global(initial_weights(7), 0, "init", 7)
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +71,33 @@ def test_set(small_federation):
     return load_partition(small_federation / "test.npz")
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, small_federation):
+    """A federation directory: the small common test set and a manifest giving clients 1-3 COUNTS."""
+    path = tmp_path_factory.mktemp("datos")
+    shutil.copy(small_federation / "test.npz", path / "test.npz")
+    write_manifest(path, COUNTS)
+    return path
+
+
+def write_manifest(directory, counts):
+    manifest = {"format": "fedmnist-partition", "version": 1,
+                "clients": [{"client_id": cid, "num_examples": n} for cid, n in counts.items()]}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
 def perturbed(weights, seed, scale=0.02):
     rng = np.random.default_rng(seed)
     return [(w + scale * rng.standard_normal(w.shape)).astype(np.float32) for w in weights]
 
 
 def handmade_updates(start, directory, counts=COUNTS, mu=0.0, seed=0):
-    """Small perturbations of the start weights, as if each client had trained (no training)."""
+    """Small perturbations of the start weights, as if each client had trained from them (no training)."""
     return [
-        ClientUpdate(client_id=cid, round=0, num_examples=n, weights=perturbed(start.weights, seed + cid),
+        ClientUpdate(client_id=cid, round=start.round, num_examples=n, weights=perturbed(start.weights, seed + cid),
                      start_sha256=start.sha256, fingerprint=model_fingerprint(), mu=mu, epochs=1,
-                     batch_size=32, path=update_path(directory, cid))
+                     batch_size=32, metrics={"history": {"loss": [1.0, 0.5 + cid / 10]}},
+                     path=update_path(directory, cid))
         for cid, n in counts.items()
     ]
 
@@ -78,6 +105,13 @@ def handmade_updates(start, directory, counts=COUNTS, mu=0.0, seed=0):
 def save_all(updates):
     for u in updates:
         save_update(u.path, u)
+
+
+def course_round(weights_dir, start, **kwargs):
+    """The round's pesos_globales_ronda_R.pkl in ``weights_dir`` and three members' updates made from it
+    (not yet saved, so that a test can spoil them first)."""
+    save_global(global_path(weights_dir, start.round), start)
+    return handmade_updates(start, weights_dir, **kwargs)
 
 
 def weighted_mean_by_hand(weight_lists, counts):
@@ -91,6 +125,14 @@ def assert_close_weights(actual, expected, rtol=1e-6):
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         np.testing.assert_allclose(a, e, rtol=rtol, atol=1e-7)
+
+
+def strict_json(text):
+    """json.loads that fails on NaN/Infinity, which are not JSON."""
+    def refuse(name):
+        raise AssertionError(f"the JSON holds {name}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 class RunsCommand:
@@ -118,8 +160,12 @@ def spoil_nan(updates):
     updates[2].weights[0][0, 0, 0, 0] = np.nan
 
 
-def spoil_duplicate(updates):
-    updates[2].client_id = 1
+def spoil_inf(updates):
+    updates[1].weights[DENSE][3, 4] = np.inf
+
+
+def spoil_minus_inf(updates):
+    updates[0].weights[-1][2] = -np.inf
 
 
 def spoil_rounds(updates):
@@ -130,91 +176,210 @@ def spoil_starts(updates):
     updates[2].start_sha256 = weights_sha256(initial_weights(7))
 
 
+def spoil_count(updates):
+    updates[0].num_examples = 10 * COUNTS[1]
+
+
+def spoil_duplicate(updates):
+    updates[2].client_id = 1
+    updates[2].num_examples = updates[0].num_examples  # what the manifest gives client 1
+
+
 SPOILERS = [
     pytest.param(spoil_fingerprint, ["pesos_cliente_2.pkl", "fingerprint 0123456789abcdef"], id="fingerprint"),
     pytest.param(spoil_shape, ["pesos_cliente_2.pkl", "shape"], id="shape"),
     pytest.param(spoil_nan, ["pesos_cliente_3.pkl", "NaN"], id="nan"),
-    pytest.param(spoil_duplicate, ["pesos_cliente_3.pkl", "pesos_cliente_1.pkl", "appears twice"], id="duplicate"),
-    pytest.param(spoil_rounds, ["pesos_cliente_2.pkl: round 1", "different rounds"], id="rounds"),
-    pytest.param(spoil_starts, ["pesos_cliente_3.pkl", "chance-level", "same pesos_globales_ronda_R.pkl"],
+    pytest.param(spoil_inf, ["pesos_cliente_2.pkl", "infinite"], id="inf"),
+    pytest.param(spoil_minus_inf, ["pesos_cliente_1.pkl", "infinite"], id="minus-inf"),
+    pytest.param(spoil_rounds, ["pesos_cliente_2.pkl", "round 1", "different rounds"], id="rounds"),
+    pytest.param(spoil_starts, ["pesos_cliente_3.pkl", "chance-level", "pesos_globales_ronda_R.pkl"],
                  id="starts"),
+    pytest.param(spoil_count, ["pesos_cliente_1.pkl", "500", "particion.json"], id="count"),
 ]
+"""What a member's file can get wrong, and what the refusal must say."""
+
+IN_MEMORY_SPOILERS = [
+    *SPOILERS,
+    pytest.param(spoil_duplicate, ["pesos_cliente_3.pkl", "pesos_cliente_1.pkl", "appears twice"], id="duplicate"),
+]
+"""In memory two updates can also share a client id (files cannot: the id must match the file name)."""
 
 
-@pytest.mark.parametrize(("spoil", "fragments"), SPOILERS)
-def test_validate_updates_refuses_and_names_the_file(spoil, fragments, start, tmp_path):
+@pytest.mark.parametrize(("spoil", "fragments"), IN_MEMORY_SPOILERS)
+def test_run_aggregation_refuses_and_names_the_file(spoil, fragments, start, evaluator, test_set, tmp_path):
     # Prepare
+    x_test, y_test = test_set
     updates = handmade_updates(start, tmp_path)
-    validate_updates(updates)  # the unspoiled set is fine
+    run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                    start=start, counts=COUNTS)  # the unspoiled set is fine
+    updates = handmade_updates(start, tmp_path)
     spoil(updates)
 
     # Execute / Assert
     with pytest.raises(ValidationError) as info:
-        validate_updates(updates)
+        run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                        start=start, counts=COUNTS)
     for fragment in fragments:
         assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize(("spoil", "fragments"), SPOILERS)
-def test_validate_updates_without_files_names_the_client(spoil, fragments, start, tmp_path):
-    # Prepare: in-memory updates (as the simulation and experiments make them) have no path
+@pytest.mark.parametrize(("spoil", "fragments"), IN_MEMORY_SPOILERS)
+def test_run_aggregation_without_files_names_the_client(spoil, fragments, start, evaluator, test_set, tmp_path):
+    # Prepare: in-memory updates (as the demo and the experiments make them) have no path
+    x_test, y_test = test_set
     updates = handmade_updates(start, tmp_path)
     for update in updates:
         update.path = None
     spoil(updates)
 
-    # Execute / Assert: a ValidationError that does not say "None" where a file name would go
+    # Execute / Assert: the message names a client, never "None" where a file name would go
     with pytest.raises(ValidationError) as info:
-        validate_updates(updates)
+        run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                        start=start, counts=COUNTS)
     assert "None" not in str(info.value)
+    assert "client " in str(info.value)
 
 
 @pytest.mark.parametrize(("spoil", "fragments"), SPOILERS)
-def test_aggregate_directory_refuses_and_writes_nothing(spoil, fragments, start, tmp_path, small_federation):
+def test_aggregate_directory_refuses_and_writes_nothing(spoil, fragments, start, tmp_path, data_dir):
     # Prepare
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    updates = handmade_updates(start, weights_dir)
+    updates = course_round(weights_dir, start)
     spoil(updates)
     save_all(updates)
 
     # Execute / Assert
     with pytest.raises(ValidationError) as info:
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS)
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
     for fragment in fragments:
         assert fragment in str(info.value)
     assert not out_dir.exists()
 
 
-def test_malicious_pickle_among_the_updates_is_refused_unrun(start, tmp_path, small_federation):
+def test_update_whose_id_differs_from_its_file_name_is_refused(start, tmp_path, data_dir):
+    # Prepare: client 3's file holds an update that says it is client 1's (a duplicate of client 1)
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    updates = course_round(weights_dir, start)
+    spoil_duplicate(updates)
+    save_all(updates)
+
+    # Execute / Assert
+    with pytest.raises(UpdateFileError) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
+    assert "pesos_cliente_3.pkl" in str(info.value) and "client 1" in str(info.value)
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("how", ["beside", "flag"])
+def test_updates_that_agree_but_not_with_the_rounds_file_are_refused(how, start, other_start, tmp_path, data_dir):
+    # Prepare: all three members trained from the same weights, but not from this round's file
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(handmade_updates(other_start, weights_dir))
+    round_file = global_path(weights_dir if how == "beside" else tmp_path / "servidor", 0)
+    save_global(round_file, start)
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS,
+                            global_weights=round_file if how == "flag" else None)
+    message = str(info.value)
+    assert "pesos_cliente_1.pkl" in message
+    assert other_start.sha256[:12] in message and start.sha256[:12] in message
+    assert "pesos_globales_ronda_R.pkl" in message
+    assert not out_dir.exists()
+
+
+def test_missing_round_file_asks_for_global_weights(start, tmp_path, data_dir):
+    # Prepare: non-bare updates, but no pesos_globales_ronda_0.pkl beside them and no flag
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(handmade_updates(start, weights_dir))
+
+    # Execute / Assert
+    with pytest.raises(ValidationError) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
+    assert "--global-weights" in str(info.value)
+    assert "pesos_globales_ronda_R.pkl" in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_global_weights_flag_from_another_directory(start, evaluator, tmp_path, data_dir):
+    # Prepare: the round's file kept by the server elsewhere
+    weights_dir, out_dir, server_dir = tmp_path / "pesos", tmp_path / "global", tmp_path / "servidor"
+    updates = handmade_updates(start, weights_dir)
+    save_all(updates)
+    save_global(global_path(server_dir, 0), start)
+
+    # Execute
+    report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",), expected_round=0,
+                                 global_weights=global_path(server_dir, 0))
+
+    # Assert
+    assert report.start.path == global_path(server_dir, 0)
+    assert report.start_sha256 == start.sha256
+    assert_close_weights(report.methods["fedavg"].weights,
+                         weighted_mean_by_hand([u.weights for u in updates], list(COUNTS.values())))
+
+
+def test_global_weights_of_another_round_are_refused(start, tmp_path, data_dir):
+    # Prepare: updates trained from round 0, but the file given is round 1's
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(course_round(weights_dir, start))
+    round1 = global_path(tmp_path / "servidor", 1)
+    save_global(round1, make_global(perturbed(start.weights, 5), 1, "fedavg", 42))
+
+    # Execute / Assert
+    with pytest.raises(ValidationError) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS, global_weights=round1)
+    assert "pesos_cliente_1.pkl" in str(info.value) and "different rounds" in str(info.value)
+    assert str(round1) in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_find_start(start, tmp_path):
+    # Prepare
+    weights_dir = tmp_path / "pesos"
+    updates = handmade_updates(start, weights_dir)
+    elsewhere = global_path(tmp_path / "servidor", 0)
+    save_global(elsewhere, start)
+
+    # Execute / Assert: nothing beside the updates, then the flag, then the file beside them
+    assert find_start(weights_dir, updates) is None
+    assert find_start(weights_dir, updates, elsewhere).path == elsewhere
+    save_global(global_path(weights_dir, 0), start)
+    found = find_start(weights_dir, updates)
+    assert found.path == global_path(weights_dir, 0) and found.sha256 == start.sha256
+
+
+def test_malicious_pickle_among_the_updates_is_refused_unrun(start, tmp_path, data_dir):
     # Prepare
     weights_dir, out_dir, marker = tmp_path / "pesos", tmp_path / "global", tmp_path / "pwned"
-    save_all(handmade_updates(start, weights_dir))
+    save_all(course_round(weights_dir, start))
     update_path(weights_dir, 2).write_bytes(pickle.dumps(RunsCommand(f"touch {marker}")))
 
     # Execute / Assert
     with pytest.raises(UpdateFileError) as info:
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS)
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
     assert "pesos_cliente_2.pkl" in str(info.value)
     assert "refusing to load" in str(info.value)
     assert not marker.exists(), "the pickle's code ran"
     assert not out_dir.exists()
 
 
-def test_truncated_update_is_refused(start, tmp_path, small_federation):
+def test_truncated_update_is_refused(start, tmp_path, data_dir):
     # Prepare
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    save_all(handmade_updates(start, weights_dir))
+    save_all(course_round(weights_dir, start))
     path = update_path(weights_dir, 3)
     path.write_bytes(path.read_bytes()[:1000])
 
     # Execute / Assert
     with pytest.raises(UpdateFileError, match=r"pesos_cliente_3\.pkl"):
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS)
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
     assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("make_dir", [True, False], ids=["empty", "missing"])
-def test_empty_or_missing_weights_dir(make_dir, tmp_path, small_federation):
+def test_empty_or_missing_weights_dir(make_dir, tmp_path, data_dir):
     # Prepare
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
     if make_dir:
@@ -223,20 +388,21 @@ def test_empty_or_missing_weights_dir(make_dir, tmp_path, small_federation):
 
     # Execute / Assert
     with pytest.raises(ValidationError) as info:
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS)
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
     assert str(weights_dir) in str(info.value)
     assert ("no pesos_cliente_N.pkl" if make_dir else "not found") in str(info.value)
     assert not out_dir.exists()
 
 
-def test_requested_round_must_match(start, tmp_path, small_federation):
-    # Prepare
+def test_requested_round_must_match(start, tmp_path, data_dir):
+    # Prepare: updates of round 0 and the round-0 file beside them
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    save_all(handmade_updates(start, weights_dir))
+    save_all(course_round(weights_dir, start))
 
     # Execute / Assert
-    with pytest.raises(ValidationError, match="round 1 was requested"):
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS, expected_round=1)
+    with pytest.raises(ValidationError, match="round 1 was requested") as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS, expected_round=1)
+    assert "pesos_globales_ronda_0.pkl" in str(info.value)
     assert not out_dir.exists()
 
 
@@ -244,7 +410,7 @@ def test_missing_common_test_set(start, tmp_path):
     # Prepare
     weights_dir, data_dir, out_dir = tmp_path / "pesos", tmp_path / "datos", tmp_path / "global"
     data_dir.mkdir()
-    save_all(handmade_updates(start, weights_dir))
+    save_all(course_round(weights_dir, start))
 
     # Execute / Assert
     with pytest.raises(DataError, match=r"test\.npz"):
@@ -252,86 +418,228 @@ def test_missing_common_test_set(start, tmp_path):
     assert not out_dir.exists()
 
 
-def test_prox_updates_from_another_start_are_refused(start, tmp_path, small_federation):
-    # Prepare
-    weights_dir, prox_dir, out_dir = tmp_path / "pesos", tmp_path / "pesos_fedprox", tmp_path / "global"
-    save_all(handmade_updates(start, weights_dir))
-    other = make_global(initial_weights(7), 0, "init", 7)
-    save_all(handmade_updates(other, prox_dir, mu=0.01))
+def test_output_dir_that_is_a_file_fails_before_anything_is_loaded(start, tmp_path, data_dir, monkeypatch):
+    # Prepare: a valid round, and an output path taken by a file
+    weights_dir, out_file = tmp_path / "pesos", tmp_path / "global"
+    save_all(course_round(weights_dir, start))
+    out_file.write_text("not a directory")
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the output directory must be checked before any update is loaded")
+
+    monkeypatch.setattr(aggregation, "load_updates", too_late)
+    monkeypatch.setattr(aggregation, "run_aggregation", too_late)
 
     # Execute / Assert
-    with pytest.raises(ValidationError, match="FedProx updates started from other global weights"):
-        aggregate_directory(weights_dir, small_federation, out_dir, METHODS, prox_dir=prox_dir)
+    with pytest.raises(ConfigError) as info:
+        aggregate_directory(weights_dir, data_dir, out_file, METHODS)
+    assert str(out_file) in str(info.value) and "is a file" in str(info.value)
+    assert out_file.read_text() == "not a directory"
+
+
+def test_prox_updates_from_another_start_are_refused(start, other_start, tmp_path, data_dir):
+    # Prepare
+    weights_dir, prox_dir, out_dir = tmp_path / "pesos", tmp_path / "pesos_fedprox", tmp_path / "global"
+    save_all(course_round(weights_dir, start))
+    save_all(handmade_updates(other_start, prox_dir, mu=0.01))
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS, prox_dir=prox_dir)
+    assert str(update_path(prox_dir, 1)) in str(info.value)
+    assert "chance-level" in str(info.value)
     assert not out_dir.exists()
+
+
+def test_prox_update_with_nan_is_refused(start, tmp_path, data_dir):
+    # Prepare
+    weights_dir, prox_dir, out_dir = tmp_path / "pesos", tmp_path / "pesos_fedprox", tmp_path / "global"
+    save_all(course_round(weights_dir, start))
+    prox = handmade_updates(start, prox_dir, mu=0.01)
+    spoil_nan(prox)
+    save_all(prox)
+
+    # Execute / Assert
+    with pytest.raises(ValidationError) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS, prox_dir=prox_dir)
+    assert str(update_path(prox_dir, 3)) in str(info.value) and "NaN" in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_prox_dir_feeds_fedprox(start, tmp_path, data_dir):
+    # Prepare
+    weights_dir, prox_dir, out_dir = tmp_path / "pesos", tmp_path / "pesos_fedprox", tmp_path / "global"
+    plain = course_round(weights_dir, start)
+    save_all(plain)
+    prox = handmade_updates(start, prox_dir, mu=0.05, seed=30)
+    save_all(prox)
+
+    # Execute
+    report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg", "fedprox"), prox_dir=prox_dir)
+
+    # Assert
+    counts = list(COUNTS.values())
+    assert_close_weights(report.methods["fedprox"].weights, weighted_mean_by_hand([u.weights for u in prox], counts))
+    assert_close_weights(report.methods["fedavg"].weights, weighted_mean_by_hand([u.weights for u in plain], counts))
+    assert report.methods["fedprox"].mu_values == {1: 0.05, 2: 0.05, 3: 0.05}
+    assert any(note.startswith("FedProx: clients trained with mu") for note in report.notes)
 
 
 @pytest.mark.parametrize(
     ("methods", "next_from", "fragment"),
     [
         (("fedavg", "fedmed"), "fedprox", "--next-from fedprox is not among the methods"),
-        (("fedavg", "nosuchrule"), None, "unknown method(s) nosuchrule"),
-        ((), None, "no aggregation method"),
+        (("fedavg", "nosuchrule"), None, "unknown method 'nosuchrule'"),
+        ((), None, "at least one aggregation method"),
+        (("fedavg", "fedavg"), None, "listed twice"),
     ],
 )
-def test_bad_methods_or_next_from(methods, next_from, fragment, start, tmp_path, small_federation):
+def test_bad_methods_or_next_from(methods, next_from, fragment, start, tmp_path, data_dir):
     # Prepare
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    save_all(handmade_updates(start, weights_dir))
+    save_all(course_round(weights_dir, start))
 
     # Execute / Assert
     with pytest.raises(ValidationError) as info:
-        aggregate_directory(weights_dir, small_federation, out_dir, methods, next_from=next_from)
+        aggregate_directory(weights_dir, data_dir, out_dir, methods, next_from=next_from)
     assert fragment in str(info.value)
     assert not out_dir.exists()
+
+
+def test_krum_needs_more_clients_than_2f_plus_2(start, tmp_path, data_dir):
+    # Prepare: three clients; Krum with f = 1 needs more than four
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(course_round(weights_dir, start))
+
+    # Execute / Assert
+    with pytest.raises(ValidationError):
+        aggregate_directory(weights_dir, data_dir, out_dir, ("krum",), MethodConfig(("krum",), krum_f=1))
+    assert not out_dir.exists()
+
+
+# --- sample counts and the federation manifest ------------------------------------------------------
+
+
+def test_count_above_the_real_manifest_is_refused(start, tmp_path, small_federation):
+    # Prepare: split_data.py's manifest; client 2 claims ten times its partition
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    counts = manifest_counts(small_federation)
+    updates = course_round(weights_dir, start, counts=counts)
+    updates[1].num_examples = 10 * counts[2]
+    save_all(updates)
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply) as info:
+        aggregate_directory(weights_dir, small_federation, out_dir, METHODS)
+    assert "pesos_cliente_2.pkl" in str(info.value) and "particion.json" in str(info.value)
+    assert str(10 * counts[2]) in str(info.value) and str(counts[2]) in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_a_count_below_the_manifest_is_refused_too(start, evaluator, test_set, tmp_path):
+    # Prepare: members report their partition's size (validation hold-out included), so any other
+    # claim, smaller or larger, contradicts particion.json
+    updates = handmade_updates(start, tmp_path, counts={cid: n - n // 10 for cid, n in COUNTS.items()})
+    x_test, y_test = test_set
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply, match=r"particion\.json"):
+        run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                        start=start, counts=COUNTS)
+
+
+def test_client_missing_from_the_manifest_is_refused(start, tmp_path, data_dir):
+    # Prepare: a fourth member that the federation does not have
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(course_round(weights_dir, start, counts={**COUNTS, 4: 40}))
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, METHODS)
+    assert "pesos_cliente_4.pkl" in str(info.value) and "not in the federation manifest" in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_manifest_counts(small_federation, data_dir, tmp_path):
+    # Prepare: a manifest that lists clients without their counts (read_manifest allows it)
+    no_counts = tmp_path / "sin_recuentos"
+    no_counts.mkdir()
+    (no_counts / MANIFEST_FILE).write_text(json.dumps({"clients": [{"client_id": 1}, {"client_id": 2}]}))
+
+    # Execute / Assert
+    assert manifest_counts(data_dir) == COUNTS
+    assert manifest_counts(small_federation) == {1: 200, 2: 200, 3: 200}
+    assert manifest_counts(tmp_path) is None  # no particion.json
+    assert manifest_counts(None) is None
+    assert manifest_counts(no_counts) is None
 
 
 # --- bare lists of weights (the original notebook style) -------------------------------------------
 
 
 @pytest.fixture
-def bare_federation(tmp_path, start, small_federation):
-    """A weights dir of bare pickled get_weights() lists and a data dir whose manifest has 50/120/30."""
-    weights_dir, data_dir = tmp_path / "pesos", tmp_path / "datos"
+def bare_federation(tmp_path, start, data_dir):
+    """A weights dir of bare pickled get_weights() lists; the data dir's manifest has 50/120/30."""
+    weights_dir = tmp_path / "pesos"
     weights_dir.mkdir()
-    data_dir.mkdir()
-    shutil.copy(small_federation / "test.npz", data_dir / "test.npz")
-    manifest = {"format": "fedmnist-partition", "version": 1,
-                "clients": [{"client_id": cid, "num_examples": n} for cid, n in COUNTS.items()]}
-    (data_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
     weights = {cid: perturbed(start.weights, 10 + cid) for cid in COUNTS}
     for cid, ws in weights.items():
         update_path(weights_dir, cid).write_bytes(pickle.dumps(ws))
     return weights_dir, data_dir, weights
 
 
-def test_bare_updates_get_their_counts_from_the_manifest(bare_federation):
+def test_bare_updates_get_their_counts_from_the_manifest(bare_federation, start, evaluator, test_set):
     # Prepare
     weights_dir, data_dir, weights = bare_federation
+    x_test, y_test = test_set
+    updates = load_updates(weights_dir)
 
     # Execute
-    updates = load_updates(weights_dir)
-    notes = fill_missing_counts(updates, data_dir)
-    fedavg = aggregate_updates("fedavg", updates, AggregationParams())
+    replies, notes = to_replies(updates, start, manifest_counts(data_dir))
+    report = run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                             counts=manifest_counts(data_dir))
 
     # Assert
-    assert [(u.client_id, u.num_examples, u.bare) for u in updates] == [(1, 50, True), (2, 120, True), (3, 30, True)]
+    assert [(u.client_id, u.num_examples, u.bare) for u in updates] == [(1, None, True), (2, None, True),
+                                                                       (3, None, True)]
+    assert [(r.client_id, r.num_examples, r.start_sha256) for r in replies] == [(1, 50, None), (2, 120, None),
+                                                                               (3, 30, None)]
     assert len(notes) == 3 and all("particion.json" in note for note in notes)
-    assert_close_weights(fedavg, weighted_mean_by_hand([weights[c] for c in COUNTS], list(COUNTS.values())))
-    assert all("cannot be verified" in note for note in validate_updates(updates))
+    assert_close_weights(report.methods["fedavg"].weights,
+                         weighted_mean_by_hand([weights[c] for c in COUNTS], list(COUNTS.values())))
+    assert sum("cannot be verified" in note for note in report.notes) == 3
+    assert any("build_model(42)" in note for note in report.notes)
+    assert report.round == 1 and report.start.sha256 == start.sha256
 
 
-def test_bare_update_missing_from_the_manifest_weighs_one(bare_federation, start):
+def test_bare_updates_without_a_manifest_weigh_one_each(bare_federation, start, evaluator, test_set):
+    # Prepare
+    weights_dir, _, weights = bare_federation
+    x_test, y_test = test_set
+    updates = load_updates(weights_dir)
+
+    # Execute
+    replies, notes = to_replies(updates, start, None)
+    report = run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False)
+
+    # Assert
+    assert [r.num_examples for r in replies] == [1, 1, 1]
+    assert all("weighted as 1" in note for note in notes) and len(notes) == 3
+    assert_close_weights(report.methods["fedavg"].weights, weighted_mean_by_hand([weights[c] for c in COUNTS],
+                                                                               [1, 1, 1]))
+
+
+def test_bare_update_missing_from_the_manifest_is_refused(bare_federation, start, tmp_path):
     # Prepare
     weights_dir, data_dir, _ = bare_federation
     update_path(weights_dir, 4).write_bytes(pickle.dumps(perturbed(start.weights, 99)))
+    out_dir = tmp_path / "global"
 
-    # Execute
-    updates = load_updates(weights_dir)
-    notes = fill_missing_counts(updates, data_dir)
-
-    # Assert
-    assert [u.num_examples for u in updates] == [50, 120, 30, 1]
-    assert "pesos_cliente_4.pkl: sample count unknown" in notes[-1]
+    # Execute / Assert
+    with pytest.raises(RejectedReply) as info:
+        aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",))
+    assert "pesos_cliente_4.pkl" in str(info.value) and "not in the federation manifest" in str(info.value)
+    assert not out_dir.exists()
 
 
 def test_bare_updates_aggregate_directory_weights_by_the_manifest(bare_federation, tmp_path):
@@ -347,11 +655,29 @@ def test_bare_updates_aggregate_directory_weights_by_the_manifest(bare_federatio
     following = load_global(global_path(out_dir, 1))
     assert following.round == 1 and following.method == "fedavg"
     assert_close_weights(following.weights, expected)
-    summary = json.loads((out_dir / "resultados_agregacion.json").read_text())
-    assert [local["train_examples"] for local in summary["locals"]] == list(COUNTS.values())
+    summary = strict_json((out_dir / "resultados_agregacion.json").read_text())
+    assert [local["train_examples"] for local in summary["locals"]] == list(COUNTS.values())  # as weighted
     assert [local["num_examples"] for local in summary["locals"]] == [200, 200, 200]  # test images
+    assert report.methods["fedavg"].train_examples == sum(COUNTS.values())
     assert any("particion.json" in note for note in summary["notes"])
     assert any("cannot be verified" in note for note in report.notes)
+
+
+def test_bare_and_full_updates_together(start, tmp_path, data_dir):
+    # Prepare: clients 1 and 2 wrote full updates from the round's file, client 3 a bare list
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    updates = course_round(weights_dir, start)
+    save_all(updates[:2])
+    update_path(weights_dir, 3).write_bytes(pickle.dumps(updates[2].weights))
+
+    # Execute
+    report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",))
+
+    # Assert: the start is the round's file; the bare one is weighted by the manifest, with a warning
+    assert report.start.path == global_path(weights_dir, 0)
+    assert_close_weights(report.methods["fedavg"].weights,
+                         weighted_mean_by_hand([u.weights for u in updates], list(COUNTS.values())))
+    assert any("pesos_cliente_3.pkl" in note and "cannot be verified" in note for note in report.notes)
 
 
 # --- the rules on hand-made updates -----------------------------------------------------------------
@@ -362,8 +688,9 @@ def handmade_report(start, evaluator, test_set, tmp_path_factory):
     updates = handmade_updates(start, tmp_path_factory.mktemp("pesos"))
     snapshot = [[w.copy() for w in u.weights] for u in updates]
     x_test, y_test = test_set
-    report = run_aggregation(updates, x_test, y_test, ("fedavg", "fedprox", "fedmed", "trimmed"),
-                             AggregationParams(trim_beta=0.34), evaluator=evaluator)
+    methods = ("fedavg", "fedprox", "fedmed", "trimmed")
+    report = run_aggregation(updates, x_test, y_test, methods, MethodConfig(methods, trim_beta=0.34),
+                             evaluator=evaluator, start=start)
     return report, updates, snapshot
 
 
@@ -412,6 +739,20 @@ def test_best_method_has_the_highest_accuracy(handmade_report):
     assert [u.client_id for u, _ in report.locals_] == [1, 2, 3]
 
 
+def test_round_numbering_and_records(handmade_report, start):
+    # Prepare
+    report, updates, _ = handmade_report
+
+    # Assert: updates trained from round 0's weights are training round 1, as in the simulation
+    assert report.round == 1 and report.start.round == 0
+    assert [(r.round, r.method) for r in report.records] == [(1, m) for m in report.methods]
+    for record in report.records:
+        assert record.replied_clients == [1, 2, 3] and record.failed == []
+        assert record.start_sha256 == start.sha256[:16]
+        assert record.test_accuracy == report.methods[record.method].evaluation.accuracy
+        assert record.train_loss == pytest.approx(np.mean([u.metrics["history"]["loss"][-1] for u in updates]))
+
+
 def test_fedprox_note_says_it_equals_fedavg_without_mu(handmade_report):
     # Prepare
     report, _, _ = handmade_report
@@ -432,7 +773,7 @@ def test_fedprox_note_lists_the_mus_and_aggregates_the_prox_updates(start, evalu
 
     # Execute
     report = run_aggregation(updates, x_test, y_test, ("fedavg", "fedprox"), prox_updates=prox,
-                             evaluator=evaluator, evaluate_locals=False)
+                             evaluator=evaluator, evaluate_locals=False, start=start)
 
     # Assert
     note = next(n for n in report.notes if n.startswith("FedProx"))
@@ -451,15 +792,82 @@ def test_next_from_chooses_the_next_rounds_weights(start, evaluator, test_set, t
 
     # Execute
     report = run_aggregation(updates, x_test, y_test, ("fedavg", "fedmed"), next_from="fedmed",
-                             evaluator=evaluator, evaluate_locals=False)
+                             evaluator=evaluator, evaluate_locals=False, start=start)
     files = write_outputs(report, tmp_path / "global")
 
-    # Assert
+    # Assert: the file of training round 1, carrying the start's seed
     following = load_global(files["next_round"])
+    assert files["next_round"].name == "pesos_globales_ronda_1.pkl"
     assert report.next_from == "fedmed"
     assert following.round == 1 and following.method == "fedmed"
+    assert following.seed == start.seed == 42
     assert following.sha256 == report.methods["fedmed"].sha256 != report.methods["fedavg"].sha256
-    assert json.loads(files["json"].read_text())["next_from"] == "fedmed"
+    summary = strict_json(files["json"].read_text())
+    assert summary["next_from"] == "fedmed"
+    assert (summary["round"], summary["start_round"], summary["next_round"]) == (1, 0, 1)
+
+
+def test_a_later_round_reads_and_writes_the_next_files(start, tmp_path, data_dir):
+    # Prepare: round 1's global weights (seed 42 carried over) and updates trained from them
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    round1 = make_global(perturbed(start.weights, 77), 1, "fedavg", 42)
+    updates = course_round(weights_dir, round1)
+    save_all(updates)
+
+    # Execute
+    report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",), expected_round=1)
+
+    # Assert
+    following = load_global(global_path(out_dir, 2))
+    assert report.round == 2 and report.start.round == 1 and report.start_sha256 == round1.sha256
+    assert following.round == 2 and following.seed == 42
+    assert_close_weights(following.weights, weighted_mean_by_hand([u.weights for u in updates],
+                                                                  list(COUNTS.values())))
+    summary = strict_json((out_dir / "resultados_agregacion.json").read_text())
+    assert (summary["round"], summary["start_round"], summary["next_round"]) == (2, 1, 2)
+    assert not global_path(out_dir, 1).exists()
+
+
+def test_results_json_never_holds_nan(start, evaluator, test_set, tmp_path):
+    # Prepare: finite but enormous weights, whose test loss overflows to NaN
+    updates = handmade_updates(start, tmp_path / "pesos")
+    for update in updates:
+        update.weights = [(w * np.float32(1e10)).astype(np.float32) for w in update.weights]
+    x_test, y_test = test_set
+
+    # Execute
+    report = run_aggregation(updates, x_test, y_test, ("fedavg", "fedmed"), evaluator=evaluator, start=start)
+    files = write_outputs(report, tmp_path / "global")
+
+    # Assert: the losses are not finite, and the JSON says null where Python says nan
+    assert not math.isfinite(report.methods["fedavg"].evaluation.loss)
+    assert not any(math.isfinite(e.loss) for _, e in report.locals_)
+    summary = strict_json(files["json"].read_text())
+    assert summary["methods"]["fedavg"]["loss"] is None
+    assert all(local["loss"] is None for local in summary["locals"])
+    assert summary["methods"]["fedavg"]["accuracy"] == report.methods["fedavg"].evaluation.accuracy
+
+
+@pytest.mark.parametrize("history", [{"loss": []}, {"loss": "abc"}, {"loss": [None]}, {"loss": 3}, ["x"]],
+                         ids=["empty", "string", "none", "number", "list"])
+def test_odd_training_history_in_an_update_is_not_trusted(history, start, tmp_path, data_dir):
+    # Prepare: the metrics of an update are a member's free-form notes, read from its file
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    updates = course_round(weights_dir, start)
+    updates[1].metrics = {"history": history}
+    save_all(updates)
+
+    # Execute: the weights are valid, so the round goes on; or it is refused naming the file
+    try:
+        report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",))
+    except FedMnistError as exc:
+        assert "pesos_cliente_2.pkl" in str(exc)
+        assert not out_dir.exists()
+        return
+
+    # Assert
+    assert report.records[0].replied_clients == [1, 2, 3]
+    assert report.records[0].train_loss is None or math.isfinite(report.records[0].train_loss)
 
 
 # --- end to end: split -> train 3 clients -> aggregate --------------------------------------------------
@@ -467,7 +875,7 @@ def test_next_from_chooses_the_next_rounds_weights(start, evaluator, test_set, t
 
 E2E_TRAIN_PER_CLASS = 180  # 1,800 images: 600 per client
 E2E_TEST_PER_CLASS = 50  # 500 test images
-E2E_CONFIG = TrainConfig(epochs=3, batch_size=32)  # 3 x 17 steps: FedAvg ~0.82-0.84 over split seeds
+E2E_CONFIG = TrainConfig(epochs=3, batch_size=32)  # 3 x 17 steps (540 images each): FedAvg ~0.8
 
 
 def first_per_class(labels, per_class):
@@ -476,7 +884,11 @@ def first_per_class(labels, per_class):
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, raw_mnist):
-    """The course's manual flow on 1,800 real images: split, round-0 file, 3 members, aggregation."""
+    """The course's manual flow on 1,800 real images: split, round-0 file, 3 members, aggregation.
+
+    The members keep the default 10% validation hold-out, so each trains on fewer images than
+    particion.json lists for it, as in the notebook.
+    """
     root = tmp_path_factory.mktemp("e2e")
     data_dir, weights_dir, out_dir = root / "datos", root / "pesos", root / "global"
     train = first_per_class(raw_mnist.y_train, E2E_TRAIN_PER_CLASS)
@@ -489,9 +901,9 @@ def e2e(tmp_path_factory, raw_mnist):
     locals_ = [run_local_training(k, data_dir, weights_dir, E2E_CONFIG, global_path(weights_dir, 0), 0, trainer)
                for k in (1, 2, 3)]
     report = aggregate_directory(weights_dir, data_dir, out_dir, METHODS, expected_round=0)
-    summary = json.loads((out_dir / "resultados_agregacion.json").read_text())
+    text = (out_dir / "resultados_agregacion.json").read_text()
     return {"data": data_dir, "weights": weights_dir, "out": out_dir, "start": start, "locals": locals_,
-            "report": report, "summary": summary}
+            "report": report, "summary": json.loads(text), "json_text": text}
 
 
 def test_e2e_writes_every_output(e2e):
@@ -506,6 +918,7 @@ def test_e2e_writes_every_output(e2e):
         if name.endswith(".png"):
             assert (e2e["out"] / name).read_bytes()[:8] == PNG_MAGIC
     assert set(e2e["summary"]["files"].values()) == expected
+    strict_json(e2e["json_text"])
 
 
 def test_e2e_fedavg_is_far_above_chance(e2e):
@@ -522,6 +935,7 @@ def test_e2e_fedavg_is_the_weighted_mean_of_the_members_files(e2e):
 
     # Assert
     assert [u.start_sha256 for u in updates] == [e2e["start"].sha256] * 3
+    assert [u.num_examples for u in updates] == [600, 600, 600]  # n_k: the partition, hold-out included
     assert_close_weights(e2e["report"].methods["fedavg"].weights, expected)
 
 
@@ -532,7 +946,7 @@ def test_e2e_json_and_csv_agree(e2e):
         rows = list(csv.DictReader(handle))
 
     # Assert
-    assert summary["round"] == 0 and summary["next_round"] == 1
+    assert (summary["round"], summary["start_round"], summary["next_round"]) == (1, 0, 1)
     assert summary["start_sha256"] == e2e["start"].sha256
     assert summary["model_fingerprint"] == model_fingerprint()
     globals_ = {r["name"]: r for r in rows if r["kind"] == "global"}
@@ -547,7 +961,7 @@ def test_e2e_json_and_csv_agree(e2e):
     assert [r["name"] for r in locals_] == ["cliente_1", "cliente_2", "cliente_3"]
     for row, local, out in zip(locals_, summary["locals"], e2e["locals"]):
         assert float(row["accuracy"]) == pytest.approx(local["accuracy"], abs=1e-6)
-        assert int(row["train_examples"]) == local["train_examples"] == out.result.num_examples
+        assert int(row["train_examples"]) == local["train_examples"] == out.update.num_examples
         assert local["num_examples"] == 500  # test images, as for the methods
         assert local["accuracy"] == pytest.approx(out.test.accuracy)
     best = max(summary["methods"], key=lambda m: (summary["methods"][m]["accuracy"], -summary["methods"][m]["loss"]))
@@ -562,6 +976,7 @@ def test_e2e_next_round_file_holds_the_best_methods_weights(e2e):
     best = e2e["summary"]["best"]
     assert following.round == 1
     assert following.method == best
+    assert following.seed == 42
     assert following.sha256 == e2e["summary"]["methods"][best]["sha256"]
     for a, b in zip(following.weights, e2e["report"].methods[best].weights):
         assert np.array_equal(a, b)
@@ -609,3 +1024,94 @@ def test_e2e_bad_update_added_later_leaves_existing_outputs_untouched(e2e, tmp_p
     with pytest.raises(FedMnistError, match=r"pesos_cliente_4\.pkl"):
         aggregate_directory(weights_dir, e2e["data"], out_dir, METHODS)
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+def test_e2e_member_from_a_stale_start_leaves_existing_outputs_untouched(e2e, tmp_path):
+    # Prepare: member 2 trained again, but from another federation's round-0 weights
+    weights_dir = shutil.copytree(e2e["weights"], tmp_path / "pesos")
+    out_dir = shutil.copytree(e2e["out"], tmp_path / "global")
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    stale = load_update(update_path(weights_dir, 2))
+    stale.start_sha256 = weights_sha256(initial_weights(7))
+    save_update(update_path(weights_dir, 2), stale)
+
+    # Execute / Assert
+    with pytest.raises(RejectedReply, match=r"pesos_cliente_2\.pkl"):
+        aggregate_directory(weights_dir, e2e["data"], out_dir, METHODS)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+# --- crash consistency: kill -9 of the aggregation while it writes ------------------------------
+
+_KILLED_RUN = """
+import os, signal, sys
+import fedmnist.io as io
+stage, index = sys.argv[1], int(sys.argv[2])
+io._test_hook = lambda s, i: os.kill(os.getpid(), signal.SIGKILL) if (s, i) == (stage, index) else None
+from fedmnist.cli import main_aggregation
+sys.exit(main_aggregation(sys.argv[3:]))
+"""
+
+
+def _consistent_set(out_dir) -> dict:
+    """The aggregation's outputs as one set: every file the JSON lists, no other, the hashes agreeing."""
+    summary = json.loads((out_dir / "resultados_agregacion.json").read_text())
+    listed = set(summary["files"].values())
+    present = {p.name for p in out_dir.iterdir()}
+    assert listed <= present, listed - present
+    assert not [n for n in present if n.startswith(".")], present  # no temporary files or journals left
+    assert {n for n in present if n.startswith(("modelo_global_", "matriz_confusion_"))} == {
+        n for n in listed if n.startswith(("modelo_global_", "matriz_confusion_"))}
+    following = load_global(out_dir / summary["files"]["next_round"])
+    assert following.sha256 == summary["methods"][summary["next_from"]]["sha256"]
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "index"), [("temp", 1), ("temp", 5), ("journal", 0), ("rename", 3)])
+def test_a_killed_aggregation_leaves_the_old_set_or_the_new_one(stage, index, e2e, tmp_path):
+    import subprocess
+    import sys
+
+    from fedmnist.io import recover
+
+    out_dir = tmp_path / "global"
+    common = ["--weights-dir", str(e2e["weights"]), "--data-dir", str(e2e["data"]), "--out", str(out_dir)]
+    first = ["--methods", "fedavg", "fedmed", "--next-from", "fedavg"]
+    second = ["--methods", "fedavg", "trimmed", "--next-from", "trimmed"]
+    script = [sys.executable, "-c", _KILLED_RUN]
+    assert subprocess.run([*script, "none", "0", *common, *first], check=False, capture_output=True).returncode == 0
+    old = _consistent_set(out_dir)
+
+    killed = subprocess.run([*script, stage, str(index), *common, *second], check=False, capture_output=True)
+
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    recover(out_dir)
+    now = _consistent_set(out_dir)
+    assert now["next_from"] in ("fedavg", "trimmed")
+    assert now == old if now["next_from"] == "fedavg" else set(now["methods"]) == {"fedavg", "trimmed"}
+    if stage == "rename":  # past the commit point: recovery completes the new set
+        assert now["next_from"] == "trimmed" and not (out_dir / "modelo_global_fedmed.h5").exists()
+
+
+@pytest.mark.parametrize("spoil", ["negative-v", "wrong-shape", "wrong-method", "not-a-dict"])
+def test_a_bad_server_state_in_the_round_file_is_refused_like_a_bad_update(spoil, start, tmp_path, data_dir):
+    from fedmnist.server_opt import init_state
+
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    state = init_state("fedadam", start.weights)
+    state["t"] = 3
+    if spoil == "negative-v":
+        state["v"][0] = state["v"][0] - 1.0
+    elif spoil == "wrong-shape":
+        state["m"][0] = state["m"][0][:1]
+    elif spoil == "wrong-method":
+        state["method"] = "fedyogi"
+    bad = make_global(start.weights, 0, "fedadam", 42, state=state)
+    if spoil == "not-a-dict":
+        bad = make_global(start.weights, 0, "fedadam", 42, state={"m": "x"})
+    save_all(course_round(weights_dir, bad))
+
+    with pytest.raises(ValidationError, match=r"pesos_globales_ronda_0\.pkl"):
+        aggregate_directory(weights_dir, data_dir, out_dir, ("fedadam",))
+    assert not out_dir.exists()

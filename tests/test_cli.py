@@ -4,6 +4,8 @@ Each test starts a Python process (TensorFlow's import makes that take several s
 needs a real process is tested here; the package functions are tested in-process elsewhere.
 """
 
+import argparse
+import json
 import os
 import pickle
 import subprocess
@@ -13,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmnist.exchange import ClientUpdate, load_global, save_update, update_path
+from fedmnist.cli import add_aggregate_args
+from fedmnist.exchange import (
+    ClientUpdate,
+    global_path,
+    load_global,
+    load_update,
+    make_global,
+    save_global,
+    save_update,
+    update_path,
+)
 from fedmnist.model import initial_weights, model_fingerprint, weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +92,87 @@ def test_global_aggregation_refuses_a_malicious_pickle(tmp_path, small_federatio
     assert "Traceback" not in proc.stderr
     assert not marker.exists(), "the pickle's code ran"
     assert not out_dir.exists()
+
+
+def members_updates(weights_dir, data_dir, start):
+    """Three members' updates made from ``start`` (small perturbations), with particion.json's counts."""
+    manifest = json.loads((data_dir / "particion.json").read_text())
+    rng = np.random.default_rng(0)
+    for client in manifest["clients"]:
+        weights = [(w + 0.02 * rng.standard_normal(w.shape)).astype(np.float32) for w in start.weights]
+        save_update(update_path(weights_dir, client["client_id"]), ClientUpdate(
+            client_id=client["client_id"], round=start.round, num_examples=client["num_examples"], weights=weights,
+            start_sha256=start.sha256, fingerprint=model_fingerprint()))
+
+
+def test_global_aggregation_with_global_weights_round_and_krum_f(tmp_path, small_federation):
+    # Prepare: the round's file kept apart from the updates; Krum with f = 0 (the default f = 1 needs
+    # more than four clients, and there are three)
+    weights_dir, server_dir, out_dir = tmp_path / "pesos", tmp_path / "servidor", tmp_path / "global"
+    start = make_global(initial_weights(), 0, "init", 42)
+    save_global(global_path(server_dir, 0), start)
+    members_updates(weights_dir, small_federation, start)
+
+    # Execute
+    proc = run_cli(REPO / "global_aggregation.py", "--weights-dir", weights_dir, "--data-dir", small_federation,
+                   "--global-weights", global_path(server_dir, 0), "--round", "0", "--methods", "fedavg", "krum",
+                   "--krum-f", "0", "--out", out_dir)
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1:" in proc.stdout
+    following = load_global(global_path(out_dir, 1))
+    assert following.round == 1 and following.seed == 42
+    summary = json.loads((out_dir / "resultados_agregacion.json").read_text())
+    assert (summary["round"], summary["start_round"], summary["start_sha256"]) == (1, 0, start.sha256)
+    members = {weights_sha256(load_update(update_path(weights_dir, k)).weights) for k in (1, 2, 3)}
+    assert summary["methods"]["krum"]["sha256"] in members  # Krum picks one member's weights
+
+
+def test_krum_f_flag_and_its_old_name():
+    # Prepare
+    parser = argparse.ArgumentParser()
+    add_aggregate_args(parser)
+
+    # Execute / Assert
+    assert parser.parse_args([]).krum_f == 1
+    assert parser.parse_args(["--krum-f", "2"]).krum_f == 2
+    assert parser.parse_args(["--num-malicious", "0"]).krum_f == 0
+
+
+def test_global_aggregation_without_the_rounds_file(tmp_path, small_federation):
+    # Prepare: members' updates but no pesos_globales_ronda_0.pkl beside them, and no --global-weights
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    members_updates(weights_dir, small_federation, make_global(initial_weights(), 0, "init", 42))
+
+    # Execute
+    proc = run_cli(REPO / "global_aggregation.py", "--weights-dir", weights_dir, "--data-dir", small_federation,
+                   "--out", out_dir)
+
+    # Assert
+    assert proc.returncode == 2, proc.stderr
+    assert "--global-weights" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out_dir.exists()
+
+
+def test_global_aggregation_into_a_file(tmp_path, small_federation):
+    # Prepare: --out names an existing file
+    weights_dir, out_file = tmp_path / "pesos", tmp_path / "global"
+    start = make_global(initial_weights(), 0, "init", 42)
+    save_global(global_path(weights_dir, 0), start)
+    members_updates(weights_dir, small_federation, start)
+    out_file.write_text("not a directory")
+
+    # Execute
+    proc = run_cli(REPO / "global_aggregation.py", "--weights-dir", weights_dir, "--data-dir", small_federation,
+                   "--out", out_file)
+
+    # Assert
+    assert proc.returncode == 2, proc.stderr
+    assert str(out_file) in proc.stderr and "is a file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out_file.read_text() == "not a directory"
 
 
 def test_train_with_a_missing_partition(tmp_path):

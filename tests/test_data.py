@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import keras
 import numpy as np
 import pytest
 
 from fedmnist.data import (
     DATA_ENV,
+    MAX_IMAGES,
     client_file,
     load_client_partition,
     load_mnist,
@@ -410,3 +414,106 @@ def test_corrupted_deflate_stream(tmp_path, small_mnist):
     # Assert
     assert str(path) in str(excinfo.value)
 
+
+
+# --- reading npz archives member by member ----------------------------------------------------------
+
+
+def npz_with(path, members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def npy(array: np.ndarray, version=None) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version)
+    return buffer.getvalue()
+
+
+def test_partition_in_every_layout_numpy_can_write(tmp_path):
+    # Prepare: Fortran order, big-endian int16 labels, .npy format 2.0, a member without '.npy', stored
+    arrays = valid_arrays()
+    x = np.asfortranarray(arrays["x_train"])
+    y = arrays["y_train"].astype(">i2")
+    path = npz_with(tmp_path / "cliente_1.npz", {"x.npy": npy(x, version=(2, 0)), "y": npy(y)},
+                    compression=zipfile.ZIP_STORED)
+
+    # Execute
+    x_loaded, y_loaded = load_partition_raw(path)
+
+    # Assert
+    np.testing.assert_array_equal(x_loaded, arrays["x_train"])
+    np.testing.assert_array_equal(y_loaded, arrays["y_train"])
+    assert x_loaded.flags.writeable and y_loaded.dtype == np.uint8
+
+
+def test_only_the_needed_members_are_read(tmp_path, monkeypatch):
+    # Prepare: an extra member that is not even a valid .npy
+    arrays = valid_arrays()
+    path = npz_with(tmp_path / "cliente_1.npz", {"x.npy": npy(arrays["x_train"]), "y.npy": npy(arrays["y_train"]),
+                                                 "notas.npy": b"garbage, never parsed"})
+    opened = []
+    original = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+
+    # Execute
+    x, _ = load_partition_raw(path)
+
+    # Assert
+    assert x.shape == (20, 28, 28)
+    assert set(opened) == {"x.npy", "y.npy"}
+
+
+def test_declared_size_must_match_the_archive(tmp_path):
+    # Prepare: a header declaring 20 images in front of the bytes of 19
+    arrays = valid_arrays()
+    data = npy(arrays["x_train"])[: -28 * 28]
+    path = npz_with(tmp_path / "cliente_1.npz", {"x.npy": data, "y.npy": npy(arrays["y_train"])})
+
+    # Execute
+    with pytest.raises(DataError) as excinfo:
+        load_partition_raw(path)
+
+    # Assert
+    assert str(path) in str(excinfo.value)
+    assert "'x' declares (20, 28, 28) uint8 (15,680 bytes) but the archive lists 14,896 bytes" in str(excinfo.value)
+
+
+def test_images_beyond_the_bound_are_refused_from_the_header(tmp_path):
+    # Prepare: a header for MAX_IMAGES + 1 images, and no data at all
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (MAX_IMAGES + 1, 28, 28)})
+    path = npz_with(tmp_path / "cliente_1.npz", {"x.npy": header.getvalue(), "y.npy": npy(np.zeros(3, np.uint8))})
+
+    # Execute
+    with pytest.raises(DataError, match=r"'x' declares 100,001 images; at most 100,000"):
+        load_partition_raw(path)
+
+
+def test_object_labels_are_never_unpickled(tmp_path):
+    # Prepare
+    arrays = valid_arrays()
+    labels = np.array([Exception("unpickled")] * 20, dtype=object)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, labels, allow_pickle=True)
+    path = npz_with(tmp_path / "cliente_1.npz", {"x.npy": npy(arrays["x_train"]), "y.npy": buffer.getvalue()})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="'y' holds Python objects"):
+        load_partition_raw(path)
+
+
+def test_real_mnist_reads_like_np_load(mnist_path, raw_mnist):
+    # Execute
+    with np.load(mnist_path) as npz:
+        # Assert
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            np.testing.assert_array_equal(getattr(raw_mnist, key), npz[key])

@@ -37,6 +37,10 @@ def demo(tmp_path_factory, small_mnist_file):
     return out_dir, summary
 
 
+def refuse_nan(name):
+    raise AssertionError(f"the JSON holds {name}")
+
+
 def test_demo_writes_every_aggregation_output(demo):
     # Prepare
     out_dir, _ = demo
@@ -83,19 +87,24 @@ def test_fedprox_clients_were_trained_with_positive_mu(demo):
 def test_demo_summary_is_the_json_on_disk_and_is_consistent(demo):
     # Prepare
     out_dir, summary = demo
-    on_disk = json.loads((out_dir / "resultados_agregacion.json").read_text())
+    on_disk = json.loads((out_dir / "resultados_agregacion.json").read_text(), parse_constant=refuse_nan)
     start = load_global(out_dir / "pesos_globales_ronda_0.pkl")
     following = load_global(out_dir / "pesos_globales_ronda_1.pkl")
 
     # Assert
     assert summary == on_disk
     assert list(summary["methods"]) == list(METHODS)
-    assert summary["round"] == 0
+    assert (summary["round"], summary["start_round"], summary["next_round"]) == (1, 0, 1)  # training round 1
     assert start.sha256 == summary["start_sha256"] == weights_sha256(initial_weights(CONFIG.seed))
     assert following.round == 1 and following.method == summary["best"]
+    assert following.seed == start.seed == CONFIG.seed
     assert following.sha256 == summary["methods"][summary["best"]]["sha256"]
     assert all(m["num_examples"] == 300 for m in summary["methods"].values())
     assert [local["client_id"] for local in summary["locals"]] == [1, 2, 3]
+    held_out = [load_update(out_dir / "clientes" / f"pesos_cliente_{k}.pkl").metrics["validation_examples"]
+                for k in (1, 2, 3)]
+    assert all(v > 0 for v in held_out)  # the members trained on less than they hold...
+    assert [local["train_examples"] for local in summary["locals"]] == [300, 300, 300]  # ...and report n_k
     config = json.loads((out_dir / "configuracion_demo.json").read_text())
     assert config["demo"]["num_clients"] == 3 and config["demo"]["mu"] == CONFIG.mu
     assert config["train"]["epochs"] == 1

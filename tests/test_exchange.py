@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -11,11 +13,21 @@ import subprocess
 import numpy as np
 import pytest
 
-from fedmnist.errors import UpdateFileError
+from fedmnist.errors import DataError, UpdateFileError, ValidationError
 from fedmnist.exchange import (
+    CHECKPOINT_LIMITS,
     GLOBAL_FORMAT,
+    MAX_NUM_EXAMPLES,
+    MODEL_BYTES,
+    MODEL_PARAMS,
     UPDATE_FORMAT,
+    UPDATE_LIMITS,
     ClientUpdate,
+    WeightsError,
+    check_num_examples,
+    check_weights,
+    checkpoint_limits,
+    client_id_from_name,
     find_updates,
     global_path,
     load_global,
@@ -26,7 +38,8 @@ from fedmnist.exchange import (
     save_update,
     update_path,
 )
-from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, weights_sha256
+from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, weight_spec, weights_sha256
+from fedmnist.safe_pickle import PickleLimits
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +48,23 @@ def cnn_weights() -> list[np.ndarray]:
 
 
 def small_weights() -> list[np.ndarray]:
+    """Two tiny arrays: weights of some other model, not the shared CNN."""
     return [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.5, -1.5], dtype=np.float32)]
+
+
+@functools.cache
+def _cnn() -> tuple[np.ndarray, ...]:
+    return tuple(initial_weights(DEFAULT_SEED))
+
+
+def cnn() -> list[np.ndarray]:
+    """Fresh copies of the shared CNN's initial weights (tests may change them)."""
+    return [w.copy() for w in _cnn()]
 
 
 def make_update(**overrides) -> ClientUpdate:
     fields = {
-        "client_id": 4, "round": 2, "num_examples": 1234, "weights": small_weights(),
+        "client_id": 4, "round": 2, "num_examples": 1234, "weights": cnn(),
         "start_sha256": "ab" * 32, "fingerprint": "0123456789abcdef", "mu": 0.01, "epochs": 3,
         "batch_size": 32,
         "metrics": {"loss": [np.float32(0.5), 0.25], "accuracy": np.float64(0.875), "seconds": 12},
@@ -74,7 +98,7 @@ def test_update_round_trip(tmp_path):
     assert loaded.metrics == {"loss": [0.5, 0.25], "accuracy": 0.875, "seconds": 12}
     assert type(loaded.metrics["loss"][0]) is float and type(loaded.metrics["accuracy"]) is float
     assert loaded.bare is False and loaded.path == path
-    assert len(loaded.weights) == 2
+    assert len(loaded.weights) == len(weight_spec())
     for saved, original in zip(loaded.weights, update.weights):
         assert saved.dtype == np.float32
         np.testing.assert_array_equal(saved, original)
@@ -82,16 +106,15 @@ def test_update_round_trip(tmp_path):
 
 def test_update_float64_weights_are_stored_as_float32(tmp_path):
     # Prepare
-    update = make_update(weights=[np.array([0.1, 0.2], dtype=np.float64)], num_examples=None)
-    path = tmp_path / "pesos_cliente_4.pkl"
+    weights64 = [w.astype(np.float64) + 0.1 for w in cnn()]
+    path = write_pickle(tmp_path / "pesos_cliente_4.pkl", weights64)
 
     # Execute
-    save_update(path, update)
     loaded = load_update(path)
 
     # Assert
-    assert loaded.weights[0].dtype == np.float32
-    np.testing.assert_array_equal(loaded.weights[0], np.array([0.1, 0.2], dtype=np.float32))
+    assert all(w.dtype == np.float32 for w in loaded.weights)
+    np.testing.assert_array_equal(loaded.weights[0], weights64[0].astype(np.float32))
     assert loaded.num_examples is None
 
 
@@ -110,7 +133,7 @@ def test_saved_update_is_plain_data(tmp_path):
 
 def test_bare_list_of_weights_loads_with_warning(tmp_path, caplog):
     # Prepare
-    path = write_pickle(tmp_path / "pesos_cliente_3.pkl", small_weights())
+    path = write_pickle(tmp_path / "pesos_cliente_3.pkl", cnn())
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedmnist.exchange"):
@@ -120,7 +143,7 @@ def test_bare_list_of_weights_loads_with_warning(tmp_path, caplog):
     assert loaded.bare is True
     assert loaded.client_id == 3 and loaded.num_examples is None
     assert loaded.start_sha256 is None and loaded.fingerprint is None
-    for a, b in zip(loaded.weights, small_weights()):
+    for a, b in zip(loaded.weights, cnn()):
         np.testing.assert_array_equal(a, b)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -129,14 +152,15 @@ def test_bare_list_of_weights_loads_with_warning(tmp_path, caplog):
 
 def test_bare_list_pickled_with_highest_protocol(tmp_path):
     # Prepare: what `pickle.dump(model.get_weights(), f, pickle.HIGHEST_PROTOCOL)` writes
-    path = write_pickle(tmp_path / "pesos_cliente_5.pkl", small_weights(), protocol=5)
+    path = write_pickle(tmp_path / "pesos_cliente_5.pkl", cnn(), protocol=5)
 
     # Execute
     loaded = load_update(path)
 
     # Assert
     assert loaded.client_id == 5
-    np.testing.assert_array_equal(loaded.weights[0], small_weights()[0])
+    for a, b in zip(loaded.weights, cnn()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_wrong_format_tag(tmp_path):
@@ -505,3 +529,274 @@ def test_make_global_copies_to_float32(cnn_weights):
     assert all(w.dtype == np.float32 for w in gw.weights)
     assert gw.sha256 == weights_sha256(cnn_weights)
     assert gw.fingerprint == model_fingerprint() and gw.round == 2 and gw.method == "fedmed"
+
+
+# --- limits sized from the model ------------------------------------------------------------------
+
+
+def test_model_size_constants_match_the_cnn():
+    # Execute
+    params = sum(math.prod(shape) for _, shape, _ in weight_spec())
+
+    # Assert
+    assert params == MODEL_PARAMS == 390_410
+    assert MODEL_BYTES == 4 * MODEL_PARAMS
+    assert 2 * MODEL_BYTES < UPDATE_LIMITS.max_bytes < 8 * MODEL_BYTES  # float64 weights fit, little more
+    assert CHECKPOINT_LIMITS.max_bytes >= 6 * 3 * MODEL_BYTES  # six methods with two extra states each
+
+
+def test_real_update_fits_its_limit(tmp_path):
+    # Prepare
+    path = update_path(tmp_path, 4)
+    save_update(path, make_update())
+
+    # Execute / Assert
+    assert path.stat().st_size < UPDATE_LIMITS.max_bytes / 2
+    assert load_update(path).client_id == 4
+
+
+def test_file_larger_than_the_limit_is_refused_before_reading(tmp_path):
+    # Prepare: a legitimate update, read with a limit just below its size
+    path = update_path(tmp_path, 4)
+    save_update(path, make_update())
+    size = path.stat().st_size
+
+    # Execute
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_update(path, PickleLimits(size - 1, 1000, what="client update"))
+
+    # Assert
+    assert str(path) in str(excinfo.value)
+    assert f"{size:,} bytes" in str(excinfo.value) and "client update" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("field", ["max_bytes", "max_nodes", "max_depth"])
+@pytest.mark.parametrize("value", [0, -1, True, 1.5])
+def test_pickle_limits_validate_their_fields(field, value):
+    # Prepare
+    values = {"max_bytes": 10, "max_nodes": 10, "max_depth": 10} | {field: value}
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=field):
+        PickleLimits(**values)
+
+
+# --- identity and sample counts -------------------------------------------------------------------
+
+
+def test_client_id_inside_must_match_the_file_name(tmp_path):
+    # Prepare: client 4's update saved under client 2's name
+    path = update_path(tmp_path, 2)
+    save_update(path, make_update(client_id=4))
+
+    # Execute
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_update(path)
+
+    # Assert
+    message = str(excinfo.value)
+    assert str(path) in message and "client 4" in message and "says client 2" in message
+
+
+def test_client_id_of_a_file_with_another_name_is_taken_from_inside(tmp_path):
+    # Prepare
+    path = tmp_path / "mi_actualizacion.pkl"
+    save_update(path, make_update(client_id=7))
+
+    # Execute / Assert
+    assert load_update(path).client_id == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("pesos_cliente_12.pkl", 12), ("pesos_cliente_x.pkl", None), ("xpesos_cliente_1.pkl", None),
+     ("pesos_cliente_1.pkl.bak", None), ("pesos_cliente_1234567890.pkl", None)],
+)
+def test_client_id_from_name(name, expected):
+    # Execute / Assert
+    assert client_id_from_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (10**12, "exceeds the limit of 10,000,000"),
+        (10**400, "an integer of 1329 bits"),
+        (math.inf, "must be a finite integer"),
+        (math.nan, "must be a finite integer"),
+        (1.5, "must be a finite integer"),
+        (-3, "must be positive"),
+        (0, "must be positive"),
+    ],
+    ids=["1e12", "1e400", "inf", "nan", "fraction", "negative", "zero"],
+)
+def test_implausible_sample_counts_in_a_file_are_refused(tmp_path, value, fragment):
+    # Prepare
+    payload = make_update().to_payload() | {"num_examples": value}
+    path = write_pickle(tmp_path / "pesos_cliente_4.pkl", payload)
+
+    # Execute
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_update(path)
+
+    # Assert
+    assert str(path) in str(excinfo.value) and fragment in str(excinfo.value)
+    assert len(str(excinfo.value)) < 400
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1), (60_000, 60_000), (np.int64(250), 250), (250.0, 250), (np.float32(8.0), 8),
+     (MAX_NUM_EXAMPLES, MAX_NUM_EXAMPLES)],
+)
+def test_check_num_examples_accepts_plausible_counts(value, expected):
+    # Execute
+    count = check_num_examples(value, "node 7")
+
+    # Assert
+    assert count == expected and type(count) is int
+
+
+@pytest.mark.parametrize(
+    "value", [True, np.bool_(True), "100", None, [3], MAX_NUM_EXAMPLES + 1, 10**400, -math.inf, 1e300],
+)
+def test_check_num_examples_refuses_and_names_the_source(value):
+    # Execute
+    with pytest.raises(ValidationError) as excinfo:
+        check_num_examples(value, "node 7")
+
+    # Assert
+    assert str(excinfo.value).startswith("node 7: num_examples")
+
+
+def test_check_num_examples_against_the_manifest():
+    # Execute / Assert
+    assert check_num_examples(120, "node 7", expected=120) == 120
+    with pytest.raises(ValidationError, match=r"claims 121 training examples.*gives this client 120"):
+        check_num_examples(121, "node 7", expected=120)
+
+
+def test_check_num_examples_raises_the_callers_error():
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"particion\.json: num_examples must be positive"):
+        check_num_examples(0, "particion.json", error=DataError)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("round", -1, "field 'round' must be in [0, "),
+        ("round", 10**300, "an integer of"),
+        ("client_id", 0, "field 'client_id' must be in [1, "),
+        ("batch_size", 0, "field 'batch_size' must be in [1, "),
+        ("start_sha256", "x" * 10_000, "field 'start_sha256' is not a hexadecimal hash"),
+        ("fingerprint", "not hex", "field 'fingerprint' is not a hexadecimal hash"),
+        ("mu", math.inf, "mu must be a finite number >= 0"),
+        ("format", "z" * 10_000, "not a fedmnist client update"),
+    ],
+)
+def test_metadata_out_of_range_is_refused_briefly(tmp_path, field, value, fragment):
+    # Prepare
+    payload = make_update().to_payload() | {field: value}
+    path = write_pickle(tmp_path / "pesos_cliente_4.pkl", payload)
+
+    # Execute
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_update(path)
+
+    # Assert
+    assert str(path) in str(excinfo.value) and fragment in str(excinfo.value)
+    assert len(str(excinfo.value)) < 400
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def nan_at(weights, index):
+    weights[index].flat[0] = np.nan
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("weights", "fragment"),
+    [
+        (nan_at(cnn(), 3), "weight 3 holds NaN or infinite values"),
+        ([w.astype(np.float64) * (1e300 if i == 4 else 1) for i, w in enumerate(cnn())],
+         "weight 4 holds NaN or infinite values"),  # finite in float64, infinite as float32
+        (small_weights(), "do not fit the shared CNN"),
+        ([*cnn()[:-1], cnn()[-1].astype(np.int32)], "weight 9 has dtype int32"),
+        ("weights", "non-empty list"),
+    ],
+    ids=["nan", "float32-overflow", "other-model", "int-dtype", "not-a-list"],
+)
+def test_update_with_unusable_weights_is_refused(tmp_path, weights, fragment):
+    # Prepare
+    payload = make_update().to_payload() | {"weights": weights}
+    path = write_pickle(tmp_path / "pesos_cliente_4.pkl", payload)
+
+    # Execute
+    with pytest.raises(WeightsError) as excinfo:
+        load_update(path)
+
+    # Assert: a bad file and a bad reply at once, naming the file
+    assert isinstance(excinfo.value, UpdateFileError) and isinstance(excinfo.value, ValidationError)
+    assert str(path) in str(excinfo.value) and fragment in str(excinfo.value)
+
+
+def test_check_weights_returns_float32_without_changing_the_input():
+    # Prepare
+    weights64 = [w.astype(np.float64) for w in cnn()]
+    weights32 = cnn()
+    before = [w.copy() for w in weights64]
+
+    # Execute
+    from32 = check_weights(weights32, "node 3")
+    from64 = check_weights(weights64, "node 3")
+
+    # Assert
+    assert all(a is b for a, b in zip(from32, weights32))  # already float32: no copy
+    assert all(w.dtype == np.float32 for w in from64)
+    for original, now in zip(before, weights64):
+        assert now.dtype == np.float64
+        np.testing.assert_array_equal(original, now)
+
+
+def test_check_weights_names_the_source_with_the_callers_error():
+    # Execute
+    with pytest.raises(ValidationError) as excinfo:
+        check_weights(nan_at(cnn(), 0), "node 3")
+
+    # Assert
+    assert str(excinfo.value) == "node 3: weight 0 holds NaN or infinite values"
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["dict", "bare-list"])
+def test_global_with_nan_is_refused(tmp_path, bare):
+    # Prepare: the stored hash matches the NaN weights, so only the finiteness check can catch them
+    weights = nan_at(cnn(), 2)
+    path = tmp_path / "pesos_globales_ronda_1.pkl"
+    if bare:
+        write_pickle(path, weights)
+    else:
+        write_pickle(path, {"format": GLOBAL_FORMAT, "version": 1, "round": 1, "method": "fedavg",
+                            "seed": None, "sha256": weights_sha256(weights),
+                            "fingerprint": model_fingerprint(), "weights": weights})
+
+    # Execute
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_global(path)
+
+    # Assert
+    assert str(path) in str(excinfo.value) and "NaN or infinite" in str(excinfo.value)
+
+
+def test_checkpoint_limits_grow_with_the_model_copies():
+    # Execute
+    small, large = checkpoint_limits(1), checkpoint_limits(1000)
+
+    # Assert
+    assert small.max_bytes > MODEL_BYTES and small.what == "checkpoint"
+    assert large.max_bytes > 1000 * MODEL_BYTES
+    assert CHECKPOINT_LIMITS == checkpoint_limits(128)
+    with pytest.raises(ValueError, match="model_copies"):
+        checkpoint_limits(0)

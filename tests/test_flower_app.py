@@ -21,17 +21,15 @@ from conftest import stratified_indices
 
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.flower_app import (
-    ClientReply,
     FlowerRunConfig,
     RoundReplies,
     nodes_to_sample,
     record_to_weights,
-    replies_shortfall,
     sample_nodes,
-    training_seed,
     weights_to_record,
 )
 from fedmnist.model import initial_weights, weight_spec
+from fedmnist.seeds import training_seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 42
@@ -78,12 +76,13 @@ def test_run_config_casts_flowers_values():
         ({"learning-rate": "0.1"}, "must be a number"),
         ({"output-dir": 3}, "must be a string"),
         ({"method": "median"}, "unknown method"),
-        ({"method": "fedprox", "proximal-mu": 0.0}, "needs proximal-mu > 0"),
+        ({"method": "fedprox", "proximal-mu": 0.0}, "fedprox needs mu > 0"),
         ({"fraction-train": 0.0}, "fraction-train"),
         ({"min-train-nodes": 0}, "min-train-nodes"),
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"output-dir": "relative/out"}, "absolute path"),
-        ({"trim-beta": 0.5}, "trim-beta"),
+        ({"trim-beta": 0.5}, "trimmed-mean fraction beta"),
+        ({"num-malicious": 1}, "unknown Flower run-config key"),
     ],
 )
 def test_run_config_rejects_bad_values(values, message):
@@ -215,27 +214,30 @@ def test_client_app_names_a_missing_data_file(tmp_path):
         client_app(_train_message(initial_weights(SEED), round_=1, mu=0.0), context)
 
 
-def test_training_seed_is_the_simulations():
-    from fedmnist.simulation import SimulationConfig, client_seed
-
-    assert training_seed(5, 2, 3) == client_seed(SimulationConfig(seed=5), 2, 3)
-    assert training_seed(5, 2, 3) != training_seed(5, 3, 2)
-
-
 # --- the ServerApp's pure pieces ---------------------------------------------------------------
 
 
-def test_sampling_is_seeded_and_takes_the_ceiling():
+def test_sampling_is_seeded_and_takes_the_floor_like_the_simulation():
     from fedmnist.flower_app import nodes_needed
+    from fedmnist.simulation import SimulationConfig, sample_clients
 
     nodes = [907, 12, 5566, 3]
     assert nodes_to_sample(4, 1.0) == 4
-    assert nodes_to_sample(3, 0.5) == 2
+    assert nodes_to_sample(3, 0.5) == 1
     assert nodes_to_sample(10, 0.01) == 1
     assert nodes_to_sample(10, 0.3) == 3
+    assert nodes_to_sample(7, 0.3) == 2  # floor(2.1), as the simulation: C*K not whole
     assert nodes_needed(2, 1.0) == 2
-    assert nodes_needed(3, 0.5) == 5  # ceil(0.5 * 5) = 3, ceil(0.5 * 4) = 2
-    assert nodes_needed(10, 0.1) == 91
+    assert nodes_needed(3, 0.5) == 6  # floor(0.5 * 6) = 3, floor(0.5 * 5) = 2
+    assert nodes_needed(10, 0.1) == 100
+    # K = 7, C = 0.3: the same number of clients per round and, with node ids that sort like the
+    # client ids, the same clients as the simulation
+    config = SimulationConfig.create(num_clients=7, fraction=0.3, seed=SEED)
+    node_of = {k: 1000 + 17 * k for k in range(1, 8)}
+    for round_ in range(1, 6):
+        clients = sample_clients(config, round_)
+        assert len(clients) == config.clients_per_round == 2
+        assert sample_nodes(list(node_of.values()), 0.3, SEED, round_) == [node_of[k] for k in clients]
     assert sample_nodes(nodes, 1.0, SEED, 1) == sorted(nodes)
     picked = sample_nodes(nodes, 0.5, SEED, 2)
     assert picked == sample_nodes(list(reversed(nodes)), 0.5, SEED, 2)
@@ -243,26 +245,14 @@ def test_sampling_is_seeded_and_takes_the_ceiling():
     assert len({tuple(sample_nodes(nodes, 0.5, SEED, r)) for r in range(1, 20)}) > 1
 
 
-def _reply(node: int) -> ClientReply:
-    return ClientReply(node, node, [np.zeros(1, np.float32)], 10, 0.5)
+def test_round_replies_name_failed_and_missing_nodes():
+    from fedmnist.server import Reply
 
-
-def test_enough_replies_aggregates():
-    replies = RoundReplies(sent=[1, 2, 3], ok=[_reply(1), _reply(2)], failed={3: "error 5: node unavailable"})
-    assert replies_shortfall(1, replies, min_replies=2, timeout=60) is None
-    assert replies.missing == []
-
-
-def test_too_few_replies_names_the_failed_and_missing_nodes():
-    replies = RoundReplies(sent=[1, 2, 3], ok=[_reply(1)], failed={3: "error 5: node unavailable"})
-
-    why = replies_shortfall(2, replies, min_replies=2, timeout=60)
+    ok = Reply(1, [np.zeros(1, np.float32)], 10, "node 1", "x")
+    replies = RoundReplies(sent=[1, 2, 3], ok=[ok], failed={3: "error 5: node unavailable"})
 
     assert replies.missing == [2]
-    assert why.startswith("round 2: only 1 successful replies of 3 nodes (min-train-nodes=2)")
-    assert "node 3: error 5: node unavailable" in why
-    assert "no reply after 60 s from node(s) 2" in why
-    assert replies_shortfall(1, RoundReplies(sent=[1]), 1, 5).startswith("round 1: only 0 successful")
+    assert replies.failures(60) == {"node 3": "error 5: node unavailable", "node 2": "no reply after 60 s"}
 
 
 # --- the ServerApp's loop on an in-process Grid ------------------------------------------------
@@ -315,7 +305,7 @@ def _lost_node(message):
 
 
 def test_collect_replies_matches_replies_to_their_nodes():
-    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
     from fedmnist.flower_app import collect_replies
 
@@ -324,7 +314,8 @@ def test_collect_replies_matches_replies_to_their_nodes():
 
     def good(message):
         content = RecordDict({"arrays": weights_to_record(start),
-                              "metrics": MetricRecord({"num-examples": 5, "client-id": 4, "train-loss": 0.5})})
+                              "metrics": MetricRecord({"num-examples": 5, "client-id": 4, "train-loss": 0.5}),
+                              "reply": ConfigRecord({"start-sha256": "abc"})})
         return Message(content=content, reply_to=message)
 
     def malformed(message):
@@ -339,7 +330,7 @@ def test_collect_replies_matches_replies_to_their_nodes():
     replies = collect_replies(grid, messages, timeout=1.0)
 
     assert time.monotonic() - t0 < 10
-    assert [(r.node_id, r.client_id, r.num_examples) for r in replies.ok] == [(10, 4, 5)]
+    assert [(r.source, r.client_id, r.num_examples, r.start_sha256) for r in replies.ok] == [("node 10", 4, 5, "abc")]
     assert replies.failed[20].startswith("error 5")
     assert "no 'arrays'" in replies.failed[40]
     assert "did not accept" in replies.failed[50]
@@ -349,8 +340,8 @@ def test_collect_replies_matches_replies_to_their_nodes():
 def test_server_loop_writes_every_round_and_stops_cleanly(small_federation, tmp_path):
     from fedmnist.data import client_file, common_test_file
     from fedmnist.exchange import load_global
-    from fedmnist.flower_app import METRICS_CSV, RoundFailedError, run_server
-    from fedmnist.simulation import CSV_COLUMNS as SIMULATION_COLUMNS
+    from fedmnist.flower_app import RoundFailedError, run_server
+    from fedmnist.outputs import CSV_COLUMNS, METRICS_CSV
 
     _train_message(initial_weights(SEED), 1, 0.0)  # task identity
     config = FlowerRunConfig(num_server_rounds=2, local_epochs=1, batch_size=32, optimizer="adam",
@@ -364,11 +355,10 @@ def test_server_loop_writes_every_round_and_stops_cleanly(small_federation, tmp_
 
     assert [(h.round, h.num_sampled, h.num_replies, h.replied_clients) for h in history] == [
         (1, 3, 2, [1, 2]), (2, 3, 2, [1, 2])]
-    assert all(len(h.failed_nodes) == 1 and h.failed_nodes[0].startswith("103: error 5") for h in history)
+    assert all(len(h.failed) == 1 and h.failed[0].startswith("node 103: error 5") for h in history)
     out = tmp_path / "ok"
     header = (out / METRICS_CSV).read_text().splitlines()[0].split(",")
-    assert [c for c in header if c in SIMULATION_COLUMNS] == [c for c in SIMULATION_COLUMNS if c in header]
-    assert len(set(header) & set(SIMULATION_COLUMNS)) >= 12
+    assert header == CSV_COLUMNS  # the simulation's columns: one writer for every mode
     assert load_global(out / "pesos_globales_ronda_2.pkl").round == 2
     assert (out / "modelo_global_fedavg.h5").is_file() and (out / "precision_por_ronda.png").is_file()
 
@@ -383,8 +373,8 @@ def test_server_loop_writes_every_round_and_stops_cleanly(small_federation, tmp_
 
     answers[103] = lost_in_round_two
     grid = FakeGrid(answers)
-    with pytest.raises(RoundFailedError, match=r"round 2: only 2 successful replies of 3 nodes "
-                       r"\(min-train-nodes=3\); failed: node 103: error 5"):
+    with pytest.raises(RoundFailedError, match=r"round 2 \(fedavg\): only 2 accepted replies, 3 needed; "
+                       r"failed: node 103: error 5"):
         run_server(grid, strict)
     out = tmp_path / "strict"
     assert json.loads((out / "metricas_por_ronda.json").read_text())["rounds"][0]["num_replies"] == 3
@@ -392,6 +382,60 @@ def test_server_loop_writes_every_round_and_stops_cleanly(small_federation, tmp_
     assert load_global(out / "pesos_globales_ronda_1.pkl").round == 1
     assert not (out / "pesos_globales_ronda_2.pkl").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def _spoiled(answer, spoil: str):
+    """A node that trains honestly, then sends a reply spoiled as ``spoil`` says."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    def respond(message):
+        honest = answer(message)
+        weights = record_to_weights(honest.content["arrays"])
+        metrics = dict(honest.content["metrics"])
+        start = honest.content["reply"]["start-sha256"]
+        if spoil == "nan":
+            weights[0][...] = np.nan
+        elif spoil == "inf":
+            weights[-1][...] = np.inf
+        elif spoil == "shape":
+            weights[0] = weights[0][..., :1].copy()
+        elif spoil == "start":
+            start = "0" * 64
+        elif spoil == "count-inf":
+            metrics["num-examples"] = float("inf")
+        elif spoil == "count-huge":
+            metrics["num-examples"] = 1e300
+        elif spoil == "count-lie":
+            metrics["num-examples"] = 10**12
+        content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(metrics),
+                              "reply": ConfigRecord({"start-sha256": start})})
+        return Message(content=content, reply_to=message)
+
+    return respond
+
+
+@pytest.mark.parametrize("spoil", ["nan", "inf", "shape", "start", "count-inf", "count-huge", "count-lie"])
+def test_a_bad_reply_fails_its_node_and_the_round_goes_on(spoil, small_federation, tmp_path):
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.flower_app import run_server
+
+    _train_message(initial_weights(SEED), 1, 0.0)  # task identity
+    config = FlowerRunConfig(num_server_rounds=1, local_epochs=1, batch_size=32, optimizer="adam",
+                             learning_rate=1e-3, momentum=0.0, min_train_nodes=2, seed=SEED,
+                             output_dir=str(tmp_path), test_file=str(common_test_file(small_federation)),
+                             round_timeout=30.0, wait_nodes_timeout=5.0)
+    nodes = {100 + k: _client_node(client_file(small_federation, k), config) for k in (1, 2, 3)}
+    nodes[102] = _spoiled(nodes[102], spoil)
+
+    (row,) = run_server(FakeGrid(nodes), config)
+
+    assert row.num_replies == 2 and row.replied_clients == [1, 3]
+    assert len(row.failed) == 1 and row.failed[0].startswith("node 102 (client 2): "), row.failed
+    if spoil == "count-lie":  # no manifest on the SuperLink: accepted? no: above the documented bound
+        assert "num_examples" in row.failed[0]
+    assert np.isfinite(row.test_loss)
+    saved = json.loads((tmp_path / "metricas_por_ronda.json").read_text())["rounds"][0]
+    assert saved["failed"] == row.failed
 
 
 def test_server_waits_for_nodes_with_a_bound(tmp_path, small_federation):
@@ -479,11 +523,11 @@ def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_pat
     run_id = flower.submit(_run_config(out, common_test_file(fed)))  # its ServerApp waits for 2 nodes
     flower.wait_supernodes()
     # Meanwhile, the in-process simulation of the same partitions, seed and settings, round by round.
-    config = SimulationConfig(num_clients=2, fraction=1.0, rounds=1, local_epochs=1, batch_size=10,
+    config = SimulationConfig.create(num_clients=2, fraction=1.0, rounds=1, local_epochs=1, batch_size=10,
                               optimizer="adam", learning_rate=1e-3, momentum=0.0, partition="iid",
                               methods=("fedavg",), seed=SEED)
     simulated = [
-        run_simulation(replace(config, rounds=r), out_dir=tmp_path / "simulacion", progress=False,
+        run_simulation(config.replace(rounds=r), out_dir=tmp_path / "simulacion", progress=False,
                        mnist=two_client_mnist, resume=True)
         for r in (1, 2)
     ]
@@ -503,7 +547,7 @@ def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_pat
     for row, sim in zip(rounds, simulated):
         flower_weights = load_global(out / f"pesos_globales_ronda_{row['round']}.pkl").weights
         for a, b in zip(flower_weights, sim.final_weights["fedavg"]):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+            assert np.max(np.abs(a - b)) <= 1e-6
         assert row["test_accuracy"] == pytest.approx(sim.final_accuracy["fedavg"], abs=0.01)
 
 
@@ -560,7 +604,7 @@ def test_a_lost_supernode_leaves_enough_replies(deployment, tmp_path, small_fede
     assert run["status"] == "finished:completed", flower.server_log(run_id)
     (row,) = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
     assert row["num_sampled"] == 3 and row["num_replies"] == 2 and row["replied_clients"] == [1, 2]
-    assert len(row["failed_nodes"]) == 1
+    assert len(row["failed"]) == 1 and row["failed"][0].startswith("node ")
     assert load_global(out / "pesos_globales_ronda_1.pkl").round == 1
 
 
@@ -591,7 +635,7 @@ def test_too_few_replies_fail_the_run_and_keep_earlier_rounds(deployment, tmp_pa
     run = flower.wait_finished(run_id, RUN_TIMEOUT)
 
     assert run["status"] == "finished:failed"
-    assert "round 2: only 2 successful replies of 3 nodes (min-train-nodes=3)" in run["status-details"], run
+    assert "round 2 (fedavg): only 2 accepted replies, 3 needed" in run["status-details"], run
     assert "failed: node" in run["status-details"] or "no reply after" in run["status-details"]
     # round 1's files are complete and untouched; nothing of round 2 was written
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot

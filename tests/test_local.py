@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from fedmnist.data import client_file, save_arrays
+from fedmnist.data import client_file, load_partition, save_arrays
 from fedmnist.errors import ConfigError, DataError, FedMnistError, UpdateFileError
 from fedmnist.exchange import (
     FORMAT_VERSION,
@@ -23,7 +23,8 @@ from fedmnist.io import sha256_file
 from fedmnist.local import output_paths, run_local_training
 from fedmnist.model import initial_weights, model_fingerprint, weights_sha256
 from fedmnist.partition import MANIFEST_FILE
-from fedmnist.training import ClientTrainer, TrainConfig
+from fedmnist.seeds import training_seed, validation_seed
+from fedmnist.training import ClientTrainer, TrainConfig, validation_split
 
 CONFIG = TrainConfig(epochs=1, batch_size=32, mu=0.01, seed=7)
 CLIENT = 2
@@ -93,7 +94,8 @@ def test_update_file_holds_the_metadata(from_file, round0_file, small_federation
     # Assert
     assert update.client_id == CLIENT
     assert update.round == 0
-    assert update.num_examples == partition_size - held_out == out.result.num_examples
+    assert update.num_examples == partition_size  # n_k: the data it holds, checked against particion.json
+    assert out.result.num_examples == partition_size - held_out
     assert update.start_sha256 == start.sha256 == out.start.sha256
     assert update.fingerprint == model_fingerprint()
     assert update.mu == CONFIG.mu
@@ -105,6 +107,25 @@ def test_update_file_holds_the_metadata(from_file, round0_file, small_federation
     for saved, trained in zip(update.weights, out.result.weights):
         assert np.array_equal(saved, trained)
     assert weights_sha256(update.weights) != start.sha256, "training must have moved the weights"
+
+
+def test_training_uses_the_shared_seed_formulas(from_file, round0_file, small_federation, trainer):
+    # Prepare: the same training written out by hand with fedmnist.seeds' formulas, round 0's weights
+    # being trained in training round 1 (the seed the simulation and Flower give this client)
+    out, _ = from_file
+    _, start = round0_file
+    x, y = load_partition(client_file(small_federation, CLIENT))
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, CONFIG.validation_split, validation_seed(CONFIG.seed, CLIENT))
+
+    # Execute
+    expected = trainer.train(start.weights, x_fit, y_fit, epochs=CONFIG.epochs, batch_size=CONFIG.batch_size,
+                             mu=CONFIG.mu, seed=training_seed(CONFIG.seed, 1, CLIENT), x_val=x_val, y_val=y_val)
+
+    # Assert
+    assert out.result.num_examples == expected.num_examples == len(x_fit)
+    assert out.result.history == expected.history
+    for a, b in zip(out.result.weights, expected.weights):
+        assert np.array_equal(a, b)
 
 
 def test_keras_model_file_loads_with_the_trained_weights(from_file):

@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from fedmnist.checkpoint import load_checkpoint, save_checkpoint
+from fedmnist.cli import config_from_args
 from fedmnist.errors import ConfigError
+from fedmnist.federation import prepare_federation
 from fedmnist.simulation import (
     CHECKPOINT_FILE,
     PRESETS,
     SimulationConfig,
-    config_from_args,
-    load_checkpoint,
-    prepare_federation,
     run_simulation,
     sample_clients,
-    save_checkpoint,
 )
 
-TINY = SimulationConfig(
+TINY = SimulationConfig.create(
     num_clients=5,
     fraction=0.6,
     rounds=2,
@@ -84,23 +82,23 @@ def test_methods_share_partition_init_and_sampled_clients(reference, raw_mnist):
     # after round 1 each method continues from its own global model
     assert reference.metrics["fedavg"][1].start_sha256 != reference.metrics["fedmed"][1].start_sha256
     assert reference.client_sizes == [100] * 5
-    other = prepare_federation(replace(TINY, methods=("krum",)), mnist=raw_mnist)
-    mine = prepare_federation(TINY, mnist=raw_mnist)
+    other = prepare_federation(TINY.replace(methods=("krum",), mu=0.5).federation, TINY.seed, mnist=raw_mnist)
+    mine = prepare_federation(TINY.federation, TINY.seed, mnist=raw_mnist)
     assert all(np.array_equal(a, b) for a, b in zip(mine.client_indices, other.client_indices))
 
 
 def test_sampling_depends_on_seed_and_round_only():
-    config = SimulationConfig(num_clients=100, fraction=0.1, seed=3)
+    config = SimulationConfig.create(num_clients=100, fraction=0.1, seed=3)
     first = sample_clients(config, 1)
     assert len(first) == 10 and first == sorted(first) and all(1 <= k <= 100 for k in first)
-    assert first == sample_clients(replace(config, methods=("krum",), mu=0.5, rounds=99), 1)
+    assert first == sample_clients(config.replace(methods=("krum",), mu=0.5, rounds=99), 1)
     assert first != sample_clients(config, 2)
-    assert first != sample_clients(replace(config, seed=4), 1)
+    assert first != sample_clients(config.replace(seed=4), 1)
 
 
 def test_a_method_gives_the_same_numbers_whatever_else_runs(reference, trainer, raw_mnist, tmp_path):
     alone = run_simulation(
-        replace(TINY, methods=("fedmed",)), out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist
+        TINY.replace(methods=("fedmed",)), out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist
     )
     assert [r.comparable() for r in alone.metrics["fedmed"]] == comparable(reference)["fedmed"]
     assert same_weights(alone.final_weights["fedmed"], reference.final_weights["fedmed"])
@@ -112,10 +110,10 @@ def test_a_method_gives_the_same_numbers_whatever_else_runs(reference, trainer, 
 def test_same_seed_gives_identical_metrics_and_weights(reference, trainer, raw_mnist, tmp_path):
     again = run_simulation(TINY, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
     assert comparable(again) == comparable(reference)
-    for method in TINY.methods:
+    for method in TINY.method.methods:
         assert same_weights(again.final_weights[method], reference.final_weights[method])
     accuracy = reference.final_accuracy
-    assert all(0.0 <= accuracy[m] <= 1.0 for m in TINY.methods)
+    assert all(0.0 <= accuracy[m] <= 1.0 for m in TINY.method.methods)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(reference, trainer, raw_mnist, tmp_path):
@@ -135,35 +133,35 @@ def test_resume_after_interruption_equals_uninterrupted_run(reference, trainer, 
             mnist=raw_mnist,
             callback=stop_after_first_round,
         )
-    fed = prepare_federation(TINY, mnist=raw_mnist)
-    assert load_checkpoint(tmp_path / CHECKPOINT_FILE, TINY, fed.sha256)["completed_rounds"] == 1
+    fed = prepare_federation(TINY.federation, TINY.seed, mnist=raw_mnist)
+    assert load_checkpoint(tmp_path / CHECKPOINT_FILE, TINY, fed.sha256).round == 1
 
     resumed = run_simulation(
         TINY, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist, resume=True
     )
     assert resumed.resumed_from_round == 1
     assert comparable(resumed) == comparable(reference)
-    for method in TINY.methods:
+    for method in TINY.method.methods:
         assert same_weights(resumed.final_weights[method], reference.final_weights[method])
     rows = json.loads((tmp_path / "metricas_por_ronda.json").read_text())["rounds"]
-    assert [(r["round"], r["method"]) for r in rows] == [(r, m) for r in (1, 2) for m in TINY.methods]
+    assert [(r["round"], r["method"]) for r in rows] == [(r, m) for r in (1, 2) for m in TINY.method.methods]
 
 
 def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, trainer, raw_mnist, tmp_path):
     # Arrange: a target every method passes in round 1 (the reference's round-1 accuracies are far above it)
     low = min(rows[0].test_accuracy for rows in reference.metrics.values()) - 0.01
-    config = replace(TINY, rounds=4, target_accuracy=low, stop_at_target=True)
+    config = TINY.replace(rounds=4, target_accuracy=low, stop_at_target=True)
 
     # Execute: a run capped at 4 rounds, then the same run resumed with a higher cap
     first = run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
     resumed = run_simulation(
-        replace(config, rounds=6), out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist,
+        config.replace(rounds=6), out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist,
         resume=True,
     )
 
     # Assert: one round only, the same numbers as the reference's round 1, nothing added on resume
-    assert {m: [r.round for r in rows] for m, rows in first.metrics.items()} == {m: [1] for m in TINY.methods}
-    assert first.rounds_to_target == dict.fromkeys(TINY.methods, 1)
+    assert {m: [r.round for r in rows] for m, rows in first.metrics.items()} == {m: [1] for m in TINY.method.methods}
+    assert first.rounds_to_target == dict.fromkeys(TINY.method.methods, 1)
     assert {m: rows[0].comparable() for m, rows in first.metrics.items()} == {
         m: rows[0].comparable() for m, rows in reference.metrics.items()
     }
@@ -172,14 +170,16 @@ def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, 
 
 
 def test_resume_refuses_another_config_or_a_longer_checkpoint(raw_mnist, trainer, tmp_path):
+    from fedmnist.methods import build_methods
     from fedmnist.model import initial_weights
+    from fedmnist.server import ServerState
 
-    fed = prepare_federation(TINY, mnist=raw_mnist)
-    weights = dict.fromkeys(TINY.methods, initial_weights(TINY.seed))
-    save_checkpoint(tmp_path / CHECKPOINT_FILE, TINY, fed.sha256, 2, weights, [], [])
-    with pytest.raises(ConfigError, match=r"mu: 0\.01 -> 0\.1"):
+    fed = prepare_federation(TINY.federation, TINY.seed, mnist=raw_mnist)
+    state = ServerState.initial(build_methods(TINY.method), initial_weights(TINY.seed), round_=2)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, TINY, fed.sha256, state, [])
+    with pytest.raises(ConfigError, match=r"method.mu: 0\.01 -> 0\.1"):
         run_simulation(
-            replace(TINY, mu=0.1),
+            TINY.replace(mu=0.1),
             out_dir=tmp_path,
             progress=False,
             trainer=trainer,
@@ -188,7 +188,7 @@ def test_resume_refuses_another_config_or_a_longer_checkpoint(raw_mnist, trainer
         )
     with pytest.raises(ConfigError, match="already holds 2 rounds"):
         run_simulation(
-            replace(TINY, rounds=1),
+            TINY.replace(rounds=1),
             out_dir=tmp_path,
             progress=False,
             trainer=trainer,
@@ -222,25 +222,24 @@ def test_metric_files_plot_models_and_summary_are_written(reference):
         "sampled_clients",
     } <= set(rows[0])
     assert float(rows[0]["test_accuracy"]) == reference.metrics["fedavg"][0].test_accuracy
-    assert json.loads((out / "metricas_por_ronda.json").read_text())["methods"] == list(TINY.methods)
+    assert json.loads((out / "metricas_por_ronda.json").read_text())["methods"] == list(TINY.method.methods)
     assert (out / "precision_por_ronda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "resumen.json").read_text())
-    for method in TINY.methods:
+    for method in TINY.method.methods:
         assert summary["methods"][method]["final_accuracy"] == reference.final_accuracy[method]
         assert summary["methods"][method]["rounds_to_target"] is None  # 99% is out of reach here
         assert (out / f"modelo_global_{method}.h5").stat().st_size > 100_000
         gw = load_global(out / f"pesos_globales_{method}.pkl")
         assert gw.method == method and same_weights(gw.weights, reference.final_weights[method])
     checkpoint = safe_load_pickle(out / "checkpoint.pkl")
-    assert checkpoint["completed_rounds"] == 2 and set(checkpoint["weights"]) == set(TINY.methods)
+    assert checkpoint["completed_rounds"] == 2 and set(checkpoint["weights"]) == set(TINY.method.methods)
 
 
 # --- attacks -----------------------------------------------------------------------------------
 
 
 def test_one_gaussian_attacker_of_five_breaks_fedavg_but_not_fedmed(raw_mnist, trainer, tmp_path):
-    config = replace(
-        TINY,
+    config = TINY.replace(
         fraction=1.0,
         methods=("fedavg", "fedmed"),
         num_malicious=1,
@@ -260,8 +259,7 @@ def test_one_gaussian_attacker_of_five_breaks_fedavg_but_not_fedmed(raw_mnist, t
 
 
 def test_robust_rules_run_under_sign_flipping(raw_mnist, trainer, tmp_path):
-    config = replace(
-        TINY,
+    config = TINY.replace(
         rounds=1,
         fraction=1.0,
         methods=("trimmed", "krum", "multikrum"),
@@ -290,7 +288,7 @@ def test_robust_rules_run_under_sign_flipping(raw_mnist, trainer, tmp_path):
         ({"num_malicious": 1}, "no attack"),
         ({"attack": "gaussian"}, "no malicious clients"),
         ({"num_malicious": 1, "attack": "labelflip", "attack_strength": 2.0}, "takes no strength"),
-        ({"methods": ("krum",), "num_clients": 4, "krum_f": 1}, "Krum with f=1"),
+        ({"methods": ("krum",), "num_clients": 4, "krum_f": 1}, "krum with f=1"),
         ({"train_subset": 3}, "fewer images"),
         ({"rounds": 0}, "rounds"),
         ({"batch_size": 2.5}, "integer"),
@@ -298,12 +296,13 @@ def test_robust_rules_run_under_sign_flipping(raw_mnist, trainer, tmp_path):
 )
 def test_bad_values_raise_config_error(changes, message):
     with pytest.raises(ConfigError, match=message):
-        replace(TINY, **changes).validate()
+        TINY.replace(**changes).validate()
 
 
 def test_partition_errors_surface_as_config_errors(raw_mnist):
     with pytest.raises(ConfigError, match="shards"):
-        prepare_federation(replace(TINY, partition="shards", shards_per_client=3), mnist=raw_mnist)
+        config = TINY.replace(partition="shards", shards_per_client=3)
+        prepare_federation(config.federation, config.seed, mnist=raw_mnist)
 
 
 def test_presets_are_mcmahan_setups_and_flags_override_them():
@@ -311,23 +310,26 @@ def test_presets_are_mcmahan_setups_and_flags_override_them():
 
     iid, noniid = PRESETS["mcmahan-iid"], PRESETS["mcmahan-noniid"]
     for preset in (iid, noniid):
-        assert (preset.num_clients, preset.fraction, preset.local_epochs, preset.batch_size) == (
+        assert (preset.federation.num_clients, preset.fraction, preset.training.epochs,
+                preset.training.batch_size) == (
             100,
             0.1,
             5,
             10,
         )
-        assert preset.optimizer == "sgd" and preset.target_accuracy == 0.99 and preset.train_subset is None
-    assert iid.partition == "iid" and (noniid.partition, noniid.shards_per_client) == ("shards", 2)
+        assert preset.training.optimizer == "sgd" and preset.target_accuracy == 0.99
+        assert preset.federation.train_subset is None
+    assert iid.federation.partition == "iid"
+    assert (noniid.federation.partition, noniid.federation.shards_per_client) == ("shards", 2)
 
     args = build_parser().parse_args(
         ["simulate", "--preset", "mcmahan-noniid", "--rounds", "3", "--out", "x"]
     )
-    assert config_from_args(args) == replace(noniid, rounds=3)
+    assert config_from_args(args) == noniid.replace(rounds=3)
     args = build_parser().parse_args(
         ["simulate", "--methods", "krum", "fedavg", "--malicious", "2", "--attack", "scale", "--out", "x"]
     )
-    assert config_from_args(args) == SimulationConfig(
+    assert config_from_args(args) == SimulationConfig.create(
         methods=("krum", "fedavg"), num_malicious=2, attack="scale"
     )
 
@@ -369,8 +371,206 @@ def test_cli_simulate_writes_results_and_rejects_bad_values(mnist_path, tmp_path
 
 
 def test_plot_joins_rounds_that_were_not_evaluated():
-    from fedmnist.simulation import _joined_curves
+    from fedmnist.outputs import joined_curves
 
-    joined = _joined_curves({"fedavg": [np.nan, 0.2, np.nan, 0.4], "fedmed": [np.nan, 0.5]})
+    joined = joined_curves({"fedavg": [np.nan, 0.2, np.nan, 0.4], "fedmed": [np.nan, 0.5]})
     assert np.isnan(joined["fedavg"][0]) and np.allclose(joined["fedavg"][1:], [0.2, 0.3, 0.4])
     assert np.isnan(joined["fedmed"][0]) and joined["fedmed"][1] == 0.5
+
+
+# --- the shared server step in the simulation -------------------------------------------------
+
+
+def test_stop_at_target_stamps_the_rounds_run_in_the_outputs(reference, trainer, raw_mnist, tmp_path):
+    from fedmnist.exchange import load_global
+
+    low = min(rows[0].test_accuracy for rows in reference.metrics.values()) - 0.01
+    config = TINY.replace(rounds=4, target_accuracy=low, stop_at_target=True)
+    result = run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
+    summary = json.loads((tmp_path / "resumen.json").read_text())
+    assert result.rounds_run == 1 and summary["rounds"] == 1 and summary["max_rounds"] == 4
+    for method in TINY.method.methods:
+        assert load_global(tmp_path / f"pesos_globales_{method}.pkl").round == 1
+        assert summary["methods"][method]["rounds_run"] == 1
+
+
+@pytest.mark.parametrize("spoil", ["nan", "inf", "shape", "start"])
+def test_a_bad_reply_is_refused_and_counts_as_a_failed_client(spoil, trainer, raw_mnist, tmp_path, monkeypatch):
+    import fedmnist.simulation as simulation
+
+    honest = simulation.collect_replies
+
+    def one_bad(*args, **kwargs):
+        replies, failed = honest(*args, **kwargs)
+        bad = replies[0]
+        if spoil == "nan":
+            bad.weights[0] = np.full_like(bad.weights[0], np.nan)
+        elif spoil == "inf":
+            bad.weights[-1] = np.full_like(bad.weights[-1], np.inf)
+        elif spoil == "shape":
+            bad.weights[0] = bad.weights[0][..., :1]
+        else:
+            bad.start_sha256 = "0" * 64
+        return replies, failed
+
+    monkeypatch.setattr(simulation, "collect_replies", one_bad)
+    config = TINY.replace(rounds=1, methods=("fedavg",))
+    result = run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
+    row = result.metrics["fedavg"][0]
+    first = row.sampled_clients[0]
+    assert row.num_replies == 2 and first not in row.replied_clients
+    assert len(row.failed) == 1 and f"client {first}" in row.failed[0]
+    assert np.all([np.isfinite(w).all() for w in result.final_weights["fedavg"]])
+    csv_text = (tmp_path / "metricas_por_ronda.csv").read_text()
+    assert f"client {first}" in csv_text
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda c: c.update(completed_rounds="2"), "completed_rounds"),
+        (lambda c: c.update(completed_rounds=1), "records cover rounds"),
+        (lambda c: c["weights"]["fedavg"].__setitem__(0, np.full((3, 3, 1, 32), np.nan, np.float32)), "NaN"),
+        (lambda c: c["weights"]["fedavg"].pop(), "expected"),
+        (lambda c: c["metrics"][0].update(test_accuracy="high"), "malformed"),
+        (lambda c: c.update(method_state=[]), "server state"),
+    ],
+)
+def test_a_tampered_checkpoint_is_refused_before_any_output(tamper, message, reference, raw_mnist, trainer,
+                                                            tmp_path):
+    import pickle
+
+    from fedmnist.exchange import safe_load_pickle
+
+    checkpoint = safe_load_pickle(reference.files["checkpoint"])
+    tamper(checkpoint)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(pickle.dumps(checkpoint, protocol=4))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=message):
+        run_simulation(TINY, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_output_path_that_is_a_file_fails_before_any_work(tmp_path):
+    target = tmp_path / "not_a_dir"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match=r"not a directory|is a file"):
+        run_simulation(TINY, out_dir=target, progress=False)
+
+
+def test_server_optimisers_keep_their_state_and_resume_bit_identically(trainer, raw_mnist, tmp_path):
+    from fedmnist.exchange import safe_load_pickle
+
+    config = TINY.replace(methods=("fedavgm", "fedadam"), server_lr=0.5)
+    whole = run_simulation(config, out_dir=tmp_path / "whole", progress=False, trainer=trainer, mnist=raw_mnist)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(round_, rows):
+        if round_ == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_simulation(config, out_dir=tmp_path / "cut", progress=False, trainer=trainer, mnist=raw_mnist,
+                       callback=stop)
+    state = safe_load_pickle(tmp_path / "cut" / CHECKPOINT_FILE)["method_state"]
+    assert state["fedadam"]["t"] == 1 and len(state["fedadam"]["v"]) == 10 and state["fedavgm"]["v"] == []
+    resumed = run_simulation(config, out_dir=tmp_path / "cut", progress=False, trainer=trainer, mnist=raw_mnist,
+                             resume=True)
+    assert comparable(resumed) == comparable(whole)
+    for method in ("fedavgm", "fedadam"):
+        assert same_weights(resumed.final_weights[method], whole.final_weights[method])
+    # FedAvgM and FedAdam move away from plain FedAvg's model after round 1
+    assert whole.metrics["fedavgm"][1].start_sha256 != whole.metrics["fedadam"][1].start_sha256
+
+
+def test_a_tampered_optimiser_state_is_refused(trainer, raw_mnist, tmp_path):
+    import pickle
+
+    from fedmnist.exchange import safe_load_pickle
+
+    config = TINY.replace(methods=("fedadam",), rounds=1)
+    run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
+    checkpoint = safe_load_pickle(tmp_path / CHECKPOINT_FILE)
+    checkpoint["method_state"]["fedadam"]["v"][0][...] = -1.0
+    (tmp_path / CHECKPOINT_FILE).write_bytes(pickle.dumps(checkpoint, protocol=4))
+    with pytest.raises(ConfigError, match=r"checkpoint\.pkl"):
+        run_simulation(config.replace(rounds=2), out_dir=tmp_path, progress=False, trainer=trainer,
+                       mnist=raw_mnist, resume=True)
+
+
+# --- differential privacy ----------------------------------------------------------------------
+
+DP = TINY.replace(num_clients=10, fraction=0.5, methods=("fedavg",), train_subset=600, dp_noise=1.0, dp_clip=1.0)
+
+
+def test_dp_fedavg_reports_epsilon_per_round_and_stops_before_the_target(trainer, raw_mnist, tmp_path):
+    from fedmnist.privacy import PrivacyAccountant
+
+    accountant = PrivacyAccountant(1.0, 10, 5, 1e-5)
+    target = (accountant.epsilon(2) + accountant.epsilon(3)) / 2  # room for two rounds, not three
+    config = DP.replace(rounds=5, target_epsilon=target)
+    result = run_simulation(config, out_dir=tmp_path, progress=False, trainer=trainer, mnist=raw_mnist)
+    rows = result.metrics["fedavg"]
+    assert [r.round for r in rows] == [1, 2]
+    assert [r.epsilon for r in rows] == [accountant.epsilon(1), accountant.epsilon(2)]
+    assert all(r.delta == 1e-5 for r in rows)
+    summary = json.loads((tmp_path / "resumen.json").read_text())
+    assert summary["methods"]["fedavg"]["epsilon"] == accountant.epsilon(2) <= target
+    assert summary["rounds"] == 2
+    with pytest.raises(ConfigError, match="already exceeded"):
+        run_simulation(config.replace(target_epsilon=accountant.epsilon(1)), out_dir=tmp_path, progress=False,
+                       trainer=trainer, mnist=raw_mnist, resume=True)
+
+
+def test_dp_client_side_clipping_and_resume_are_exact(trainer, raw_mnist, tmp_path):
+    config = DP.replace(rounds=2, dp_side="client", dp_clip=0.5)
+    whole = run_simulation(config, out_dir=tmp_path / "a", progress=False, trainer=trainer, mnist=raw_mnist)
+    assert all(r.failed == [] and r.num_replies == 5 for r in whole.metrics["fedavg"])
+    run_simulation(config.replace(rounds=1), out_dir=tmp_path / "b", progress=False, trainer=trainer,
+                   mnist=raw_mnist)
+    resumed = run_simulation(config, out_dir=tmp_path / "b", progress=False, trainer=trainer, mnist=raw_mnist,
+                             resume=True)
+    assert comparable(resumed) == comparable(whole)
+    assert same_weights(resumed.final_weights["fedavg"], whole.final_weights["fedavg"])
+    server_side = run_simulation(config.replace(dp_side="server"), out_dir=tmp_path / "c", progress=False,
+                                 trainer=trainer, mnist=raw_mnist)
+    # clipping by the clients or by the server gives the same model (same draws, same clipped updates)
+    for a, b in zip(server_side.final_weights["fedavg"], whole.final_weights["fedavg"]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"methods": ("fedmed",)}, "wraps only fedavg, fedprox"),
+    ({"dp_noise": -1.0}, "must be >= 0"),
+    ({"dp_clip": 0.0}, "must be > 0"),
+    ({"dp_delta": 1.0}, "must be in"),
+    ({"dp_accountant": "pld"}, "needs sampling 'poisson'"),
+])
+def test_bad_privacy_settings_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        DP.replace(**changes).validate()
+
+
+# --- parallel clients ----------------------------------------------------------------------------
+
+
+def test_workers_give_the_same_weights_for_any_n_and_resume_across_n(raw_mnist, tmp_path):
+    from fedmnist.workers import usable_cores
+
+    config = TINY.replace(methods=("fedavg", "fedmed"), num_malicious=1, attack="labelflip", rounds=2)
+    one = run_simulation(config, out_dir=tmp_path / "one", progress=False, mnist=raw_mnist, workers=1)
+    two = run_simulation(config, out_dir=tmp_path / "two", progress=False, mnist=raw_mnist, workers=2)
+    assert [r.sampled_clients for r in one.metrics["fedavg"]] == [sample_clients(config, r) for r in (1, 2)]
+    assert any(r.malicious_sampled for r in one.metrics["fedavg"])
+    assert comparable(one) == comparable(two)
+    for method in ("fedavg", "fedmed"):
+        assert same_weights(one.final_weights[method], two.final_weights[method])
+
+    run_simulation(config.replace(rounds=1), out_dir=tmp_path / "mixed", progress=False, mnist=raw_mnist,
+                   workers=2)
+    resumed = run_simulation(config, out_dir=tmp_path / "mixed", progress=False, mnist=raw_mnist, workers=1,
+                             resume=True)
+    assert comparable(resumed) == comparable(one)
+    assert usable_cores() >= 1

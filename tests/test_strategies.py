@@ -12,13 +12,14 @@ from fedmnist.strategies import (
     AggregationError,
     aggregate,
     available_methods,
+    bulyan,
     coordinate_median,
     krum,
     trimmed_mean,
     weighted_average,
 )
 
-METHODS = ["fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum"]
+METHODS = ["fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum", "bulyan"]
 CNN_SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (1152, 8), (8,), (8, 10), (10,)]
 
 
@@ -258,13 +259,88 @@ def test_krum_with_identical_clients():
     np.testing.assert_array_equal(krum(results, 1)[0], f32(2.0, -2.0))
 
 
+# --- bulyan -------------------------------------------------------------------------------------
+
+# Bulyan case, n=7, f=1: Krum scores over the 4 nearest others (squared distances, the outlier aside):
+#   p0 (0, 3.2): 5.44 + 6.74 + 11.24 + 15.08 = 38.5     p4 (4, 4):     4.5 + 8 + 9.64 + 16.64 = 38.78
+#   p1 (1, 0):   5 + 5.84 + 8.5 + 11.24 = 30.58        p5 (2.5, 2.5): .5 + 2.74 + 4.5 + 6.74 = 14.48
+#   p2 (2, 2):   .5 + 2.44 + 5 + 5.44 = 13.38          p6 (60, -60):  the outlier
+#   p3 (3.2, 1): 2.44 + 2.74 + 5.84 + 9.64 = 20.66
+# theta = 5 kept: p2, p5, p3, p1, p0. Coordinate 0: 0, 1, 2, 3.2, 2.5 -> median 2, the beta = 3 nearest
+# are 2, 2.5, 1 -> 11/6. Coordinate 1: 3.2, 0, 2, 1, 2.5 -> median 2, nearest 2, 2.5, 1 -> 11/6.
+BULYAN_POINTS = [(0, 3.2), (1, 0), (2, 2), (3.2, 1), (4, 4), (2.5, 2.5), (60, -60)]
+
+
+def test_bulyan_by_hand():
+    results = [([f32(*p)], n) for p, n in zip(BULYAN_POINTS, [1, 50, 2, 3, 4, 5, 6])]
+
+    out = bulyan(results, num_malicious=1)
+
+    np.testing.assert_allclose(out[0], [11.0 / 6.0, 11.0 / 6.0], rtol=1e-6)
+    assert out[0].dtype == np.float32
+
+
+def test_bulyan_selects_once_unlike_the_recursive_selection():
+    # Prepare: 0, 1, 2, 3, 7, 8, 10 (f=1). Krum scores over the 4 nearest: 63, 42, 31, 30, 51, 66, 126.
+    # One Multi-Krum pass keeps {0, 1, 2, 3, 7}: median 2, nearest three 2, 1, 3 -> 2.
+    # The recursive selection (paper, legacy Flower) keeps 3, then 2, 8, 0, 7: median 3, nearest 3, 2, 0 -> 5/3.
+    results = [([scalar(x)], 1) for x in [0.0, 1.0, 2.0, 3.0, 7.0, 8.0, 10.0]]
+
+    # Execute
+    out = bulyan(results, num_malicious=1)
+
+    # Assert
+    np.testing.assert_allclose(out[0], 2.0)
+    legacy = pytest.importorskip("flwr.server.strategy.aggregate")
+    theirs = legacy.aggregate_bulyan(list(results), 1, legacy.aggregate_krum, to_keep=0)
+    np.testing.assert_allclose(theirs[0], 5.0 / 3.0, rtol=1e-6)
+
+
+def test_bulyan_without_malicious_clients_is_the_unweighted_mean():
+    results = line_results([1.0, 2.0, 9.0], counts=[10, 1, 1])
+
+    np.testing.assert_allclose(bulyan(results, 0)[0], [4.0, -4.0])
+
+
+def test_bulyan_resists_a_far_outlier():
+    rng = np.random.default_rng(4)
+    results = random_results(rng, [(4,), (2, 3)], num_clients=6)
+    results.insert(2, ([np.full(4, 1e4, np.float32), np.full((2, 3), -1e4, np.float32)], 1000))
+
+    out = bulyan(results, 1)
+
+    assert max(float(np.abs(layer).max()) for layer in out) < 5.0
+
+
+@pytest.mark.parametrize(("n", "f"), [(6, 1), (10, 2), (2, 0), (1, 0)])
+def test_bulyan_needs_4f_plus_3_clients(n, f):
+    results = line_results([float(x) for x in range(n)])
+
+    with pytest.raises(ValueError, match=r"n >= 4f \+ 3"):
+        bulyan(results, num_malicious=f)
+
+
+@pytest.mark.parametrize(("n", "f"), [(3, 0), (7, 1), (11, 2)])
+def test_bulyan_accepts_4f_plus_3_clients(n, f):
+    results = line_results([float(x) for x in range(n)])
+
+    assert len(bulyan(results, num_malicious=f)) == 2
+
+
+@pytest.mark.parametrize("f", [-1, 1.5, True])
+def test_bulyan_invalid_num_malicious_raises(f):
+    with pytest.raises(AggregationError, match="num_malicious must be an integer >= 0"):
+        bulyan(line_results([float(x) for x in range(11)]), num_malicious=f)
+
+
 # --- properties shared by all rules -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_dim_layers(method):
-    # mean, median, trimmed mean (1 cut each end), Krum's choice and Multi-Krum's best 3: all 3
-    results = [([scalar(x)], 1) for x in [1.0, 2.5, 3.0, 3.5, 5.0]]
+    # mean, median, trimmed mean (1 cut each end), Krum's choice, Multi-Krum's best 3 and Bulyan (f=1:
+    # Krum keeps 1..5, the 3 values nearest their median 3 are 2.5, 3, 3.5): all 3
+    results = [([scalar(x)], 1) for x in [-1.0, 1.0, 2.5, 3.0, 3.5, 5.0, 7.0]]
 
     out = aggregate(method, results, num_to_keep=3)
 
@@ -328,9 +404,9 @@ def test_inputs_unchanged_and_outputs_fresh_float32(method):
 def test_identical_clients_result_is_not_aliased(method):
     # Every rule's answer equals the shared weights, which must still be copied
     layer = f32(1, 2, 3)
-    results = [([layer], 4)] * 5
+    results = [([layer], 4)] * 8  # 8 clients (Bulyan needs 7); Multi-Krum keeps 4: shares exact in float32
 
-    out = aggregate(method, results)
+    out = aggregate(method, results, num_to_keep=4)
 
     np.testing.assert_array_equal(out[0], layer)
     assert not np.shares_memory(out[0], layer)
@@ -369,18 +445,21 @@ def test_registry_rules():
     assert AGGREGATORS["trimmed"].fn is trimmed_mean
     assert AGGREGATORS["krum"].fn is krum
     assert AGGREGATORS["multikrum"].fn is strategies.multi_krum
+    assert AGGREGATORS["bulyan"].fn is bulyan
+    assert AGGREGATORS["bulyan"].params == ("num_malicious",)
     assert {n for n in METHODS if AGGREGATORS[n].weighted} == {"fedavg", "fedprox", "multikrum"}
 
 
 def test_aggregate_dispatches_with_parameters():
-    results = line_results(KRUM_XS, KRUM_COUNTS)
+    results = line_results([*KRUM_XS, 0.2, -0.05], [*KRUM_COUNTS, 3, 4])
     cases = {
         "fedavg": weighted_average(results),
         "FedProx": weighted_average(results),
         " fedmed ": coordinate_median(results),
         "trimmed": trimmed_mean(results, 0.2),
         "krum": krum(results, 1),
-        "multikrum": krum(results, 1, 4),
+        "multikrum": krum(results, 1, 6),
+        "Bulyan": bulyan(results, 1),
     }
 
     for method, expected in cases.items():
@@ -394,6 +473,7 @@ def test_aggregate_dispatches_with_parameters():
         krum(results, 1, 2)[0],
     )
     np.testing.assert_array_equal(aggregate("krum", results, num_malicious=0)[0], krum(results, 0)[0])
+    np.testing.assert_array_equal(aggregate("bulyan", results, num_malicious=0)[0], bulyan(results, 0)[0])
 
 
 def test_aggregate_ignores_parameters_a_rule_does_not_take():
@@ -411,9 +491,11 @@ def test_aggregate_passes_invalid_parameters_to_the_rule():
         aggregate("trimmed", results, trim_beta=0.5)
     with pytest.raises(ValueError, match="2f"):
         aggregate("krum", results, num_malicious=2)
+    with pytest.raises(ValueError, match="4f"):
+        aggregate("bulyan", results, num_malicious=1)
 
 
-@pytest.mark.parametrize("method", ["bulyan", "", "fed avg", None])
+@pytest.mark.parametrize("method", ["geomed", "", "fed avg", None])
 def test_unknown_method_lists_available_names(method):
     with pytest.raises(ValueError, match="unknown aggregation method") as info:
         aggregate(method, line_results([1.0]))
@@ -501,3 +583,58 @@ def test_krum_scores_match_direct_distances(seed):
 
     # Assert
     np.testing.assert_allclose(scores, np.sort(distances, axis=1)[:, 1:4].sum(axis=1), rtol=1e-9)
+
+
+@pytest.fixture
+def flwr_serverapp(monkeypatch):
+    """Flower's message-API strategies, with the task identity a Message needs outside a running app."""
+    strategy = pytest.importorskip("flwr.serverapp.strategy")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    return strategy
+
+
+def train_replies(results):
+    """Train replies as a ClientApp sends them: ArrayRecord + MetricRecord with 'num-examples'."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    return [
+        Message(content=RecordDict({"arrays": ArrayRecord([np.array(w) for w in weights]),
+                                    "metrics": MetricRecord({"num-examples": n})}),
+                dst_node_id=i + 1, message_type=MessageType.TRAIN)
+        for i, (weights, n) in enumerate(results)
+    ]
+
+
+BULYAN_PARITY_CASES = [(seed, shapes, n, f, scalar_layer)
+                       for seed, (shapes, n, f, scalar_layer) in enumerate([
+                           ([(5,)], 3, 0, False),
+                           ([(2, 3), (3,)], 7, 1, True),
+                           ([(4, 4, 2)], 8, 1, True),
+                           (CNN_SHAPES, 9, 1, True),
+                           (CNN_SHAPES, 11, 2, False),
+                           ([(6,), (2, 2)], 12, 2, True),
+                           ([(3, 5)], 16, 3, True),
+                       ])]
+
+
+@pytest.mark.parametrize(("seed", "shapes", "n", "f", "with_scalar"), BULYAN_PARITY_CASES)
+def test_matches_flower_serverapp_bulyan(flwr_serverapp, seed, shapes, n, f, with_scalar):
+    # Prepare: random clients, f of them far away
+    rng = np.random.default_rng(seed)
+    results = random_results(rng, shapes, n, with_scalar)
+    for i in rng.choice(n, size=f, replace=False):
+        results[i] = ([w + np.float32(rng.choice([-5.0, 5.0])) for w in results[i][0]], results[i][1])
+    snapshot = copy.deepcopy(results)
+
+    # Execute
+    ours = bulyan(results, f)
+    arrays, _ = flwr_serverapp.Bulyan(num_malicious_nodes=f).aggregate_train(1, train_replies(results))
+
+    # Assert
+    assert_same(ours, arrays.to_numpy_ndarrays())
+    for (weights, _), (weights0, _) in zip(results, snapshot):
+        for layer, layer0 in zip(weights, weights0):
+            np.testing.assert_array_equal(layer, layer0)

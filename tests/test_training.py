@@ -1,4 +1,5 @@
-"""Tests for fedmnist.training: the proximal term, determinism, optimizer reset, config checks, no retrace."""
+"""Tests for fedmnist.training: the proximal term, SCAFFOLD's correction, determinism, optimizer reset,
+config checks, no retrace."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,14 @@ import tensorflow as tf
 from fedmnist.data import normalize_images
 from fedmnist.errors import ConfigError
 from fedmnist.model import initial_weights, weight_spec
-from fedmnist.training import ClientTrainer, TrainConfig, make_trainer, proximal_penalty, validation_split
+from fedmnist.training import (
+    ClientTrainer,
+    TrainConfig,
+    check_scaffold_optimizer,
+    make_trainer,
+    proximal_penalty,
+    validation_split,
+)
 
 BATCH = 16
 
@@ -95,6 +103,170 @@ def test_positive_mu_keeps_weights_closer_to_the_start(trainer, start_weights, i
     assert moved[0.0] > 0
     assert moved[0.0] > moved[1.0] > moved[5.0], moved
     assert moved[5.0] < 0.8 * moved[0.0], moved
+
+
+# --- SCAFFOLD's correction -----------------------------------------------------------------------
+
+SGD_LR = 0.05
+
+
+@pytest.fixture(scope="module")
+def sgd_trainer():
+    """A trainer with plain SGD (no momentum), the local optimizer SCAFFOLD is defined for."""
+    return ClientTrainer("sgd", SGD_LR, 0.0)
+
+
+def random_correction(seed, scale=0.05):
+    rng = np.random.default_rng(seed)
+    return [np.array(rng.normal(scale=scale, size=shape), dtype=np.float32) for _, shape, _ in weight_spec()]
+
+
+def zero_correction():
+    return [np.zeros(shape, np.float32) for _, shape, _ in weight_spec()]
+
+
+def manual_sgd(trainer, start, x, y, *, epochs, batch_size, seed, lr, correction):
+    """Eager SGD on loss + <correction, w> with the trainer's model, batch order and dropout seeds."""
+    trainer.set_weights(start)
+    trainer._reset_client_state(seed)
+    rng = np.random.default_rng(seed)
+    constants = [tf.constant(c) for c in correction]
+    y32 = y.astype(np.int32)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            with tf.GradientTape() as tape:
+                probs = trainer.model(tf.constant(x[idx]), training=True)
+                objective = trainer._loss(tf.constant(y32[idx]), probs) / len(idx)
+                objective += tf.add_n([tf.reduce_sum(c * v) for c, v in zip(constants, trainer.variables)])
+            for variable, grad in zip(trainer.variables, tape.gradient(objective, trainer.variables)):
+                variable.assign_sub(lr * grad)
+    return trainer.get_weights()
+
+
+def test_zero_correction_is_plain_sgd_bit_for_bit(sgd_trainer, start_weights, images):
+    # Prepare
+    x, y, _, _ = images
+
+    # Execute: without correction, with c − c_i = 0, and the same with FedProx's term
+    plain = sgd_trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=3)
+    zero = sgd_trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=3, correction=zero_correction())
+    prox = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, mu=0.5, seed=4)
+    prox_zero = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, mu=0.5, seed=4,
+                                  correction=zero_correction())
+
+    # Assert
+    assert_weights_identical(plain.weights, zero.weights)
+    assert plain.history == zero.history
+    assert_weights_identical(prox.weights, prox_zero.weights)
+    assert sgd_trainer._epoch_scaffold.experimental_get_tracing_count() == 1
+
+
+def test_one_full_batch_step_moves_by_minus_lr_times_the_correction(sgd_trainer, start_weights, images):
+    # Prepare: one step on the whole batch (K = 1), the same data order and dropout mask in both runs
+    x, y, _, _ = images
+    corr = random_correction(0)
+
+    # Execute
+    plain = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=len(x), seed=6)
+    corrected = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=len(x), seed=6, correction=corr)
+
+    # Assert: w1 = w0 − lr·(g + corr) = plain − lr·corr
+    assert corrected.num_steps == plain.num_steps == 1
+    for got, base, c in zip(corrected.weights, plain.weights, corr):
+        np.testing.assert_allclose(got, base - SGD_LR * c, rtol=0, atol=1e-6)
+    assert l2_distance(corrected.weights, plain.weights) > 1e-2
+
+
+def test_corrected_training_is_sgd_on_loss_plus_linear_term(sgd_trainer, start_weights, images):
+    # Prepare: 40 images, batch 16 -> 3 steps per epoch (the last of 8 images), 2 epochs
+    x, y, _, _ = images
+    x, y = x[:40], y[:40]
+    corr = random_correction(1)
+    reference = ClientTrainer("sgd", SGD_LR, 0.0)
+
+    # Execute
+    result = sgd_trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=8, correction=corr)
+    by_hand = manual_sgd(reference, start_weights, x, y, epochs=2, batch_size=BATCH, seed=8, lr=SGD_LR,
+                         correction=corr)
+    plain_by_hand = manual_sgd(reference, start_weights, x, y, epochs=2, batch_size=BATCH, seed=8, lr=SGD_LR,
+                               correction=zero_correction())
+    plain = sgd_trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=8)
+
+    # Assert: the eager replica reproduces plain training (so it follows the same batches and masks) ...
+    for got, want in zip(plain.weights, plain_by_hand):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # ... and the corrected training is SGD on loss + <c − c_i, w>
+    for got, want in zip(result.weights, by_hand):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert result.num_steps == 6
+    assert l2_distance(result.weights, plain.weights) > 1e-2
+
+
+def test_num_steps_counts_every_batch(trainer, sgd_trainer, start_weights, images):
+    x, y, x_val, y_val = images
+
+    assert trainer.train(start_weights, x, y, epochs=3, batch_size=10, seed=0).num_steps == 3 * 7
+    assert trainer.train(start_weights, x, y, epochs=1, batch_size=64, mu=0.1).num_steps == 1
+    assert sgd_trainer.train(start_weights, x[:33], y[:33], epochs=2, batch_size=BATCH,
+                             x_val=x_val, y_val=y_val, correction=zero_correction()).num_steps == 2 * 3
+
+
+def test_scaffold_does_not_retrace_for_a_new_client(start_weights, images):
+    # Prepare
+    x, y, x_other, y_other = images
+    fresh = ClientTrainer("sgd", SGD_LR, 0.0)
+
+    # Execute: two clients with other sizes, batch sizes and corrections
+    fresh.train(start_weights, x[:40], y[:40], epochs=1, batch_size=BATCH, correction=random_correction(2))
+    fresh.train(start_weights, x_other, y_other, epochs=2, batch_size=BATCH * 2, correction=random_correction(3))
+
+    # Assert
+    assert fresh._epoch_scaffold.experimental_get_tracing_count() == 1
+    assert fresh._epoch_plain.experimental_get_tracing_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "fragment"),
+    [("sgd", 0.9, "without momentum \\(got momentum 0.9\\)"), ("adam", 0.0, "plain SGD .*not 'adam'")],
+)
+def test_scaffold_refuses_momentum_and_adam(start_weights, images, trainer, optimizer, momentum, fragment):
+    # Prepare: the module's trainer has SGD with momentum 0.9
+    x, y, _, _ = images
+    other = trainer if optimizer == "sgd" else make_trainer(TrainConfig(optimizer="adam", learning_rate=1e-3))
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=fragment):
+        other.train(start_weights, x, y, epochs=1, batch_size=BATCH, correction=zero_correction())
+    with pytest.raises(ConfigError, match=fragment):
+        check_scaffold_optimizer(optimizer, momentum)
+
+
+def test_check_scaffold_optimizer_accepts_plain_sgd():
+    check_scaffold_optimizer("sgd", 0.0)
+
+
+def test_bad_correction_raises_config_error(sgd_trainer, start_weights, images):
+    x, y, _, _ = images
+    short = zero_correction()[:-1]
+    infinite = zero_correction()
+    infinite[0] = np.full_like(infinite[0], np.inf)
+
+    with pytest.raises(ConfigError, match=r"SCAFFOLD correction does not fit .* weight arrays"):
+        sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, correction=short)
+    with pytest.raises(ConfigError, match="non-finite"):
+        sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, correction=infinite)
+
+
+def test_correction_is_not_kept_for_the_next_client(sgd_trainer, start_weights, images):
+    x, y, _, _ = images
+
+    first = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=2)
+    sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=2, correction=random_correction(4))
+    again = sgd_trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=2)
+
+    assert_weights_identical(first.weights, again.weights)
 
 
 # --- determinism and state reset ----------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Checkpoints of a multi-round run: the ``ServerState`` after each round, saved and validated strictly.
+
+A checkpoint is plain data (builtins and numpy arrays) read back with the restricted unpickler; before
+a run resumes from it, it is checked as strictly as a client update: the format, the configuration
+and data it was written for, the round count against the history, every method's weights (the CNN's
+float32 shapes, finite) and the records' fields. Anything else is a ``ConfigError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedmnist.errors import ConfigError, FedMnistError, ValidationError
+from fedmnist.io import atomic_write_bytes
+from fedmnist.server import RejectedReply, RoundRecord, ServerState, check_weights
+
+if TYPE_CHECKING:
+    from fedmnist.simulation import SimulationConfig
+
+CHECKPOINT_FORMAT = "fedmnist-simulation-checkpoint"
+CHECKPOINT_VERSION = 2
+
+
+def save_checkpoint(path: Path, config: SimulationConfig, data_sha256: str, state: ServerState,
+                    malicious: list[int]) -> None:
+    """Write ``state`` as plain data (builtins and numpy arrays), atomically."""
+    atomic_write_bytes(path, checkpoint_bytes(config, data_sha256, state, malicious))
+
+
+def checkpoint_bytes(config: SimulationConfig, data_sha256: str, state: ServerState, malicious: list[int]) -> bytes:
+    """The checkpoint of ``state``: a pickle of plain data (builtins and numpy arrays)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config_sha256": config.sha256(),
+        "config": config.to_dict(),
+        "data_sha256": data_sha256,
+        "completed_rounds": int(state.round),
+        "malicious_clients": [int(k) for k in malicious],
+        "weights": {m: [np.ascontiguousarray(w, dtype=np.float32) for w in ws] for m, ws in state.weights.items()},
+        "method_state": state.method_state,
+        "metrics": [asdict(r) for r in state.history],
+    }
+    return pickle.dumps(payload, protocol=4)
+
+
+def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> ServerState:
+    """Read and validate a checkpoint of ``config`` on the data hashed ``data_sha256``.
+
+    Raises
+    ------
+    ConfigError
+        Not a checkpoint, written for another configuration, data or a longer run, or inconsistent
+        (wrong types, non-finite or misshapen weights, round counts that disagree with the history).
+    """
+    from fedmnist.exchange import checkpoint_limits, safe_load_pickle
+
+    copies = 3 * len(config.method.methods) + 2  # weights and up to two moment sets per method
+    try:
+        state = safe_load_pickle(path, checkpoint_limits(copies))
+    except FedMnistError as exc:
+        raise ConfigError(f"cannot resume: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not a fedmnist simulation checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path}: unsupported checkpoint version {state.get('version')!r}")
+    if state.get("config_sha256") != config.sha256():
+        raise ConfigError(
+            f"{path} was written by a different configuration ({_config_diff(state.get('config'), config)}); "
+            "rerun with the same settings, drop --resume to start afresh, or use another --out"
+        )
+    if state.get("data_sha256") != data_sha256:
+        raise ConfigError(f"{path} was written for different MNIST data; use the same --data or another --out")
+    done = state.get("completed_rounds")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise ConfigError(f"{path}: completed_rounds must be an integer >= 0 (got {done!r})")
+    if done > config.rounds:
+        raise ConfigError(f"{path} already holds {done} rounds, more than the {config.rounds} requested; "
+                          f"ask for --rounds {done} or more")
+    methods = list(config.method.methods)
+    weights, method_state = state.get("weights"), state.get("method_state")
+    if not isinstance(weights, dict) or sorted(weights) != sorted(methods):
+        raise ConfigError(f"{path}: does not hold global weights for exactly {', '.join(methods)}")
+    if not isinstance(method_state, dict) or sorted(method_state) != sorted(methods) \
+            or not all(isinstance(v, dict) for v in method_state.values()):
+        raise ConfigError(f"{path}: does not hold a server state for exactly {', '.join(methods)}")
+    from fedmnist.simulation import run_methods
+
+    built = {m.name: m for m in run_methods(config)}
+    for method, arrays in weights.items():
+        try:
+            check_weights(arrays, f"{path}: global weights of {method}")
+            built[method].check_state(method_state[method], arrays)
+        except (RejectedReply, ValidationError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    history = _records(path, state.get("metrics"))
+    for method in methods:
+        rounds = [r.round for r in history if r.method == method]
+        if rounds != list(range(1, done + 1)):
+            raise ConfigError(f"{path}: {method}'s records cover rounds {rounds[:3]}…, not 1..{done}: "
+                              "an inconsistent or tampered checkpoint")
+    return ServerState(done, {m: list(weights[m]) for m in methods}, {m: method_state[m] for m in methods},
+                       history)
+
+
+def _records(path: Path, rows) -> list[RoundRecord]:
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: malformed metrics in the checkpoint")
+    records = []
+    for row in rows:
+        try:
+            if not isinstance(row, dict):
+                raise TypeError("a record is not a dict")
+            record = RoundRecord.from_dict(row)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: malformed metrics in the checkpoint ({exc})") from None
+        for key in ("test_accuracy", "test_loss"):
+            value = getattr(record, key)
+            if value is not None and not (isinstance(value, float) and (math.isnan(value) or 0 <= value)):
+                raise ConfigError(f"{path}: malformed {key} {value!r} in the checkpoint")
+        if isinstance(record.round, bool) or not isinstance(record.round, int):
+            raise ConfigError(f"{path}: malformed round {record.round!r} in the checkpoint")
+        records.append(record)
+    return records
+
+
+def _config_diff(stored, config: SimulationConfig) -> str:
+    from fedmnist.simulation import RESUMABLE_FIELDS
+
+    if not isinstance(stored, dict):
+        return "unknown differences"
+    current = config.to_dict()
+    diff = []
+    for key, value in current.items():
+        if key in RESUMABLE_FIELDS or stored.get(key) == value:
+            continue
+        if isinstance(value, dict) and isinstance(stored.get(key), dict):
+            diff += [f"{key}.{k}: {stored[key].get(k)!r} -> {v!r}" for k, v in value.items()
+                     if stored[key].get(k) != v]
+        else:
+            diff.append(f"{key}: {stored.get(key)!r} -> {value!r}")
+    return "; ".join(diff) or "unknown differences"

@@ -1,0 +1,293 @@
+"""Aggregation methods as named objects: how their clients train, how replies combine, what state they keep.
+
+A ``Method`` wraps one pure rule of ``fedmnist.strategies`` (unchanged, still equal to Flower's) with
+what the rest of a round needs to know about it:
+
+* ``client_mu``: the proximal coefficient its clients train with (μ for FedProx, else 0);
+* ``aggregate(global_weights, results, state)``: the server's combination of the replies, returning
+  the new global weights and the method's new server state;
+* ``initial_state()``: the state kept between rounds (empty for the stateless rules; the server
+  optimisers FedAvgM, FedAdam, FedYogi and FedAdagrad keep their moments here, see
+  ``fedmnist.server_opt``). ``ServerState`` checkpoints it; ``check_state`` validates a loaded one.
+
+``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
+``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
+(``fedmnist.privacy``): clipping, calibrated noise and the accountant's ε after every round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmnist.config import DEFAULT_METHODS
+from fedmnist.errors import ConfigError
+from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptError, server_step
+from fedmnist.server_opt import check_state as check_optimizer_state
+from fedmnist.strategies import AGGREGATORS, DEFAULT_TRIM_BETA, Aggregator, Results
+
+DEFAULT_MU = 0.01
+"""FedProx's default proximal coefficient."""
+
+SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "beta_1", "beta_2", "tau")
+
+
+def available_methods() -> list[str]:
+    """Every method name: the aggregation rules, then the server optimisers."""
+    return [*AGGREGATORS, *SERVER_OPTIMIZERS]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which methods run and their parameters.
+
+    ``krum_f`` is Krum's and Multi-Krum's f, the number of Byzantine clients the rule tolerates (not
+    the number of attackers a simulation injects: that is ``ThreatConfig.num_malicious``). None
+    lets the mode choose (the simulation: min(attackers, the most Krum allows)).
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    mu: float = DEFAULT_MU
+    trim_beta: float = DEFAULT_TRIM_BETA
+    krum_f: int | None = None
+    num_to_keep: int | None = None
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        object.__setattr__(self, "methods", tuple(str(m).strip().lower() for m in methods))
+
+    def validate(self) -> None:
+        """Raise ConfigError for unknown or repeated methods and out-of-range parameters."""
+        if not self.methods:
+            raise ConfigError("give at least one aggregation method")
+        for method in self.methods:
+            if method not in AGGREGATORS and method not in SERVER_OPTIMIZERS:
+                raise ConfigError(f"unknown method '{method}'; available: {', '.join(available_methods())}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"a method is listed twice: {' '.join(self.methods)}")
+        if not (isinstance(self.mu, (int, float)) and self.mu >= 0 and math.isfinite(self.mu)):
+            raise ConfigError(f"the FedProx coefficient mu must be a finite number >= 0 (got {self.mu})")
+        if "fedprox" in self.methods and self.mu <= 0:
+            raise ConfigError("fedprox needs mu > 0 (with mu = 0 it is FedAvg); set --mu or drop fedprox")
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"the trimmed-mean fraction beta must be in [0, 0.5) (got {self.trim_beta})")
+        if self.krum_f is not None and (isinstance(self.krum_f, bool) or not isinstance(self.krum_f, int)
+                                        or self.krum_f < 0):
+            raise ConfigError(f"Krum's f must be an integer >= 0 (got {self.krum_f!r})")
+        if self.num_to_keep is not None and (not isinstance(self.num_to_keep, int) or self.num_to_keep < 1):
+            raise ConfigError(f"Multi-Krum's num_to_keep must be an integer >= 1 (got {self.num_to_keep!r})")
+        optimizers = [m for m in self.methods if m in SERVER_OPTIMIZERS]
+        for name in SERVER_OPT_FIELDS:
+            if getattr(self, name) is not None and not any(name in SERVER_OPTIMIZERS[m].params for m in optimizers):
+                raise ConfigError(f"{name.replace('_', '-')} is set but no method uses it "
+                                  f"(it is a parameter of {', '.join(m for m in SERVER_OPTIMIZERS if name in SERVER_OPTIMIZERS[m].params)})")
+        for method in optimizers:
+            self.optimizer(method)
+
+    def optimizer(self, method: str) -> ServerOptConfig:
+        """The server optimiser of ``method`` with the fields it reads (the others stay at its defaults)."""
+        try:
+            return ServerOptConfig(method, **{f: getattr(self, f) for f in SERVER_OPTIMIZERS[method].params})
+        except ServerOptError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def check_clients(self, clients_per_round: int, krum_f: int) -> None:
+        """Raise ConfigError if a Krum-family method cannot run with this many clients per round."""
+        if "bulyan" in self.methods and clients_per_round < 4 * krum_f + 3:
+            raise ConfigError(
+                f"bulyan with f={krum_f} needs at least {4 * krum_f + 3} clients per round, but there are "
+                f"{clients_per_round}: raise --fraction or --clients, or lower --krum-f"
+            )
+        krum_like = [m for m in self.methods if m in AGGREGATORS and "num_malicious" in AGGREGATORS[m].params]
+        if krum_like and clients_per_round <= 2 * krum_f + 2:
+            raise ConfigError(
+                f"{', '.join(krum_like)} with f={krum_f} need more than {2 * krum_f + 2} clients per round, "
+                f"but there are {clients_per_round}: raise --fraction or --clients, or lower --krum-f"
+            )
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a round's aggregation may need beyond the replies: its number, how many clients were
+    sampled (DP-FedAvg divides by it), the replies' labels for messages, and the clients' unclipped bits
+    (client-side adaptive clipping)."""
+
+    round: int
+    num_sampled: int
+    labels: tuple[str, ...] = ()
+    unclipped: tuple[bool, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One named aggregation method."""
+
+    name: str
+    rule: Aggregator
+    client_mu: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    def initial_state(self) -> dict:
+        """The server state before round 1 (the stateless rules keep none)."""
+        return {}
+
+    def check_state(self, state: object, weights: Sequence[np.ndarray]) -> None:
+        """Raise ServerOptError unless ``state`` (e.g. from a checkpoint) is a valid state of this method."""
+        del weights
+        if state != {}:
+            raise ServerOptError(f"{self.name} keeps no server state, but one was given")
+
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """The new global weights from the round's ``(weights, num_examples)`` replies, and the new state."""
+        del global_weights, context  # the plain rules combine the clients' weights alone
+        return self.rule.fn(results, **self.params), dict(state)
+
+    def client_clip(self, state: dict) -> float | None:
+        """The L2 bound clients must clip their update to before sending it (client-side DP), else None."""
+        del state
+        return None
+
+    def refuse(self, weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], state: dict) -> str | None:
+        """Why this method cannot use a reply that passed the server's checks (None: it can)."""
+        del weights, global_weights, state
+        return None
+
+    def privacy(self, state: dict) -> tuple[float, float] | None:
+        """(ε, δ) spent after the rounds ``state`` records, for private methods; None otherwise."""
+        del state
+        return None
+
+
+@dataclass(frozen=True)
+class ServerOptMethod(Method):
+    """A server optimiser (Reddi et al. 2021; Hsu et al. 2019): the weighted average of the clients'
+    weights gives the pseudo-gradient Δ = avg − w, which the optimiser applies with its own state."""
+
+    optimizer: ServerOptConfig | None = None
+
+    def check_state(self, state: object, weights: Sequence[np.ndarray]) -> None:
+        """Raise ServerOptError unless ``state`` is empty or a valid state of this optimiser for ``weights``."""
+        if state != {}:
+            check_optimizer_state(state, self.name, weights)
+
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """One optimiser step from the weighted average of the replies; an empty state starts at zero."""
+        del context
+        averaged = self.rule.fn(results)
+        return server_step(self.optimizer, global_weights, averaged, state or None)
+
+
+@dataclass(frozen=True)
+class DPMethod(Method):
+    """DP-FedAvg (McMahan et al. 2018; Andrew et al. 2021 for adaptive S) around FedAvg or FedProx.
+
+    Every client's update is clipped to S (by the server, or by the client with ``side='client'``),
+    the clipped updates are averaged with equal weights over the m sampled clients and Gaussian noise
+    of standard deviation z·S/m is added (``fedmnist.privacy.dp_fedavg_step``), drawn from a generator
+    seeded by (seed, round). The state is ``DPState.to_dict()``: S and the releases so far, from which
+    the accountant gives ε.
+    """
+
+    dp: object | None = None
+    accountant: object | None = None
+    seed: int = 0
+
+    def initial_state(self) -> dict:
+        """S as configured, nothing released."""
+        from fedmnist.privacy import DPState
+
+        return DPState.initial(self.dp).to_dict()
+
+    def check_state(self, state: object, weights: Sequence[np.ndarray]) -> None:
+        """Raise ValidationError unless ``state`` is a DP-FedAvg state (S > 0, releases >= 0)."""
+        from fedmnist.privacy import DPState
+
+        del weights
+        try:
+            DPState.from_dict(state)
+        except ConfigError as exc:
+            raise ServerOptError(str(exc)) from None
+
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """One DP-FedAvg step; the noise generator is seeded by (seed, round)."""
+        from fedmnist.privacy import DPState, dp_fedavg_step
+        from fedmnist.seeds import server_rng
+
+        context = context or RoundContext(0, len(results))
+        unclipped = context.unclipped if (self.dp.side == "client" and self.dp.adaptive) else None
+        step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, DPState.from_dict(state),
+                              server_rng(self.seed, context.round), unclipped=unclipped,
+                              num_sampled=max(context.num_sampled, len(results)),
+                              labels=list(context.labels) or None)
+        return step.weights, step.state.to_dict()
+
+    def client_clip(self, state: dict) -> float | None:
+        """S, which the clients clip to under client-side clipping."""
+        return float(state["clip"]) if self.dp.side == "client" else None
+
+    def refuse(self, weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], state: dict) -> str | None:
+        """Under client-side clipping, an update longer than S (beyond rounding) is refused."""
+        from fedmnist.privacy import _clip_tolerance, client_update, update_norm
+
+        clip = self.client_clip(state)
+        if clip is None:
+            return None
+        norm = update_norm(client_update(weights, global_weights, "reply"))
+        if norm > clip + _clip_tolerance(global_weights, clip):
+            return (f"update norm {norm:.4g} exceeds the clip norm S = {clip:.4g}: with client-side clipping "
+                    "every client must clip its update before sending it")
+        return None
+
+    def privacy(self, state: dict) -> tuple[float, float] | None:
+        """ε after the releases so far, at the accountant's δ."""
+        return self.accountant.epsilon(int(state["releases"])), self.accountant.delta
+
+
+def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, seed: int) -> DPMethod:
+    """``method`` (FedAvg or FedProx) wrapped in DP-FedAvg, with its accountant for K clients, m per round."""
+    from dataclasses import fields as dataclass_fields
+
+    from fedmnist.privacy import PrivacyAccountant, check_dp_method
+
+    check_dp_method(method.name)
+    dp.noise_params(clients_per_round)  # adaptive: z < 2σ_b, checked before round 1
+    accountant = PrivacyAccountant.from_config(dp, num_clients, clients_per_round)
+    base = {f.name: getattr(method, f.name) for f in dataclass_fields(Method)}
+    return DPMethod(**base, dp=dp, accountant=accountant, seed=seed)
+
+
+def build_method(name: str, config: MethodConfig, krum_f: int = 1) -> Method:
+    """The ``Method`` called ``name`` with ``config``'s parameters (``krum_f`` when config leaves it open)."""
+    if name in SERVER_OPTIMIZERS:
+        return ServerOptMethod(name, AGGREGATORS["fedavg"], 0.0, optimizer=config.optimizer(name))
+    rule = AGGREGATORS[name]
+    given = {
+        "beta": config.trim_beta,
+        "num_malicious": config.krum_f if config.krum_f is not None else krum_f,
+        "num_to_keep": config.num_to_keep,
+    }
+    mu = float(config.mu) if name == "fedprox" else 0.0
+    return Method(name, rule, mu, {p: given[p] for p in rule.params})
+
+
+def build_methods(config: MethodConfig, krum_f: int = 1) -> list[Method]:
+    """Every method of ``config``, validated, in order."""
+    config.validate()
+    return [build_method(name, config, krum_f) for name in config.methods]

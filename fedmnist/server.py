@@ -1,0 +1,414 @@
+"""The server's round step, shared by the file flow, the simulation and Flower.
+
+Whatever brought a round's replies (files from teammates, in-process clients, Flower messages), the
+server does the same four things with them, here and only here:
+
+1. **validate** every reply (``check_reply``): a positive integer client id, a sample count that is a
+   finite positive integer at most ``MAX_NUM_EXAMPLES`` and equal to the federation manifest's when there is one,
+   float32 finite weights of the shared CNN's shapes, and a start hash equal to the round's global
+   weights that the server itself holds;
+2. **aggregate** the accepted replies with the method (``fedmnist.methods.Method``);
+3. **evaluate** the new global model on the common test set;
+4. **record** the round (``RoundRecord``) in the ``ServerState``, which is what checkpoints save.
+
+The modes are thin adapters: they gather ``Reply`` objects and call ``Server.step``. A rejected reply
+is refused with a message naming the client and its file or node; a multi-round mode counts it as a
+failed client of that round, the file flow (``strict=True``) stops before writing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from fedmnist.errors import FedMnistError, ValidationError
+from fedmnist.exchange import MAX_NUM_EXAMPLES  # noqa: F401  (the bound check_num_examples applies)
+from fedmnist.methods import Method, RoundContext
+
+log = logging.getLogger(__name__)
+
+DOMINANT_SHARE = 0.9
+"""Above this share of a round's examples (or three times a fair share, if larger), a client is reported."""
+
+
+class RejectedReply(ValidationError):
+    """A reply the server refuses to aggregate; the message names the client and its file or node."""
+
+
+class RoundFailedError(FedMnistError, RuntimeError):
+    """A round that cannot complete: too few clients connected or too few accepted replies."""
+
+
+@dataclass
+class Reply:
+    """One client's answer to a round, however it arrived.
+
+    ``source`` names where it came from (a file path, ``node 123``, ``client 4``) for messages.
+    ``start_sha256`` is the hash of the global weights the client says it trained from; None only for
+    bare legacy files, which cannot say (accepted with a warning).
+    """
+
+    client_id: int
+    weights: list[np.ndarray]
+    num_examples: int
+    source: str
+    start_sha256: str | None = None
+    train_loss: float | None = None
+    mu: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``source (client N)``, or ``client N`` when the source is the client itself."""
+        return f"{self.source} (client {self.client_id})" if self.source != f"client {self.client_id}" \
+            else self.source
+
+
+def check_num_examples(value, source: str, expected: int | None = None) -> int:
+    """``value`` as a sample count (``fedmnist.exchange.check_num_examples``), refused as a ``RejectedReply``."""
+    from fedmnist import exchange
+
+    return exchange.check_num_examples(value, source, expected, error=RejectedReply)
+
+
+def check_weights(weights, source: str) -> list[np.ndarray]:
+    """The shared CNN's finite float32 weights (``fedmnist.exchange.check_weights``), else ``RejectedReply``."""
+    from fedmnist import exchange
+
+    return exchange.check_weights(weights, source, error=RejectedReply)
+
+
+def check_reply(
+    reply: Reply, start_sha256: str, expected_counts: Mapping[int, int] | None = None
+) -> list[str]:
+    """Refuse a reply the round cannot use; return warnings about what cannot be verified.
+
+    Raises
+    ------
+    RejectedReply
+        Bad client id, sample count, weights or start weights; the message names ``reply.label``.
+    """
+    label = reply.label
+    if isinstance(reply.client_id, bool) or not isinstance(reply.client_id, (int, np.integer)) \
+            or reply.client_id < 1:
+        raise RejectedReply(f"{reply.source}: client id must be an integer >= 1, got {reply.client_id!r}")
+    expected = None
+    if expected_counts is not None:
+        if reply.client_id not in expected_counts:
+            raise RejectedReply(f"{label}: this client is not in the federation manifest "
+                                f"(clients {min(expected_counts)}..{max(expected_counts)})")
+        expected = expected_counts[reply.client_id]
+    reply.num_examples = check_num_examples(reply.num_examples, label, expected)
+    reply.weights = check_weights(reply.weights, label)
+    if reply.start_sha256 is None:
+        return [f"{label}: bare list of weights: its round and starting point cannot be verified"]
+    if reply.start_sha256 != start_sha256:
+        raise RejectedReply(
+            f"{label}: trained from global weights {str(reply.start_sha256)[:12]}, but this round's are "
+            f"{start_sha256[:12]}. Averaging networks trained from different starting points gives "
+            "chance-level accuracy (about 10% on MNIST), because their hidden units are not aligned: "
+            "every member must train from the round's pesos_globales_ronda_R.pkl"
+        )
+    return []
+
+
+def dominant_clients(replies: Sequence[Reply]) -> list[str]:
+    """Warnings for clients whose sample count outweighs the rest of the round (see ``DOMINANT_SHARE``)."""
+    if len(replies) < 2:
+        return []
+    total = float(sum(r.num_examples for r in replies))
+    threshold = min(DOMINANT_SHARE, 3.0 / len(replies))
+    return [
+        f"{r.label}: claims {r.num_examples} of the round's {int(total)} examples "
+        f"({r.num_examples / total:.0%}, above {threshold:.0%}): it dominates the weighted average"
+        for r in replies if r.num_examples / total > threshold
+    ]
+
+
+# --- what the server records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One method's numbers for one round, the row of ``metricas_por_ronda.csv`` in every mode.
+
+    Test metrics are None in rounds that were not evaluated. ``train_loss`` is the mean over the
+    accepted replies of their last local epoch's loss. ``seconds`` is what the method alone took (its
+    clients' training, shared with the methods that started from the same weights, its aggregation
+    and evaluation); ``round_seconds`` the whole round. ``sampled_clients`` are client ids (empty in
+    Flower, which samples nodes: ``sampled_nodes``); ``failed`` names every client or node that was
+    sampled but contributed nothing, with the reason. ``start_sha256`` is a prefix of the hash of the
+    global weights the round started from. ``epsilon``/``delta``: the privacy spent so far under
+    DP-FedAvg (None without it).
+    """
+
+    round: int
+    method: str
+    test_accuracy: float | None
+    test_loss: float | None
+    train_loss: float | None
+    seconds: float
+    train_seconds: float
+    eval_seconds: float
+    round_seconds: float
+    mu: float
+    num_sampled: int
+    num_replies: int
+    sampled_clients: list[int]
+    replied_clients: list[int]
+    malicious_sampled: list[int]
+    sampled_nodes: list[int]
+    failed: list[str]
+    notes: list[str]
+    start_sha256: str
+    epsilon: float | None = None
+    delta: float | None = None
+
+    def comparable(self) -> dict:
+        """Every field but the timings: equal for two runs with the same config."""
+        return {k: v for k, v in asdict(self).items() if not k.endswith("seconds")}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> RoundRecord:
+        """Rebuild a record from ``asdict`` output (a checkpoint's); TypeError/KeyError if malformed."""
+        names = [f.name for f in fields(cls)]
+        if set(values) != set(names):
+            raise KeyError(f"fields {sorted(set(names) ^ set(values))}")
+        return cls(**{n: values[n] for n in names})
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries between rounds: what a checkpoint saves and ``--resume`` restores.
+
+    ``round`` is the number of completed rounds; ``weights`` and ``method_state`` are per method.
+    """
+
+    round: int
+    weights: dict[str, list[np.ndarray]]
+    method_state: dict[str, dict]
+    history: list[RoundRecord] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, methods: Sequence[Method], weights: list[np.ndarray], round_: int = 0) -> ServerState:
+        """Every method starting from ``weights`` after ``round_`` completed rounds."""
+        return cls(round_, {m.name: list(weights) for m in methods}, {m.name: m.initial_state() for m in methods})
+
+
+@dataclass
+class StepResult:
+    """What one ``Server.step`` did: the record, the new weights and evaluation, the accepted replies."""
+
+    record: RoundRecord
+    weights: list[np.ndarray]
+    evaluation: object | None
+    accepted: list[Reply]
+    rejected: dict[str, str]
+    warnings: list[str]
+
+
+class Server:
+    """Holds the ``ServerState`` and runs the validate → aggregate → evaluate → record step.
+
+    ``evaluate`` maps global weights to an ``EvalResult`` on the common test set (None: never
+    evaluate). ``expected_counts`` are the manifest's sample counts by client id, when known. Without
+    them a client's claimed count is only bounded; ``max_count_ratio`` R then caps every claim at R
+    times the round's median claim (a minority of liars cannot move the median), so no client can
+    buy the weighted average with a large number.
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[Method],
+        state: ServerState,
+        evaluate: Callable[[list[np.ndarray]], object] | None = None,
+        expected_counts: Mapping[int, int] | None = None,
+        max_count_ratio: float | None = None,
+    ) -> None:
+        if max_count_ratio is not None and not (isinstance(max_count_ratio, (int, float)) and max_count_ratio >= 1):
+            raise ValueError(f"max_count_ratio must be a number >= 1 (got {max_count_ratio!r})")
+        self.max_count_ratio = max_count_ratio
+        self.methods = {m.name: m for m in methods}
+        missing = set(self.methods) - set(state.weights)
+        if missing:
+            raise ValueError(f"the server state has no weights for {', '.join(sorted(missing))}")
+        self.state = state
+        self.evaluate = evaluate
+        self.expected_counts = dict(expected_counts) if expected_counts else None
+        self._checked: dict[tuple[int, str], list[str] | str] = {}
+
+    def weights(self, method: str) -> list[np.ndarray]:
+        """The current global weights of ``method``."""
+        return self.state.weights[method]
+
+    def start_sha256(self, method: str) -> str:
+        """Hash of ``method``'s current global weights, which every reply must have started from."""
+        from fedmnist.model import weights_sha256
+
+        return weights_sha256(self.state.weights[method])
+
+    def validate(self, replies: Sequence[Reply], start_sha256: str) -> tuple[list[Reply], dict[str, str], list[str]]:
+        """Split ``replies`` into accepted and rejected (label -> reason), with warnings.
+
+        A reply shared by several methods with the same start is checked once per round.
+        """
+        accepted, rejected, warnings = [], {}, []
+        seen: dict[int, str] = {}
+        for reply in replies:
+            key = (id(reply), start_sha256)
+            if key not in self._checked:
+                try:
+                    self._checked[key] = check_reply(reply, start_sha256, self.expected_counts)
+                except RejectedReply as exc:
+                    self._checked[key] = str(exc)
+            outcome = self._checked[key]
+            if isinstance(outcome, str):
+                rejected[reply.label] = outcome
+                continue
+            if reply.client_id in seen:
+                rejected[reply.label] = (f"{reply.label}: client id {reply.client_id} appears twice "
+                                         f"(also in {seen[reply.client_id]})")
+                continue
+            seen[reply.client_id] = reply.source
+            accepted.append(reply)
+            warnings.extend(outcome)
+        return accepted, rejected, warnings
+
+    def step(
+        self,
+        round_: int,
+        method: str,
+        replies: Sequence[Reply],
+        *,
+        sampled_clients: Sequence[int] = (),
+        sampled_nodes: Sequence[int] = (),
+        failed: Mapping[str, str] | None = None,
+        malicious_sampled: Sequence[int] = (),
+        min_replies: int = 1,
+        strict: bool = False,
+        evaluate: bool = True,
+        train_seconds: float = 0.0,
+        round_started: float | None = None,
+    ) -> StepResult:
+        """Validate, aggregate, evaluate and record ``method``'s round ``round_``.
+
+        ``failed`` lists clients or nodes that never produced a reply (label -> reason). With
+        ``strict`` the first rejected reply raises ``RejectedReply``; otherwise it counts as failed.
+        With ``min_replies=0`` a round where nothing was accepted keeps the global weights unchanged
+        (the simulation's choice: one bad round must not end a long run).
+
+        Raises
+        ------
+        RejectedReply
+            With ``strict``, for the first reply refused.
+        RoundFailedError
+            Fewer than ``min_replies`` accepted replies (the state is left unchanged).
+        AggregationError
+            The rule rejects the accepted replies (e.g. Krum with n <= 2f + 2).
+        """
+        rule = self.methods[method]
+        start_sha = self.start_sha256(method)
+        accepted, rejected, warnings = self.validate(replies, start_sha)
+        for reply in list(accepted):
+            why = rule.refuse(reply.weights, self.state.weights[method], self.state.method_state[method])
+            if why:
+                accepted.remove(reply)
+                rejected[reply.label] = f"{reply.label}: {why}"
+        if strict and rejected:
+            raise RejectedReply(next(iter(rejected.values())))
+        for why in rejected.values():
+            log.warning("round %d, %s: refused %s", round_, method, why)
+        accepted.sort(key=lambda r: r.client_id)
+        failures = [f"{k}: {v}" for k, v in (failed or {}).items()] + list(rejected.values())
+        if len(accepted) < min_replies:
+            raise RoundFailedError(
+                f"round {round_} ({method}): only {len(accepted)} accepted replies, {min_replies} needed"
+                + (f"; failed: {'; '.join(failures)}" if failures else "")
+            )
+        warnings += dominant_clients(accepted)
+        counts = [r.num_examples for r in accepted]
+        if self.max_count_ratio is not None and accepted:
+            cap = int(self.max_count_ratio * float(np.median(counts)))
+            for i, reply in enumerate(accepted):
+                if counts[i] > cap:
+                    warnings.append(f"{reply.label}: weighted as {cap} examples, not the {counts[i]} it claims "
+                                    f"(capped at {self.max_count_ratio:g} x the round's median)")
+                    counts[i] = cap
+        for warning in warnings:
+            log.warning("round %d, %s: %s", round_, method, warning)
+        t0 = time.perf_counter()
+        num_sampled = len(sampled_clients) or len(sampled_nodes) or len(replies)
+        if accepted:
+            context = RoundContext(round_, num_sampled, tuple(r.label for r in accepted),
+                                   tuple(bool(r.metrics.get("unclipped", False)) for r in accepted))
+            weights, state = rule.aggregate(self.state.weights[method],
+                                            [(r.weights, n) for r, n in zip(accepted, counts)],
+                                            self.state.method_state[method], context)
+        else:  # min_replies == 0: nothing usable came back, the global model stays as it was
+            weights, state = self.state.weights[method], self.state.method_state[method]
+            warnings.append(f"no accepted reply: {method}'s global weights are unchanged")
+        aggregate_seconds = time.perf_counter() - t0
+        evaluation = None
+        t0 = time.perf_counter()
+        if evaluate and self.evaluate is not None:
+            evaluation = self.evaluate(weights)
+        eval_seconds = time.perf_counter() - t0
+        losses = [r.train_loss for r in accepted if r.train_loss is not None]
+        privacy = rule.privacy(state)
+        record = RoundRecord(
+            round=round_,
+            method=method,
+            test_accuracy=None if evaluation is None else float(evaluation.accuracy),
+            test_loss=None if evaluation is None else float(evaluation.loss),
+            train_loss=float(np.mean(losses)) if losses else None,
+            seconds=train_seconds + aggregate_seconds + eval_seconds,
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            round_seconds=(time.perf_counter() - round_started) if round_started is not None else 0.0,
+            mu=rule.client_mu,
+            num_sampled=num_sampled,
+            num_replies=len(accepted),
+            sampled_clients=[int(k) for k in sampled_clients],
+            replied_clients=[int(r.client_id) for r in accepted],
+            malicious_sampled=[int(k) for k in malicious_sampled],
+            sampled_nodes=[int(n) for n in sampled_nodes],
+            failed=failures,
+            notes=warnings,
+            start_sha256=start_sha[:16],
+            epsilon=None if privacy is None else privacy[0],
+            delta=None if privacy is None else privacy[1],
+        )
+        self.state.weights[method] = weights
+        self.state.method_state[method] = state
+        self.state.history.append(record)
+        return StepResult(record, weights, evaluation, accepted, rejected, warnings)
+
+    def end_round(self, round_: int, round_seconds: float | None = None) -> list[RoundRecord]:
+        """Close ``round_``: stamp the whole round's duration on its records and count it as completed."""
+        from dataclasses import replace
+
+        self.state.round = round_
+        self._checked.clear()
+        order = {name: i for i, name in enumerate(self.methods)}
+        earlier = [r for r in self.state.history if r.round != round_]
+        rows = sorted((r for r in self.state.history if r.round == round_), key=lambda r: order[r.method])
+        if round_seconds is not None:
+            rows = [replace(r, round_seconds=round_seconds) for r in rows]
+        self.state.history = earlier + rows
+        return rows
+
+    def history(self, method: str) -> list[RoundRecord]:
+        """The records of ``method``, in round order."""
+        return [r for r in self.state.history if r.method == method]
+
+
+def rounds_to_target(rows: Sequence[RoundRecord], target: float) -> int | None:
+    """The first round whose test accuracy reaches ``target``, or None."""
+    for row in rows:
+        if row.test_accuracy is not None and row.test_accuracy >= target:
+            return row.round
+    return None

@@ -1,0 +1,147 @@
+"""The three modes on one federation: the file flow's commands, ``fedmnist simulate`` and Flower give the
+same round-1 FedAvg weights (the issue's example, on a small MNIST file so it runs in seconds).
+
+Flower's ServerApp is driven here on an in-process Grid whose nodes run the real ClientApp; the
+loopback deployment (real SuperLink and SuperNodes) is compared with the other two modes in
+``tests/test_flower_app.py::test_two_supernodes_train_two_rounds_like_the_simulation``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import stratified_indices
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def small_mnist_file(tmp_path_factory, raw_mnist):
+    """An npz in the keras layout: 900 training and 200 test images of the real MNIST."""
+    train = stratified_indices(raw_mnist.y_train, 90)
+    test = stratified_indices(raw_mnist.y_test, 20)
+    path = tmp_path_factory.mktemp("mnist") / "mnist_pequeno.npz"
+    np.savez(path, x_train=raw_mnist.x_train[train], y_train=raw_mnist.y_train[train],
+             x_test=raw_mnist.x_test[test], y_test=raw_mnist.y_test[test])
+    return path
+
+
+def test_file_flow_simulation_and_flower_give_the_same_round_one_weights(small_mnist_file, tmp_path):
+    from test_flower_app import FakeGrid, _client_node, _train_message
+
+    from fedmnist.cli import main, main_aggregation, main_split
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.exchange import load_global
+    from fedmnist.flower_app import FlowerRunConfig, run_server
+    from fedmnist.model import initial_weights
+
+    data, pesos, glob, sim = (tmp_path / d for d in ("datos", "pesos", "global", "sim"))
+    common = ["--data", str(small_mnist_file)]
+    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
+
+    # the file flow, command by command
+    assert main_split(["--clients", "3", "--partition", "iid", "--seed", str(SEED), *common, "--out", str(data)]) == 0
+    assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos)]) == 0
+    for k in (1, 2, 3):
+        assert main(["train", "--client", str(k), "--data-dir", str(data), "--global-weights",
+                     str(pesos / "pesos_globales_ronda_0.pkl"), *training, "--seed", str(SEED),
+                     "--validation-split", "0", "--out", str(pesos)]) == 0
+    assert main_aggregation(["--weights-dir", str(pesos), "--data-dir", str(data), "--methods", "fedavg",
+                             "--out", str(glob)]) == 0
+    file_flow = load_global(glob / "pesos_globales_ronda_1.pkl").weights
+
+    # the simulation
+    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "1", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed",
+                 str(SEED), "--methods", "fedavg", "--quiet", *common, "--out", str(sim)]) == 0
+    simulated = load_global(sim / "pesos_globales_fedavg.pkl").weights
+
+    # Flower: the ServerApp's loop, the ClientApp on each node (node ids sort like the client ids)
+    _train_message(initial_weights(SEED), 1, 0.0)
+    config = FlowerRunConfig(num_server_rounds=1, local_epochs=1, batch_size=32, optimizer="sgd",
+                             learning_rate=0.05, momentum=0.9, method="fedavg", min_train_nodes=3, seed=SEED,
+                             output_dir=str(tmp_path / "flower"), test_file=str(common_test_file(data)))
+    nodes = {10 * k: _client_node(client_file(data, k), config) for k in (1, 2, 3)}
+    run_server(FakeGrid(nodes), config)
+    flower = load_global(tmp_path / "flower" / "pesos_globales_ronda_1.pkl").weights
+
+    for a, b, c in zip(file_flow, simulated, flower):
+        assert np.max(np.abs(a - b)) <= 1e-6
+        assert np.max(np.abs(a - c)) <= 1e-6
+    assert not all(np.array_equal(a, b) for a, b in zip(file_flow, initial_weights(SEED)))
+
+
+@pytest.mark.parametrize("settings", [
+    {"method": "fedadam", "server-lr": 0.05},
+    {"method": "fedavgm"},
+    {"method": "fedavg", "dp-noise": 0.5, "dp-clip": 0.3, "dp-side": "client"},
+])
+def test_flower_and_the_simulation_agree_on_stateful_and_private_methods(settings, small_mnist,
+                                                                         small_federation, tmp_path):
+    from test_flower_app import FakeGrid, _client_node, _train_message
+
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.exchange import load_global
+    from fedmnist.flower_app import FlowerRunConfig, run_server
+    from fedmnist.model import initial_weights
+    from fedmnist.simulation import SimulationConfig, run_simulation
+
+    flat = {"local-epochs": 1, "batch-size": 32, "optimizer": "adam", "learning-rate": 1e-3, "momentum": 0.0,
+            "num-server-rounds": 2, "min-train-nodes": 3, "seed": 42, "output-dir": str(tmp_path / "flower"),
+            "test-file": str(common_test_file(small_federation)), **settings}
+    config = FlowerRunConfig.from_run_config(flat)
+    _train_message(initial_weights(42), 1, 0.0)
+    nodes = {10 * k: _client_node(client_file(small_federation, k), config) for k in (1, 2, 3)}
+    history = run_server(FakeGrid(nodes), config)
+
+    sim = SimulationConfig.create(
+        num_clients=3, fraction=1.0, rounds=2, local_epochs=1, batch_size=32, optimizer="adam",
+        learning_rate=1e-3, momentum=0.0, methods=(settings["method"],), seed=42,
+        server_lr=settings.get("server-lr"),
+        **({"dp_noise": settings["dp-noise"], "dp_clip": settings["dp-clip"], "dp_side": settings["dp-side"]}
+           if "dp-noise" in settings else {}),
+    )
+    result = run_simulation(sim, out_dir=tmp_path / "sim", progress=False, mnist=small_mnist)
+    for round_ in (1, 2):
+        flower = load_global(tmp_path / "flower" / f"pesos_globales_ronda_{round_}.pkl").weights
+        if round_ == 2:
+            for a, b in zip(flower, result.final_weights[settings["method"]]):
+                assert np.max(np.abs(a - b)) <= 1e-6
+    assert [h.epsilon for h in history] == [r.epsilon for r in result.metrics[settings["method"]]]
+
+
+@pytest.mark.parametrize("method", ["fedadam", "dp"])
+def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(method, small_mnist_file,
+                                                                                tmp_path):
+    from fedmnist.cli import main, main_aggregation, main_split
+    from fedmnist.exchange import load_global
+
+    data, pesos = tmp_path / "datos", tmp_path / "pesos"
+    common = ["--data", str(small_mnist_file)]
+    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
+    server = (["--methods", "fedadam", "--server-lr", "0.05"] if method == "fedadam"
+              else ["--methods", "fedavg", "--dp-noise", "0.5", "--dp-clip", "0.4", "--dp-side", "client"])
+    clip = ["--dp-clip", "0.4"] if method == "dp" else []
+    assert main_split(["--clients", "3", "--partition", "iid", "--seed", str(SEED), *common, "--out", str(data)]) == 0
+    assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos / "ronda_0")]) == 0
+    for round_ in (0, 1):
+        start = pesos / f"ronda_{round_}" / f"pesos_globales_ronda_{round_}.pkl"
+        members = pesos / f"miembros_{round_}"
+        for k in (1, 2, 3):
+            assert main(["train", "--client", str(k), "--data-dir", str(data), "--global-weights", str(start),
+                         *training, "--seed", str(SEED), "--validation-split", "0", *clip,
+                         "--out", str(members)]) == 0
+        assert main_aggregation(["--weights-dir", str(members), "--data-dir", str(data), "--global-weights",
+                                 str(start), *server, "--out", str(pesos / f"ronda_{round_ + 1}")]) == 0
+    manual = load_global(pesos / "ronda_2" / "pesos_globales_ronda_2.pkl")
+    assert manual.state is not None and manual.round == 2
+
+    flags = ["--server-lr", "0.05"] if method == "fedadam" else ["--dp-noise", "0.5", "--dp-clip", "0.4",
+                                                                 "--dp-side", "client"]
+    name = "fedadam" if method == "fedadam" else "fedavg"
+    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "2", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed",
+                 str(SEED), "--methods", name, *flags, "--quiet", *common, "--out", str(tmp_path / "sim")]) == 0
+    simulated = load_global(tmp_path / "sim" / f"pesos_globales_{name}.pkl").weights
+    for a, b in zip(manual.weights, simulated):
+        assert np.max(np.abs(a - b)) <= 1e-6

@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--client-cpus", type=float, default=None,
                    help="CPUs Ray reserves per ClientApp actor (Flower's default: 2)")
     p.add_argument("--timeout", type=float, default=1800, help="bound on the Flower run, seconds")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run ours with N worker processes of one thread each (compare with --client-cpus 1)")
     return p.parse_args(argv)
 
 
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     raw = load_raw_mnist(data)
     n = args.clients * args.per_client
     mnist = Mnist(raw.x_train[:n], raw.y_train[:n], raw.x_test[: args.test_images], raw.y_test[: args.test_images])
-    config = SimulationConfig(
+    config = SimulationConfig.create(
         num_clients=args.clients, fraction=1.0, rounds=args.rounds, local_epochs=args.epochs,
         batch_size=args.batch_size, optimizer="sgd", learning_rate=0.05, momentum=0.0, partition="iid",
         methods=("fedavg",), seed=args.seed,
@@ -84,10 +86,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_flower_") as tmp_name:
         tmp = Path(tmp_name)
         fed = tmp / "federacion"
-        write_federation(mnist, config.partition_config(), fed)
+        write_federation(mnist, config.federation.partition_config(config.seed), fed)
 
         t0 = time.perf_counter()
-        ours = run_simulation(config, out_dir=tmp / "ours", progress=False, mnist=mnist)
+        ours = run_simulation(config, out_dir=tmp / "ours", progress=False, mnist=mnist, workers=args.workers)
         ours_seconds = time.perf_counter() - t0
         ours_rounds = [r.round_seconds for r in ours.metrics["fedavg"]]
 
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
         return " ".join(f"{v:6.1f}" for v in values)
 
     print(f"{'':28}{'total s':>9}   per round s")
-    print(f"{'fedmnist run_simulation':28}{ours_seconds:9.1f}   {fmt(ours_rounds)}")
+    label = 'fedmnist run_simulation' + (f' ({args.workers} workers)' if args.workers else '')
+    print(f"{label:28}{ours_seconds:9.1f}   {fmt(ours_rounds)}")
     print(f"{'Flower simulation (Ray)':28}{flower_seconds:9.1f}   {fmt(flower_rounds)}")
     print(f"accuracy after round {args.rounds}: ours {ours.final_accuracy['fedavg']:.4f}, "
           f"Flower {rows[-1]['test_accuracy']:.4f}; max |weights difference| {diff:.2e}")

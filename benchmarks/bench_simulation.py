@@ -81,26 +81,28 @@ def timed(fn) -> tuple[float, float, object]:
 
 def bare_training(trainer, config, fed, init) -> None:
     """The simulation's ``trainer.train`` calls alone: same clients, data, seeds, epochs, batch size."""
-    from fedmnist.simulation import client_seed, sample_clients
+    from fedmnist.seeds import training_seed
+    from fedmnist.simulation import sample_clients
 
     calls = []
     for round_ in range(1, config.rounds + 1):
         for client_id in sample_clients(config, round_):
             x, y = fed.client_data(client_id)
-            calls.append((x, y, client_seed(config, round_, client_id)))
+            calls.append((x, y, training_seed(config.seed, round_, client_id)))
     for x, y, seed in calls:
-        trainer.train(init, x, y, epochs=config.local_epochs, batch_size=config.batch_size, seed=seed)
+        trainer.train(init, x, y, epochs=config.training.epochs, batch_size=config.training.batch_size, seed=seed)
 
 
 def time_benchmark(args: argparse.Namespace) -> None:
     from fedmnist.data import load_raw_mnist
     from fedmnist.evaluation import evaluate
+    from fedmnist.federation import prepare_federation
     from fedmnist.model import initial_weights
-    from fedmnist.simulation import SimulationConfig, prepare_federation, run_simulation
+    from fedmnist.simulation import SimulationConfig, run_simulation
     from fedmnist.training import ClientTrainer
 
     mnist = load_raw_mnist(args.data)
-    config = SimulationConfig(
+    config = SimulationConfig.create(
         num_clients=args.clients,
         fraction=1.0,
         rounds=args.rounds,
@@ -110,11 +112,11 @@ def time_benchmark(args: argparse.Namespace) -> None:
         train_subset=args.clients * args.per_client,
         eval_every=args.rounds,
     )
-    trainer = ClientTrainer(config.optimizer, config.learning_rate, config.momentum)
-    fed = prepare_federation(config, mnist=mnist)
+    trainer = ClientTrainer(config.training.optimizer, config.training.learning_rate, config.training.momentum)
+    fed = prepare_federation(config.federation, config.seed, mnist=mnist)
     init = initial_weights(config.seed)
     x, y = fed.client_data(1)
-    trainer.train(init, x, y, epochs=1, batch_size=config.batch_size)  # trace the epoch function
+    trainer.train(init, x, y, epochs=1, batch_size=config.training.batch_size)  # trace the epoch function
     trainer.predict(init, fed.x_test[:10], fed.y_test[:10])  # and the evaluation
 
     bare, sim, evaluation, rounds = [], [], [], []
@@ -138,8 +140,8 @@ def time_benchmark(args: argparse.Namespace) -> None:
     e_wall, e_cpu = best(evaluation, 0), best(evaluation, 1)
     s_wall, s_cpu = best(sim, 0), best(sim, 1)
     print(
-        f"\n(a) time: {config.num_clients} clients x {args.per_client} images, E={config.local_epochs}, "
-        f"B={config.batch_size}, {config.rounds} rounds, FedAvg, all clients sampled, one evaluation on "
+        f"\n(a) time: {config.federation.num_clients} clients x {args.per_client} images, "
+        f"E={config.training.epochs}, B={config.training.batch_size}, {config.rounds} rounds, FedAvg, all clients sampled, one evaluation on "
         f"{fed.y_test.size} test images after the last round; best of {args.repeats} interleaved runs"
     )
     print(f"{'measure':<56}{'wall s':>9}{'÷ bare':>8}{'CPU s':>9}{'÷ bare':>8}")
@@ -168,7 +170,7 @@ def memory_child(clients: int, fraction: float, simulate: bool, data: str | None
     from fedmnist.simulation import SimulationConfig, run_simulation
     from fedmnist.training import ClientTrainer
 
-    config = SimulationConfig(
+    config = SimulationConfig.create(
         num_clients=clients,
         fraction=fraction,
         rounds=1,
@@ -178,13 +180,13 @@ def memory_child(clients: int, fraction: float, simulate: bool, data: str | None
         test_subset=1000,
     )
     mnist = load_raw_mnist(data)
-    trainer = ClientTrainer(config.optimizer, config.learning_rate, config.momentum)
+    trainer = ClientTrainer(config.training.optimizer, config.training.learning_rate, config.training.momentum)
     init = initial_weights(config.seed)
     x_warm, y_warm = normalize_images(mnist.x_train[:20]), mnist.y_train[:20]
     trainer.train(init, x_warm, y_warm, epochs=1, batch_size=10)  # trace training and evaluation first
     # one evaluation of the 1000 test images: its activations (batches of 1000) are a ~190 MB transient
     trainer.predict(
-        init, normalize_images(mnist.x_test[: config.test_subset]), mnist.y_test[: config.test_subset]
+        init, normalize_images(mnist.x_test[: config.federation.test_subset]), mnist.y_test[: config.federation.test_subset]
     )
     process_peak = peak_rss_mb()
     before = _status_mb("VmRSS")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from fedmnist.errors import FedMnistError, ValidationError
+from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.exchange import MAX_NUM_EXAMPLES  # noqa: F401  (the bound check_num_examples applies)
 from fedmnist.methods import Method, RoundContext
 
@@ -230,7 +230,7 @@ class Server:
         max_count_ratio: float | None = None,
     ) -> None:
         if max_count_ratio is not None and not (isinstance(max_count_ratio, (int, float)) and max_count_ratio >= 1):
-            raise ValueError(f"max_count_ratio must be a number >= 1 (got {max_count_ratio!r})")
+            raise ConfigError(f"--max-count-ratio must be a number >= 1 (got {max_count_ratio!r})")
         self.max_count_ratio = max_count_ratio
         self.methods = {m.name: m for m in methods}
         missing = set(self.methods) - set(state.weights)

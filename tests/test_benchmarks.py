@@ -31,3 +31,16 @@ def test_bare_logits_match_the_keras_model(raw_mnist):
 def test_forward_flop_count_of_the_shared_cnn():
     # conv1 0.45 + conv2 7.23 + conv3 7.23 + dense 0.59 + output 0.005 MFLOP
     assert abs(load_bench_training().forward_mflop() - 15.497) < 1e-3
+
+
+def test_the_simulation_benchmark_runs_on_a_tiny_federation(mnist_path, capsys):
+    """The benchmark calls the package's current API: a renamed function would break it silently."""
+    spec = importlib.util.spec_from_file_location("bench_simulation", REPO_ROOT / "benchmarks" / "bench_simulation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    code = module.main(["--data", str(mnist_path), "--clients", "2", "--per-client", "20", "--rounds", "1",
+                        "--repeats", "1", "--skip-memory"])
+
+    assert code == 0
+    assert "run_simulation, all included" in capsys.readouterr().out

@@ -176,8 +176,9 @@ def _last_loss(update: ClientUpdate) -> float | None:
     history = update.metrics.get("history")
     losses = history.get("loss") if isinstance(history, dict) else None
     last = losses[-1] if isinstance(losses, list) and losses else None
-    ok = isinstance(last, (int, float)) and not isinstance(last, bool) and math.isfinite(last)
-    return float(last) if ok else None
+    if isinstance(last, bool) or not isinstance(last, (int, float)) or abs(last) > 1e300:
+        return None
+    return float(last) if math.isfinite(last) else None
 
 
 def _label(update: ClientUpdate) -> str:
@@ -204,6 +205,7 @@ def run_aggregation(
     expected_round: int | None = None,
     max_count_ratio: float | None = None,
     privacy: DPConfig | None = None,
+    seeded_noise: bool = False,
 ) -> AggregationReport:
     """Run the server step for every method over the same updates, evaluate the locals, pick the best.
 
@@ -215,7 +217,8 @@ def run_aggregation(
     Without them, ``max_count_ratio`` caps every claim at that many times the median claim.
     A method that keeps server state (a server optimiser, DP-FedAvg with ``privacy``) resumes the
     state ``start`` carries when ``start`` was written by that method, and starts afresh otherwise;
-    the next round's file carries the chosen method's new state.
+    the next round's file carries the chosen method's new state. DP noise comes from the operating
+    system unless ``seeded_noise`` (reproducible, and predictable to anyone who knows the seed).
     """
     config = replace(params or MethodConfig(), methods=tuple(methods), mu=DEFAULT_MU)
     try:
@@ -246,9 +249,10 @@ def run_aggregation(
         prox_replies, more = to_replies(prox_updates, start, counts, expected_round)
         notes += more
     if privacy is not None:
-        num_clients = len(counts) if counts else len(replies)
-        built = [with_privacy(m, privacy, num_clients, min(len(replies), num_clients),
-                              start.seed if start.seed is not None else DEFAULT_SEED) for m in built]
+        # Every member who sent an update took part: nobody was sampled at random, so q = m/K = 1 (a
+        # manifest's absent members were not randomly left out and give no amplification).
+        seed = (start.seed if start.seed is not None else DEFAULT_SEED) if seeded_noise else None
+        built = [with_privacy(m, privacy, len(replies), len(replies), seed) for m in built]
     state = ServerState.initial(built, start.weights, start.round)
     for method in built:
         if start.state is not None and start.method == method.name:
@@ -441,6 +445,7 @@ def aggregate_directory(
     global_weights: str | Path | None = None,
     max_count_ratio: float | None = None,
     privacy: DPConfig | None = None,
+    seeded_noise: bool = False,
 ) -> AggregationReport:
     """The whole server step over files: check the output, load, validate, aggregate, evaluate, write.
 
@@ -460,6 +465,6 @@ def aggregate_directory(
     x_test, y_test = load_partition(test_path)
     report = run_aggregation(updates, x_test, y_test, methods, params, prox_updates, next_from,
                              start=start, counts=manifest_counts(data_dir), expected_round=expected_round,
-                             max_count_ratio=max_count_ratio, privacy=privacy)
+                             max_count_ratio=max_count_ratio, privacy=privacy, seeded_noise=seeded_noise)
     write_outputs(report, out_dir)
     return report

@@ -99,17 +99,22 @@ def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> S
             built[method].check_state(method_state[method], arrays)
         except (RejectedReply, ValidationError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    history = _records(path, state.get("metrics"))
+    history = _records(path, state.get("metrics"), methods)
     for method in methods:
-        rounds = [r.round for r in history if r.method == method]
+        rows = [r for r in history if r.method == method]
+        rounds = [r.round for r in rows]
         if rounds != list(range(1, done + 1)):
             raise ConfigError(f"{path}: {method}'s records cover rounds {rounds[:3]}…, not 1..{done}: "
                               "an inconsistent or tampered checkpoint")
+        releases = method_state[method].get("releases") if config.privacy is not None else None
+        if releases is not None and releases != sum(r.num_replies > 0 for r in rows):
+            raise ConfigError(f"{path}: {method}'s privacy state counts {releases!r} noised rounds, but its "
+                              "records show another number: an inconsistent or tampered checkpoint")
     return ServerState(done, {m: list(weights[m]) for m in methods}, {m: method_state[m] for m in methods},
                        history)
 
 
-def _records(path: Path, rows) -> list[RoundRecord]:
+def _records(path: Path, rows, methods: list[str]) -> list[RoundRecord]:
     if not isinstance(rows, list):
         raise ConfigError(f"{path}: malformed metrics in the checkpoint")
     records = []
@@ -120,14 +125,51 @@ def _records(path: Path, rows) -> list[RoundRecord]:
             record = RoundRecord.from_dict(row)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: malformed metrics in the checkpoint ({exc})") from None
-        for key in ("test_accuracy", "test_loss"):
-            value = getattr(record, key)
-            if value is not None and not (isinstance(value, float) and (math.isnan(value) or 0 <= value)):
-                raise ConfigError(f"{path}: malformed {key} {value!r} in the checkpoint")
-        if isinstance(record.round, bool) or not isinstance(record.round, int):
-            raise ConfigError(f"{path}: malformed round {record.round!r} in the checkpoint")
+        problem = _record_problem(record, methods)
+        if problem:
+            raise ConfigError(f"{path}: malformed record in the checkpoint: {problem}")
         records.append(record)
     return records
+
+
+def _record_problem(record: RoundRecord, methods: list[str]) -> str | None:
+    """What is wrong with a checkpoint's record (types and ranges of every field), or None."""
+
+    def number(value, low=0.0, high=math.inf, optional=True) -> bool:
+        if value is None:
+            return optional
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            math.isnan(value) or low <= value <= high)
+
+    def ints(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+    def texts(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+    if record.method not in methods:
+        return f"unknown method {str(record.method)[:40]!r}"
+    if isinstance(record.round, bool) or not isinstance(record.round, int) or record.round < 1:
+        return f"round {record.round!r}"
+    if not number(record.test_accuracy, 0.0, 1.0):
+        return f"test_accuracy {record.test_accuracy!r}"
+    for key in ("test_loss", "train_loss", "seconds", "train_seconds", "eval_seconds", "round_seconds", "mu",
+                "epsilon", "delta"):
+        if not number(getattr(record, key), optional=key in ("test_loss", "train_loss", "epsilon", "delta")):
+            return f"{key} {getattr(record, key)!r}"
+    for key in ("num_sampled", "num_replies"):
+        value = getattr(record, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{key} {value!r}"
+    for key in ("sampled_clients", "replied_clients", "malicious_sampled", "sampled_nodes"):
+        if not ints(getattr(record, key)):
+            return f"{key} must be a list of integers"
+    for key in ("failed", "notes"):
+        if not texts(getattr(record, key)):
+            return f"{key} must be a list of strings"
+    if not isinstance(record.start_sha256, str):
+        return "start_sha256 must be a string"
+    return None
 
 
 def _config_diff(stored, config: SimulationConfig) -> str:

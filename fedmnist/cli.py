@@ -115,6 +115,9 @@ def add_aggregate_args(parser: argparse.ArgumentParser) -> None:
                         help="Byzantine clients f that krum/multikrum tolerate (default 1)")
     add_server_optimizer_args(parser)
     add_privacy_args(parser)
+    parser.add_argument("--dp-seeded-noise", action="store_true",
+                        help="draw the DP noise from --seed's generator (reproducible runs and tests only: anyone "
+                        "who knows the seed can remove the noise); default: the operating system's entropy")
     parser.add_argument("--max-count-ratio", type=float, default=None, metavar="R",
                         help="without particion.json, weight no update by more than R x the median sample "
                         "count claimed (default: no cap; a dominant client is reported either way)")
@@ -133,6 +136,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     report = aggregate_directory(
         args.weights_dir, args.data_dir, args.out, tuple(args.methods), params, args.round,
         args.prox_weights_dir, args.next_from, args.global_weights, args.max_count_ratio, privacy_from_args(args),
+        args.dp_seeded_noise,
     )
     print(f"round {report.round}: {len(report.locals_)} updates, start weights "
           f"{(report.start_sha256 or 'unknown')[:12]}")

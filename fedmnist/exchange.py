@@ -313,6 +313,8 @@ def load_update(path: str | Path, limits: PickleLimits = UPDATE_LIMITS) -> Clien
     if num_examples is not None:
         num_examples = check_num_examples(num_examples, str(path), error=UpdateFileError)
     mu = _require(path, payload, "mu", (int, float))
+    if isinstance(mu, int) and abs(mu) > MAX_INT_FIELD:  # math.isfinite would overflow on a huge int
+        raise UpdateFileError(f"{path}: mu must be a finite number >= 0 (found {_brief(mu)})")
     if not (math.isfinite(mu) and mu >= 0):
         raise UpdateFileError(f"{path}: mu must be a finite number >= 0 (found {_brief(mu)})")
     metrics = payload.get("metrics") or {}

@@ -102,6 +102,7 @@ class FlowerRunConfig:
     dp_delta: float = -1.0
     target_epsilon: float = -1.0
     dp_clients: int = 0
+    dp_seeded_noise: bool = False
     max_count_ratio: float = 0.0
 
     def __post_init__(self) -> None:
@@ -164,7 +165,7 @@ class FlowerRunConfig:
 
             check_dp_method(self.method)
         need(self.dp_clients >= 0, f"dp-clients must be >= 0 (got {self.dp_clients})")
-        need(self.max_count_ratio == 0 or self.max_count_ratio >= 1,
+        need(self.max_count_ratio == 0 or (math.isfinite(self.max_count_ratio) and self.max_count_ratio >= 1),
              f"max-count-ratio must be 0 (no cap) or >= 1 (got {self.max_count_ratio})")
         need(self.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {self.num_server_rounds})")
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1] (got {self.fraction_train})")
@@ -371,15 +372,18 @@ def nodes_to_sample(num_nodes: int, fraction: float) -> int:
 
 def nodes_needed(min_train_nodes: int, fraction: float) -> int:
     """The fewest connected nodes whose sample (``nodes_to_sample``) holds ``min_train_nodes``."""
-    n = min_train_nodes
+    n = max(min_train_nodes, math.ceil(min_train_nodes / fraction - 1e-9) - 1)
     while nodes_to_sample(n, fraction) < min_train_nodes:
         n += 1
     return n
 
 
-def sample_nodes(node_ids: list[int], fraction: float, seed: int, round_: int) -> list[int]:
+def sample_nodes(node_ids: list[int], fraction: float, seed: int | None, round_: int) -> list[int]:
     """The sorted node ids of ``round_``: ``nodes_to_sample`` of them, drawn with (seed, round)."""
     ids = sorted(node_ids)
+    if seed is None:  # DP-FedAvg: a sample nobody can predict (the sampling the accountant assumes)
+        chosen = np.random.default_rng().choice(len(ids), size=nodes_to_sample(len(ids), fraction), replace=False)
+        return sorted(ids[int(p)] for p in chosen)
     return [ids[p] for p in sample_positions(len(ids), fraction, seed, round_)]
 
 
@@ -526,7 +530,7 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         num_clients = config.dp_clients or len(wait_for_nodes(grid, config.nodes_before_start,
                                                               config.wait_nodes_timeout, "DP-FedAvg's K"))
         method = with_privacy(method, dp, num_clients, nodes_to_sample(num_clients, config.fraction_train),
-                              config.seed)
+                              config.seed if config.dp_seeded_noise else None)
         if dp.target_epsilon is not None:
             method.accountant.check_target(dp.target_epsilon)
     server = Server([method], ServerState.initial([method], weights),
@@ -550,7 +554,8 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         if round_ == 1:
             needed = max(needed, config.nodes_before_start)
         node_ids = wait_for_nodes(grid, needed, config.wait_nodes_timeout, f"round {round_}")
-        sampled = sample_nodes(node_ids, config.fraction_train, config.seed, round_)
+        secret = dp is not None and not config.dp_seeded_noise  # the accountant's sampling must be secret
+        sampled = sample_nodes(node_ids, config.fraction_train, None if secret else config.seed, round_)
         log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(node_ids))
         instructions = {"server-round": round_, "proximal-mu": method.client_mu}
         clip = method.client_clip(server.state.method_state[method.name])

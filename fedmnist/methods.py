@@ -158,9 +158,9 @@ class Method:
         del state
         return None
 
-    def refuse(self, weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], state: dict) -> str | None:
-        """Why this method cannot use a reply that passed the server's checks (None: it can)."""
-        del weights, global_weights, state
+    def refuse(self, reply, global_weights: Sequence[np.ndarray], state: dict) -> str | None:
+        """Why this method cannot use a ``Reply`` that passed the server's checks (None: it can)."""
+        del reply, global_weights, state
         return None
 
     def privacy(self, state: dict) -> tuple[float, float] | None:
@@ -204,7 +204,7 @@ class DPMethod(Method):
 
     dp: object | None = None
     accountant: object | None = None
-    seed: int = 0
+    seed: int | None = 0
 
     def initial_state(self) -> dict:
         """S as configured, nothing released."""
@@ -226,15 +226,22 @@ class DPMethod(Method):
         self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
         context: RoundContext | None = None,
     ) -> tuple[list[np.ndarray], dict]:
-        """One DP-FedAvg step; the noise generator is seeded by (seed, round)."""
+        """One DP-FedAvg step.
+
+        The noise comes from a generator seeded by (seed, round) when ``seed`` is set (the simulation,
+        whose adversary is simulated too; tests), else from the operating system's entropy: anyone who
+        knows a seed can regenerate the noise and subtract it. The average divides by the m the
+        accountant assumes (McMahan et al.'s fixed denominator), not by the realised number of
+        replies, which under Poisson sampling is itself private.
+        """
         from fedmnist.privacy import DPState, dp_fedavg_step
         from fedmnist.seeds import server_rng
 
         context = context or RoundContext(0, len(results))
         unclipped = context.unclipped if (self.dp.side == "client" and self.dp.adaptive) else None
-        step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, DPState.from_dict(state),
-                              server_rng(self.seed, context.round), unclipped=unclipped,
-                              num_sampled=max(context.num_sampled, len(results)),
+        rng = server_rng(self.seed, context.round) if self.seed is not None else np.random.default_rng()
+        step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, DPState.from_dict(state), rng,
+                              unclipped=unclipped, num_sampled=max(self.accountant.clients_per_round, len(results)),
                               labels=list(context.labels) or None)
         return step.weights, step.state.to_dict()
 
@@ -242,14 +249,17 @@ class DPMethod(Method):
         """S, which the clients clip to under client-side clipping."""
         return float(state["clip"]) if self.dp.side == "client" else None
 
-    def refuse(self, weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], state: dict) -> str | None:
-        """Under client-side clipping, an update longer than S (beyond rounding) is refused."""
+    def refuse(self, reply, global_weights: Sequence[np.ndarray], state: dict) -> str | None:
+        """Under client-side clipping, an update longer than S (beyond rounding) is refused, and so is a
+        reply without its unclipped bit when S is adaptive."""
         from fedmnist.privacy import _clip_tolerance, client_update, update_norm
 
         clip = self.client_clip(state)
         if clip is None:
             return None
-        norm = update_norm(client_update(weights, global_weights, "reply"))
+        if self.dp.adaptive and not isinstance(reply.metrics.get("unclipped"), bool):
+            return "client-side adaptive clipping needs the reply's unclipped bit, and it is missing"
+        norm = update_norm(client_update(reply.weights, global_weights, "reply"))
         if norm > clip + _clip_tolerance(global_weights, clip):
             return (f"update norm {norm:.4g} exceeds the clip norm S = {clip:.4g}: with client-side clipping "
                     "every client must clip its update before sending it")
@@ -260,8 +270,12 @@ class DPMethod(Method):
         return self.accountant.epsilon(int(state["releases"])), self.accountant.delta
 
 
-def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, seed: int) -> DPMethod:
-    """``method`` (FedAvg or FedProx) wrapped in DP-FedAvg, with its accountant for K clients, m per round."""
+def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, seed: int | None) -> DPMethod:
+    """``method`` (FedAvg or FedProx) wrapped in DP-FedAvg, with its accountant for K clients, m per round.
+
+    ``seed`` None draws the noise from the operating system (the deployed modes); an integer makes it
+    reproducible and predictable to whoever knows it (the simulation, tests).
+    """
     from dataclasses import fields as dataclass_fields
 
     from fedmnist.privacy import PrivacyAccountant, check_dp_method

@@ -19,6 +19,7 @@ failed client of that round, the file flow (``strict=True``) stops before writin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
-from fedmnist.exchange import MAX_NUM_EXAMPLES  # noqa: F401  (the bound check_num_examples applies)
+from fedmnist.exchange import MAX_NUM_EXAMPLES
 from fedmnist.methods import Method, RoundContext
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,24 @@ def check_reply(
             "every member must train from the round's pesos_globales_ronda_R.pkl"
         )
     return []
+
+
+def _finite(weights: Sequence[np.ndarray], state) -> bool:
+    """Whether the weights and every array or number in ``state`` are finite."""
+    if not all(np.isfinite(w).all() for w in weights):
+        return False
+    pending = [state]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating) and not np.isfinite(item).all():
+            return False
+        elif isinstance(item, float) and not math.isfinite(item):
+            return False
+    return True
 
 
 def dominant_clients(replies: Sequence[Reply]) -> list[str]:
@@ -229,7 +248,8 @@ class Server:
         expected_counts: Mapping[int, int] | None = None,
         max_count_ratio: float | None = None,
     ) -> None:
-        if max_count_ratio is not None and not (isinstance(max_count_ratio, (int, float)) and max_count_ratio >= 1):
+        if max_count_ratio is not None and not (isinstance(max_count_ratio, (int, float))
+                                                and math.isfinite(max_count_ratio) and max_count_ratio >= 1):
             raise ConfigError(f"--max-count-ratio must be a number >= 1 (got {max_count_ratio!r})")
         self.max_count_ratio = max_count_ratio
         self.methods = {m.name: m for m in methods}
@@ -239,7 +259,7 @@ class Server:
         self.state = state
         self.evaluate = evaluate
         self.expected_counts = dict(expected_counts) if expected_counts else None
-        self._checked: dict[tuple[int, str], list[str] | str] = {}
+        self._checked: dict[tuple[int, str], tuple[Reply, list[str] | str]] = {}
 
     def weights(self, method: str) -> list[np.ndarray]:
         """The current global weights of ``method``."""
@@ -259,13 +279,13 @@ class Server:
         accepted, rejected, warnings = [], {}, []
         seen: dict[int, str] = {}
         for reply in replies:
-            key = (id(reply), start_sha256)
+            key = (id(reply), start_sha256)  # the cache holds the reply, so its id cannot be reused
             if key not in self._checked:
                 try:
-                    self._checked[key] = check_reply(reply, start_sha256, self.expected_counts)
+                    self._checked[key] = (reply, check_reply(reply, start_sha256, self.expected_counts))
                 except RejectedReply as exc:
-                    self._checked[key] = str(exc)
-            outcome = self._checked[key]
+                    self._checked[key] = (reply, str(exc))
+            outcome = self._checked[key][1]
             if isinstance(outcome, str):
                 rejected[reply.label] = outcome
                 continue
@@ -314,7 +334,7 @@ class Server:
         start_sha = self.start_sha256(method)
         accepted, rejected, warnings = self.validate(replies, start_sha)
         for reply in list(accepted):
-            why = rule.refuse(reply.weights, self.state.weights[method], self.state.method_state[method])
+            why = rule.refuse(reply, self.state.weights[method], self.state.method_state[method])
             if why:
                 accepted.remove(reply)
                 rejected[reply.label] = f"{reply.label}: {why}"
@@ -332,7 +352,7 @@ class Server:
         warnings += dominant_clients(accepted)
         counts = [r.num_examples for r in accepted]
         if self.max_count_ratio is not None and accepted:
-            cap = int(self.max_count_ratio * float(np.median(counts)))
+            cap = int(min(self.max_count_ratio * float(np.median(counts)), MAX_NUM_EXAMPLES))
             for i, reply in enumerate(accepted):
                 if counts[i] > cap:
                     warnings.append(f"{reply.label}: weighted as {cap} examples, not the {counts[i]} it claims "
@@ -344,13 +364,20 @@ class Server:
         num_sampled = len(sampled_clients) or len(sampled_nodes) or len(replies)
         if accepted:
             context = RoundContext(round_, num_sampled, tuple(r.label for r in accepted),
-                                   tuple(bool(r.metrics.get("unclipped", False)) for r in accepted))
+                                   tuple(r.metrics.get("unclipped") for r in accepted))
             weights, state = rule.aggregate(self.state.weights[method],
                                             [(r.weights, n) for r, n in zip(accepted, counts)],
                                             self.state.method_state[method], context)
         else:  # min_replies == 0: nothing usable came back, the global model stays as it was
             weights, state = self.state.weights[method], self.state.method_state[method]
             warnings.append(f"no accepted reply: {method}'s global weights are unchanged")
+        if accepted and not _finite(weights, state):
+            # finite replies can still overflow (a huge update, a server optimiser's moments): the server
+            # never adopts a model or a state it could not resume from
+            weights, state = self.state.weights[method], self.state.method_state[method]
+            warnings.append(f"the aggregate of round {round_} is not finite: {method}'s global weights and "
+                            "state are unchanged")
+            log.warning("round %d, %s: %s", round_, method, warnings[-1])
         aggregate_seconds = time.perf_counter() - t0
         evaluation = None
         t0 = time.perf_counter()

@@ -497,7 +497,8 @@ def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[i
     done = state.round
     server = Server(methods, state, executor.evaluate, fed.expected_counts)
 
-    outputs.dump_json(out / outputs.CONFIG_FILE, _config_payload(config, fed, malicious, data_path))
+    config_text = outputs.json_text(_config_payload(config, fed, malicious, data_path))
+    stale = [] if done else _previous_run_files(out)
     bar = tqdm(total=config.rounds, initial=done, desc="rondas", unit="ronda", disable=not progress)
     try:
         for round_ in range(done + 1, config.rounds + 1):
@@ -510,9 +511,13 @@ def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[i
                 break
             rows = _run_round(server, round_, config, executor, set(malicious), progress)
             with OutputSet(out, "--out directory") as staged:  # the checkpoint and its metrics, together
+                staged.write_text(outputs.CONFIG_FILE, config_text)
                 staged.write_bytes(CHECKPOINT_FILE, ckpt.checkpoint_bytes(config, fed.sha256, server.state,
                                                                            malicious))
                 outputs.write_metrics(staged, server.state.history, _metrics_extra(config, malicious))
+                for name in stale:  # a fresh run never leaves an earlier run's final files beside its own
+                    staged.discard(name)
+                stale = []
             bar.set_postfix({r.method: f"{r.test_accuracy:.3f}" for r in rows if r.test_accuracy is not None})
             bar.update()
             if callback is not None:
@@ -534,6 +539,7 @@ def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[i
         resumed_from_round=done,
     )
     with OutputSet(out, "--out directory") as staged:  # the final models, plot and summary, together
+        staged.write_text(outputs.CONFIG_FILE, config_text)
         result.files = _write_outputs(staged, result)
         result.seconds = time.perf_counter() - started
         result.files["summary"] = staged.write_text(outputs.SUMMARY_FILE, outputs.json_text(_summary(result)))
@@ -541,6 +547,17 @@ def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[i
 
 
 # --- what the simulation writes ---------------------------------------------------------------
+
+
+def _previous_run_files(out: Path) -> list[str]:
+    """The final outputs an earlier run left in ``out`` (a fresh run replaces them all or none)."""
+    from fedmnist import outputs
+
+    if not out.is_dir():
+        return []
+    names = {outputs.SUMMARY_FILE, outputs.ACCURACY_PLOT}
+    return sorted(p.name for p in out.iterdir() if p.name in names
+                  or (p.name.startswith(("modelo_global_", "pesos_globales_")) and p.suffix in (".h5", ".pkl")))
 
 
 def _config_payload(config: SimulationConfig, fed: Federation, malicious: list[int], data_path) -> dict:
@@ -606,7 +623,25 @@ def _summary(result: SimulationResult) -> dict:
         "attack_strength": config.threat.strength,
         "resumed_from_round": result.resumed_from_round,
         "seconds": result.seconds,
+        "privacy": _privacy_summary(result),
     }
+
+
+def _privacy_summary(result: SimulationResult) -> dict | None:
+    """What ε means for this run: adjacency, δ, and whether it is a guarantee worth the name."""
+    config = result.config
+    if config.privacy is None:
+        return None
+    from fedmnist.privacy import PrivacyAccountant, privacy_verdict
+
+    accountant = PrivacyAccountant.from_config(config.privacy, config.federation.num_clients,
+                                               config.clients_per_round)
+    releases = max(sum(r.num_replies > 0 for r in rows) for rows in result.metrics.values())
+    verdict = privacy_verdict(accountant, releases)
+    return {"settings": config.privacy.to_dict(), "adjacency": accountant.adjacency, "delta": accountant.delta,
+            "epsilon": verdict.epsilon, "meaningful": verdict.meaningful, "verdict": verdict.message,
+            "note": "each method's epsilon covers its own releases; methods run on the same clients' data "
+                    "compose, and the per-round metrics (sampled clients, training losses) are not covered"}
 
 
 def format_summary(result: SimulationResult) -> str:

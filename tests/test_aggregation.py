@@ -1115,3 +1115,23 @@ def test_a_bad_server_state_in_the_round_file_is_refused_like_a_bad_update(spoil
     with pytest.raises(ValidationError, match=r"pesos_globales_ronda_0\.pkl"):
         aggregate_directory(weights_dir, data_dir, out_dir, ("fedadam",))
     assert not out_dir.exists()
+
+
+def test_file_flow_dp_noise_is_unpredictable_unless_seeded_and_counts_every_member(start, evaluator, test_set,
+                                                                                tmp_path):
+    from fedmnist.privacy import DPConfig, PrivacyAccountant
+
+    updates = handmade_updates(start, tmp_path)
+    x_test, y_test = test_set
+    dp = DPConfig(1.0, 0.5)
+    manifest = {**COUNTS, **dict.fromkeys(range(4, 101), 10)}  # 100 members, 3 sent updates
+
+    def run(seeded):
+        return run_aggregation(updates, x_test, y_test, ("fedavg",), evaluator=evaluator, evaluate_locals=False,
+                               start=start, privacy=dp, seeded_noise=seeded, counts=manifest).methods["fedavg"]
+
+    first, second = run(False), run(False)
+    assert not all(np.array_equal(a, b) for a, b in zip(first.weights, second.weights))
+    assert all(np.array_equal(a, b) for a, b in zip(run(True).weights, run(True).weights))
+    # the members who sent updates were not sampled at random: q = 1, whatever the manifest lists
+    assert first.epsilon == PrivacyAccountant(1.0, 3, 3, 1e-5).epsilon(1)

@@ -800,3 +800,19 @@ def test_checkpoint_limits_grow_with_the_model_copies():
     assert CHECKPOINT_LIMITS == checkpoint_limits(128)
     with pytest.raises(ValueError, match="model_copies"):
         checkpoint_limits(0)
+
+
+def test_a_huge_integer_mu_is_refused_without_a_traceback(tmp_path):
+    import pickle as _pickle
+
+    from fedmnist.errors import UpdateFileError
+    from fedmnist.exchange import ClientUpdate, load_update, update_path
+    from fedmnist.model import initial_weights, model_fingerprint
+
+    update = ClientUpdate(2, 0, 10, initial_weights(), "ab" * 32, model_fingerprint())
+    payload = update.to_payload()
+    payload["mu"] = 2**2000
+    path = update_path(tmp_path, 2)
+    path.write_bytes(_pickle.dumps(payload, protocol=4))
+    with pytest.raises(UpdateFileError, match="mu must be a finite number"):
+        load_update(path)

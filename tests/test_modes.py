@@ -74,7 +74,7 @@ def test_file_flow_simulation_and_flower_give_the_same_round_one_weights(small_m
 @pytest.mark.parametrize("settings", [
     {"method": "fedadam", "server-lr": 0.05},
     {"method": "fedavgm"},
-    {"method": "fedavg", "dp-noise": 0.5, "dp-clip": 0.3, "dp-side": "client"},
+    {"method": "fedavg", "dp-noise": 0.5, "dp-clip": 0.3, "dp-side": "client", "dp-seeded-noise": True},
 ])
 def test_flower_and_the_simulation_agree_on_stateful_and_private_methods(settings, small_mnist,
                                                                          small_federation, tmp_path):
@@ -120,7 +120,8 @@ def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(
     common = ["--data", str(small_mnist_file)]
     training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
     server = (["--methods", "fedadam", "--server-lr", "0.05"] if method == "fedadam"
-              else ["--methods", "fedavg", "--dp-noise", "0.5", "--dp-clip", "0.4", "--dp-side", "client"])
+              else ["--methods", "fedavg", "--dp-noise", "0.5", "--dp-clip", "0.4", "--dp-side", "client",
+                    "--dp-seeded-noise"])
     clip = ["--dp-clip", "0.4"] if method == "dp" else []
     assert main_split(["--clients", "3", "--partition", "iid", "--seed", str(SEED), *common, "--out", str(data)]) == 0
     assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos / "ronda_0")]) == 0

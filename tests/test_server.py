@@ -164,3 +164,33 @@ def test_max_count_ratio_caps_a_lying_count_at_a_multiple_of_the_median(start):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert any("weighted as 200 examples" in n for n in step.record.notes)
     assert any("dominates" in n for n in step.record.notes)
+
+
+def test_an_infinite_count_cap_is_a_clear_error(start):
+    from fedmnist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max-count-ratio"):
+        server_for(start, max_count_ratio=math.inf)
+
+
+def test_an_aggregate_that_overflows_is_never_adopted(start):
+    server = server_for(start, methods=("fedadam",))
+    huge = reply(start, 1, 0.0)
+    huge.weights = [w + np.float32(1e21) for w in start]  # finite, but the squared mean delta overflows float32
+    step = server.step(1, "fedadam", [huge, reply(start, 2, 0.1), reply(start, 3, 0.2)])
+    assert all(np.array_equal(a, b) for a, b in zip(step.weights, start))
+    assert server.state.method_state["fedadam"] == {}
+    assert any("not finite" in n for n in step.record.notes)
+
+
+def test_client_side_adaptive_dp_refuses_a_reply_without_its_bit(start):
+    from fedmnist.methods import build_methods, with_privacy
+    from fedmnist.privacy import DPConfig
+
+    dp = DPConfig(0.1, 10.0, adaptive=True, side="client", clipped_count_stddev=1.0)
+    method = with_privacy(build_methods(MethodConfig(("fedavg",)))[0], dp, 3, 3, seed=1)
+    server = Server([method], ServerState.initial([method], start))
+    replies = [reply(start, k, 0.0001, metrics={"unclipped": True}) for k in (1, 2)] + [reply(start, 3, 0.0001)]
+    step = server.step(1, "fedavg", replies)
+    assert step.record.replied_clients == [1, 2]
+    assert "unclipped bit" in step.record.failed[0] and "client 3" in step.record.failed[0]

@@ -434,6 +434,9 @@ def test_a_bad_reply_is_refused_and_counts_as_a_failed_client(spoil, trainer, ra
         (lambda c: c["weights"]["fedavg"].pop(), "expected"),
         (lambda c: c["metrics"][0].update(test_accuracy="high"), "malformed"),
         (lambda c: c.update(method_state=[]), "server state"),
+        (lambda c: c["metrics"][0].update(method="zzz"), "unknown method"),
+        (lambda c: c["metrics"][0].update(failed=None), "failed must be a list"),
+        (lambda c: c["metrics"][0].update(test_accuracy=5.0), "test_accuracy"),
     ],
 )
 def test_a_tampered_checkpoint_is_refused_before_any_output(tamper, message, reference, raw_mnist, trainer,

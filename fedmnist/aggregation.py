@@ -446,11 +446,13 @@ def aggregate_directory(
     max_count_ratio: float | None = None,
     privacy: DPConfig | None = None,
     seeded_noise: bool = False,
+    seed: int = DEFAULT_SEED,
 ) -> AggregationReport:
     """The whole server step over files: check the output, load, validate, aggregate, evaluate, write.
 
     ``global_weights`` is the round's ``pesos_globales_ronda_R.pkl``; without it the file of the
-    updates' round is looked for beside them.
+    updates' round is looked for beside them, and for round 0 the server rebuilds ``build_model(seed)``
+    (what ``--init`` and the notebook's ``GLOBAL_WEIGHTS = None`` start from).
     """
     check_writable_dir(out_dir, "--out directory")
     test_path = common_test_file(data_dir)
@@ -459,6 +461,10 @@ def aggregate_directory(
     updates = load_updates(weights_dir)
     prox_updates = load_updates(prox_dir) if prox_dir else None
     start = find_start(weights_dir, updates, global_weights)
+    rebuilt = start is None and updates and all(u.round == 0 for u in updates if not u.bare) and \
+        any(not u.bare for u in updates)
+    if rebuilt:  # round 0's weights are build_model(seed): the server can hold them without the file
+        start = make_global(initial_weights(seed), 0, "init", seed)
     if start is not None and expected_round is not None and start.round != expected_round:
         raise ValidationError(f"{_label_start(start)}: holds the global weights of round {start.round}, "
                               f"but round {expected_round} was requested")
@@ -466,5 +472,8 @@ def aggregate_directory(
     report = run_aggregation(updates, x_test, y_test, methods, params, prox_updates, next_from,
                              start=start, counts=manifest_counts(data_dir), expected_round=expected_round,
                              max_count_ratio=max_count_ratio, privacy=privacy, seeded_noise=seeded_noise)
+    if rebuilt:
+        report.notes.insert(0, f"no pesos_globales_ronda_0.pkl beside the updates: the server rebuilt round 0's "
+                               f"weights, build_model(seed={seed}), and checked every update against them")
     write_outputs(report, out_dir)
     return report

@@ -136,7 +136,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     report = aggregate_directory(
         args.weights_dir, args.data_dir, args.out, tuple(args.methods), params, args.round,
         args.prox_weights_dir, args.next_from, args.global_weights, args.max_count_ratio, privacy_from_args(args),
-        args.dp_seeded_noise,
+        args.dp_seeded_noise, getattr(args, "seed", DEFAULT_SEED),
     )
     print(f"round {report.round}: {len(report.locals_)} updates, start weights "
           f"{(report.start_sha256 or 'unknown')[:12]}")

@@ -290,9 +290,10 @@ def test_updates_that_agree_but_not_with_the_rounds_file_are_refused(how, start,
 
 
 def test_missing_round_file_asks_for_global_weights(start, tmp_path, data_dir):
-    # Prepare: non-bare updates, but no pesos_globales_ronda_0.pkl beside them and no flag
+    # Prepare: non-bare updates of round 1, but no pesos_globales_ronda_1.pkl beside them and no flag
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    save_all(handmade_updates(start, weights_dir))
+    later = make_global(perturbed(start.weights, 99), 1, "fedavg", 42)
+    save_all(handmade_updates(later, weights_dir))
 
     # Execute / Assert
     with pytest.raises(ValidationError) as info:
@@ -300,6 +301,22 @@ def test_missing_round_file_asks_for_global_weights(start, tmp_path, data_dir):
     assert "--global-weights" in str(info.value)
     assert "pesos_globales_ronda_R.pkl" in str(info.value)
     assert not out_dir.exists()
+
+
+def test_round_zero_without_its_file_is_checked_against_the_rebuilt_start(start, other_start, tmp_path, data_dir):
+    # Prepare: the notebook's GLOBAL_WEIGHTS = None starts from build_model(42): no file is needed
+    weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
+    save_all(handmade_updates(start, weights_dir))
+
+    # Execute
+    report = aggregate_directory(weights_dir, data_dir, out_dir, ("fedavg",))
+
+    # Assert: accepted and said; members who started elsewhere are still refused
+    assert report.start.sha256 == start.sha256 and "rebuilt round 0" in report.notes[0]
+    other_dir = tmp_path / "otros"
+    save_all(handmade_updates(other_start, other_dir))
+    with pytest.raises(ValidationError, match=r"pesos_cliente_1\.pkl"):
+        aggregate_directory(other_dir, data_dir, tmp_path / "global2", ("fedavg",))
 
 
 def test_global_weights_flag_from_another_directory(start, evaluator, tmp_path, data_dir):

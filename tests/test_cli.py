@@ -143,7 +143,7 @@ def test_krum_f_flag_and_its_old_name():
 def test_global_aggregation_without_the_rounds_file(tmp_path, small_federation):
     # Prepare: members' updates but no pesos_globales_ronda_0.pkl beside them, and no --global-weights
     weights_dir, out_dir = tmp_path / "pesos", tmp_path / "global"
-    members_updates(weights_dir, small_federation, make_global(initial_weights(), 0, "init", 42))
+    members_updates(weights_dir, small_federation, make_global(initial_weights(), 1, "fedavg", 42))
 
     # Execute
     proc = run_cli(REPO / "global_aggregation.py", "--weights-dir", weights_dir, "--data-dir", small_federation,

@@ -279,29 +279,6 @@ def malicious_clients(config: SimulationConfig) -> list[int]:
 # --- the in-process clients ----------------------------------------------------------------------
 
 
-def train_clients(
-    executor: ClientExecutor,
-    config: SimulationConfig,
-    round_: int,
-    clients: list[int],
-    start: list[np.ndarray],
-    start_sha256: str,
-    mu: float,
-    malicious: set[int],
-    clip: float | None = None,
-) -> tuple[list[Reply], dict[str, str]]:
-    """Train ``clients`` from ``start`` as each would on its own machine; their replies, and the failures.
-
-    The executor runs the trainings (in this process or in worker processes, results in client order);
-    label flippers train on flipped labels there. With ``clip`` (client-side DP-FedAvg) an honest client
-    clips its update to that L2 norm and reports whether it was within it (Andrew et al.'s bit);
-    model-poisoning attackers then replace their update. A client whose training failed (its worker
-    died) is returned in the failures, named.
-    """
-    return collect_replies(executor.submit(client_tasks(config, round_, clients, start, mu, malicious)).result(),
-                           config, round_, start, start_sha256, mu, malicious, clip)
-
-
 def client_tasks(config: SimulationConfig, round_: int, clients: list[int], start: list[np.ndarray], mu: float,
                  malicious: set[int]) -> list[ClientTask]:
     """One training task per client, seeded by (seed, round, client)."""
@@ -313,7 +290,12 @@ def client_tasks(config: SimulationConfig, round_: int, clients: list[int], star
 def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start: list[np.ndarray],
                     start_sha256: str, mu: float, malicious: set[int], clip: float | None
                     ) -> tuple[list[Reply], dict[str, str]]:
-    """The replies the clients send for their training outcomes (clipped or poisoned as they would)."""
+    """The replies the clients send for their training outcomes, and the clients whose training failed.
+
+    With ``clip`` (client-side DP-FedAvg) an honest client clips its update to that L2 norm and reports
+    whether it was within it (Andrew et al.'s bit); model-poisoning attackers then replace their
+    update. A client whose training failed (its worker died) is returned in the failures, named.
+    """
     threat = config.threat
     replies, failed = [], {}
     for outcome in outcomes:

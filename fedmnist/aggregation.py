@@ -165,7 +165,8 @@ def to_replies(updates: list[ClientUpdate], start: GlobalWeights, counts: dict[i
                 notes.append(f"{_label(u)}: sample count unknown; weighted as 1 (equal weights)")
         unclipped = u.metrics.get("unclipped")
         replies.append(Reply(u.client_id, u.weights, count, _label(u), None if u.bare else u.start_sha256,
-                             _last_loss(u), u.mu, {"unclipped": unclipped} if isinstance(unclipped, bool) else {}))
+                             _last_loss(u), u.mu, {"unclipped": unclipped} if isinstance(unclipped, bool) else {},
+                             u.control_delta))
     for note in notes:
         log.warning(note)
     return replies, notes
@@ -222,7 +223,8 @@ def run_aggregation(
     """
     config = replace(params or MethodConfig(), methods=tuple(methods), mu=DEFAULT_MU)
     try:
-        built = build_methods(config, krum_f=DEFAULT_NUM_MALICIOUS)
+        # SCAFFOLD's N: the federation's members (the manifest), else every member who sent an update
+        built = build_methods(config, krum_f=DEFAULT_NUM_MALICIOUS, num_clients=len(counts) if counts else None)
         if privacy is not None:
             from fedmnist.privacy import check_dp_method
 

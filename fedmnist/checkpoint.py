@@ -45,6 +45,8 @@ def checkpoint_bytes(config: SimulationConfig, data_sha256: str, state: ServerSt
         "malicious_clients": [int(k) for k in malicious],
         "weights": {m: [np.ascontiguousarray(w, dtype=np.float32) for w in ws] for m, ws in state.weights.items()},
         "method_state": state.method_state,
+        "client_state": {m: {int(k): [np.ascontiguousarray(c) for c in cs] for k, cs in clients.items()}
+                         for m, clients in state.client_state.items()},
         "metrics": [asdict(r) for r in state.history],
     }
     return pickle.dumps(payload, protocol=4)
@@ -60,8 +62,11 @@ def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> S
         (wrong types, non-finite or misshapen weights, round counts that disagree with the history).
     """
     from fedmnist.exchange import checkpoint_limits, safe_load_pickle
+    from fedmnist.methods import DRIFT_CORRECTED
 
-    copies = 3 * len(config.method.methods) + 2  # weights and up to two moment sets per method
+    # weights and up to two moment sets per method, one control per client for SCAFFOLD
+    copies = 3 * len(config.method.methods) + 2 + config.federation.num_clients * sum(
+        m in DRIFT_CORRECTED for m in config.method.methods)
     try:
         state = safe_load_pickle(path, checkpoint_limits(copies))
     except FedMnistError as exc:
@@ -99,6 +104,8 @@ def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> S
             built[method].check_state(method_state[method], arrays)
         except (RejectedReply, ValidationError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    client_state = _client_state(path, state.get("client_state", {}), built, weights,
+                                 config.federation.num_clients)
     history = _records(path, state.get("metrics"), methods)
     for method in methods:
         rows = [r for r in history if r.method == method]
@@ -111,7 +118,30 @@ def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> S
             raise ConfigError(f"{path}: {method}'s privacy state counts {releases!r} noised rounds, but its "
                               "records show another number: an inconsistent or tampered checkpoint")
     return ServerState(done, {m: list(weights[m]) for m in methods}, {m: method_state[m] for m in methods},
-                       history)
+                       history, client_state)
+
+
+def _client_state(path: Path, stored, methods: dict, weights: dict, num_clients: int) -> dict:
+    """The simulated clients' SCAFFOLD controls, checked: methods that keep them, ids 1..K, arrays like the weights."""
+    from fedmnist.methods import DRIFT_CORRECTED
+    from fedmnist.scaffold import ScaffoldError, check_controls
+
+    if not isinstance(stored, dict) or not set(stored) <= {m for m in methods if m in DRIFT_CORRECTED}:
+        raise ConfigError(f"{path}: client state must map SCAFFOLD methods to their clients' control variates")
+    out = {}
+    for method, clients in stored.items():
+        if not isinstance(clients, dict):
+            raise ConfigError(f"{path}: {method}'s client state is not a mapping of client ids")
+        out[method] = {}
+        for client_id, controls in clients.items():
+            if isinstance(client_id, bool) or not isinstance(client_id, int) or not 1 <= client_id <= num_clients:
+                raise ConfigError(f"{path}: {method}'s client state names client {client_id!r}, not one of 1..{num_clients}")
+            try:
+                check_controls(controls, weights[method], f"{method}'s control variate of client {client_id}")
+            except ScaffoldError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            out[method][client_id] = list(controls)
+    return out
 
 
 def _records(path: Path, rows, methods: list[str]) -> list[RoundRecord]:

@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(args.epochs, args.batch_size, args.optimizer, args.lr, args.momentum, args.mu,
                          args.validation_split, args.seed)
     out = run_local_training(args.client, args.data_dir, args.out, config, args.global_weights, args.round,
-                             dp_clip=args.dp_clip)
+                             dp_clip=args.dp_clip, scaffold=args.scaffold)
     hist = out.result.history
     print(f"client {out.client_id}, round {out.round}: {out.result.num_examples} training images, "
           f"{config.epochs} epochs, mu={config.mu:g}, start weights {out.start.sha256[:12]}")
@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-split", type=float, default=0.1, help="held-out fraction for curves (default 0.1)")
     p.add_argument("--dp-clip", type=float, default=None, metavar="S",
                    help="client-side DP-FedAvg: clip the update to L2 norm S before writing it")
+    p.add_argument("--scaffold", action="store_true",
+                   help="train with SCAFFOLD's correction from round 0 (later rounds switch it on by themselves "
+                        "when the global weights come from a SCAFFOLD aggregation); needs --optimizer sgd "
+                        "--momentum 0; keeps the client's control variate in OUT/control_cliente_N.pkl")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train)
 

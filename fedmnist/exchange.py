@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 UPDATE_FORMAT = "fedmnist-client-update"
 GLOBAL_FORMAT = "fedmnist-global-weights"
 FORMAT_VERSION = 1
+CONTROL_FORMAT = "fedmnist-scaffold-control"
 UPDATE_PATTERN = "pesos_cliente_*.pkl"
 _CLIENT_ID_RE = re.compile(r"pesos_cliente_(\d{1,9})\.pkl")
 
@@ -200,6 +201,8 @@ class ClientUpdate:
     metrics: dict = field(default_factory=dict)
     bare: bool = False
     path: Path | None = None
+    control_delta: list[np.ndarray] | None = None
+    """SCAFFOLD's ``Δc_i`` (clients that trained with its correction), else None."""
 
     def to_payload(self) -> dict:
         """The plain dict stored in the pickle."""
@@ -216,6 +219,8 @@ class ClientUpdate:
             "batch_size": self.batch_size,
             "metrics": _plain(self.metrics),
             "weights": [np.ascontiguousarray(w, dtype=np.float32) for w in self.weights],
+            **({} if self.control_delta is None else
+               {"control_delta": [np.ascontiguousarray(c, dtype=np.float32) for c in self.control_delta]}),
         }
 
 
@@ -320,6 +325,9 @@ def load_update(path: str | Path, limits: PickleLimits = UPDATE_LIMITS) -> Clien
     metrics = payload.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise UpdateFileError(f"{path}: field 'metrics' must be a dict")
+    control_delta = payload.get("control_delta")
+    if control_delta is not None:
+        control_delta = check_weights(control_delta, f"{path}, field 'control_delta' (SCAFFOLD)", error=WeightsError)
     return ClientUpdate(
         client_id=client_id,
         round=_require_int(path, payload, "round", 0),
@@ -332,6 +340,7 @@ def load_update(path: str | Path, limits: PickleLimits = UPDATE_LIMITS) -> Clien
         batch_size=_require_int(path, payload, "batch_size", 1, allow_none=True),
         metrics=metrics,
         path=path,
+        control_delta=control_delta,
     )
 
 
@@ -440,3 +449,62 @@ def make_global(weights: list[np.ndarray], round_: int, method: str, seed: int |
     weights = [np.asarray(w, dtype=np.float32) for w in weights]
     return GlobalWeights(round_, weights, weights_sha256(weights), model_fingerprint(), seed, method,
                          state=state or None)
+
+
+# --- SCAFFOLD: a member's own control variate ---------------------------------------------------
+
+
+@dataclass
+class ClientControl:
+    """A member's SCAFFOLD control variate ``c_i``, kept in ``control_cliente_N.pkl`` between rounds.
+
+    ``round`` is the training round that produced ``control``; ``previous`` is the ``c_i`` that round
+    started from, so retraining the same round (a failed or repeated run) starts from it again instead
+    of applying the round's correction twice.
+    """
+
+    client_id: int
+    round: int
+    control: list[np.ndarray]
+    previous: list[np.ndarray]
+
+
+def control_path(out_dir: str | Path, client_id: int) -> Path:
+    """``out_dir/control_cliente_N.pkl``."""
+    return Path(out_dir) / f"control_cliente_{client_id}.pkl"
+
+
+def control_bytes(control: ClientControl) -> bytes:
+    """The control file's contents: plain data read back by the restricted unpickler."""
+    return pickle.dumps({
+        "format": CONTROL_FORMAT,
+        "version": FORMAT_VERSION,
+        "client_id": int(control.client_id),
+        "round": int(control.round),
+        "control": [np.ascontiguousarray(c, dtype=np.float32) for c in control.control],
+        "previous": [np.ascontiguousarray(c, dtype=np.float32) for c in control.previous],
+    }, protocol=4)
+
+
+def load_control(path: str | Path, client_id: int, limits: PickleLimits = GLOBAL_LIMITS) -> ClientControl:
+    """Read and check a member's control file: its format, its client, finite arrays of the CNN's shapes.
+
+    Raises:
+        UpdateFileError: naming the file and the problem (including another client's file).
+    """
+    path = Path(path)
+    payload = safe_load_pickle(path, limits)
+    if not isinstance(payload, dict) or payload.get("format") != CONTROL_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise UpdateFileError(f"{path}: not a fedmnist SCAFFOLD control file (found {_brief(found)})")
+    if payload.get("version") != FORMAT_VERSION:
+        raise UpdateFileError(f"{path}: unsupported control-file version {_brief(payload.get('version'))}")
+    stored_id = _require_int(path, payload, "client_id", 1)
+    if stored_id != client_id:
+        raise UpdateFileError(f"{path}: holds the control variate of client {stored_id}, not of client {client_id}")
+    return ClientControl(
+        client_id=stored_id,
+        round=_require_int(path, payload, "round", 1),
+        control=check_weights(payload.get("control"), f"{path}, field 'control'", error=UpdateFileError),
+        previous=check_weights(payload.get("previous"), f"{path}, field 'previous'", error=UpdateFileError),
+    )

@@ -16,6 +16,18 @@ and evaluation as the other modes, over the network:
   misshapen or wrong-start reply fails that node, never the ServerApp), aggregates, evaluates on the
   common test set and records; ``fedmnist.outputs`` writes the files of the other modes, atomically.
 
+SCAFFOLD (``method='scaffold'``, Karimireddy et al. 2020, ``fedmnist.scaffold``): the ServerApp sends the
+server control variate ``c`` beside the weights (ArrayRecord ``control``); each ClientApp trains with
+the correction ``c − c_i``, where ``c_i`` is its own control variate kept in ``context.state`` (Flower's
+per-node state of the run: zeros the first time the node trains, untouched in the rounds it is not
+sampled), stores ``c_i⁺`` there and replies with ``Δc_i`` (ArrayRecord ``control-delta``) beside its
+weights. The server updates ``c ← c + Σ Δc_i / N`` with N the nodes connected in that round (those the
+round sampled from), the simulation's K when every node stays connected. Where ``context.state`` lives
+in flwr 1.42: Flower's simulation engine keeps it per node in the engine's memory and stores the
+ClientApp's updated Context before handing its reply on; a SuperNode keeps it in its in-memory
+NodeState for the run, saved when the ClientApp process exits just after sending its reply, and a
+restarted SuperNode starts again from ``c_i = 0``.
+
 A round with fewer than ``min-train-nodes`` accepted replies stops the run with a ``RoundFailedError``
 whose message Flower shows as the run's status details (``flwr ls``); the files of earlier rounds stay
 as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.toml``, overridden by
@@ -28,7 +40,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +53,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmnist.config import DEFAULT_SEED, TrainingConfig
 from fedmnist.errors import ConfigError, DataError
-from fedmnist.methods import SERVER_OPT_FIELDS, MethodConfig, build_method, with_privacy
+from fedmnist.methods import (
+    DRIFT_CORRECTED,
+    SERVER_OPT_FIELDS,
+    MethodConfig,
+    ScaffoldMethod,
+    build_method,
+    with_privacy,
+)
 from fedmnist.seeds import clients_per_round, sample_positions, training_seed
 from fedmnist.server import Reply, RoundFailedError, RoundRecord, Server, ServerState
 from fedmnist.strategies import DEFAULT_NUM_MALICIOUS, DEFAULT_TRIM_BETA
@@ -50,6 +69,12 @@ if TYPE_CHECKING:
     from fedmnist.training import ClientTrainer
 
 POLL_SECONDS = 0.5
+CONTROL_KEY = "control"
+"""The train message's ArrayRecord holding SCAFFOLD's server control variate ``c``."""
+CONTROL_DELTA_KEY = "control-delta"
+"""The reply's ArrayRecord holding the node's ``Δc_i = c_i⁺ − c_i``."""
+STATE_CONTROL_KEY = "scaffold-control"
+"""The ArrayRecord of ``context.state`` holding the node's own control variate ``c_i``."""
 _CLIENT_FILE = re.compile(r"cliente_(\d+)\.npz$")
 __all__ = ["RoundFailedError", "client_app", "server_app"]
 
@@ -67,6 +92,8 @@ class FlowerRunConfig:
     DP-FedAvg is on when ``dp-noise`` >= 0 (``dp-clip``, ``dp-adaptive``, ``dp-side``, ``dp-delta`` and
     ``target-epsilon``, negative: the defaults / none); ``dp-clients`` is the federation size K the
     accountant assumes (0: the nodes connected when round 1 starts), with ⌊C·K⌋ sampled per round.
+    ``method='scaffold'`` needs ``optimizer='sgd'`` and ``momentum=0.0`` (its control variates assume
+    plain local SGD) and no DP; ``server-lr`` is its η_g (negative: 1).
     ``output_dir`` and ``test_file`` are needed by the ServerApp only,
     ``data_dir`` by the ClientApp in Flower's simulation engine only.
     """
@@ -160,6 +187,13 @@ class FlowerRunConfig:
 
         self.training.validate()
         self.method_config.validate()
+        if self.method in DRIFT_CORRECTED:
+            from fedmnist.training import check_scaffold_optimizer
+
+            try:
+                check_scaffold_optimizer(self.optimizer, self.momentum)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}; set optimizer='sgd' momentum=0.0 in --run-config") from None
         if self.privacy is not None:
             from fedmnist.privacy import check_dp_method
 
@@ -310,6 +344,35 @@ def client_partition(node_config: Mapping, data_dir: str = "") -> tuple[Path, in
     return path, client_id
 
 
+def node_control(state: RecordDict, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """This node's SCAFFOLD control variate ``c_i`` from its ``context.state`` (zeros before it first trains).
+
+    Raises
+    ------
+    ScaffoldError
+        The stored record does not fit ``weights`` (another model, or a corrupted state).
+    """
+    from fedmnist.scaffold import zero_controls
+
+    record = state.array_records.get(STATE_CONTROL_KEY)
+    if record is None:
+        return zero_controls(weights)
+    return _read_control(record, weights, f"this node's SCAFFOLD control variate (context.state "
+                                          f"'{STATE_CONTROL_KEY}')")
+
+
+def _read_control(record: ArrayRecord, weights: list[np.ndarray], what: str) -> list[np.ndarray]:
+    """The arrays of a control-variate record, checked against ``weights`` (ScaffoldError naming ``what``)."""
+    from fedmnist.scaffold import ScaffoldError, check_controls
+
+    try:
+        controls = record_to_weights(record)
+    except Exception as exc:  # a record without keys "0".."N-1"
+        raise ScaffoldError(f"{what}: unreadable record ({type(exc).__name__}: {exc})") from None
+    check_controls(controls, weights, what)
+    return controls
+
+
 def _trainer(config: FlowerRunConfig) -> ClientTrainer:
     from fedmnist.training import ClientTrainer
 
@@ -323,8 +386,14 @@ def _trainer(config: FlowerRunConfig) -> ClientTrainer:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global weights on this node's partition; reply with weights and metrics."""
+    """Train the received global weights on this node's partition; reply with weights and metrics.
+
+    With a SCAFFOLD control ``c`` in the message, train with the correction ``c − c_i`` (``c_i`` from
+    ``context.state``), keep ``c_i⁺`` there and reply with ``Δc_i`` too (option II, from this training).
+    """
     from fedmnist.data import load_partition
+    from fedmnist.scaffold import client_control_update
+    from fedmnist.scaffold import correction as scaffold_correction
 
     config = FlowerRunConfig.from_run_config(context.run_config)
     path, client_id = client_partition(context.node_config, config.data_dir)
@@ -333,6 +402,11 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(instructions["server-round"])
     mu = float(instructions["proximal-mu"])
     start = record_to_weights(msg.content["arrays"])
+    server_control = own_control = None
+    if CONTROL_KEY in msg.content.array_records:
+        server_control = _read_control(msg.content.array_records[CONTROL_KEY], start,
+                                       f"the server's SCAFFOLD control variate (message record '{CONTROL_KEY}')")
+        own_control = node_control(context.state, start)
     result = _trainer(config).train(
         start,
         x,
@@ -341,6 +415,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=config.batch_size,
         mu=mu,
         seed=training_seed(config.seed, round_, client_id),
+        correction=None if server_control is None else scaffold_correction(server_control, own_control),
     )
     from fedmnist.model import weights_sha256
 
@@ -359,6 +434,11 @@ def train(msg: Message, context: Context) -> Message:
         weights, values["unclipped"] = clipped.weights, int(clipped.unclipped)
     reply = ConfigRecord({"start-sha256": weights_sha256(start)})
     content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(values), "reply": reply})
+    if server_control is not None:  # SCAFFOLD: c_i⁺ from the honest training, kept for this node's next round
+        new_control, delta = client_control_update(start, result.weights, server_control, own_control,
+                                                   result.num_steps, config.learning_rate)
+        content[CONTROL_DELTA_KEY] = weights_to_record(delta)
+        context.state[STATE_CONTROL_KEY] = weights_to_record(new_control)
     return Message(content=content, reply_to=msg)
 
 
@@ -408,8 +488,12 @@ class RoundReplies:
         return out
 
 
-def parse_reply(node_id: int, reply: Message) -> Reply:
+def parse_reply(node_id: int, reply: Message, with_control: bool = False) -> Reply:
     """The server's ``Reply`` from a node's message, claims unchecked (``Server.step`` checks them).
+
+    With ``with_control`` (a SCAFFOLD round) the ``control-delta`` ArrayRecord becomes
+    ``Reply.control_delta``, checked by the server like the weights; without it the reply's
+    ``control_delta`` is None, which SCAFFOLD refuses.
 
     Raises
     ------
@@ -429,6 +513,12 @@ def parse_reply(node_id: int, reply: Message) -> Reply:
         weights = record_to_weights(arrays)
     except Exception as exc:  # a peer's malformed record must fail its node, never the ServerApp
         raise ValueError(f"unreadable arrays ({type(exc).__name__}: {exc})") from None
+    control_delta = None
+    if with_control and CONTROL_DELTA_KEY in reply.content.array_records:
+        try:
+            control_delta = record_to_weights(reply.content.array_records[CONTROL_DELTA_KEY])
+        except Exception as exc:
+            raise ValueError(f"unreadable {CONTROL_DELTA_KEY} ({type(exc).__name__}: {exc})") from None
     loss = metrics.get("train-loss")
     return Reply(
         client_id=metrics["client-id"],
@@ -438,6 +528,7 @@ def parse_reply(node_id: int, reply: Message) -> Reply:
         start_sha256=start_sha,
         train_loss=float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None,
         metrics={"unclipped": bool(metrics["unclipped"])} if "unclipped" in metrics else {},
+        control_delta=control_delta,
     )
 
 
@@ -459,11 +550,12 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, what: str) -> list[i
         time.sleep(1.0)
 
 
-def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> RoundReplies:
+def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_control: bool = False) -> RoundReplies:
     """Push ``messages``, then pull their replies every ``POLL_SECONDS`` until all came or ``timeout``.
 
     Replies are matched to nodes through ``reply_to_message_id`` (error replies the SuperLink makes
-    for a vanished node carry the SuperLink's id as their source).
+    for a vanished node carry the SuperLink's id as their source). ``with_control``: read the
+    replies' SCAFFOLD ``control-delta`` (``parse_reply``).
     """
     replies = RoundReplies(sent=[m.metadata.dst_node_id for m in messages])
     message_ids = list(grid.push_messages(messages))
@@ -485,7 +577,7 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> Roun
                 replies.failed[node] = f"error {reply.error.code}: {reply.error.reason}"
                 continue
             try:
-                replies.ok.append(parse_reply(node, reply))
+                replies.ok.append(parse_reply(node, reply, with_control))
             except ValueError as exc:
                 replies.failed[node] = str(exc)
         if pending:
@@ -554,6 +646,8 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         if round_ == 1:
             needed = max(needed, config.nodes_before_start)
         node_ids = wait_for_nodes(grid, needed, config.wait_nodes_timeout, f"round {round_}")
+        if isinstance(method, ScaffoldMethod):  # c's update divides by N: the nodes this round samples from
+            method = server.methods[method.name] = replace(method, num_clients=len(node_ids))
         secret = dp is not None and not config.dp_seeded_noise  # the accountant's sampling must be secret
         sampled = sample_nodes(node_ids, config.fraction_train, None if secret else config.seed, round_)
         log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(node_ids))
@@ -565,13 +659,16 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
             "arrays": weights_to_record(server.weights(method.name)),
             "config": ConfigRecord(instructions),
         })
+        control = method.client_control(server.state.method_state[method.name], server.weights(method.name))
+        if control is not None:  # SCAFFOLD: the server control variate c travels with the weights
+            content[CONTROL_KEY] = weights_to_record(control)
         messages = [
             Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
                     group_id=str(round_), ttl=config.round_timeout)
             for node in sampled
         ]
         t0 = time.perf_counter()
-        replies = collect_replies(grid, messages, config.round_timeout)
+        replies = collect_replies(grid, messages, config.round_timeout, with_control=control is not None)
         train_seconds = time.perf_counter() - t0
         failures = replies.failures(config.round_timeout)
         for node, why in failures.items():

@@ -15,9 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.data import client_file, common_test_file, load_partition
-from fedmnist.errors import ConfigError, DataError
+from fedmnist.errors import ConfigError, DataError, UpdateFileError
 from fedmnist.evaluation import EvalResult, evaluate
-from fedmnist.exchange import ClientUpdate, GlobalWeights, load_global, make_global, save_update, update_path
+from fedmnist.exchange import (
+    ClientControl,
+    ClientUpdate,
+    GlobalWeights,
+    control_bytes,
+    control_path,
+    load_control,
+    load_global,
+    make_global,
+    save_update,
+    update_path,
+)
 from fedmnist.io import OutputSet, check_writable_dir, sha256_file
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
 from fedmnist.partition import read_manifest
@@ -94,13 +105,15 @@ def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
 
 
 def train_member(
-    trainer: ClientTrainer, start: GlobalWeights, x: np.ndarray, y: np.ndarray, config: TrainConfig, client_id: int
+    trainer: ClientTrainer, start: GlobalWeights, x: np.ndarray, y: np.ndarray, config: TrainConfig, client_id: int,
+    correction: list[np.ndarray] | None = None,
 ) -> TrainResult:
     """A member's local training as the notebook does it: hold out validation data, train from ``start``.
 
     The shuffling/dropout seed is ``fedmnist.seeds.training_seed(seed, round, client id)`` with
     round = ``start.round + 1`` (the training round that starts from those weights), the seed the
     simulation and Flower give the same client, so the three modes train it identically.
+    ``correction`` is SCAFFOLD's ``c − c_i`` (None: plain training).
     """
     x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split,
                                                   validation_seed(config.seed, client_id))
@@ -108,6 +121,7 @@ def train_member(
     return trainer.train(
         start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
         mu=config.mu, seed=seed, x_val=x_val, y_val=y_val,
+        **({} if correction is None else {"correction": correction}),
     )
 
 
@@ -132,6 +146,76 @@ def make_update(result: TrainResult, start: GlobalWeights, config: TrainConfig, 
     )
 
 
+@dataclass
+class MemberControls:
+    """A member's SCAFFOLD round: the server's ``c``, its own ``c_i`` and where ``c_i`` is kept."""
+
+    client_id: int
+    server: list[np.ndarray]
+    own: list[np.ndarray]
+    path: Path
+    round: int
+
+    @property
+    def correction(self) -> list[np.ndarray]:
+        """``c − c_i``, added to every local gradient."""
+        from fedmnist.scaffold import correction
+
+        return correction(self.server, self.own)
+
+    def advance(self, start: GlobalWeights, result: TrainResult, learning_rate: float
+                ) -> tuple[ClientControl, list[np.ndarray]]:
+        """Option II's ``(c_i⁺, Δc_i)`` after the training ``result``; ``c_i⁺`` wrapped for the control file."""
+        from fedmnist.scaffold import client_control_update
+
+        new, delta = client_control_update(start.weights, result.weights, self.server, self.own,
+                                           result.num_steps, learning_rate)
+        return ClientControl(self.client_id, self.round, new, self.own), delta
+
+
+def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, path: str | Path,
+                    requested: bool, dp_clip: float | None) -> MemberControls | None:
+    """The member's SCAFFOLD inputs for this round, checked before any training; None without SCAFFOLD.
+
+    Raises
+    ------
+    ConfigError
+        SCAFFOLD with momentum, Adam or client-side DP clipping.
+    UpdateFileError
+        A control file or a server control variate that is not this client's or not the CNN's.
+    """
+    from fedmnist.methods import SCAFFOLD
+    from fedmnist.scaffold import ScaffoldError, check_controls, zero_controls
+    from fedmnist.training import check_scaffold_optimizer
+
+    if not requested and start.method != SCAFFOLD:
+        return None
+    check_scaffold_optimizer(config.optimizer, config.momentum)
+    if dp_clip is not None:
+        raise ConfigError("SCAFFOLD cannot be combined with --dp-clip: DP-FedAvg runs with FedAvg or FedProx only")
+    if start.method == SCAFFOLD and start.state:
+        try:
+            check_controls(start.state.get("control"), start.weights, f"{start.path}: SCAFFOLD server control")
+        except ScaffoldError as exc:
+            raise UpdateFileError(str(exc)) from None
+        server = list(start.state["control"])
+    else:
+        server = zero_controls(start.weights)
+    path = Path(path)
+    training_round = start.round + 1
+    if not path.exists():
+        log.info("%s not found: client %d starts SCAFFOLD with c_i = 0", path, client_id)
+        own = zero_controls(start.weights)
+    else:
+        stored = load_control(path, client_id)
+        if stored.round > training_round:
+            raise UpdateFileError(f"{path}: written by round {stored.round}'s training, later than this round "
+                                  f"({training_round}); use the control file of this federation and round")
+        # retraining the same round starts again from the c_i that round started from
+        own = stored.previous if stored.round == training_round else stored.control
+    return MemberControls(client_id, server, own, path, training_round)
+
+
 def run_local_training(
     client_id: int,
     data_dir: str | Path,
@@ -141,6 +225,7 @@ def run_local_training(
     round_: int | None = None,
     trainer: ClientTrainer | None = None,
     dp_clip: float | None = None,
+    scaffold: bool = False,
 ) -> LocalTrainingOutput:
     """Train client ``client_id`` and write its four files to ``out_dir``.
 
@@ -148,6 +233,12 @@ def run_local_training(
     training; the four files appear together (``fedmnist.io.OutputSet``) or not at all. With
     ``dp_clip`` S (client-side DP-FedAvg) the update is clipped to L2 norm S before it is written and
     records whether it was within S (the bit adaptive clipping needs); the norm itself stays here.
+
+    SCAFFOLD is on when the round's global weights come from a SCAFFOLD aggregation (they carry the
+    server control variate ``c``) or, in round 0, with ``scaffold=True`` (``c`` = 0). The member then
+    trains with the correction ``c − c_i``, where ``c_i`` is its own control variate kept beside its
+    update in ``out_dir/control_cliente_N.pkl`` (zeros the first time), sends ``Δc_i`` in its update
+    and rewrites the control file with the update, in the same all-or-nothing set.
     """
     config.validate()
     if client_id < 1:
@@ -162,9 +253,11 @@ def run_local_training(
         raise DataError(f"{test_path}: common test set not found; run split_data.py first")
     x_test, y_test = load_partition(test_path)
     start = starting_point(global_weights, round_, config.seed)
+    controls = member_controls(start, client_id, config, control_path(out_dir, client_id), scaffold, dp_clip)
 
     trainer = trainer or make_trainer(config)
-    result = train_member(trainer, start, x, y, config, client_id)
+    result = train_member(trainer, start, x, y, config, client_id,
+                          None if controls is None else controls.correction)
     test = evaluate(trainer, result.weights, x_test, y_test)
 
     metrics = {
@@ -181,6 +274,9 @@ def run_local_training(
 
         clipped = clip_client_weights(result.weights, start.weights, dp_clip)
         update.weights, update.metrics["unclipped"] = clipped.weights, bool(clipped.unclipped)
+    new_control = None
+    if controls is not None:
+        new_control, update.control_delta = controls.advance(start, result, config.learning_rate)
     from fedmnist.plots import plot_confusion_matrix, plot_learning_curves
 
     files = output_paths(out_dir, client_id)
@@ -194,6 +290,9 @@ def run_local_training(
                                   title=f"Cliente {client_id} — test común (precisión {test.accuracy:.2%})")
         with staged.temp_path(files["update"].name) as tmp:
             save_update(tmp, update)
+        if new_control is not None:
+            files["control"] = controls.path
+            staged.write_bytes(controls.path.name, control_bytes(new_control))
     update.path = files["update"]
     return LocalTrainingOutput(client_id, start.round, start, result, test, update, files,
                                time.perf_counter() - started)

@@ -8,7 +8,9 @@ what the rest of a round needs to know about it:
   the new global weights and the method's new server state;
 * ``initial_state()``: the state kept between rounds (empty for the stateless rules; the server
   optimisers FedAvgM, FedAdam, FedYogi and FedAdagrad keep their moments here, see
-  ``fedmnist.server_opt``). ``ServerState`` checkpoints it; ``check_state`` validates a loaded one.
+  ``fedmnist.server_opt``; SCAFFOLD its control variate). ``ServerState`` checkpoints it;
+  ``check_state`` validates a loaded one;
+* ``client_control(state, weights)``: what its clients need beside the weights (SCAFFOLD's ``c``).
 
 ``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
 ``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
@@ -35,9 +37,14 @@ DEFAULT_MU = 0.01
 SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "beta_1", "beta_2", "tau")
 
 
+SCAFFOLD = "scaffold"
+DRIFT_CORRECTED = (SCAFFOLD,)
+"""Methods whose clients correct their local gradient with control variates (``fedmnist.scaffold``)."""
+
+
 def available_methods() -> list[str]:
-    """Every method name: the aggregation rules, then the server optimisers."""
-    return [*AGGREGATORS, *SERVER_OPTIMIZERS]
+    """Every method name: the aggregation rules, the server optimisers, then SCAFFOLD."""
+    return [*AGGREGATORS, *SERVER_OPTIMIZERS, *DRIFT_CORRECTED]
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class MethodConfig:
         if not self.methods:
             raise ConfigError("give at least one aggregation method")
         for method in self.methods:
-            if method not in AGGREGATORS and method not in SERVER_OPTIMIZERS:
+            if method not in AGGREGATORS and method not in SERVER_OPTIMIZERS and method not in DRIFT_CORRECTED:
                 raise ConfigError(f"unknown method '{method}'; available: {', '.join(available_methods())}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"a method is listed twice: {' '.join(self.methods)}")
@@ -86,9 +93,14 @@ class MethodConfig:
             raise ConfigError(f"Multi-Krum's num_to_keep must be an integer >= 1 (got {self.num_to_keep!r})")
         optimizers = [m for m in self.methods if m in SERVER_OPTIMIZERS]
         for name in SERVER_OPT_FIELDS:
-            if getattr(self, name) is not None and not any(name in SERVER_OPTIMIZERS[m].params for m in optimizers):
+            users = [m for m in SERVER_OPTIMIZERS if name in SERVER_OPTIMIZERS[m].params]
+            users += [SCAFFOLD] if name == "server_lr" else []
+            if getattr(self, name) is not None and not any(m in users for m in self.methods):
                 raise ConfigError(f"{name.replace('_', '-')} is set but no method uses it "
-                                  f"(it is a parameter of {', '.join(m for m in SERVER_OPTIMIZERS if name in SERVER_OPTIMIZERS[m].params)})")
+                                  f"(it is a parameter of {', '.join(users)})")
+        if SCAFFOLD in self.methods and self.server_lr is not None and not (
+                isinstance(self.server_lr, (int, float)) and math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"SCAFFOLD's server learning rate must be > 0 (got {self.server_lr!r})")
         for method in optimizers:
             self.optimizer(method)
 
@@ -124,6 +136,8 @@ class RoundContext:
     num_sampled: int
     labels: tuple[str, ...] = ()
     unclipped: tuple[bool, ...] | None = None
+    control_deltas: tuple[list[np.ndarray] | None, ...] | None = None
+    """SCAFFOLD's ``Δc_i`` of every reply, in the replies' order."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,11 @@ class Method:
     def refuse(self, reply, global_weights: Sequence[np.ndarray], state: dict) -> str | None:
         """Why this method cannot use a ``Reply`` that passed the server's checks (None: it can)."""
         del reply, global_weights, state
+        return None
+
+    def client_control(self, state: dict, global_weights: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """The server control variate ``c`` its clients need beside the weights (SCAFFOLD), else None."""
+        del state, global_weights
         return None
 
     def privacy(self, state: dict) -> tuple[float, float] | None:
@@ -270,6 +289,65 @@ class DPMethod(Method):
         return self.accountant.epsilon(int(state["releases"])), self.accountant.delta
 
 
+@dataclass(frozen=True)
+class ScaffoldMethod(Method):
+    """SCAFFOLD (Karimireddy et al. 2020, option II; ``fedmnist.scaffold``).
+
+    The server keeps the control variate ``c`` (state ``{"control": [arrays]}``, empty = zeros) and
+    sends it with the weights; every client trains with plain SGD corrected by ``c − c_i`` and replies
+    with its weights and ``Δc_i``. The server moves to ``x + η_g·avg(y_i − x)`` (the average weighted by
+    the clients' example counts, FedAvg's, which equals the paper's plain average for equal counts) and
+    ``c`` to ``c + Σ Δc_i / N``, with ``N`` the federation's number of clients (``num_clients``; None:
+    the round's replies, i.e. everyone takes part in every round).
+    """
+
+    server_lr: float = 1.0
+    num_clients: int | None = None
+
+    def check_state(self, state: object, weights: Sequence[np.ndarray]) -> None:
+        """Raise ServerOptError unless ``state`` is empty or ``{"control": c}`` shaped like ``weights``."""
+        from fedmnist.scaffold import ScaffoldError, check_controls
+
+        if state == {}:
+            return
+        if not isinstance(state, dict) or set(state) != {"control"}:
+            raise ServerOptError("a SCAFFOLD state must be {'control': [arrays]}")
+        try:
+            check_controls(state["control"], weights, "SCAFFOLD's server control variate")
+        except ScaffoldError as exc:
+            raise ServerOptError(str(exc)) from None
+
+    def client_control(self, state: dict, global_weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``c``: the state's, or zeros before the first round."""
+        from fedmnist.scaffold import zero_controls
+
+        return list(state["control"]) if state else zero_controls(global_weights)
+
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """``fedmnist.scaffold.server_update`` over the replies and their ``Δc_i`` (in ``context``)."""
+        from fedmnist.scaffold import ScaffoldError, server_update
+
+        deltas = context.control_deltas if context is not None else None
+        if deltas is None or len(deltas) != len(results) or any(d is None for d in deltas):
+            raise ScaffoldError("SCAFFOLD needs every reply's control-variate delta")
+        num_clients = max(self.num_clients or 0, len(results))
+        weights, control = server_update(global_weights, self.client_control(state, global_weights),
+                                         [w for w, _ in results], list(deltas), num_clients, self.server_lr,
+                                         [n for _, n in results])
+        return weights, {"control": control}
+
+    def refuse(self, reply, global_weights: Sequence[np.ndarray], state: dict) -> str | None:
+        """A reply without its control-variate delta (its client did not train with SCAFFOLD) is refused."""
+        del global_weights, state
+        if getattr(reply, "control_delta", None) is None:
+            return ("SCAFFOLD needs the client's control-variate delta with its weights, and the reply has none: "
+                    "the client did not train with SCAFFOLD's correction")
+        return None
+
+
 def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, seed: int | None) -> DPMethod:
     """``method`` (FedAvg or FedProx) wrapped in DP-FedAvg, with its accountant for K clients, m per round.
 
@@ -287,8 +365,12 @@ def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, s
     return DPMethod(**base, dp=dp, accountant=accountant, seed=seed)
 
 
-def build_method(name: str, config: MethodConfig, krum_f: int = 1) -> Method:
-    """The ``Method`` called ``name`` with ``config``'s parameters (``krum_f`` when config leaves it open)."""
+def build_method(name: str, config: MethodConfig, krum_f: int = 1, num_clients: int | None = None) -> Method:
+    """The ``Method`` called ``name`` with ``config``'s parameters (``krum_f`` when config leaves it open;
+    ``num_clients``: the federation's size N, which SCAFFOLD's server control divides by)."""
+    if name == SCAFFOLD:
+        server_lr = 1.0 if config.server_lr is None else float(config.server_lr)
+        return ScaffoldMethod(name, AGGREGATORS["fedavg"], 0.0, server_lr=server_lr, num_clients=num_clients)
     if name in SERVER_OPTIMIZERS:
         return ServerOptMethod(name, AGGREGATORS["fedavg"], 0.0, optimizer=config.optimizer(name))
     rule = AGGREGATORS[name]
@@ -301,7 +383,7 @@ def build_method(name: str, config: MethodConfig, krum_f: int = 1) -> Method:
     return Method(name, rule, mu, {p: given[p] for p in rule.params})
 
 
-def build_methods(config: MethodConfig, krum_f: int = 1) -> list[Method]:
+def build_methods(config: MethodConfig, krum_f: int = 1, num_clients: int | None = None) -> list[Method]:
     """Every method of ``config``, validated, in order."""
     config.validate()
-    return [build_method(name, config, krum_f) for name in config.methods]
+    return [build_method(name, config, krum_f, num_clients) for name in config.methods]

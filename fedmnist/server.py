@@ -50,7 +50,8 @@ class Reply:
 
     ``source`` names where it came from (a file path, ``node 123``, ``client 4``) for messages.
     ``start_sha256`` is the hash of the global weights the client says it trained from; None only for
-    bare legacy files, which cannot say (accepted with a warning).
+    bare legacy files, which cannot say (accepted with a warning). ``control_delta`` is SCAFFOLD's
+    ``Δc_i`` (None for the other methods), checked like the weights.
     """
 
     client_id: int
@@ -61,6 +62,7 @@ class Reply:
     train_loss: float | None = None
     mu: float = 0.0
     metrics: dict = field(default_factory=dict)
+    control_delta: list[np.ndarray] | None = None
 
     @property
     def label(self) -> str:
@@ -105,6 +107,8 @@ def check_reply(
         expected = expected_counts[reply.client_id]
     reply.num_examples = check_num_examples(reply.num_examples, label, expected)
     reply.weights = check_weights(reply.weights, label)
+    if reply.control_delta is not None:
+        reply.control_delta = check_weights(reply.control_delta, f"{label}, control-variate delta")
     if reply.start_sha256 is None:
         return [f"{label}: bare list of weights: its round and starting point cannot be verified"]
     if reply.start_sha256 != start_sha256:
@@ -205,12 +209,16 @@ class ServerState:
     """Everything the server carries between rounds: what a checkpoint saves and ``--resume`` restores.
 
     ``round`` is the number of completed rounds; ``weights`` and ``method_state`` are per method.
+    ``client_state`` is what an in-process simulation keeps for its simulated clients between rounds
+    (SCAFFOLD's ``c_i``: method -> client id -> arrays, only for clients that have trained); the other
+    modes leave it empty, their clients keep their own.
     """
 
     round: int
     weights: dict[str, list[np.ndarray]]
     method_state: dict[str, dict]
     history: list[RoundRecord] = field(default_factory=list)
+    client_state: dict[str, dict[int, list[np.ndarray]]] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, methods: Sequence[Method], weights: list[np.ndarray], round_: int = 0) -> ServerState:
@@ -364,7 +372,8 @@ class Server:
         num_sampled = len(sampled_clients) or len(sampled_nodes) or len(replies)
         if accepted:
             context = RoundContext(round_, num_sampled, tuple(r.label for r in accepted),
-                                   tuple(r.metrics.get("unclipped") for r in accepted))
+                                   tuple(r.metrics.get("unclipped") for r in accepted),
+                                   tuple(r.control_delta for r in accepted))
             weights, state = rule.aggregate(self.state.weights[method],
                                             [(r.weights, n) for r, n in zip(accepted, counts)],
                                             self.state.method_state[method], context)

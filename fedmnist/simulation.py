@@ -36,7 +36,7 @@ from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_m
 from fedmnist.config import TrainingConfig, _is_int, _need
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
 from fedmnist.io import OutputSet
-from fedmnist.methods import Method, MethodConfig, build_methods, with_privacy
+from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods, with_privacy
 from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, sample_positions, training_seed
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
 from fedmnist.workers import (
@@ -167,6 +167,10 @@ class SimulationConfig:
         _need(_is_int(self.eval_every) and self.eval_every >= 1, f"eval_every must be an integer >= 1 (got {self.eval_every!r})")
         _need(_is_int(self.seed) and self.seed >= 0, f"the seed must be an integer >= 0 (got {self.seed!r})")
         self.method.check_clients(self.clients_per_round, self.krum_f)
+        if any(m in DRIFT_CORRECTED for m in self.method.methods):
+            from fedmnist.training import check_scaffold_optimizer
+
+            check_scaffold_optimizer(self.training.optimizer, self.training.momentum)
         if self.privacy is not None:
             from fedmnist.privacy import check_dp_method
 
@@ -264,7 +268,7 @@ def sample_clients(config: SimulationConfig, round_: int) -> list[int]:
 
 def run_methods(config: SimulationConfig) -> list[Method]:
     """The run's methods, each wrapped in DP-FedAvg when ``config.privacy`` is set."""
-    methods = build_methods(config.method, krum_f=config.krum_f)
+    methods = build_methods(config.method, krum_f=config.krum_f, num_clients=config.federation.num_clients)
     if config.privacy is None:
         return methods
     return [with_privacy(m, config.privacy, config.federation.num_clients, config.clients_per_round, config.seed)
@@ -279,23 +283,54 @@ def malicious_clients(config: SimulationConfig) -> list[int]:
 # --- the in-process clients ----------------------------------------------------------------------
 
 
+@dataclass
+class ClientControls:
+    """SCAFFOLD's control variates of one method's round: the server's ``c`` and the simulated clients'
+    own ``c_i`` (client id -> arrays, absent = zeros), which ``collect_replies`` advances in place.
+
+    Memory: one model copy (about 1.7 MB for the course's CNN) per client that has trained so far, so
+    up to ~170 MB for 100 clients and ~1.7 GB for 1,000, all saved in every round's checkpoint.
+    """
+
+    server: list[np.ndarray]
+    clients: dict[int, list[np.ndarray]]
+    learning_rate: float
+
+    def own(self, client_id: int) -> list[np.ndarray]:
+        """``c_i`` of ``client_id`` (zeros before its first round)."""
+        from fedmnist.scaffold import zero_controls
+
+        return self.clients.get(client_id) or zero_controls(self.server)
+
+    def correction(self, client_id: int) -> list[np.ndarray]:
+        """``c − c_i``, the client's gradient correction."""
+        from fedmnist.scaffold import correction
+
+        return correction(self.server, self.own(client_id))
+
+
 def client_tasks(config: SimulationConfig, round_: int, clients: list[int], start: list[np.ndarray], mu: float,
-                 malicious: set[int]) -> list[ClientTask]:
-    """One training task per client, seeded by (seed, round, client)."""
+                 malicious: set[int], controls: ClientControls | None = None) -> list[ClientTask]:
+    """One training task per client, seeded by (seed, round, client); SCAFFOLD-corrected with ``controls``."""
     flip = config.threat.attack in DATA_ATTACKS
     return [ClientTask(k, start, mu, training_seed(config.seed, round_, k), config.training.epochs,
-                       config.training.batch_size, flip_labels=flip and k in malicious) for k in clients]
+                       config.training.batch_size, flip_labels=flip and k in malicious,
+                       correction=None if controls is None else controls.correction(k)) for k in clients]
 
 
 def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start: list[np.ndarray],
-                    start_sha256: str, mu: float, malicious: set[int], clip: float | None
-                    ) -> tuple[list[Reply], dict[str, str]]:
+                    start_sha256: str, mu: float, malicious: set[int], clip: float | None,
+                    controls: ClientControls | None = None) -> tuple[list[Reply], dict[str, str]]:
     """The replies the clients send for their training outcomes, and the clients whose training failed.
 
     With ``clip`` (client-side DP-FedAvg) an honest client clips its update to that L2 norm and reports
     whether it was within it (Andrew et al.'s bit); model-poisoning attackers then replace their
-    update. A client whose training failed (its worker died) is returned in the failures, named.
+    update. With ``controls`` (SCAFFOLD) each client computes its new ``c_i`` from its honest training
+    (option II), keeps it in ``controls.clients`` and sends ``Δc_i``. A client whose training failed
+    (its worker died) is returned in the failures, named.
     """
+    from fedmnist.scaffold import client_control_update
+
     threat = config.threat
     replies, failed = [], {}
     for outcome in outcomes:
@@ -303,6 +338,10 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
             failed[f"client {outcome.client_id}"] = outcome.message
             continue
         client_id, weights, metrics = outcome.client_id, outcome.weights, {}
+        control_delta = None
+        if controls is not None:
+            controls.clients[client_id], control_delta = client_control_update(
+                start, weights, controls.server, controls.own(client_id), outcome.num_steps, controls.learning_rate)
         attacked = client_id in malicious
         if clip is not None and not attacked:
             from fedmnist.privacy import clip_client_weights
@@ -313,7 +352,7 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
             weights = attack_update(threat.attack, weights, start, attack_rng(config.seed, round_, client_id),
                                     threat.strength)
         replies.append(Reply(client_id, weights, outcome.num_examples, f"client {client_id}", start_sha256,
-                             float(outcome.train_loss), mu, metrics))
+                             float(outcome.train_loss), mu, metrics, control_delta))
     return replies, failed
 
 
@@ -342,20 +381,27 @@ def _run_round(server: Server, round_: int, config: SimulationConfig, executor: 
     started = time.perf_counter()
     sampled = sample_clients(config, round_)
     bad_sampled = [k for k in sampled if k in malicious]
-    groups: dict[tuple[str, float, float | None], list[str]] = {}
+    groups: dict[tuple[str, float, float | None, str | None], list[str]] = {}
+    controls: dict[str, ClientControls] = {}
     for name, method in server.methods.items():
-        clip = method.client_clip(server.state.method_state[name])
-        groups.setdefault((server.start_sha256(name), method.client_mu, clip), []).append(name)
+        state = server.state.method_state[name]
+        clip = method.client_clip(state)
+        server_control = method.client_control(state, server.weights(name))
+        if server_control is not None:  # SCAFFOLD: corrected training, never shared with another method
+            controls[name] = ClientControls(server_control, server.state.client_state.setdefault(name, {}),
+                                            config.training.learning_rate)
+        groups.setdefault((server.start_sha256(name), method.client_mu, clip,
+                           name if name in controls else None), []).append(name)
     evaluate_now = round_ % config.eval_every == 0 or round_ == config.rounds
     bar = tqdm(total=len(groups), desc=f"ronda {round_}", unit="grupo", leave=False, disable=not progress)
     try:
         pending = {key: (time.perf_counter(), executor.submit(client_tasks(
-            config, round_, sampled, server.weights(members[0]), key[1], malicious)))
+            config, round_, sampled, server.weights(members[0]), key[1], malicious, controls.get(key[3]))))
             for key, members in groups.items()}
-        for (start_sha, mu, clip), members in groups.items():
-            t0, batch = pending[(start_sha, mu, clip)]
+        for (start_sha, mu, clip, owner), members in groups.items():
+            t0, batch = pending[(start_sha, mu, clip, owner)]
             replies, failed = collect_replies(batch.result(), config, round_, server.weights(members[0]),
-                                              start_sha, mu, malicious, clip)
+                                              start_sha, mu, malicious, clip, controls.get(owner))
             train_seconds = time.perf_counter() - t0
             bar.update()
             for name in members:

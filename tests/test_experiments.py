@@ -104,7 +104,7 @@ def _summary(run_dir):
 
 @pytest.fixture
 def run_tiny_mcmahan(raw_mnist, monkeypatch):
-    """``run(out, *runs)``: run_mcmahan with McMahan's preset shrunk to 3 clients of 100 images."""
+    """``run(out, max_rounds, **profile)``: run_mcmahan with McMahan's preset shrunk to 3 clients of 100 images."""
     from fedmnist import simulation
     from fedmnist.data import normalize_images
     from fedmnist.training import ClientTrainer
@@ -116,35 +116,47 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
     full_test = (normalize_images(raw_mnist.x_test[:200]), raw_mnist.y_test[:200])
     trainer = ClientTrainer()
 
-    def run(out, *runs):
-        profile = dataclasses.replace(TINY, mcmahan=runs)
+    def run(out, max_rounds, **fields):
+        settings = {"mcmahan": (("iid", 1, max_rounds),), "mcmahan_methods": ("fedavg", "fedmed"),
+                    "mcmahan_grid": {"fedavg": {"learning_rate": (0.05, 0.2)}}, "mcmahan_validation": 1_000,
+                    **fields}
+        profile = dataclasses.replace(TINY, **settings)
         return experiments.run_mcmahan(profile, raw_mnist, out, trainer, full_test, lambda *_: None)
 
     return run
 
 
-def test_mcmahan_runs_continue_their_checkpoint_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan):
-    # Execute: one round at two learning rates, then a cap of two rounds, and a fresh two-round run
-    first = run_tiny_mcmahan(tmp_path / "r", ("iid", 1, ("fedavg",), 0.05), ("iid", 1, ("fedavg",), 0.1))
-    raised = run_tiny_mcmahan(tmp_path / "r", ("iid", 2, ("fedavg",), 0.05))
-    fresh = run_tiny_mcmahan(tmp_path / "fresh", ("iid", 2, ("fedavg",), 0.05))
+def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan):
+    # Execute: tuning + one round per method, then a cap of two rounds, and a fresh two-round run
+    first = run_tiny_mcmahan(tmp_path / "r", 1)
+    raised = run_tiny_mcmahan(tmp_path / "r", 2)
+    fresh = run_tiny_mcmahan(tmp_path / "fresh", 2)
 
-    # Assert: the raised run continued round 1's checkpoint and equals the uninterrupted run
+    # Assert: one tuning run per candidate, FedAvg's winner is every method's local rate
+    runs = tmp_path / "r" / "simulaciones"
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "ajuste_iid_fedavg_lr0.05", "ajuste_iid_fedavg_lr0.2", "mcmahan_iid_fedavg", "mcmahan_iid_fedmed"]
+    trials = read_csv(tmp_path / "r" / experiments.MCMAHAN_TUNING_CSV)
+    assert [t["settings"] for t in trials] == ["learning_rate=0.05", "learning_rate=0.2"]
+    winner = max(trials, key=lambda t: float(t["score"]))
+    assert [t["chosen"] for t in trials].count("True") == 1 and winner["chosen"] == "True"
+    assert {r["learning_rate"] for r in first} == {float(winner["settings"].split("=")[1])}
+    # the raised cap continued round 1's checkpoints and equals the uninterrupted run
     def without_time(rows):
         return [{k: v for k, v in r.items() if k != "run_seconds"} for r in rows]
 
-    runs = tmp_path / "r" / "simulaciones"
-    assert sorted(p.name for p in runs.iterdir()) == ["mcmahan_iid", "mcmahan_iid_lr0.1"]
-    assert [(r["learning_rate"], r["rounds_run"]) for r in first] == [(0.05, 1), (0.1, 1)]
-    assert _summary(runs / "mcmahan_iid")["resumed_from_round"] == 1
+    assert [(r["method"], r["rounds_run"]) for r in first] == [("fedavg", 1), ("fedmed", 1)]
+    assert _summary(runs / "mcmahan_iid_fedavg")["resumed_from_round"] == 1
     assert without_time(raised) == without_time(fresh)
     assert raised[0]["rounds_run"] == 2
-    assert "| iid | FedAvg | 0.05 | no alcanzado en 2 | 2 |" in render_tables(tmp_path / "fresh")["mcmahan"]
+    table = render_tables(tmp_path / "fresh")
+    assert "| IID | FedAvg | learning_rate=" in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
+    assert table["mcmahan_ajuste"].count("| sí |") == 1
 
 
 def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):
-    run_tiny_mcmahan(tmp_path, ("iid", 1, ("fedavg",), 0.05))
-    rows = run_tiny_mcmahan(tmp_path, ("iid", 1, ("fedavg", "fedmed"), 0.05))
+    run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={})
+    rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={"fedavg": {"learning_rate": (0.2,)}})
 
-    assert [r["method"] for r in rows] == ["fedavg", "fedmed"]
-    assert _summary(tmp_path / "simulaciones" / "mcmahan_iid")["resumed_from_round"] == 0
+    assert [r["learning_rate"] for r in rows] == [0.2, 0.2]
+    assert _summary(tmp_path / "simulaciones" / "mcmahan_iid_fedavg")["resumed_from_round"] == 0

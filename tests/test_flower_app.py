@@ -83,11 +83,26 @@ def test_run_config_casts_flowers_values():
         ({"output-dir": "relative/out"}, "absolute path"),
         ({"trim-beta": 0.5}, "trimmed-mean fraction beta"),
         ({"num-malicious": 1}, "unknown Flower run-config key"),
+        ({"method": "scaffold"}, r"without momentum \(got momentum 0.9\).*momentum=0.0 in --run-config"),
+        ({"method": "scaffold", "optimizer": "adam", "momentum": 0.0}, "plain SGD.*not 'adam'"),
+        ({"method": "scaffold", "momentum": 0.0, "dp-noise": 0.5}, "differential privacy.*'scaffold'"),
+        ({"method": "scaffold", "momentum": 0.0, "server-lr": 0.0}, "server learning rate must be > 0"),
     ],
 )
 def test_run_config_rejects_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
         FlowerRunConfig.from_run_config(values)
+
+
+def test_scaffold_run_config_takes_plain_sgd_and_its_server_rate():
+    from fedmnist.methods import ScaffoldMethod, build_method
+
+    config = FlowerRunConfig.from_run_config({"method": "scaffold", "momentum": 0.0, "server-lr": 0.5})
+
+    method = build_method(config.method, config.method_config)
+    assert isinstance(method, ScaffoldMethod) and method.server_lr == 0.5 and config.client_mu == 0.0
+    default = build_method("scaffold", FlowerRunConfig(method="scaffold", momentum=0.0).method_config)
+    assert default.server_lr == 1.0
 
 
 def test_server_needs_output_dir_and_test_file():
@@ -156,16 +171,21 @@ def test_client_partition_errors(small_federation, node_config, data_dir, error,
         client_partition(node_config, str(small_federation) if data_dir else "")
 
 
-def _train_message(weights, round_: int, mu: float, node_id: int = 7):
-    """A train Message as the Grid would deliver it (needs a task identity outside a running app)."""
+def _train_message(weights, round_: int, mu: float, node_id: int = 7, control=None):
+    """A train Message as the Grid would deliver it (needs a task identity outside a running app);
+    ``control``: SCAFFOLD's server control variate, sent as the ServerApp does."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmnist.flower_app import CONTROL_KEY
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     content = RecordDict({
         "arrays": weights_to_record(weights),
         "config": ConfigRecord({"server-round": round_, "proximal-mu": mu}),
     })
+    if control is not None:
+        content[CONTROL_KEY] = weights_to_record(control)
     message = Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(round_))
     message.metadata.__dict__["_message_id"] = message.object_id  # what pushing it through the Grid sets
     return message
@@ -200,6 +220,74 @@ def test_client_app_trains_in_process(small_federation):
     for a, b in zip(got, want.weights):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert metrics["train-loss"] == pytest.approx(want.history["loss"][-1])
+    assert "control-delta" not in reply.content and len(context.state) == 0  # no SCAFFOLD, no state
+
+
+def test_client_app_keeps_its_scaffold_control_in_the_context_state(small_federation):
+    from flwr.app import Context, RecordDict
+
+    from fedmnist.data import client_file, load_partition
+    from fedmnist.flower_app import CONTROL_DELTA_KEY, client_app, node_control
+    from fedmnist.scaffold import client_control_update, correction, zero_controls
+    from fedmnist.training import ClientTrainer
+
+    config = FlowerRunConfig(local_epochs=1, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.0,
+                             method="scaffold", seed=SEED)
+    path = client_file(small_federation, 2)
+    x, y = load_partition(path)
+    context = Context(run_id=1, node_id=7, node_config={"data-file": str(path)}, state=RecordDict(),
+                      run_config=config.to_dict())
+    reference = ClientTrainer("sgd", 0.05, 0.0, model_seed=SEED)
+    x0 = initial_weights(SEED)
+    zeros = zero_controls(x0)
+
+    # round 1: c = 0 and no c_i yet (zeros): plain SGD, c_i⁺ = (x − y)/(K·η) = Δc_i
+    first = client_app(_train_message(x0, round_=1, mu=0.0, control=zeros), context)
+    want = reference.train(x0, x, y, epochs=1, batch_size=32, seed=training_seed(SEED, 1, 2), correction=zeros)
+    c_i, delta = client_control_update(x0, want.weights, zeros, zeros, want.num_steps, 0.05)
+    assert want.num_steps == -(-len(y) // 32)
+    _assert_close(record_to_weights(first.content[CONTROL_DELTA_KEY]), delta)
+    _assert_close(node_control(context.state, x0), c_i)
+    assert max(float(np.abs(a).max()) for a in c_i) > 0
+
+    # round 3 (the node skipped round 2): a new c; the stored c_i corrects the gradient
+    x1 = record_to_weights(first.content["arrays"])
+    c = [0.5 * a for a in c_i]
+    second = client_app(_train_message(x1, round_=3, mu=0.0, control=c), context)
+    want = reference.train(x1, x, y, epochs=1, batch_size=32, seed=training_seed(SEED, 3, 2),
+                           correction=correction(c, c_i))
+    c_i_new, delta = client_control_update(x1, want.weights, c, c_i, want.num_steps, 0.05)
+    _assert_close(record_to_weights(second.content["arrays"]), want.weights)
+    _assert_close(record_to_weights(second.content[CONTROL_DELTA_KEY]), delta)
+    _assert_close(node_control(context.state, x0), c_i_new)
+    unaware = reference.train(x1, x, y, epochs=1, batch_size=32, seed=training_seed(SEED, 3, 2),
+                              correction=correction(c, zeros))  # what forgetting c_i would give
+    assert max(float(np.abs(a - b).max()) for a, b in zip(unaware.weights, want.weights)) > 1e-4
+
+
+def test_client_app_refuses_a_control_that_does_not_fit(small_federation):
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from fedmnist.data import client_file
+    from fedmnist.flower_app import STATE_CONTROL_KEY, client_app
+    from fedmnist.scaffold import ScaffoldError, zero_controls
+
+    config = FlowerRunConfig(optimizer="sgd", momentum=0.0, method="scaffold", seed=SEED)
+    start = initial_weights(SEED)
+    context = Context(run_id=1, node_id=7, node_config={"data-file": str(client_file(small_federation, 1))},
+                      state=RecordDict(), run_config=config.to_dict())
+    with pytest.raises(ScaffoldError, match=r"server's SCAFFOLD control variate.*layer 0"):
+        client_app(_train_message(start, 1, 0.0, control=[np.zeros(3, np.float32), *start[1:]]), context)
+    context.state[STATE_CONTROL_KEY] = ArrayRecord([np.zeros(2, np.float32)])
+    with pytest.raises(ScaffoldError, match=r"this node's SCAFFOLD control variate.*1 arrays"):
+        client_app(_train_message(start, 1, 0.0, control=zero_controls(start)), context)
+
+
+def _assert_close(got, want, atol=1e-6):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
 def test_client_app_names_a_missing_data_file(tmp_path):
@@ -284,15 +372,23 @@ class FakeGrid:
 
 
 def _client_node(path: Path, config: FlowerRunConfig):
-    """A node answering like a SuperNode with ``data-file=path`` (the ClientApp run in-process)."""
+    """A node answering like a SuperNode with ``data-file=path`` (the ClientApp run in-process).
+
+    Like Flower, the node keeps one Context for the run: what the ClientApp stores in ``context.state``
+    (SCAFFOLD's ``c_i``) is there the next time this node is sampled.
+    """
     from flwr.app import Context, RecordDict
 
     from fedmnist.flower_app import client_app
 
+    contexts = []
+
     def answer(message):
-        context = Context(run_id=1, node_id=message.metadata.dst_node_id, node_config={"data-file": str(path)},
-                          state=RecordDict(), run_config=config.to_dict())
-        return client_app(message, context)
+        if not contexts:
+            contexts.append(Context(run_id=1, node_id=message.metadata.dst_node_id,
+                                    node_config={"data-file": str(path)}, state=RecordDict(),
+                                    run_config=config.to_dict()))
+        return client_app(message, contexts[0])
 
     return answer
 
@@ -335,6 +431,31 @@ def test_collect_replies_matches_replies_to_their_nodes():
     assert "no 'arrays'" in replies.failed[40]
     assert "did not accept" in replies.failed[50]
     assert replies.missing == [30]
+
+
+def test_parse_reply_reads_the_control_delta_only_in_scaffold_rounds():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedmnist.flower_app import parse_reply
+
+    start = initial_weights(SEED)
+    request = _train_message(start, 1, 0.0)
+    delta = [np.full(w.shape, 0.25, np.float32) for w in start]
+
+    def reply(control_delta):
+        content = RecordDict({"arrays": weights_to_record(start),
+                              "metrics": MetricRecord({"num-examples": 5, "client-id": 4}),
+                              "reply": ConfigRecord({"start-sha256": "abc"})})
+        if control_delta is not None:
+            content["control-delta"] = control_delta
+        return Message(content=content, reply_to=request)
+
+    got = parse_reply(9, reply(weights_to_record(delta)), with_control=True).control_delta
+    assert len(got) == len(delta) and all(np.array_equal(a, b) for a, b in zip(got, delta))
+    assert parse_reply(9, reply(weights_to_record(delta))).control_delta is None  # not asked for: ignored
+    assert parse_reply(9, reply(None), with_control=True).control_delta is None  # the method refuses it
+    with pytest.raises(ValueError, match="unreadable control-delta"):
+        parse_reply(9, reply(ArrayRecord({"x": Array(delta[0])})), with_control=True)
 
 
 def test_server_loop_writes_every_round_and_stops_cleanly(small_federation, tmp_path):
@@ -393,6 +514,8 @@ def _spoiled(answer, spoil: str):
         weights = record_to_weights(honest.content["arrays"])
         metrics = dict(honest.content["metrics"])
         start = honest.content["reply"]["start-sha256"]
+        delta = honest.content.array_records.get("control-delta")
+        delta = record_to_weights(delta) if delta is not None else None
         if spoil == "nan":
             weights[0][...] = np.nan
         elif spoil == "inf":
@@ -407,8 +530,14 @@ def _spoiled(answer, spoil: str):
             metrics["num-examples"] = 1e300
         elif spoil == "count-lie":
             metrics["num-examples"] = 10**12
+        elif spoil == "delta-missing":
+            delta = None
+        elif spoil == "delta-nan":
+            delta[2][0] = np.nan
         content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(metrics),
                               "reply": ConfigRecord({"start-sha256": start})})
+        if delta is not None:
+            content["control-delta"] = weights_to_record(delta)
         return Message(content=content, reply_to=message)
 
     return respond
@@ -436,6 +565,64 @@ def test_a_bad_reply_fails_its_node_and_the_round_goes_on(spoil, small_federatio
     assert np.isfinite(row.test_loss)
     saved = json.loads((tmp_path / "metricas_por_ronda.json").read_text())["rounds"][0]
     assert saved["failed"] == row.failed
+
+
+def _scaffold_config(**overrides) -> FlowerRunConfig:
+    """SCAFFOLD on the 3-client federation: plain SGD, bounded waits."""
+    config = FlowerRunConfig(local_epochs=1, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.0,
+                             method="scaffold", min_train_nodes=1, seed=SEED, round_timeout=30.0,
+                             wait_nodes_timeout=5.0)
+    return replace(config, **overrides)
+
+
+def test_scaffold_refuses_replies_without_a_valid_control_delta(small_federation, tmp_path):
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.flower_app import run_server
+
+    _train_message(initial_weights(SEED), 1, 0.0)  # task identity
+    config = _scaffold_config(num_server_rounds=1, output_dir=str(tmp_path),
+                              test_file=str(common_test_file(small_federation)))
+    nodes = {100 + k: _client_node(client_file(small_federation, k), config) for k in (1, 2, 3)}
+    nodes[102] = _spoiled(nodes[102], "delta-missing")
+    nodes[103] = _spoiled(nodes[103], "delta-nan")
+
+    (row,) = run_server(FakeGrid(nodes), config)
+
+    assert row.num_sampled == 3 and row.num_replies == 1 and row.replied_clients == [1]
+    missing, nan = sorted(row.failed)
+    assert missing.startswith("node 102 (client 2): SCAFFOLD needs the client's control-variate delta"), missing
+    assert nan.startswith("node 103 (client 3), control-variate delta: weight 2 holds NaN"), nan
+    assert json.loads((tmp_path / "metricas_por_ronda.json").read_text())["rounds"][0]["failed"] == row.failed
+
+
+def test_scaffold_with_client_sampling_equals_the_simulation(small_mnist, small_federation, tmp_path):
+    """Five rounds, 2 of 3 nodes each: client 3 first trains in round 2 against a c it never fed, and
+    client 1, idle in rounds 2-4, trains in round 5 with the c_1 its node kept since round 1."""
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.exchange import load_global
+    from fedmnist.flower_app import run_server
+    from fedmnist.simulation import SimulationConfig, run_simulation
+
+    _train_message(initial_weights(SEED), 1, 0.0)  # task identity
+    config = _scaffold_config(num_server_rounds=5, fraction_train=0.67, min_train_nodes=2,
+                              output_dir=str(tmp_path / "flower"), test_file=str(common_test_file(small_federation)))
+    nodes = {10 * k: _client_node(client_file(small_federation, k), config) for k in (1, 2, 3)}
+    history = run_server(FakeGrid(nodes), config)
+
+    sim = SimulationConfig.create(num_clients=3, fraction=0.67, rounds=5, local_epochs=1, batch_size=32,
+                                  optimizer="sgd", learning_rate=0.05, momentum=0.0, methods=("scaffold",),
+                                  seed=SEED)
+    result = run_simulation(sim, out_dir=tmp_path / "sim", progress=False, mnist=small_mnist)
+
+    simulated = result.metrics["scaffold"]
+    assert [h.replied_clients for h in history] == [r.replied_clients for r in simulated] == [
+        [1, 2], [2, 3], [2, 3], [2, 3], [1, 3]]
+    assert [h.sampled_nodes for h in history] == [[10 * k for k in r.replied_clients] for r in simulated]
+    assert all(not h.failed for h in history)
+    final = load_global(tmp_path / "flower" / "pesos_globales_ronda_5.pkl").weights
+    for a, b in zip(final, result.final_weights["scaffold"]):
+        assert np.max(np.abs(a - b)) <= 1e-6
+    assert [h.test_accuracy for h in history] == pytest.approx([r.test_accuracy for r in simulated], abs=1e-6)
 
 
 def test_server_waits_for_nodes_with_a_bound(tmp_path, small_federation):
@@ -508,7 +695,12 @@ def two_client_mnist(raw_mnist):
 
 
 @pytest.mark.slow
-def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_path, two_client_mnist):
+@pytest.mark.parametrize("settings", [
+    {"method": "fedavg", "optimizer": "adam", "learning-rate": 1e-3},
+    # SCAFFOLD: round 2 trains with the c_i each node's ClientApp process left in Flower's context.state
+    {"method": "scaffold", "optimizer": "sgd", "learning-rate": 0.05},
+], ids=["fedavg", "scaffold"])
+def test_two_supernodes_train_two_rounds_like_the_simulation(settings, deployment, tmp_path, two_client_mnist):
     from fedmnist.data import client_file, common_test_file
     from fedmnist.exchange import load_global
     from fedmnist.partition import PartitionConfig, write_federation
@@ -520,12 +712,13 @@ def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_pat
     flower.start_superlink()
     flower.start_supernodes({f"nodo{k}": {"data-file": str(client_file(fed, k))} for k in (1, 2)}, wait=False)
 
-    run_id = flower.submit(_run_config(out, common_test_file(fed)))  # its ServerApp waits for 2 nodes
+    method = settings["method"]
+    run_id = flower.submit(_run_config(out, common_test_file(fed), **settings))  # its ServerApp waits for 2 nodes
     flower.wait_supernodes()
     # Meanwhile, the in-process simulation of the same partitions, seed and settings, round by round.
     config = SimulationConfig.create(num_clients=2, fraction=1.0, rounds=1, local_epochs=1, batch_size=10,
-                              optimizer="adam", learning_rate=1e-3, momentum=0.0, partition="iid",
-                              methods=("fedavg",), seed=SEED)
+                                     optimizer=settings["optimizer"], learning_rate=settings["learning-rate"],
+                                     momentum=0.0, partition="iid", methods=(method,), seed=SEED)
     simulated = [
         run_simulation(config.replace(rounds=r), out_dir=tmp_path / "simulacion", progress=False,
                        mnist=two_client_mnist, resume=True)
@@ -534,7 +727,7 @@ def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_pat
     run = flower.wait_finished(run_id, RUN_TIMEOUT)
 
     assert run["status"] == "finished:completed", flower.server_log(run_id)
-    for name in ("modelo_global_fedavg.h5", "precision_por_ronda.png", "metricas_por_ronda.csv",
+    for name in (f"modelo_global_{method}.h5", "precision_por_ronda.png", "metricas_por_ronda.csv",
                  "configuracion.json", "pesos_globales_ronda_0.pkl", "pesos_globales_ronda_2.pkl"):
         assert (out / name).is_file(), name
     rounds = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
@@ -542,13 +735,13 @@ def test_two_supernodes_train_two_rounds_like_the_simulation(deployment, tmp_pat
     assert all(r["num_replies"] == 2 and r["replied_clients"] == [1, 2] for r in rounds)
     assert rounds[-1]["test_accuracy"] > 0.5, rounds
     final = load_global(out / "pesos_globales_ronda_2.pkl")
-    for a, b in zip(_load_h5(out / "modelo_global_fedavg.h5").get_weights(), final.weights):
+    for a, b in zip(_load_h5(out / f"modelo_global_{method}.h5").get_weights(), final.weights):
         np.testing.assert_array_equal(a, b)
     for row, sim in zip(rounds, simulated):
         flower_weights = load_global(out / f"pesos_globales_ronda_{row['round']}.pkl").weights
-        for a, b in zip(flower_weights, sim.final_weights["fedavg"]):
+        for a, b in zip(flower_weights, sim.final_weights[method]):
             assert np.max(np.abs(a - b)) <= 1e-6
-        assert row["test_accuracy"] == pytest.approx(sim.final_accuracy["fedavg"], abs=0.01)
+        assert row["test_accuracy"] == pytest.approx(sim.final_accuracy[method], abs=0.01)
 
 
 def _load_h5(path: Path):

@@ -146,3 +146,105 @@ def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(
     simulated = load_global(tmp_path / "sim" / f"pesos_globales_{name}.pkl").weights
     for a, b in zip(manual.weights, simulated):
         assert np.max(np.abs(a - b)) <= 1e-6
+
+
+def test_the_manual_flow_runs_scaffold_with_member_control_files_like_the_simulation(small_mnist_file, tmp_path):
+    from fedmnist.cli import main, main_aggregation, main_split
+    from fedmnist.exchange import control_path, load_control, load_global, load_update
+
+    data, pesos, members = tmp_path / "datos", tmp_path / "pesos", tmp_path / "miembros"
+    common = ["--data", str(small_mnist_file)]
+    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0"]
+    assert main_split(["--clients", "3", "--partition", "shards", "--seed", str(SEED), *common, "--out", str(data)]) == 0
+    assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos / "ronda_0")]) == 0
+    for round_ in (0, 1):
+        start = pesos / f"ronda_{round_}" / f"pesos_globales_ronda_{round_}.pkl"
+        for k in (1, 2, 3):  # round 0 asks for SCAFFOLD; round 1's global file switches it on by itself
+            assert main(["train", "--client", str(k), "--data-dir", str(data), "--global-weights", str(start),
+                         *training, "--seed", str(SEED), "--validation-split", "0",
+                         *(["--scaffold"] if round_ == 0 else []), "--out", str(members)]) == 0
+            assert load_control(control_path(members, k), k).round == round_ + 1
+        if round_ == 1:  # a member who retrains the round starts again from the same c_i: same update
+            before = load_update(members / "pesos_cliente_2.pkl")
+            assert main(["train", "--client", "2", "--data-dir", str(data), "--global-weights", str(start),
+                         *training, "--seed", str(SEED), "--validation-split", "0", "--out", str(members)]) == 0
+            again = load_update(members / "pesos_cliente_2.pkl")
+            assert all(np.array_equal(a, b) for a, b in zip(before.control_delta, again.control_delta))
+        assert main_aggregation(["--weights-dir", str(members), "--data-dir", str(data), "--global-weights",
+                                 str(start), "--methods", "scaffold", "--out", str(pesos / f"ronda_{round_ + 1}")]) == 0
+    manual = load_global(pesos / "ronda_2" / "pesos_globales_ronda_2.pkl")
+    assert manual.method == "scaffold" and set(manual.state) == {"control"}
+
+    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "2", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--seed",
+                 str(SEED), "--partition", "shards", "--methods", "scaffold", "--quiet", *common,
+                 "--out", str(tmp_path / "sim")]) == 0
+    simulated = load_global(tmp_path / "sim" / "pesos_globales_scaffold.pkl").weights
+    for a, b in zip(manual.weights, simulated):
+        assert np.max(np.abs(a - b)) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def scaffold_member(small_mnist_file, tmp_path_factory):
+    """A split federation and a member directory after one SCAFFOLD round of client 1."""
+    from fedmnist.cli import main_split
+
+    root = tmp_path_factory.mktemp("scaffold_member")
+    data, members = root / "datos", root / "miembros"
+    assert main_split(["--clients", "3", "--partition", "iid", "--seed", str(SEED), "--data", str(small_mnist_file),
+                       "--out", str(data)]) == 0
+    return data, members
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    ("other_client", "holds the control variate of client 2"),
+    ("nan", "NaN or infinite"),
+    ("update", "not a fedmnist SCAFFOLD control file"),
+    ("later_round", "later than this round"),
+])
+def test_bad_control_files_are_refused_before_training(scaffold_member, tmp_path, capsys, spoil, fragment):
+    import shutil
+
+    from fedmnist.cli import main
+    from fedmnist.exchange import ClientControl, control_bytes, control_path, update_path
+    from fedmnist.model import initial_weights
+
+    data, _ = scaffold_member
+    out = tmp_path / "miembro"
+    out.mkdir()
+    zeros = [np.zeros_like(w) for w in initial_weights(SEED)]
+    path = control_path(out, 1)
+    if spoil == "update":
+        args = ["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+                "--momentum", "0", "--validation-split", "0", "--out", str(tmp_path / "otro")]
+        assert main(args) == 0
+        shutil.copy(update_path(tmp_path / "otro", 1), path)
+    else:
+        client, round_, control = 1, 1, zeros
+        if spoil == "other_client":
+            client = 2
+        if spoil == "nan":
+            control = [z.copy() for z in zeros]
+            control[0][...] = np.nan
+        if spoil == "later_round":
+            round_ = 5
+        path.write_bytes(control_bytes(ClientControl(client, round_, control, zeros)))
+    before = sorted(p.name for p in out.iterdir())
+
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+                 "--momentum", "0", "--validation-split", "0", "--scaffold", "--out", str(out)])
+
+    assert code != 0
+    err = capsys.readouterr().err
+    assert fragment in err and str(path) in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+
+
+def test_scaffold_member_needs_plain_sgd(scaffold_member, tmp_path, capsys):
+    from fedmnist.cli import main
+
+    data, _ = scaffold_member
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+                 "--momentum", "0.9", "--scaffold", "--out", str(tmp_path)])
+
+    assert code != 0 and "without momentum" in capsys.readouterr().err

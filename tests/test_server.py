@@ -194,3 +194,55 @@ def test_client_side_adaptive_dp_refuses_a_reply_without_its_bit(start):
     step = server.step(1, "fedavg", replies)
     assert step.record.replied_clients == [1, 2]
     assert "unclipped bit" in step.record.failed[0] and "client 3" in step.record.failed[0]
+
+
+# --- SCAFFOLD replies ---------------------------------------------------------------------------
+
+
+def _control(start, value: float) -> list[np.ndarray]:
+    return [np.full_like(w, value) for w in start]
+
+
+def test_scaffold_step_moves_weights_and_control_and_refuses_replies_without_a_delta(start):
+    # Arrange: N = 4 clients in the federation, 3 reply, one of them without its control-variate delta
+    built = build_methods(MethodConfig(("scaffold", "fedavg")), num_clients=4)
+    server = Server(built, ServerState.initial(built, start))
+    replies = [reply(start, 1, 0.1, n=10, control_delta=_control(start, 0.4)),
+               reply(start, 2, 0.3, n=30, control_delta=_control(start, 0.8)),
+               reply(start, 3, 1.0, n=10)]
+
+    # Act
+    step = server.step(1, "scaffold", replies, sampled_clients=[1, 2, 3], evaluate=False, min_replies=1)
+    plain = server.step(1, "fedavg", replies, sampled_clients=[1, 2, 3], evaluate=False)
+
+    # Assert: x + weighted mean of the deltas (η_g = 1); c = Σ Δc_i / N; client 3 named as refused
+    assert step.record.replied_clients == [1, 2]
+    assert any("client 3" in f and "control-variate delta" in f for f in step.record.failed)
+    for got, w in zip(step.weights, start):
+        np.testing.assert_allclose(got, w + np.float32(0.25), atol=1e-6)
+    for got in server.state.method_state["scaffold"]["control"]:
+        np.testing.assert_allclose(got, (0.4 + 0.8) / 4, atol=1e-6)
+    assert plain.record.replied_clients == [1, 2, 3]  # the other methods can use every reply
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    (lambda d: d[0].fill(np.nan), "control-variate delta"),
+    (lambda d: d.pop(), "control-variate delta"),
+])
+def test_bad_control_delta_is_refused_like_bad_weights(start, spoil, fragment):
+    delta = _control(start, 0.1)
+    spoil(delta)
+
+    with pytest.raises(RejectedReply, match=fragment):
+        check_reply(reply(start, 1, 0.1, control_delta=delta), weights_sha256(start))
+
+
+def test_scaffold_state_is_checked(start):
+    from fedmnist.server_opt import ServerOptError
+
+    method = build_methods(MethodConfig(("scaffold",)))[0]
+    method.check_state({}, start)
+    method.check_state({"control": _control(start, 0.0)}, start)
+    for bad in ({"control": _control(start, 0.0)[:-1]}, {"control": _control(start, 0.0), "x": 1}, {"m": []}):
+        with pytest.raises(ServerOptError):
+            method.check_state(bad, start)

@@ -577,3 +577,120 @@ def test_workers_give_the_same_weights_for_any_n_and_resume_across_n(raw_mnist, 
                              resume=True)
     assert comparable(resumed) == comparable(one)
     assert usable_cores() >= 1
+
+
+# --- SCAFFOLD: per-client control variates kept by the simulation --------------------------------
+
+SCAFFOLD_SETTINGS = {"num_clients": 3, "fraction": 0.67, "rounds": 2, "local_epochs": 1, "batch_size": 50,
+                     "optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.0, "train_subset": 300,
+                     "test_subset": 100, "methods": ("scaffold",), "partition": "shards", "shards_per_client": 1,
+                     "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def scaffold_trainer():
+    from fedmnist.training import ClientTrainer
+
+    return ClientTrainer("sgd", 0.1, 0.0, model_seed=5)
+
+
+def test_scaffold_simulation_equals_the_algorithm_computed_by_hand(raw_mnist, tmp_path, scaffold_trainer):
+    # Arrange: 3 one-digit-ish clients, 2 sampled per round, so a client's c_i is stale when it returns
+    from fedmnist.model import initial_weights
+    from fedmnist.seeds import training_seed
+
+    config = SimulationConfig.create(**SCAFFOLD_SETTINGS)
+    fed = prepare_federation(config.federation, config.seed, mnist=raw_mnist)
+    lr, n_clients = 0.1, 3
+
+    # Act
+    result = run_simulation(config, out_dir=tmp_path, progress=False, mnist=raw_mnist, trainer=scaffold_trainer)
+
+    # Assert: Karimireddy et al.'s Algorithm 1 (option II) written out with plain numpy
+    x = [w.astype(np.float64) for w in initial_weights(config.seed)]
+    c = [np.zeros_like(w) for w in x]
+    own: dict[int, list[np.ndarray]] = {}
+    sampled_per_round = []
+    for round_ in (1, 2):
+        sampled = sample_clients(config, round_)
+        sampled_per_round.append(sampled)
+        steps, deltas, counts = [], [], []
+        for k in sampled:
+            ci = own.get(k, [np.zeros_like(w) for w in x])
+            xs, ys = fed.client_data(k)
+            trained = scaffold_trainer.train([w.astype(np.float32) for w in x], xs, ys, epochs=1, batch_size=50,
+                                             mu=0.0, seed=training_seed(config.seed, round_, k),
+                                             correction=[(a - b).astype(np.float32) for a, b in zip(c, ci)])
+            assert trained.num_steps == -(-len(ys) // 50)
+            y = [w.astype(np.float64) for w in trained.weights]
+            new_ci = [b - a + (w0 - w1) / (trained.num_steps * lr) for a, b, w0, w1 in zip(c, ci, x, y)]
+            deltas.append([n - o for n, o in zip(new_ci, ci)])
+            own[k] = new_ci
+            steps.append([w1 - w0 for w0, w1 in zip(x, y)])
+            counts.append(len(ys))
+        shares = np.array(counts, dtype=float) / sum(counts)
+        x = [w0 + sum(s * d[j] for s, d in zip(shares, steps)) for j, w0 in enumerate(x)]
+        c = [cj + sum(d[j] for d in deltas) / n_clients for j, cj in enumerate(c)]
+    assert sampled_per_round[0] != sampled_per_round[1]
+    for got, want in zip(result.final_weights["scaffold"], x):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE, config, fed.sha256)
+    for got, want in zip(state.method_state["scaffold"]["control"], c):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    assert sorted(state.client_state["scaffold"]) == sorted(own)
+    for k, controls in own.items():
+        for got, want in zip(state.client_state["scaffold"][k], controls):
+            np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_scaffold_resumes_bit_identically(raw_mnist, tmp_path, scaffold_trainer):
+    config = SimulationConfig.create(**SCAFFOLD_SETTINGS)
+    straight = run_simulation(config, out_dir=tmp_path / "a", progress=False, mnist=raw_mnist, trainer=scaffold_trainer)
+    run_simulation(config.replace(rounds=1), out_dir=tmp_path / "b", progress=False, mnist=raw_mnist,
+                   trainer=scaffold_trainer)
+    resumed = run_simulation(config, out_dir=tmp_path / "b", progress=False, mnist=raw_mnist, resume=True,
+                             trainer=scaffold_trainer)
+
+    assert resumed.resumed_from_round == 1
+    for a, b in zip(straight.final_weights["scaffold"], resumed.final_weights["scaffold"]):
+        assert np.array_equal(a, b)
+    fed_sha = prepare_federation(config.federation, config.seed, mnist=raw_mnist).sha256
+    first, second = (load_checkpoint(tmp_path / d / CHECKPOINT_FILE, config, fed_sha) for d in "ab")
+    assert first.client_state.keys() == second.client_state.keys()
+    for k, controls in first.client_state["scaffold"].items():
+        assert all(np.array_equal(p, q) for p, q in zip(controls, second.client_state["scaffold"][k]))
+    assert all(np.array_equal(p, q) for p, q in zip(first.method_state["scaffold"]["control"],
+                                                    second.method_state["scaffold"]["control"]))
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    (lambda s: s["client_state"]["scaffold"].update({99: s["client_state"]["scaffold"][next(iter(s["client_state"]["scaffold"]))]}),
+     "client 99"),
+    (lambda s: next(iter(s["client_state"]["scaffold"].values()))[0].fill(np.nan), "non-finite"),
+    (lambda s: s["client_state"]["scaffold"].update({1: [np.zeros(3, np.float32)]}), "control variate of client 1"),
+    (lambda s: s["client_state"].update({"fedavg": {}}), "client state must map SCAFFOLD"),
+    (lambda s: s["method_state"]["scaffold"].update({"control": []}), "control variate"),
+])
+def test_tampered_scaffold_checkpoint_is_refused(raw_mnist, tmp_path, scaffold_trainer, spoil, fragment):
+    import pickle
+
+    config = SimulationConfig.create(**{**SCAFFOLD_SETTINGS, "rounds": 1})
+    run_simulation(config, out_dir=tmp_path, progress=False, mnist=raw_mnist, trainer=scaffold_trainer)
+    path = tmp_path / CHECKPOINT_FILE
+    stored = pickle.loads(path.read_bytes())
+    spoil(stored)
+    path.write_bytes(pickle.dumps(stored, protocol=4))
+
+    with pytest.raises(ConfigError, match=fragment):
+        load_checkpoint(path, config.replace(rounds=2), prepare_federation(config.federation, config.seed,
+                                                                             mnist=raw_mnist).sha256)
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({"momentum": 0.9}, "without momentum"),
+    ({"optimizer": "adam", "learning_rate": 0.001}, "plain SGD"),
+    ({"dp_noise": 1.0, "dp_clip": 1.0}, "scaffold"),
+])
+def test_scaffold_config_refuses_what_its_control_variates_cannot_handle(settings, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        SimulationConfig.create(**{**SCAFFOLD_SETTINGS, **settings}).validate()

@@ -53,12 +53,29 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_config_args(parser: argparse.ArgumentParser, epochs: int = 2, batch_size: int = 32) -> None:
-    parser.add_argument("--epochs", type=int, default=epochs, help=f"local epochs E (default {epochs})")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size B (default {batch_size})")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="local optimizer (default sgd)")
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+MEMBER_TRAINING = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3, "momentum": 0.0}
+"""A member's local training by default (``fedmnist.training.TrainConfig``'s, kept here so the parser need not
+import TensorFlow): what a Keras user would write for this CNN."""
+
+DEMO_MU = 0.001
+"""``fedmnist demo``'s FedProx μ by default (``fedmnist.demo.DemoConfig``'s)."""
+
+AGGRESSIVE_TRAINING = "--optimizer sgd --lr 0.05 --momentum 0.9"
+"""The local training where one-shot FedAvg drifts (the simulation's and the essay's course setting)."""
+
+
+def add_train_config_args(parser: argparse.ArgumentParser) -> None:
+    """The member's local-training flags (``fedmnist train`` and ``fedmnist demo``)."""
+    d = MEMBER_TRAINING
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"local epochs E (default {d['epochs']})")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
+                        help=f"batch size B (default {d['batch_size']})")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"],
+                        help=f"local optimizer (default {d['optimizer']})")
+    parser.add_argument("--lr", type=float, default=d["learning_rate"],
+                        help=f"local learning rate (default {d['learning_rate']:g})")
+    parser.add_argument("--momentum", type=float, default=d["momentum"],
+                        help=f"SGD momentum (default {d['momentum']:g}; Adam has none and ignores it)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
 
 
@@ -71,8 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = run_local_training(args.client, args.data_dir, args.out, config, args.global_weights, args.round,
                              dp_clip=args.dp_clip, scaffold=args.scaffold)
     hist = out.result.history
+    momentum = f", momentum {config.momentum:g}" if config.optimizer == "sgd" else ""
     print(f"client {out.client_id}, round {out.round}: {out.result.num_examples} training images, "
-          f"{config.epochs} epochs, mu={config.mu:g}, start weights {out.start.sha256[:12]}")
+          f"{config.epochs} epochs of {config.optimizer} (lr {config.learning_rate:g}{momentum}, batch "
+          f"{config.batch_size}), mu={config.mu:g}, start weights {out.start.sha256[:12]}")
     print(f"last epoch: loss {hist['loss'][-1]:.4f}, accuracy {hist['accuracy'][-1]:.4f}"
           + (f", val_accuracy {hist['val_accuracy'][-1]:.4f}" if hist.get("val_accuracy") else ""))
     print(f"common test set: accuracy {out.test.accuracy:.4f} "
@@ -157,7 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedmnist.demo import DemoConfig, run_demo
 
     config = DemoConfig(num_clients=args.clients, epochs=args.epochs, batch_size=args.batch_size,
-                        mu=args.mu, seed=args.seed, quiet=args.quiet)
+                        optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, mu=args.mu,
+                        seed=args.seed, quiet=args.quiet)
     run_demo(config, args.data, args.out)
     return 0
 
@@ -338,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="output directory (default .)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("train", help="train one client on its partition (the notebook's twin)")
+    p = sub.add_parser("train", help="train one client on its partition (the notebook's twin)",
+                       epilog=f"defaults: {MEMBER_TRAINING['optimizer']}, lr {MEMBER_TRAINING['learning_rate']:g}, "
+                       f"{MEMBER_TRAINING['epochs']} epochs of batches of {MEMBER_TRAINING['batch_size']}; the "
+                       f"aggressive setting where one-shot FedAvg drifts: {AGGRESSIVE_TRAINING}")
     p.add_argument("--client", type=int, required=True, help="client id N (1..N)")
     p.add_argument("--data-dir", required=True, help="directory written by split_data.py")
     p.add_argument("--global-weights", help="pesos_globales_ronda_R.pkl (default: build_model(seed), round 0)")
@@ -350,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client-side DP-FedAvg: clip the update to L2 norm S before writing it")
     p.add_argument("--scaffold", action="store_true",
                    help="train with SCAFFOLD's correction from round 0 (later rounds switch it on by themselves "
-                        "when the global weights come from a SCAFFOLD aggregation); needs --optimizer sgd "
-                        "--momentum 0; keeps the client's control variate in OUT/control_cliente_N.pkl")
+                        "when the global weights come from a SCAFFOLD aggregation); needs plain SGD, not the "
+                        "default Adam: --optimizer sgd --momentum 0 and an SGD --lr such as 0.05 (in every "
+                        "round); keeps the client's control variate in OUT/control_cliente_N.pkl")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train)
 
@@ -359,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_aggregate_args(p)
     p.set_defaults(func=cmd_aggregate)
 
-    p = sub.add_parser("demo", help="the whole course job in one command: split, train 5 clients, aggregate")
+    p = sub.add_parser("demo", help="the whole course job in one command: split, train 5 clients, aggregate",
+                       epilog=f"the members train as fedmnist train does by default; the aggressive setting "
+                       f"where one-shot FedAvg drifts: {AGGRESSIVE_TRAINING}")
     p.add_argument("--clients", type=int, default=5, help="number of clients (default 5)")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs (default 2)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--mu", type=float, default=0.01, help="FedProx mu of the FedProx clients (default 0.01)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
+    add_train_config_args(p)
+    p.add_argument("--mu", type=float, default=DEMO_MU, help=f"FedProx mu of the FedProx clients (default {DEMO_MU:g})")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_data_arg(p)
     p.add_argument("--out", default="resultados_demo", help="output directory (default resultados_demo)")

@@ -2,7 +2,10 @@
 
 The FedAvg and FedMed models aggregate clients trained with μ = 0; the FedProx model aggregates the
 same clients trained from the same start with FedProx's proximal term (μ > 0), so the comparison
-between the three rules is the one the course asks for.
+between the three rules is the one the course asks for. The members train with ``TrainConfig``'s
+defaults (Adam, lr 10⁻³, 2 epochs, B = 32), the training a Keras user would write; the aggressive
+setting where one-shot FedAvg loses to its local models is ``optimizer="sgd", learning_rate=0.05,
+momentum=0.9``.
 """
 
 from __future__ import annotations
@@ -36,16 +39,26 @@ class DemoConfig:
     num_clients: int = 5
     epochs: int = 2
     batch_size: int = 32
-    mu: float = 0.01
+    optimizer: str = TrainConfig.optimizer
+    learning_rate: float = TrainConfig.learning_rate
+    momentum: float = TrainConfig.momentum
+    mu: float = 0.001
     seed: int = DEFAULT_SEED
     partition: str = "iid"
     quiet: bool = False
+
+    def train_config(self, mu: float = 0.0) -> TrainConfig:
+        """Every member's job: this demo's local training, with FedProx's ``mu`` (0: plain training)."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+                           learning_rate=self.learning_rate, momentum=self.momentum, mu=mu, seed=self.seed)
 
 
 def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
     """Run the whole flow into ``out_dir`` and return the aggregation summary."""
     if config.mu <= 0:
         raise ConfigError(f"the demo's FedProx clients need mu > 0 (got {config.mu})")
+    plain, prox = config.train_config(), config.train_config(config.mu)
+    prox.validate()  # before anything is written
     say = (lambda *_: None) if config.quiet else (lambda msg: print(msg, flush=True))
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -62,9 +75,10 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
     save_global(start_file, start)
     say(f"[2/4] shared starting point {start_file} (sha256 {start.sha256[:12]})")
 
-    plain = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed)
-    prox = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, mu=config.mu)
     trainer = make_trainer(plain)
+    momentum = f", momentum {plain.momentum:g}" if plain.optimizer == "sgd" else ""
+    say(f"[3/4] local training: {plain.optimizer}, lr {plain.learning_rate:g}{momentum}, "
+        f"{plain.epochs} epochs, batch {plain.batch_size}")
     outputs = {}
     for label, train_config, target in (("mu=0", plain, plain_dir), (f"FedProx mu={config.mu:g}", prox, prox_dir)):
         for client_id in range(1, config.num_clients + 1):

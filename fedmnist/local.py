@@ -33,7 +33,14 @@ from fedmnist.io import OutputSet, check_writable_dir, sha256_file
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
 from fedmnist.partition import read_manifest
 from fedmnist.seeds import training_seed, validation_seed
-from fedmnist.training import ClientTrainer, TrainConfig, TrainResult, make_trainer, validation_split
+from fedmnist.training import (
+    ClientTrainer,
+    TrainConfig,
+    TrainResult,
+    check_trainer,
+    make_trainer,
+    validation_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +191,9 @@ def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, p
     UpdateFileError
         A control file or a server control variate that is not this client's or not the CNN's.
     """
-    from fedmnist.methods import SCAFFOLD
-    from fedmnist.scaffold import ScaffoldError, check_controls, zero_controls
+    from fedmnist.errors import ValidationError
+    from fedmnist.methods import SCAFFOLD, MethodConfig, build_method
+    from fedmnist.scaffold import zero_controls
     from fedmnist.training import check_scaffold_optimizer
 
     if not requested and start.method != SCAFFOLD:
@@ -194,10 +202,10 @@ def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, p
     if dp_clip is not None:
         raise ConfigError("SCAFFOLD cannot be combined with --dp-clip: DP-FedAvg runs with FedAvg or FedProx only")
     if start.method == SCAFFOLD and start.state:
-        try:
-            check_controls(start.state.get("control"), start.weights, f"{start.path}: SCAFFOLD server control")
-        except ScaffoldError as exc:
-            raise UpdateFileError(str(exc)) from None
+        try:  # the server's own check of a SCAFFOLD state: exactly {"control": arrays like the weights}
+            build_method(SCAFFOLD, MethodConfig((SCAFFOLD,))).check_state(start.state, start.weights)
+        except ValidationError as exc:
+            raise UpdateFileError(f"{start.path}: SCAFFOLD server state: {exc}") from None
         server = list(start.state["control"])
     else:
         server = zero_controls(start.weights)
@@ -255,7 +263,10 @@ def run_local_training(
     start = starting_point(global_weights, round_, config.seed)
     controls = member_controls(start, client_id, config, control_path(out_dir, client_id), scaffold, dp_clip)
 
-    trainer = trainer or make_trainer(config)
+    if trainer is None:
+        trainer = make_trainer(config)
+    else:
+        check_trainer(trainer, config)
     result = train_member(trainer, start, x, y, config, client_id,
                           None if controls is None else controls.correction)
     test = evaluate(trainer, result.weights, x_test, y_test)

@@ -356,20 +356,6 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
     return replies, failed
 
 
-def _check_trainer(trainer, training: TrainingConfig) -> None:
-    """A trainer passed in must have been built with the config's optimizer settings."""
-    from fedmnist.errors import ConfigError
-
-    momentum = training.momentum if training.optimizer == "sgd" else 0.0
-    mine = (trainer.optimizer_name, trainer.learning_rate, trainer.momentum)
-    if mine[0] != training.optimizer or not np.isclose(mine[1], training.learning_rate, rtol=1e-6) \
-            or not np.isclose(mine[2], momentum, atol=1e-9):
-        raise ConfigError(
-            f"the trainer passed in uses {mine[0]} lr={mine[1]:g} momentum={mine[2]:g}, but the config asks for "
-            f"{training.optimizer} lr={training.learning_rate:g} momentum={momentum:g}"
-        )
-
-
 def _run_round(server: Server, round_: int, config: SimulationConfig, executor: ClientExecutor,
                malicious: set[int], progress: bool) -> list[RoundRecord]:
     """Train the sampled clients once per group of methods with identical starts, then one server step each.
@@ -505,7 +491,9 @@ def run_simulation(
         if trainer is None:
             trainer = settings.build_trainer()
         else:
-            _check_trainer(trainer, config.training)
+            from fedmnist.training import check_trainer
+
+            check_trainer(trainer, config.training)
         executor = InProcessExecutor(data, settings, trainer=trainer)
     with executor:
         return _run(config, out, fed, malicious, methods, state, executor, data_path, progress, callback,

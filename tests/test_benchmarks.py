@@ -44,3 +44,46 @@ def test_the_simulation_benchmark_runs_on_a_tiny_federation(mnist_path, capsys):
 
     assert code == 0
     assert "run_simulation, all included" in capsys.readouterr().out
+
+
+def load_bench_demo():
+    spec = importlib.util.spec_from_file_location("bench_demo", REPO_ROOT / "benchmarks" / "bench_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_summary(fedavg, fedprox, fedmed):
+    return {"methods": {"fedavg": {"accuracy": fedavg}, "fedprox": {"accuracy": fedprox},
+                        "fedmed": {"accuracy": fedmed}}}
+
+
+def test_the_demo_benchmark_fails_any_global_model_below_the_bar():
+    bench = load_bench_demo()
+
+    assert bench.below_threshold(demo_summary(0.97, 0.96, 0.95), 0.95) == []
+    assert bench.below_threshold(demo_summary(0.97, 0.9499, 0.95), 0.95) == ["fedprox"]
+    assert bench.below_threshold(demo_summary(0.84, 0.97, 0.80), 0.95) == ["fedavg", "fedmed"]
+
+
+def test_the_demo_benchmark_runs_the_command_on_a_small_file(raw_mnist, tmp_path, capsys):
+    """The benchmark drives ``fedmnist demo`` through its parser: flags it forwards must reach the demo."""
+    bench = load_bench_demo()
+    train = np.sort(np.concatenate([np.flatnonzero(raw_mnist.y_train == c)[:30] for c in range(10)]))
+    test = np.sort(np.concatenate([np.flatnonzero(raw_mnist.y_test == c)[:10] for c in range(10)]))
+    small = tmp_path / "mnist_small.npz"
+    np.savez(small, x_train=raw_mnist.x_train[train], y_train=raw_mnist.y_train[train],
+             x_test=raw_mnist.x_test[test], y_test=raw_mnist.y_test[test])
+
+    passed = bench.main(["--data", str(small), "--min-accuracy", "0", "--clients", "3", "--epochs", "1",
+                         "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    failed = bench.main(["--data", str(small), "--min-accuracy", "1", "--clients", "3", "--epochs", "1",
+                         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"])
+
+    assert passed == 0 and failed == 1
+    assert "3 iid clients, adam, lr 0.001, 1 epochs, batch 32" in out
+    for label in ("FedAvg", "FedProx", "FedMed", "locals (mean of 3)"):
+        assert label in out
+    assert (tmp_path / "demo" / "resultados_agregacion.json").is_file()
+    assert "sgd, lr 0.05, momentum 0.9" in capsys.readouterr().out

@@ -211,3 +211,94 @@ def test_split_with_bad_arguments(args, fragment, tmp_path, mnist_path):
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out_dir.exists()
+
+
+# --- the member's defaults: fedmnist train and fedmnist demo (in-process: argparse and the config they build) ---
+
+
+def captured_call(monkeypatch, module, name):
+    """Replace ``module.name`` by a recorder that stops the command before any work (exit status 2)."""
+    from fedmnist.errors import FedMnistError
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise FedMnistError("stopped by the test")
+
+    monkeypatch.setattr(module, name, record)
+    return calls
+
+
+def test_train_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_away(monkeypatch, tmp_path):
+    import fedmnist.local
+    from fedmnist.cli import main
+    from fedmnist.training import TrainConfig
+
+    # Prepare
+    calls = captured_call(monkeypatch, fedmnist.local, "run_local_training")
+    base = ["train", "--client", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "salida")]
+
+    # Execute
+    main(base)
+    main([*base, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--mu", "0.01", "--seed", "3"])
+
+    # Assert: the config handed to the package, field by field
+    default, aggressive = calls[0][0][3], calls[1][0][3]
+    assert default == TrainConfig()
+    assert (default.optimizer, default.learning_rate, default.momentum) == ("adam", 1e-3, 0.0)
+    assert aggressive == TrainConfig(optimizer="sgd", learning_rate=0.05, momentum=0.9, mu=0.01, seed=3)
+
+
+def test_demo_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_away(monkeypatch):
+    import fedmnist.demo
+    from fedmnist.cli import DEMO_MU, main
+    from fedmnist.demo import DemoConfig
+    from fedmnist.training import TrainConfig
+
+    # Prepare
+    calls = captured_call(monkeypatch, fedmnist.demo, "run_demo")
+
+    # Execute
+    main(["demo", "--quiet"])
+    main(["demo", "--quiet", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--mu", "0.1"])
+
+    # Assert
+    default, aggressive = calls[0][0][0], calls[1][0][0]
+    assert default == DemoConfig(quiet=True) and DemoConfig().mu == DEMO_MU
+    assert default.train_config() == TrainConfig()
+    assert default.train_config(default.mu) == TrainConfig(mu=DEMO_MU)
+    assert aggressive.train_config(aggressive.mu) == TrainConfig(optimizer="sgd", learning_rate=0.05, momentum=0.9,
+                                                                 mu=0.1)
+
+
+def test_train_help_names_the_defaults_and_scaffolds_flags(capsys):
+    from fedmnist.cli import main
+
+    # Execute
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+
+    # Assert
+    text = " ".join(capsys.readouterr().out.split())
+    assert "local optimizer (default adam)" in text and "(default 0.001)" in text
+    assert "--optimizer sgd --lr 0.05 --momentum 0.9" in text
+    assert "--optimizer sgd --momentum 0" in text  # what --scaffold needs
+
+
+def test_train_scaffold_with_the_default_adam_is_refused_clearly(small_federation, tmp_path, capsys):
+    from fedmnist.cli import main
+
+    # Prepare
+    out_dir = tmp_path / "salida"
+
+    # Execute
+    code = main(["train", "--client", "1", "--data-dir", str(small_federation), "--epochs", "1", "--scaffold",
+                 "--out", str(out_dir)])
+
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "SCAFFOLD needs plain SGD as the local optimizer, not 'adam'" in err
+    assert "Traceback" not in err
+    assert not out_dir.exists() or not any(out_dir.iterdir())

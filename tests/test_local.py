@@ -24,16 +24,17 @@ from fedmnist.local import output_paths, run_local_training
 from fedmnist.model import initial_weights, model_fingerprint, weights_sha256
 from fedmnist.partition import MANIFEST_FILE
 from fedmnist.seeds import training_seed, validation_seed
-from fedmnist.training import ClientTrainer, TrainConfig, validation_split
+from fedmnist.training import TrainConfig, make_trainer, validation_split
 
-CONFIG = TrainConfig(epochs=1, batch_size=32, mu=0.01, seed=7)
+CONFIG = TrainConfig(epochs=1, batch_size=32, mu=0.01, seed=7)  # the member's default optimizer: Adam, lr 1e-3
 CLIENT = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def trainer():
-    return ClientTrainer()
+    """The trainer ``run_local_training`` would build for CONFIG (the same for ``TrainConfig(epochs=1)``)."""
+    return make_trainer(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ def test_update_file_holds_the_metadata(from_file, round0_file, small_federation
     assert not update.bare
     assert update.metrics["test_accuracy"] == out.test.accuracy
     assert update.metrics["validation_examples"] == held_out
+    assert (update.metrics["optimizer"], update.metrics["learning_rate"]) == ("adam", 1e-3)
     for saved, trained in zip(update.weights, out.result.weights):
         assert np.array_equal(saved, trained)
     assert weights_sha256(update.weights) != start.sha256, "training must have moved the weights"
@@ -303,3 +305,12 @@ def test_invalid_config_is_refused(small_federation, out_dir):
     with pytest.raises(ConfigError, match="epochs"):
         run_local_training(CLIENT, small_federation, out_dir, TrainConfig(epochs=0))
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_trainer_built_for_other_settings_is_refused_before_training(small_federation, tmp_path):
+    from fedmnist.training import ClientTrainer
+
+    with pytest.raises(ConfigError, match="trainer passed in uses sgd"):
+        run_local_training(1, small_federation, tmp_path / "out", TrainConfig(epochs=1), None, None,
+                           ClientTrainer("sgd", 0.05, 0.9))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

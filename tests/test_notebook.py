@@ -11,10 +11,12 @@ import pytest
 from fedmnist.exchange import global_path, load_update, make_global, save_global
 from fedmnist.local import output_paths
 from fedmnist.model import initial_weights, model_fingerprint
+from fedmnist.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "local_training.ipynb"
-PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "EPOCHS", "BATCH_SIZE", "PROX_MU", "SEED", "OUT_DIR")
+PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "EPOCHS", "BATCH_SIZE", "OPTIMIZER", "LEARNING_RATE",
+              "MOMENTUM", "PROX_MU", "SEED", "OUT_DIR")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,20 @@ def test_parameter_defaults_are_the_course_defaults(notebook):
 
     # Assert
     assert namespace["GLOBAL_WEIGHTS"] is None and namespace["ROUND"] == 0
-    assert namespace["PROX_MU"] == 0.0 and namespace["SEED"] == 42
-    assert namespace["EPOCHS"] >= 1 and namespace["BATCH_SIZE"] >= 1 and namespace["CLIENT_ID"] >= 1
+    assert namespace["PROX_MU"] == 0.0 and namespace["SEED"] == 42 and namespace["CLIENT_ID"] >= 1
+    member = TrainConfig()  # the member's job: what fedmnist train does by default (Adam, lr 1e-3, E = 2, B = 32)
+    assert (namespace["EPOCHS"], namespace["BATCH_SIZE"]) == (member.epochs, member.batch_size)
+    assert (namespace["OPTIMIZER"], namespace["LEARNING_RATE"], namespace["MOMENTUM"]) == (
+        member.optimizer, member.learning_rate, member.momentum)
+
+
+def test_parameters_cell_is_plain_assignments_of_constants(notebook):
+    # Execute
+    body = ast.parse(code_cells(notebook)[0].source).body
+
+    # Assert: no logic in the cell papermill rewrites
+    for node in body:
+        assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant), ast.unparse(node)
 
 
 def test_notebook_is_committed_without_outputs(notebook):
@@ -80,7 +94,8 @@ def test_papermill_run_writes_the_four_files(tmp_path, small_federation, monkeyp
     papermill.execute_notebook(
         str(NOTEBOOK), str(executed), kernel_name="python3", cwd=str(REPO), progress_bar=False,
         parameters={"CLIENT_ID": 2, "DATA_DIR": str(small_federation), "GLOBAL_WEIGHTS": str(start_file),
-                    "ROUND": 0, "EPOCHS": 1, "BATCH_SIZE": 32, "PROX_MU": 0.01, "SEED": 42, "OUT_DIR": str(out_dir)},
+                    "ROUND": 0, "EPOCHS": 1, "BATCH_SIZE": 32, "OPTIMIZER": "sgd", "LEARNING_RATE": 0.05,
+                    "MOMENTUM": 0.9, "PROX_MU": 0.01, "SEED": 42, "OUT_DIR": str(out_dir)},
     )
 
     # Assert
@@ -91,7 +106,10 @@ def test_papermill_run_writes_the_four_files(tmp_path, small_federation, monkeyp
     assert update.start_sha256 == start.sha256
     assert update.fingerprint == model_fingerprint()
     assert update.mu == 0.01 and update.epochs == 1 and update.batch_size == 32
+    assert (update.metrics["optimizer"], update.metrics["learning_rate"]) == ("sgd", 0.05)  # the aggressive setting
     result = nbformat.read(executed, as_version=4)
     printed = "".join(out.get("text", "") for cell in code_cells(result) for out in cell.get("outputs", []))
     assert "pesos_cliente_2.pkl" in printed
+    shown = "".join(out.get("data", {}).get("text/plain", "") for cell in code_cells(result) for out in cell.outputs)
+    assert "optimizer='sgd', learning_rate=0.05, momentum=0.9, mu=0.01" in shown  # the config cell's repr
     assert not any(out.get("output_type") == "error" for cell in code_cells(result) for out in cell.outputs)

@@ -1,10 +1,13 @@
 """Tests for fedmnist.training: the proximal term, SCAFFOLD's correction, determinism, optimizer reset,
 config checks, no retrace."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmnist.config import TrainingConfig
 from fedmnist.data import normalize_images
 from fedmnist.errors import ConfigError
 from fedmnist.model import initial_weights, weight_spec
@@ -434,7 +437,50 @@ def test_train_config_validate_rejects(changes, fragment):
 
 def test_default_train_config_is_valid():
     TrainConfig().validate()
-    TrainConfig(epochs=1, batch_size=1, optimizer="adam", mu=0.0, validation_split=0.0).validate()
+    TrainConfig(epochs=1, batch_size=1, optimizer="sgd", mu=0.0, validation_split=0.0).validate()
+
+
+def test_member_job_defaults_to_keras_adam_while_the_shared_settings_keep_sgd():
+    # Execute
+    member, shared = TrainConfig(), TrainingConfig()
+
+    # Assert: the member's job is what a Keras user would write; the simulation's and Flower's base is unchanged
+    assert (member.optimizer, member.learning_rate, member.momentum) == ("adam", 1e-3, 0.0)
+    assert (member.epochs, member.batch_size, member.mu) == (2, 32, 0.0)
+    assert (shared.optimizer, shared.learning_rate, shared.momentum) == ("sgd", 0.05, 0.9)
+    assert isinstance(member, TrainingConfig)
+
+
+def test_train_config_keeps_the_shared_field_order():
+    # Prepare: fedmnist train builds its TrainConfig positionally
+    shared = [f.name for f in dataclasses.fields(TrainingConfig)]
+
+    # Execute
+    config = TrainConfig(2, 32, "sgd", 0.05, 0.9, 0.01, 0.1, 3)
+
+    # Assert
+    assert [f.name for f in dataclasses.fields(TrainConfig)][: len(shared)] == shared
+    assert (config.optimizer, config.learning_rate, config.momentum, config.mu, config.seed) == ("sgd", 0.05, 0.9,
+                                                                                                 0.01, 3)
+
+
+def test_default_member_job_trains_with_adam():
+    # Execute
+    trainer = make_trainer(TrainConfig())
+
+    # Assert
+    assert trainer.optimizer_name == "adam" and trainer.learning_rate == 1e-3 and trainer.momentum == 0.0
+    assert trainer.optimizer.__class__.__name__ == "Adam"
+
+
+def test_default_member_job_is_refused_by_scaffold():
+    # Prepare
+    config = TrainConfig()
+
+    # Execute / Assert: the default (Adam) needs the explicit SGD flags to run SCAFFOLD
+    with pytest.raises(ConfigError, match="SCAFFOLD needs plain SGD as the local optimizer, not 'adam'"):
+        check_scaffold_optimizer(config.optimizer, config.momentum)
+    check_scaffold_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.05).optimizer, TrainConfig().momentum)
 
 
 def test_trainer_rejects_unknown_optimizer():

@@ -399,8 +399,7 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
             _write_csv(out_dir / MCMAHAN_CSV, rows)
         if tuning_rows:
             _write_csv(out_dir / MCMAHAN_TUNING_CSV, tuning_rows)
-    for split, per_method in curves.items():
-        _plot_mcmahan(per_method, split, out_dir / f"mcmahan_{split}.png")
+        _plot_mcmahan(curves[split], split, out_dir / f"mcmahan_{split}.png")
     return rows
 
 
@@ -727,6 +726,16 @@ def _mean_spread(values: list[float]) -> str:
     return f"{arr.mean() * 100:.2f} ± {arr.std(ddof=1) * 100:.2f}"
 
 
+_SETTING_SYMBOLS = {"learning_rate": "η_l", "mu": "μ", "server_lr": "η_s", "server_momentum": "β", "tau": "τ",
+                    "beta_1": "β₁", "beta_2": "β₂"}
+
+
+def _settings_label(text: str) -> str:
+    """``learning_rate=0.2 mu=0.001`` as ``η_l = 0.2, μ = 0.001`` for the essay's tables."""
+    pairs = [item.split("=", 1) for item in text.split()]
+    return ", ".join(f"{_SETTING_SYMBOLS.get(k, k)} = {v}" for k, v in pairs) or "—"
+
+
 def _split_label(split: str) -> str:
     return {"iid": "IID", "shards": "patológica (2 fragmentos)"}.get(split, split)
 
@@ -792,18 +801,21 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             reached = " / ".join(r[f"rounds_to_{t}"] or "—" for t in (97, 98, 99))
-            lines.append(f"| {_split_label(r['split'])} | {method_label(r['method'])} | {r['settings']} | {reached} | "
-                         f"{r['mb_per_client_to_99'] or '—'} | {_pct(r['best_round_accuracy'])} | {r['rounds_run']} |")
+            mb = f"{float(r['mb_per_client_to_99']):.2f}" if r["mb_per_client_to_99"] else "—"
+            lines.append(f"| {_split_label(r['split'])} | {method_label(r['method'])} | {_settings_label(r['settings'])} | "
+                         f"{reached} | {mb} | {_pct(r['best_round_accuracy'])} | {r['rounds_run']} |")
         paper = {r["split"]: r["paper_rounds_to_99"] for r in rows}
-        tables["mcmahan"] = "\n".join(lines) + "\n\n— : no alcanzado en las rondas ejecutadas. Artículo (FedAvg, " \
-            "CNN de 1,66 M parámetros): " + ", ".join(f"{paper[s]} rondas {_split_label(s)}" for s in paper) + "."
+        tables["mcmahan"] = "\n".join(lines) + "\n\n— : no alcanzado en las rondas ejecutadas. MB por cliente: lo que " \
+            "sube el conjunto de los clientes hasta esa ronda (rondas × 10 respuestas × MB por respuesta) repartido " \
+            "entre los 100. Artículo (FedAvg, CNN de 1,66 M parámetros): " + \
+            ", ".join(f"{paper[s]} rondas {_split_label(s)}" for s in paper) + "."
     if (results_dir / MCMAHAN_TUNING_CSV).exists():
         rows = read_csv(results_dir / MCMAHAN_TUNING_CSV)
         lines = ["| partición | método | candidato | precisión de validación (%), media de las 2 últimas rondas | "
                  "elegido |", "|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {_split_label(r['split'])} ({r['tuning_rounds']} rondas) | {method_label(r['method'])} | "
-                         f"{r['settings']} | {_pct(r['score'])} | {'sí' if r['chosen'] == 'True' else ''} |")
+                         f"{_settings_label(r['settings'])} | {_pct(r['score'])} | {'sí' if r['chosen'] == 'True' else ''} |")
         tables["mcmahan_ajuste"] = "\n".join(lines)
     if (results_dir / PRIVACY_CSV).exists():
         rows = read_csv(results_dir / PRIVACY_CSV)

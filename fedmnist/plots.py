@@ -20,6 +20,12 @@ METHOD_LABELS = {
     "trimmed": "Media recortada",
     "krum": "Krum",
     "multikrum": "Multi-Krum",
+    "bulyan": "Bulyan",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "scaffold": "SCAFFOLD",
 }
 
 

@@ -21,8 +21,8 @@ from fedmnist.experiments import (
 REPO = Path(__file__).resolve().parents[1]
 ESSAY = REPO / "ensayo_aprendizaje_federado.md"
 RESULTS = REPO / "resultados"
-EXPECTED_TABLES = {"curso", "inicializacion", "heterogeneidad", "fedprox_mu", "ataques", "mcmahan", "privacidad",
-                   "privacidad_equipo"}
+EXPECTED_TABLES = {"curso", "inicializacion", "heterogeneidad", "fedprox_mu", "ataques", "mcmahan", "mcmahan_ajuste",
+                   "privacidad", "privacidad_equipo"}
 
 
 @pytest.fixture(scope="module")

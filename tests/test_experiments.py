@@ -150,7 +150,7 @@ def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap
     assert without_time(raised) == without_time(fresh)
     assert raised[0]["rounds_run"] == 2
     table = render_tables(tmp_path / "fresh")
-    assert "| IID | FedAvg | learning_rate=" in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
+    assert "| IID | FedAvg | η_l = " in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
     assert table["mcmahan_ajuste"].count("| sí |") == 1
 
 

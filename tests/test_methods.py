@@ -35,3 +35,10 @@ def test_methods_say_how_clients_train_and_call_the_pure_rules():
         np.testing.assert_array_equal(new[0], rule(results)[0])
         assert state == {}
     np.testing.assert_array_equal(methods["krum"].aggregate(None, results, {})[0][0], krum(results, 1)[0])
+
+
+def test_every_method_has_a_display_name_for_tables_and_figures():
+    from fedmnist.methods import available_methods
+    from fedmnist.plots import method_label
+
+    assert all(method_label(m) != m for m in available_methods())

@@ -37,7 +37,7 @@ from fedmnist.exchange import (
     save_global,
 )
 from fedmnist.io import OutputSet, check_writable_dir
-from fedmnist.methods import DEFAULT_MU, MethodConfig, build_methods, with_privacy
+from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods, with_privacy
 from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
 from fedmnist.outputs import json_text
 from fedmnist.partition import manifest_counts as partition_counts
@@ -263,8 +263,12 @@ def run_aggregation(
             except ValidationError as exc:
                 raise ValidationError(f"{_label_start(start)}: server state of {method.name}: {exc}") from None
             state.method_state[method.name] = start.state
-        elif method.initial_state():
-            notes.append(f"{method.name}: {_label_start(start)} carries no {method.name} state; it starts afresh")
+        elif method.initial_state() or method.name == SCAFFOLD:
+            notes.append(f"{method.name}: {_label_start(start)} carries no {method.name} state; it starts afresh"
+                         + (" (server control variate c = 0)" if method.name == SCAFFOLD else ""))
+    if SCAFFOLD in config.methods and not counts:
+        notes.append(f"SCAFFOLD without the federation manifest (--data-dir): N = the {len(replies)} members who sent "
+                     "updates; if some member did not, c is no longer the mean of every member's c_i")
     evaluator = evaluator or ClientTrainer()
     server = Server(built, state, lambda w: evaluate(evaluator, w, x_test, y_test), counts, max_count_ratio)
     round_ = start.round + 1

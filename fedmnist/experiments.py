@@ -47,7 +47,7 @@ MCMAHAN_TARGETS = (0.97, 0.98, 0.99)
 MCMAHAN_METHODS = ("fedavg", "fedprox", "fedmed", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 MCMAHAN_GRID: dict[str, dict[str, tuple[float, ...]]] = {
     # FedAvg's local rate first; the others keep it and tune their own parameter
-    "fedavg": {"learning_rate": (0.05, 0.1, 0.2, 0.4)},
+    "fedavg": {"learning_rate": (0.025, 0.05, 0.1, 0.2, 0.4)},
     "fedprox": {"mu": (0.001, 0.01, 0.1)},
     "fedavgm": {"server_momentum": (0.3, 0.5, 0.7)},
     "fedadam": {"server_lr": (0.003, 0.01, 0.03, 0.1)},
@@ -249,7 +249,7 @@ def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = F
             load_checkpoint(out_dir / CHECKPOINT_FILE, config,
                             prepare_federation(config.federation, config.seed, mnist=mnist).sha256)
         except ConfigError as exc:
-            log.info("not resuming: %s", exc)
+            log.warning("not resuming %s, starting it afresh: %s", out_dir, exc)
             resume = False
     result = run_simulation(config, out_dir=out_dir, progress=False, resume=resume, trainer=trainer,
                             mnist=mnist, workers=WORKERS.get("workers"))

@@ -435,8 +435,13 @@ def train(msg: Message, context: Context) -> Message:
     reply = ConfigRecord({"start-sha256": weights_sha256(start)})
     content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(values), "reply": reply})
     if server_control is not None:  # SCAFFOLD: c_i⁺ from the honest training, kept for this node's next round
+        from fedmnist.scaffold import ScaffoldError, all_finite
+
         new_control, delta = client_control_update(start, result.weights, server_control, own_control,
                                                    result.num_steps, config.learning_rate)
+        if not all_finite(new_control, delta):  # diverged: keep c_i, fail this node's round
+            raise ScaffoldError(f"client {client_id}: the local training diverged (non-finite SCAFFOLD control "
+                                "variate); this node keeps its previous c_i")
         content[CONTROL_DELTA_KEY] = weights_to_record(delta)
         context.state[STATE_CONTROL_KEY] = weights_to_record(new_control)
     return Message(content=content, reply_to=msg)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.data import client_file, common_test_file, load_partition
-from fedmnist.errors import ConfigError, DataError, UpdateFileError
+from fedmnist.errors import ConfigError, DataError, UpdateFileError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate
 from fedmnist.exchange import (
     ClientControl,
@@ -173,10 +173,15 @@ class MemberControls:
     def advance(self, start: GlobalWeights, result: TrainResult, learning_rate: float
                 ) -> tuple[ClientControl, list[np.ndarray]]:
         """Option II's ``(c_i⁺, Δc_i)`` after the training ``result``; ``c_i⁺`` wrapped for the control file."""
-        from fedmnist.scaffold import client_control_update
+        from fedmnist.scaffold import all_finite, client_control_update
 
         new, delta = client_control_update(start.weights, result.weights, self.server, self.own,
                                            result.num_steps, learning_rate)
+        if not all_finite(new, delta):
+            raise ValidationError(
+                f"client {self.client_id}: the local training diverged (non-finite SCAFFOLD control variate); "
+                f"nothing was written and {self.path} keeps its previous c_i: lower --lr and train again"
+            )
         return ClientControl(self.client_id, self.round, new, self.own), delta
 
 
@@ -191,16 +196,22 @@ def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, p
     UpdateFileError
         A control file or a server control variate that is not this client's or not the CNN's.
     """
-    from fedmnist.errors import ValidationError
     from fedmnist.methods import SCAFFOLD, MethodConfig, build_method
     from fedmnist.scaffold import zero_controls
     from fedmnist.training import check_scaffold_optimizer
 
     if not requested and start.method != SCAFFOLD:
         return None
-    check_scaffold_optimizer(config.optimizer, config.momentum)
+    try:
+        check_scaffold_optimizer(config.optimizer, config.momentum)
+    except ConfigError as exc:
+        why = "--scaffold was given" if requested else f"{start.path} comes from a SCAFFOLD aggregation"
+        raise ConfigError(f"{exc}. SCAFFOLD is on because {why}: train with --optimizer sgd --momentum 0 "
+                          "and an SGD --lr such as 0.05") from None
     if dp_clip is not None:
         raise ConfigError("SCAFFOLD cannot be combined with --dp-clip: DP-FedAvg runs with FedAvg or FedProx only")
+    if start.method == SCAFFOLD and not start.state:
+        log.warning("%s comes from SCAFFOLD but carries no server control variate: c = 0", start.path)
     if start.method == SCAFFOLD and start.state:
         try:  # the server's own check of a SCAFFOLD state: exactly {"control": arrays like the weights}
             build_method(SCAFFOLD, MethodConfig((SCAFFOLD,))).check_state(start.state, start.weights)
@@ -235,7 +246,7 @@ def run_local_training(
     dp_clip: float | None = None,
     scaffold: bool = False,
 ) -> LocalTrainingOutput:
-    """Train client ``client_id`` and write its four files to ``out_dir``.
+    """Train client ``client_id`` and write its four files to ``out_dir`` (five with SCAFFOLD's control file).
 
     The output directory is checked writable and all inputs are loaded and checked before any
     training; the four files appear together (``fedmnist.io.OutputSet``) or not at all. With

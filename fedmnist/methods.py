@@ -98,8 +98,9 @@ class MethodConfig:
             if getattr(self, name) is not None and not any(m in users for m in self.methods):
                 raise ConfigError(f"{name.replace('_', '-')} is set but no method uses it "
                                   f"(it is a parameter of {', '.join(users)})")
-        if SCAFFOLD in self.methods and self.server_lr is not None and not (
-                isinstance(self.server_lr, (int, float)) and math.isfinite(self.server_lr) and self.server_lr > 0):
+        if SCAFFOLD in self.methods and self.server_lr is not None and (
+                isinstance(self.server_lr, bool) or not isinstance(self.server_lr, (int, float))
+                or not math.isfinite(self.server_lr) or self.server_lr <= 0):
             raise ConfigError(f"SCAFFOLD's server learning rate must be > 0 (got {self.server_lr!r})")
         for method in optimizers:
             self.optimizer(method)

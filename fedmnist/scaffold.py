@@ -63,6 +63,11 @@ def check_controls(controls: object, weights: Arrays, what: str = "control varia
             raise ScaffoldError(f"{what}, layer {j}: non-finite values")
 
 
+def all_finite(*arrays: Arrays) -> bool:
+    """Whether every array of every list is finite (a diverged training gives NaN controls)."""
+    return all(np.isfinite(a).all() for group in arrays for a in group)
+
+
 def correction(global_control: Arrays, client_control: Arrays) -> list[np.ndarray]:
     """``c − c_i``, the term SCAFFOLD adds to every local gradient of client ``i``."""
     _check_pairs(global_control, client_control, "the client control variate", "the server control variate")

@@ -216,9 +216,9 @@ PRESETS: dict[str, SimulationConfig] = {
     # McMahan et al. 2017, CNN on MNIST: 100 clients of 600 images, C = 0.1, E = 5, B = 10, plain SGD
     # (lr 0.05 without momentum is our choice; the paper tunes it). FedAvg reached 99% in about 20
     # rounds IID and 229 with the pathological non-IID split (2 shards of 300) (their Table 2).
-    # One round takes about 30-33 s of local training per method on 2 CPU cores (plus ~2.5 s to
-    # evaluate on the 10,000 test images; resultados/simulaciones/mcmahan_*), so pass --methods to pick
-    # what to compare.
+    # One round takes about 25 s of local training per method in one process on 2 CPU cores, 10-20 s with
+    # --workers 2 (plus ~0.6 s to evaluate on the 10,000 test images; resultados/simulaciones/mcmahan_*),
+    # so pass --methods to pick what to compare.
     "mcmahan-iid": _MCMAHAN,
     "mcmahan-noniid": _MCMAHAN.replace(partition="shards", shards_per_client=2, rounds=300),
 }
@@ -288,8 +288,8 @@ class ClientControls:
     """SCAFFOLD's control variates of one method's round: the server's ``c`` and the simulated clients'
     own ``c_i`` (client id -> arrays, absent = zeros), which ``collect_replies`` advances in place.
 
-    Memory: one model copy (about 1.7 MB for the course's CNN) per client that has trained so far, so
-    up to ~170 MB for 100 clients and ~1.7 GB for 1,000, all saved in every round's checkpoint.
+    Memory: one model copy (1.56 MB for the course's CNN) per client that has trained so far, so up to
+    ~156 MB for 100 clients and ~1.56 GB for 1,000, all saved in every round's checkpoint.
     """
 
     server: list[np.ndarray]
@@ -326,10 +326,12 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
     With ``clip`` (client-side DP-FedAvg) an honest client clips its update to that L2 norm and reports
     whether it was within it (Andrew et al.'s bit); model-poisoning attackers then replace their
     update. With ``controls`` (SCAFFOLD) each client computes its new ``c_i`` from its honest training
-    (option II), keeps it in ``controls.clients`` and sends ``Δc_i``. A client whose training failed
-    (its worker died) is returned in the failures, named.
+    (option II), keeps it in ``controls.clients`` and sends ``Δc_i``, whether or not the server then
+    accepts the reply (a real client cannot know); model-poisoning attackers replace their weights but
+    send the honest ``Δc_i``. A client whose training failed (its worker died, or SCAFFOLD's control
+    variate came out non-finite) is returned in the failures, named, and keeps its ``c_i``.
     """
-    from fedmnist.scaffold import client_control_update
+    from fedmnist.scaffold import all_finite, client_control_update
 
     threat = config.threat
     replies, failed = [], {}
@@ -340,8 +342,15 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
         client_id, weights, metrics = outcome.client_id, outcome.weights, {}
         control_delta = None
         if controls is not None:
-            controls.clients[client_id], control_delta = client_control_update(
+            new_control, control_delta = client_control_update(
                 start, weights, controls.server, controls.own(client_id), outcome.num_steps, controls.learning_rate)
+            if not all_finite(new_control, control_delta):
+                # a diverged training: the client keeps its c_i and sends nothing (a real client would not
+                # overwrite its state with NaN either)
+                failed[f"client {client_id}"] = ("its training diverged: non-finite SCAFFOLD control variate; "
+                                                 "it keeps its previous c_i")
+                continue
+            controls.clients[client_id] = new_control
         attacked = client_id in malicious
         if clip is not None and not attacked:
             from fedmnist.privacy import clip_client_weights

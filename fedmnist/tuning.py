@@ -80,7 +80,9 @@ class Trial:
 
 
 def best(trials: Sequence[Trial]) -> Trial:
-    """The trial with the highest score (NaN scores lose; the first of equal scores wins)."""
+    """The trial with the highest score (NaN scores lose; the first of equal scores wins); ConfigError if none has one."""
     if not trials:
         raise ConfigError("no tuning trial to choose from")
+    if all(math.isnan(t.score) for t in trials):
+        raise ConfigError(f"every tuning trial of {trials[0].method} has no validation score")
     return max(trials, key=lambda t: -math.inf if math.isnan(t.score) else t.score)

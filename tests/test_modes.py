@@ -248,3 +248,32 @@ def test_scaffold_member_needs_plain_sgd(scaffold_member, tmp_path, capsys):
                  "--momentum", "0.9", "--scaffold", "--out", str(tmp_path)])
 
     assert code != 0 and "without momentum" in capsys.readouterr().err
+
+
+def test_a_diverged_scaffold_member_writes_nothing(scaffold_member, tmp_path, capsys):
+    from fedmnist.cli import main
+
+    data, _ = scaffold_member
+    out = tmp_path / "miembro"
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+                 "--momentum", "0", "--lr", "1e30", "--validation-split", "0", "--scaffold", "--out", str(out)])
+
+    assert code != 0 and "diverged" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_scaffold_switched_on_by_the_round_file_names_it_when_the_optimizer_does_not_fit(scaffold_member, tmp_path,
+                                                                                      capsys):
+    from fedmnist.cli import main
+    from fedmnist.exchange import global_path, make_global, save_global
+    from fedmnist.model import initial_weights
+
+    data, _ = scaffold_member
+    start = make_global(initial_weights(SEED), 1, "scaffold", SEED, state={"control": [np.zeros_like(w) for w in
+                                                                                    initial_weights(SEED)]})
+    save_global(global_path(tmp_path, 1), start)
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--global-weights", str(global_path(tmp_path, 1)),
+                 "--epochs", "1", "--out", str(tmp_path / "m")])
+
+    err = capsys.readouterr().err
+    assert code != 0 and "pesos_globales_ronda_1.pkl comes from a SCAFFOLD aggregation" in err and "--optimizer sgd" in err

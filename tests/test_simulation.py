@@ -694,3 +694,17 @@ def test_tampered_scaffold_checkpoint_is_refused(raw_mnist, tmp_path, scaffold_t
 def test_scaffold_config_refuses_what_its_control_variates_cannot_handle(settings, fragment):
     with pytest.raises(ConfigError, match=fragment):
         SimulationConfig.create(**{**SCAFFOLD_SETTINGS, **settings}).validate()
+
+
+def test_a_diverged_scaffold_client_fails_its_round_and_keeps_its_control(raw_mnist, tmp_path):
+    # lr 1e30 makes every local training blow up: the weights and controls would be NaN or infinite
+    config = SimulationConfig.create(**{**SCAFFOLD_SETTINGS, "rounds": 1, "learning_rate": 1e30})
+
+    result = run_simulation(config, out_dir=tmp_path, progress=False, mnist=raw_mnist)
+
+    record = result.metrics["scaffold"][0]
+    assert record.num_replies == 0 and len(record.failed) == 2
+    assert all("diverged" in f and "previous c_i" in f for f in record.failed)
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE, config.replace(rounds=2),
+                            prepare_federation(config.federation, config.seed, mnist=raw_mnist).sha256)
+    assert state.client_state.get("scaffold", {}) == {}

@@ -55,3 +55,5 @@ def test_score_averages_the_last_evaluated_rounds_and_best_ignores_nan():
     assert best(trials).settings == {"lr": 2}  # first of equals
     with pytest.raises(ConfigError):
         best([])
+    with pytest.raises(ConfigError, match="no validation score"):
+        best(trials[:1])

@@ -16,7 +16,7 @@ from fedmnist.training import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "local_training.ipynb"
 PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "EPOCHS", "BATCH_SIZE", "OPTIMIZER", "LEARNING_RATE",
-              "MOMENTUM", "PROX_MU", "SEED", "OUT_DIR")
+              "MOMENTUM", "PROX_MU", "SCAFFOLD", "SEED", "OUT_DIR")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def test_parameter_defaults_are_the_course_defaults(notebook):
     # Assert
     assert namespace["GLOBAL_WEIGHTS"] is None and namespace["ROUND"] == 0
     assert namespace["PROX_MU"] == 0.0 and namespace["SEED"] == 42 and namespace["CLIENT_ID"] >= 1
+    assert namespace["SCAFFOLD"] is False
     member = TrainConfig()  # the member's job: what fedmnist train does by default (Adam, lr 1e-3, E = 2, B = 32)
     assert (namespace["EPOCHS"], namespace["BATCH_SIZE"]) == (member.epochs, member.batch_size)
     assert (namespace["OPTIMIZER"], namespace["LEARNING_RATE"], namespace["MOMENTUM"]) == (
@@ -113,3 +114,23 @@ def test_papermill_run_writes_the_four_files(tmp_path, small_federation, monkeyp
     shown = "".join(out.get("data", {}).get("text/plain", "") for cell in code_cells(result) for out in cell.outputs)
     assert "optimizer='sgd', learning_rate=0.05, momentum=0.9, mu=0.01" in shown  # the config cell's repr
     assert not any(out.get("output_type") == "error" for cell in code_cells(result) for out in cell.outputs)
+
+
+@pytest.mark.slow
+def test_papermill_run_with_scaffold_writes_the_members_control_file(small_federation, tmp_path, monkeypatch):
+    import papermill
+
+    from fedmnist.exchange import control_path, load_control
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    out_dir = tmp_path / "salida"
+
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "salida.ipynb"), kernel_name="python3", cwd=str(REPO), progress_bar=False,
+        parameters={"CLIENT_ID": 1, "DATA_DIR": str(small_federation), "EPOCHS": 1, "OPTIMIZER": "sgd",
+                    "LEARNING_RATE": 0.05, "MOMENTUM": 0.0, "SCAFFOLD": True, "OUT_DIR": str(out_dir)},
+    )
+
+    assert load_update(output_paths(out_dir, 1)["update"]).control_delta is not None
+    assert load_control(control_path(out_dir, 1), 1).round == 1

@@ -65,7 +65,9 @@ class DriftGrid:
         if not self.epochs or any(e < 1 for e in self.epochs) or not self.mu_grid or min(self.mu_grid) <= 0:
             raise ConfigError("the drift grid needs local epochs >= 1 and FedProx coefficients mu > 0")
         if not 0 <= self.barrier_pairs <= self.clients // 2:
-            raise ConfigError(f"{self.barrier_pairs} disjoint pairs cannot be drawn from {self.clients} clients")
+            raise ConfigError(
+                f"{self.barrier_pairs} disjoint pairs cannot be drawn from {self.clients} clients"
+            )
         for label in self.partitions:
             partition_settings(label)
 
@@ -89,8 +91,11 @@ class _Cache:
             except (OSError, ValueError) as exc:
                 log.warning("ignoring the drift cache %s: %s", path, exc)
                 return
-            if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint and isinstance(
-                    saved.get("blocks"), dict):
+            if (
+                isinstance(saved, dict)
+                and saved.get("fingerprint") == fingerprint
+                and isinstance(saved.get("blocks"), dict)
+            ):
                 self.blocks = saved["blocks"]
             else:
                 log.info("the drift cache %s comes from other settings or data: starting afresh", path)
@@ -103,8 +108,10 @@ class _Cache:
 
         self.blocks[key] = block
         if self.path is not None:
-            atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "blocks": self.blocks},
-                                                    allow_nan=True) + "\n")
+            atomic_write_text(
+                self.path,
+                json.dumps({"fingerprint": self.fingerprint, "blocks": self.blocks}, allow_nan=True) + "\n",
+            )
 
 
 def optimizer_key(optimizer: tuple[str, float, float]) -> str:
@@ -113,8 +120,14 @@ def optimizer_key(optimizer: tuple[str, float, float]) -> str:
     return f"{name}_lr{lr:g}_m{momentum:g}"
 
 
-def run_drift_grid(grid: DriftGrid, mnist, make_executor: Callable, evaluator, say: Callable[[str], None],
-                   cache: Path | None = None) -> tuple[list[dict], list[dict]]:
+def run_drift_grid(
+    grid: DriftGrid,
+    mnist,
+    make_executor: Callable,
+    evaluator,
+    say: Callable[[str], None],
+    cache: Path | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Run the grid; return one row per (seed, optimiser, partition, epochs) and the μ tuning rows.
 
     ``make_executor(WorkerData, TrainerSettings)`` gives the executor the trainings and test
@@ -130,8 +143,10 @@ def run_drift_grid(grid: DriftGrid, mnist, make_executor: Callable, evaluator, s
 
     tuning = validation_split(mnist, grid.validation_size, grid.seeds[0])
     if grid.train_subset > tuning.y_train.size:
-        raise ConfigError(f"the drift grid asks for {grid.train_subset} training images, but only "
-                          f"{tuning.y_train.size} remain after the validation hold-out")
+        raise ConfigError(
+            f"the drift grid asks for {grid.train_subset} training images, but only "
+            f"{tuning.y_train.size} remain after the validation hold-out"
+        )
     x_pool, y_pool = tuning.x_train[: grid.train_subset], tuning.y_train[: grid.train_subset]
     validation = (normalize_images(tuning.x_test), tuning.y_test)
     store = _Cache(cache, _fingerprint(grid, mnist))
@@ -139,16 +154,24 @@ def run_drift_grid(grid: DriftGrid, mnist, make_executor: Callable, evaluator, s
     for label in grid.partitions:
         settings = partition_settings(label)
         for seed in grid.seeds:
-            split = PartitionConfig(settings["partition"], grid.clients, settings.get("alpha", 0.5),
-                                    settings.get("shards_per_client", 2), seed)
+            split = PartitionConfig(
+                settings["partition"],
+                grid.clients,
+                settings.get("alpha", 0.5),
+                settings.get("shards_per_client", 2),
+                seed,
+            )
             for k, idx in enumerate(partition(y_pool, split), start=1):
                 clients.append(idx)
                 ids[label, seed, k] = len(clients)
     data = WorkerData(x_pool, y_pool, tuple(clients), normalize_images(mnist.x_test), mnist.y_test)
     rows, tuning_rows = [], []
     for optimizer in grid.optimizers:
-        keys = {(label, seed): f"{optimizer_key(optimizer)}|{label}|{seed}"
-                for label in grid.partitions for seed in grid.seeds}
+        keys = {
+            (label, seed): f"{optimizer_key(optimizer)}|{label}|{seed}"
+            for label in grid.partitions
+            for seed in grid.seeds
+        }
         missing = [k for k in keys.values() if store.get(k) is None]
         executor = make_executor(data, TrainerSettings(*optimizer)) if missing else None
         try:
@@ -159,8 +182,16 @@ def run_drift_grid(grid: DriftGrid, mnist, make_executor: Callable, evaluator, s
                     block = store.get(key)
                     if block is None:
                         t0 = time.perf_counter()
-                        block = _run_block(grid, executor, ids, label, seed, optimizer, chosen,
-                                           lambda w: evaluate(evaluator, w, *validation).accuracy)
+                        block = _run_block(
+                            grid,
+                            executor,
+                            ids,
+                            label,
+                            seed,
+                            optimizer,
+                            chosen,
+                            lambda w: evaluate(evaluator, w, *validation).accuracy,
+                        )
                         block["seconds"] = round(time.perf_counter() - t0, 1)
                         for row in block["rows"]:
                             row["block_seconds"] = block["seconds"]
@@ -175,8 +206,16 @@ def run_drift_grid(grid: DriftGrid, mnist, make_executor: Callable, evaluator, s
     return rows, tuning_rows
 
 
-def _run_block(grid: DriftGrid, executor, ids: dict, label: str, seed: int, optimizer: tuple[str, float, float],
-               chosen: dict[int, float], validation_accuracy: Callable) -> dict:
+def _run_block(
+    grid: DriftGrid,
+    executor,
+    ids: dict,
+    label: str,
+    seed: int,
+    optimizer: tuple[str, float, float],
+    chosen: dict[int, float],
+    validation_accuracy: Callable,
+) -> dict:
     """One (optimiser, partition, seed) block: every epoch count, plain and FedProx clients, measured.
 
     ``chosen`` maps epochs to μ; empty for the first seed, whose block tries every μ on validation
@@ -194,25 +233,46 @@ def _run_block(grid: DriftGrid, executor, ids: dict, label: str, seed: int, opti
     tuning = not chosen
 
     def batch(epochs: int, mu: float):
-        return executor.submit([ClientTask(ids[label, seed, k], start, mu, training_seed(seed, 1, k), epochs,
-                                           grid.batch_size) for k in ks])
+        return executor.submit(
+            [
+                ClientTask(ids[label, seed, k], start, mu, training_seed(seed, 1, k), epochs, grid.batch_size)
+                for k in ks
+            ]
+        )
 
-    pending = {e: {"plain": batch(e, 0.0),
-                   "prox": {mu: batch(e, mu) for mu in (grid.mu_grid if tuning else (chosen[e],))}}
-               for e in grid.epochs}
+    pending = {
+        e: {
+            "plain": batch(e, 0.0),
+            "prox": {mu: batch(e, mu) for mu in (grid.mu_grid if tuning else (chosen[e],))},
+        }
+        for e in grid.epochs
+    }
     rows, tuning_rows, mus = [], [], {}
     for epochs in grid.epochs:
         plain = task_outcomes(pending[epochs]["plain"])
         locals_ = [o.weights for o in plain]
         prox = {mu: task_outcomes(p) for mu, p in pending[epochs]["prox"].items()}
-        averages = {mu: weighted_average([(o.weights, o.num_examples) for o in outcomes])
-                    for mu, outcomes in prox.items()}
+        averages = {
+            mu: weighted_average([(o.weights, o.num_examples) for o in outcomes])
+            for mu, outcomes in prox.items()
+        }
         if tuning:
             scores = {mu: float(validation_accuracy(w)) for mu, w in averages.items()}
             mu = max(scores, key=lambda m: (scores[m], -list(scores).index(m)))  # first of equals
-            tuning_rows += [{"optimizer": optimizer[0], "learning_rate": optimizer[1], "momentum": optimizer[2],
-                             "partition": label, "epochs": epochs, "mu": m,
-                             "validation_images": grid.validation_size, "validation_accuracy": s, "chosen": m == mu} for m, s in scores.items()]
+            tuning_rows += [
+                {
+                    "optimizer": optimizer[0],
+                    "learning_rate": optimizer[1],
+                    "momentum": optimizer[2],
+                    "partition": label,
+                    "epochs": epochs,
+                    "mu": m,
+                    "validation_images": grid.validation_size,
+                    "validation_accuracy": s,
+                    "chosen": m == mu,
+                }
+                for m, s in scores.items()
+            ]
         else:
             mu = chosen[epochs]
         mus[epochs] = mu
@@ -220,26 +280,47 @@ def _run_block(grid: DriftGrid, executor, ids: dict, label: str, seed: int, opti
         models = [*locals_, fedavg, averages[mu]]
         evaluations = [executor.submit_evaluation(w) for w in models]
         pairs = [(locals_[2 * i], locals_[2 * i + 1]) for i in range(grid.barrier_pairs)]
-        segments = [executor.submit([EvalTask(interpolate(a, b, t), 0, grid.barrier_images)
-                                     for t in np.linspace(0.0, 1.0, SEGMENT_POINTS)]) for a, b in pairs]
+        segments = [
+            executor.submit(
+                [
+                    EvalTask(interpolate(a, b, t), 0, grid.barrier_images)
+                    for t in np.linspace(0.0, 1.0, SEGMENT_POINTS)
+                ]
+            )
+            for a, b in pairs
+        ]
         scores = [e.result() for e in evaluations]
         barriers = [barrier([part.loss for part in task_outcomes(s)]) for s in segments]
         local_acc = [s.accuracy for s in scores[: len(locals_)]]
-        rows.append({
-            "seed": seed, "partition": label, "optimizer": optimizer[0], "learning_rate": optimizer[1],
-            "momentum": optimizer[2], "epochs": epochs, "batch_size": grid.batch_size, "clients": grid.clients,
-            "images_per_client": float(np.mean([o.num_examples for o in plain])),
-            "local_steps": float(np.mean([o.num_steps for o in plain])),
-            "update_norm": float(np.mean(update_norms(start, locals_))),
-            "update_cosine": float(np.mean(update_cosines(start, locals_))),
-            "barrier": float(np.mean(barriers)) if barriers else float("nan"),
-            "barrier_images": grid.barrier_images, "test_images": int(scores[-1].num_examples),
-            "locals_accuracy": float(np.mean(local_acc)), "locals_accuracy_min": float(np.min(local_acc)),
-            "locals_loss": float(np.mean([s.loss for s in scores[: len(locals_)]])),
-            "fedavg_accuracy": float(scores[-2].accuracy), "fedavg_loss": float(scores[-2].loss),
-            "mu": mu, "fedprox_accuracy": float(scores[-1].accuracy), "fedprox_loss": float(scores[-1].loss),
-            "fedprox_update_norm": float(np.mean(update_norms(start, [o.weights for o in prox[mu]]))),
-            "train_task_seconds": round(sum(o.seconds for o in plain) + sum(o.seconds for p in prox.values()
-                                                                            for o in p), 1),
-        })
+        rows.append(
+            {
+                "seed": seed,
+                "partition": label,
+                "optimizer": optimizer[0],
+                "learning_rate": optimizer[1],
+                "momentum": optimizer[2],
+                "epochs": epochs,
+                "batch_size": grid.batch_size,
+                "clients": grid.clients,
+                "images_per_client": float(np.mean([o.num_examples for o in plain])),
+                "local_steps": float(np.mean([o.num_steps for o in plain])),
+                "update_norm": float(np.mean(update_norms(start, locals_))),
+                "update_cosine": float(np.mean(update_cosines(start, locals_))),
+                "barrier": float(np.mean(barriers)) if barriers else float("nan"),
+                "barrier_images": grid.barrier_images,
+                "test_images": int(scores[-1].num_examples),
+                "locals_accuracy": float(np.mean(local_acc)),
+                "locals_accuracy_min": float(np.min(local_acc)),
+                "locals_loss": float(np.mean([s.loss for s in scores[: len(locals_)]])),
+                "fedavg_accuracy": float(scores[-2].accuracy),
+                "fedavg_loss": float(scores[-2].loss),
+                "mu": mu,
+                "fedprox_accuracy": float(scores[-1].accuracy),
+                "fedprox_loss": float(scores[-1].loss),
+                "fedprox_update_norm": float(np.mean(update_norms(start, [o.weights for o in prox[mu]]))),
+                "train_task_seconds": round(
+                    sum(o.seconds for o in plain) + sum(o.seconds for p in prox.values() for o in p), 1
+                ),
+            }
+        )
     return {"rows": rows, "tuning": tuning_rows, "mu": {str(e): m for e, m in mus.items()}}

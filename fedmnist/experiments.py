@@ -2,8 +2,16 @@
 
 ``fedmnist experiments --profile quick|full --out resultados`` runs every experiment of the essay
 on the real MNIST with the shared CNN, the same seed and initial weights for every method, and writes
-small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions).
-``render_tables`` turns those files into the Markdown tables the essay quotes; a test checks that
+small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions, seconds).
+
+The course flow, the drift grid (``fedmnist.drift_grid``), the heterogeneity, FedProx-μ and attack
+experiments repeat every run over the profile's seeds and keep one CSV row per seed; their tables
+(``fedmnist.result_tables``) give the mean with a 95 % Student-t interval across seeds and paired
+comparisons (``fedmnist.stats``), their figures (``fedmnist.figures``) the same. FedProx's μ is
+chosen on a validation split of the training set for every setting, never on the test set. Every
+multi-round run lives in its own ``simulaciones/<name>`` directory and continues its checkpoint
+(the drift grid its finished blocks), so an interrupted command picks up where it stopped.
+``render_tables`` turns the files into the Markdown tables the essay quotes; a test checks that
 the essay's tables equal what the committed files give.
 """
 
@@ -106,11 +114,12 @@ class Profile:
         ("iid", "signflip", 2), ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "gaussian", 2),
         ("dirichlet_0.3", "signflip", 2))
     """(partition, attack or ``none``, malicious clients) of every attack run."""
-    attack_methods: tuple[str, ...] = ("fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum", "bulyan")
+    attack_methods: tuple[str, ...] = (
+        "fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum", "bulyan")
     attack_clients: int = 12
     """Clients of the attack runs, all in every round: Bulyan needs at least 4f + 3 of them."""
     attack_krum_f: int = 2
-    """f (attackers tolerated) of Krum, Multi-Krum and Bulyan in every attack run, with or without attackers."""
+    """f (attackers tolerated) of Krum, Multi-Krum and Bulyan in every attack run, attackers or not."""
     attack_rounds: int = 20
     attack_train_subset: int = 4_800
     attack_eval_every: int = 5
@@ -158,7 +167,8 @@ class Profile:
             seeds = getattr(self, name)
             if not seeds or len(set(seeds)) != len(seeds) or not all(
                     isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-                raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 (got {seeds!r})")
+                raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
+                                  f"(got {seeds!r})")
         for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
                      "attack_eval_every", "drift_clients", "drift_barrier_images", "course_epochs"):
             value = getattr(self, name)
@@ -167,7 +177,8 @@ class Profile:
         for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
             grid = getattr(self, name)
             if not grid or not all(isinstance(m, (int, float)) and m > 0 for m in grid):
-                raise ConfigError(f"profile {self.name}: {name} needs FedProx coefficients μ > 0 (got {grid!r})")
+                raise ConfigError(f"profile {self.name}: {name} needs FedProx coefficients μ > 0 "
+                                  f"(got {grid!r})")
         if not self.drift_epochs or not self.drift_optimizers or not self.drift_partitions:
             raise ConfigError(f"profile {self.name}: the drift grid needs epochs, optimizers and partitions")
         if not 0 <= self.drift_barrier_pairs <= self.drift_clients // 2:
@@ -178,8 +189,9 @@ class Profile:
             partition_settings(label)
         for partition, attack, count in self.attack_cases:
             if (attack == "none") != (count == 0) or (attack != "none" and attack not in ATTACKS):
-                raise ConfigError(f"profile {self.name}: attack case ({partition}, {attack}, {count}) must be "
-                                  f"('none', 0) or an attack of {', '.join(ATTACKS)} with at least one attacker")
+                raise ConfigError(f"profile {self.name}: attack case ({partition}, {attack}, {count}) must "
+                                  f"be ('none', 0) or an attack of {', '.join(ATTACKS)} with at least one "
+                                  "attacker")
         if "bulyan" in self.attack_methods and self.attack_clients < 4 * self.attack_krum_f + 3:
             raise ConfigError(f"profile {self.name}: Bulyan with f = {self.attack_krum_f} needs at least "
                               f"{4 * self.attack_krum_f + 3} attack_clients (got {self.attack_clients})")
@@ -189,10 +201,12 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick", seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), validation_size=1_000, course_epochs=1,
         course_train_subset=3_000, course_test_subset=1_000, course_mu_grid=(0.01, 0.1), clients=5,
-        train_subset=1_500, rounds=2, partitions=("iid", "shards_2"), mu_grid=(0.01, 0.1), prox_mus=(0.0, 0.1),
-        attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)), attack_methods=("fedavg", "fedmed", "bulyan"),
+        train_subset=1_500, rounds=2, partitions=("iid", "shards_2"), mu_grid=(0.01, 0.1),
+        prox_mus=(0.0, 0.1), attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)),
+        attack_methods=("fedavg", "fedmed", "bulyan"),
         attack_clients=7, attack_krum_f=1, attack_rounds=2, attack_train_subset=1_400, attack_eval_every=1,
-        drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500, drift_optimizers=(("adam", 1e-3, 0.0),),
+        drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
+        drift_optimizers=(("adam", 1e-3, 0.0),),
         drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1),), mcmahan_methods=("fedavg",), mcmahan_grid={},
         dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
@@ -246,7 +260,7 @@ def _executor(data, settings):
 
 
 def task_outcomes(pending) -> list:
-    """The outcomes of a submitted batch of tasks; a task that failed (its worker died) stops the run, named."""
+    """The outcomes of a submitted batch of tasks; a failed task (its worker died) stops the run, named."""
     from fedmnist.workers import TaskFailure, WorkerError
 
     outcomes = pending.result()
@@ -311,10 +325,12 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     for seed in profile.seeds:
         for k, idx in enumerate(partition(y_all[:n_train], PartitionConfig("iid", 5, seed=seed)), start=1):
             members[seed, k] = add(_fit_part(idx, plain.validation_split, validation_seed(seed, k)))
-        members[seed, 0] = add(_fit_part(np.arange(n_train), plain.validation_split, validation_seed(seed, 0)))
+        everyone = np.arange(n_train)
+        members[seed, 0] = add(_fit_part(everyone, plain.validation_split, validation_seed(seed, 0)))
     tuning_parts = partition(tuning.y_train, PartitionConfig("iid", 5, seed=seed0))
     for k, idx in enumerate(tuning_parts, start=1):
-        members["tuning", k] = add(n_train + _fit_part(idx, plain.validation_split, validation_seed(seed0, k)))
+        fit = _fit_part(idx, plain.validation_split, validation_seed(seed0, k))
+        members["tuning", k] = add(n_train + fit)
     data = WorkerData(x_all, y_all, tuple(clients), x_test, y_test)
     settings = TrainerSettings(plain.optimizer, plain.learning_rate, plain.momentum)
 
@@ -326,7 +342,8 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     with _executor(data, settings) as executor:
         start0 = initial_weights(seed0)
         shared0 = dict.fromkeys(range(1, 6), start0)
-        tuning_batches = {mu: executor.submit(tasks(seed0, "tuning", shared0, mu)) for mu in profile.course_mu_grid}
+        tuning_batches = {mu: executor.submit(tasks(seed0, "tuning", shared0, mu))
+                          for mu in profile.course_mu_grid}
         batches = {}
         for seed in profile.seeds:
             start = initial_weights(seed)
@@ -363,7 +380,8 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
                     for k, o in enumerate(task_outcomes(batches[seed][label]), start=1)]
             report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
                                      evaluator=_evaluator(), start=start)
-            seed_rows = [(name, r.evaluation, mu if name == "fedprox" else 0.0) for name, r in report.methods.items()]
+            seed_rows = [(name, r.evaluation, mu if name == "fedprox" else 0.0)
+                         for name, r in report.methods.items()]
             seed_rows += [(f"local_{u.client_id}", e, 0.0) for u, e in report.locals_]
             central = task_outcomes(batches[seed]["central"])[0]
             seed_rows.append(("central", evaluate(_evaluator(), central.weights, x_test, y_test), 0.0))
@@ -371,14 +389,16 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
             shared = [(u.weights, u.num_examples) for u in updates["plain"]]
             for label, results in (("compartida", shared), ("independiente", independent)):
                 evaluation = evaluate(_evaluator(), weighted_average(results), x_test, y_test)
-                init_rows.append({"seed": seed, "init": label, **_metrics(evaluation), "test_images": int(y_test.size)})
+                init_rows.append({"seed": seed, "init": label, **_metrics(evaluation),
+                                  "test_images": int(y_test.size)})
             train_seconds = sum(o.seconds for b in batches[seed].values() for o in b.result())
             eval_seconds = time.perf_counter() - t0
             for name, evaluation, model_mu in seed_rows:
                 rows.append({"seed": seed, "model": name, **_metrics(evaluation), "mu": model_mu,
                              "optimizer": plain.optimizer, "learning_rate": plain.learning_rate,
-                             "momentum": plain.momentum, "epochs": plain.epochs, "batch_size": plain.batch_size,
-                             "train_images": n_train, "test_images": int(y_test.size), "train_task_seconds": round(train_seconds, 1),
+                             "momentum": plain.momentum, "epochs": plain.epochs,
+                             "batch_size": plain.batch_size, "train_images": n_train,
+                             "test_images": int(y_test.size), "train_task_seconds": round(train_seconds, 1),
                              "eval_seconds": round(eval_seconds, 1)})
             say(f"  course seed {seed} done")
     _write_csv(out_dir / COURSE_CSV, rows)
@@ -503,8 +523,9 @@ def _run_row(run: dict, method: str) -> dict:
     evaluated = [r.test_accuracy for r in records if r.test_accuracy is not None]
     config = result.config
     return {"clients": config.federation.num_clients, "train_images": config.federation.train_subset or "",
-            "test_images": final.num_examples, "local_epochs": config.training.epochs, "eval_every": config.eval_every,
-            "rounds": result.rounds_run, "final_accuracy": float(final.accuracy), "ci_low": float(final.ci_low),
+            "test_images": final.num_examples, "local_epochs": config.training.epochs,
+            "eval_every": config.eval_every, "rounds": result.rounds_run,
+            "final_accuracy": float(final.accuracy), "ci_low": float(final.ci_low),
             "ci_high": float(final.ci_high), "final_loss": float(final.loss),
             "diverged": diverged(final.loss), "first_diverged_round": _or_none(first_diverged),
             "mean_last3_evaluated_accuracy": float(np.mean(evaluated[-3:])),
@@ -514,7 +535,7 @@ def _run_row(run: dict, method: str) -> dict:
 
 
 def _tuning_data(profile: Profile, mnist) -> tuple:
-    """The training set minus ``validation_size`` held-out images (first seed), and those images normalised."""
+    """The training set minus ``validation_size`` held-out images (first seed), and those, normalised."""
     from fedmnist.data import normalize_images
     from fedmnist.tuning import validation_split
 
@@ -536,7 +557,8 @@ def _choose_mu(profile: Profile, experiment: str, label: str, base, mnist, out_d
     tuning, validation = _tuning_data(profile, mnist)
     trials = []
     for mu in profile.mu_grid:
-        config = base.replace(seed=profile.seeds[0], methods=("fedprox",), mu=mu, num_malicious=0, attack=None)
+        config = base.replace(seed=profile.seeds[0], methods=("fedprox",), mu=mu, num_malicious=0,
+                              attack=None)
         run = _simulate(config, tuning, out_dir / "simulaciones" / f"ajuste_mu_{experiment}_{label}_mu{mu:g}",
                         trainer, validation, resume=True, final_from_records=True)
         curve = run["result"].curves()["fedprox"]
@@ -568,8 +590,8 @@ def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test
         curves[label] = {}
         for seed in profile.seeds:
             config = base.replace(seed=seed, mu=mu)
-            run = _simulate(config, mnist, out_dir / "simulaciones" / f"heterogeneidad_{label}_s{seed}", trainer,
-                            full_test, resume=True, final_from_records=True)
+            run_dir = out_dir / "simulaciones" / f"heterogeneidad_{label}_s{seed}"
+            run = _simulate(config, mnist, run_dir, trainer, full_test, resume=True, final_from_records=True)
             for method in config.method.methods:
                 rows.append({"partition": label, "seed": seed, "method": method,
                              "mu": mu if method == "fedprox" else 0.0, **_run_row(run, method)})
@@ -601,7 +623,8 @@ def run_fedprox_mu(profile: Profile, mnist, out_dir: Path, trainer, full_test, s
                                  **partition_settings(profile.prox_partition))
             run = _simulate(config, mnist, out_dir / "simulaciones" / f"fedprox_mu_{mu:g}_s{seed}", trainer,
                             full_test, resume=True, final_from_records=True)
-            rows.append({"mu": f"{mu:g}", "partition": profile.prox_partition, "seed": seed, **_run_row(run, method)})
+            rows.append({"mu": f"{mu:g}", "partition": profile.prox_partition, "seed": seed,
+                         **_run_row(run, method)})
             curves[mu].append(run["result"].curves()[method])
             say(f"  fedprox mu={mu:g} seed {seed} done")
         _write_csv(out_dir / PROX_CSV, rows)
@@ -613,7 +636,8 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
     """Malicious clients against FedAvg, FedProx and the robust rules, IID and non-IID, every seed.
 
     ``profile.attack_cases`` lists (partition, attack, attackers); every case runs every method of
-    ``attack_methods`` in one resumable simulation per seed (``simulaciones/ataques_<partition>_<attack>_<F>_s<seed>``),
+    ``attack_methods`` in one resumable simulation per seed
+    (``simulaciones/ataques_<partition>_<attack>_<F>_s<seed>``),
     with f = ``attack_krum_f`` for Krum, Multi-Krum and Bulyan whatever the attackers. FedProx's μ is
     chosen on validation per partition, without attackers. A model whose test loss is not finite or
     above ``DIVERGED_LOSS`` is recorded as diverged (``diverged``, ``first_diverged_round``).
@@ -635,10 +659,11 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
             if partition != label:
                 continue
             for seed in profile.seeds:
-                config = base.replace(seed=seed, mu=mu, num_malicious=count, attack=None if attack == "none" else attack)
+                config = base.replace(seed=seed, mu=mu, num_malicious=count,
+                                      attack=None if attack == "none" else attack)
                 name = f"ataques_{label}_{attack}_{count}_s{seed}"
-                run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test, resume=True,
-                                final_from_records=True)
+                run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test,
+                                resume=True, final_from_records=True)
                 for method in config.method.methods:
                     rows.append({"partition": label, "attack": attack, "malicious": count, "seed": seed,
                                  "method": method, "mu": mu if method == "fedprox" else 0.0,
@@ -661,7 +686,8 @@ def run_drift(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -
     from fedmnist.figures import plot_drift
 
     del trainer, full_test
-    grid = DriftGrid(seeds=profile.drift_seeds, clients=profile.drift_clients, train_subset=profile.drift_train_subset,
+    grid = DriftGrid(seeds=profile.drift_seeds, clients=profile.drift_clients,
+                     train_subset=profile.drift_train_subset,
                      optimizers=profile.drift_optimizers, epochs=profile.drift_epochs,
                      partitions=profile.drift_partitions, mu_grid=profile.drift_mu_grid,
                      validation_size=profile.validation_size, batch_size=profile.batch_size,
@@ -953,9 +979,9 @@ def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> d
         "profile": asdict(profile),
         "seeds": list(profile.seeds),
         "seconds_per_experiment": {k: round(v, 1) for k, v in seconds.items()},
-        "seconds_note": "wall time of the latest run of each experiment; every multi-round run continues its "
-                        "checkpoint (the drift grid its finished blocks), so after an interrupted or repeated "
-                        "command a run's own cost is run_seconds in its CSV (sum of its round times)",
+        "seconds_note": "wall time of the latest run of each experiment; every multi-round run continues "
+                        "its checkpoint (the drift grid its finished blocks), so after an interrupted or "
+                        "repeated command a run's own cost is run_seconds in its CSV (sum of its round times)",
         "software": {"fedmnist": __version__, "python": platform.python_version(),
                      "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
                      "flwr": flwr_version},

@@ -73,7 +73,8 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Me
     if n == 1:
         return MeanInterval(float(array[0]), math.nan, 1, math.nan, confidence)
     std = float(array.std(ddof=1))
-    return MeanInterval(float(array.mean()), t_quantile(confidence, n - 1) * std / math.sqrt(n), n, std, confidence)
+    half_width = t_quantile(confidence, n - 1) * std / math.sqrt(n)
+    return MeanInterval(float(array.mean()), half_width, n, std, confidence)
 
 
 @dataclass(frozen=True)
@@ -96,15 +97,18 @@ class PairedComparison:
         return self.difference.n > 1 and (self.difference.low > 0 or self.difference.high < 0)
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> PairedComparison:
+def paired_comparison(
+    a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
+) -> PairedComparison:
     """Compare ``a`` with ``b``, paired position by position (the same seed): mean of a_i − b_i with its
     t-interval, and how many pairs have a_i > b_i (wins), a_i < b_i (losses) or equal values (ties)."""
     first, second = _values(a, "a"), _values(b, "b")
     if first.size != second.size:
         raise ValueError(f"paired values need equal lengths (got {first.size} and {second.size})")
     diff = first - second
-    return PairedComparison(mean_interval(diff, confidence), int((diff > 0).sum()), int((diff < 0).sum()),
-                            int((diff == 0).sum()))
+    return PairedComparison(
+        mean_interval(diff, confidence), int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum())
+    )
 
 
 def format_mean_interval(interval: MeanInterval, scale: float = 100.0, digits: int = 2) -> str:
@@ -116,7 +120,8 @@ def format_mean_interval(interval: MeanInterval, scale: float = 100.0, digits: i
 
 
 def format_paired(comparison: PairedComparison, scale: float = 100.0, digits: int = 2) -> str:
-    """``+d [low, high], w/n`` (the difference scaled, its interval, the pairs a wins), e.g. ``+1.20 [0.40, 2.00], 5/5``."""
+    """``+d [low, high], w/n``: the scaled difference, its interval and the pairs ``a`` wins
+    (e.g. ``+1.20 [+0.40, +2.00], 5/5``)."""
     d = comparison.difference
     text = f"{d.mean * scale:+.{digits}f}"
     if not math.isnan(d.half_width):

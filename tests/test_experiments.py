@@ -19,8 +19,9 @@ TINY = Profile(
     course_mu_grid=(0.01, 0.1), clients=3, train_subset=450, rounds=2, partitions=("iid", "shards_2"),
     mu_grid=(0.01, 0.1), prox_mus=(0.0, 0.1),
     attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1), ("shards_2", "signflip", 1)),
-    attack_methods=("fedavg", "fedprox", "fedmed", "bulyan"), attack_clients=7, attack_krum_f=1, attack_rounds=2,
-    attack_train_subset=700, attack_eval_every=1, drift_seeds=(3, 4), drift_clients=4, drift_train_subset=400,
+    attack_methods=("fedavg", "fedprox", "fedmed", "bulyan"), attack_clients=7, attack_krum_f=1,
+    attack_rounds=2, attack_train_subset=700, attack_eval_every=1, drift_seeds=(3, 4), drift_clients=4,
+    drift_train_subset=400,
     drift_optimizers=(("adam", 1e-3, 0.0), ("sgd", 0.05, 0.9)), drift_epochs=(1, 2),
     drift_partitions=("iid", "shards_2"), drift_mu_grid=(0.01, 0.1), drift_barrier_images=100,
 )
@@ -60,7 +61,7 @@ def tiny_results(tmp_path_factory, small_npz, monkeypatch_module):
 def _chosen(rows, **match) -> float:
     sel = [r for r in rows if all(str(r[k]) == str(v) for k, v in match.items())]
     winner = max(sel, key=lambda r: float(r.get("score") or r.get("validation_accuracy")))
-    assert [r for r in sel if r["chosen"] == "True"] == [winner]  # exactly one, the best (the first of equals)
+    assert [r for r in sel if r["chosen"] == "True"] == [winner]  # one: the best (the first of equals)
     return float(winner["mu"])
 
 
@@ -105,10 +106,11 @@ def test_drift_grid_measures_every_setting(tiny_results):
         assert float(r["local_steps"]) == int(r["epochs"]) * math.ceil(100 / 32)
         assert -1.0 <= float(r["update_cosine"]) <= 1.0 and float(r["barrier"]) >= 0.0
         assert float(r["update_norm"]) > 0 and r["test_images"] == str(TEST_IMAGES)
-        assert float(r["fedprox_update_norm"]) <= float(r["update_norm"]) * 1.05  # the proximal pull shortens the walk
+        # the proximal pull shortens the walk
+        assert float(r["fedprox_update_norm"]) <= float(r["update_norm"]) * 1.05
+    same = ("seed", "optimizer", "learning_rate", "partition")
     for r in (r for r in rows if r["epochs"] == "2"):
-        one = next(o for o in rows if o["epochs"] == "1" and all(o[k] == r[k] for k in
-                                                                 ("seed", "optimizer", "learning_rate", "partition")))
+        one = next(o for o in rows if o["epochs"] == "1" and all(o[k] == r[k] for k in same))
         assert float(r["update_norm"]) > float(one["update_norm"])  # twice the local work walks further
 
 
@@ -164,7 +166,8 @@ def test_heterogeneity_fedprox_mu_is_chosen_on_a_validation_split(tiny_results):
 
     for partition in ("iid", "shards_2"):
         mu = _chosen(tuning, setting=partition)
-        assert {float(r["mu"]) for r in rows if r["partition"] == partition and r["method"] == "fedprox"} == {mu}
+        prox = [r for r in rows if r["partition"] == partition and r["method"] == "fedprox"]
+        assert {float(r["mu"]) for r in prox} == {mu}
         # the tuning runs train on the training set minus the 300 held-out images, scored on those
         run_dir = tiny_results / "simulaciones" / f"ajuste_mu_heterogeneidad_{partition}_mu{mu:g}"
         data = json.loads((run_dir / "configuracion.json").read_text())["data"]
@@ -191,7 +194,8 @@ def test_attacks_run_fedprox_and_bulyan_and_record_divergence(tiny_results):
         assert r["krum_f"] == "1" and r["clients"] == "7"
     for partition in ("iid", "shards_2"):
         mu = _chosen(tuning, setting=partition)
-        assert {float(r["mu"]) for r in rows if r["partition"] == partition and r["method"] == "fedprox"} == {mu}
+        prox = [r for r in rows if r["partition"] == partition and r["method"] == "fedprox"]
+        assert {float(r["mu"]) for r in prox} == {mu}
 
 
 def test_diverged_means_a_non_finite_or_exploded_test_loss():
@@ -206,7 +210,8 @@ def test_tables_are_rendered_from_the_files(tiny_results):
 
     # Assert: one table per result file, numbers as the mean ± t-interval of the CSV values
     assert set(tables) == {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
-                           "heterogeneidad_diferencias", "fedprox_mu", "ataques", "ataques_diferencias", "ajuste_mu"}
+                           "heterogeneidad_diferencias", "fedprox_mu", "ataques", "ataques_diferencias",
+                           "ajuste_mu"}
     course = read_csv(tiny_results / experiments.COURSE_CSV)
     fedavg = mean_interval([float(r["accuracy"]) for r in course if r["model"] == "fedavg"])
     assert f"| FedAvg | {format_mean_interval(fedavg)} |" in tables["curso"]
@@ -222,7 +227,8 @@ def test_tables_are_rendered_from_the_files(tiny_results):
 
 def test_stale_result_files_are_skipped_not_fatal(tmp_path):
     # Prepare: a heterogeneity CSV in the format of an earlier version (one seed, no seed column)
-    (tmp_path / experiments.HETERO_CSV).write_text("partition,method,rounds,final_accuracy\niid,fedavg,8,0.95\n")
+    old = "partition,method,rounds,final_accuracy\niid,fedavg,8,0.95\n"
+    (tmp_path / experiments.HETERO_CSV).write_text(old)
 
     assert render_tables(tmp_path) == {}
 
@@ -272,8 +278,10 @@ def test_profiles_refuse_settings_the_experiments_cannot_run(changes, message):
 
 def test_multi_round_experiments_continue_their_checkpoints(tmp_path, small_npz, tiny_results, monkeypatch):
     # Prepare: part of the tiny profile, first cut at one round, then raised to the profile's two
-    part = dataclasses.replace(TINY, partitions=("shards_2",), prox_mus=(0.1,), attack_cases=(("iid", "gaussian", 1),))
-    monkeypatch.setitem(experiments.PROFILES, "cut", dataclasses.replace(part, name="cut", rounds=1, attack_rounds=1))
+    part = dataclasses.replace(TINY, partitions=("shards_2",), prox_mus=(0.1,),
+                               attack_cases=(("iid", "gaussian", 1),))
+    cut = dataclasses.replace(part, name="cut", rounds=1, attack_rounds=1)
+    monkeypatch.setitem(experiments.PROFILES, "cut", cut)
     monkeypatch.setitem(experiments.PROFILES, "part", dataclasses.replace(part, name="part"))
     only = ("heterogeneity", "fedprox_mu", "attacks")
 
@@ -304,7 +312,8 @@ def test_drift_grid_gives_the_same_numbers_in_a_worker_pool(small_npz, monkeypat
     from fedmnist.drift_grid import DriftGrid, run_drift_grid
 
     grid = DriftGrid(seeds=(5,), clients=2, train_subset=200, optimizers=(("sgd", 0.05, 0.9),), epochs=(1,),
-                     partitions=("iid",), mu_grid=(0.1,), validation_size=100, barrier_images=50, barrier_pairs=1)
+                     partitions=("iid",), mu_grid=(0.1,), validation_size=100, barrier_images=50,
+                     barrier_pairs=1)
     mnist = load_raw_mnist(small_npz)
 
     # Execute
@@ -314,7 +323,8 @@ def test_drift_grid_gives_the_same_numbers_in_a_worker_pool(small_npz, monkeypat
     local, _ = run_drift_grid(grid, mnist, experiments._executor, experiments._evaluator(), lambda *_: None)
 
     # Assert: equal up to the last bits TensorFlow's thread count changes
-    for key in ("update_norm", "update_cosine", "barrier", "locals_accuracy", "fedavg_accuracy", "fedprox_accuracy"):
+    for key in ("update_norm", "update_cosine", "barrier", "locals_accuracy", "fedavg_accuracy",
+                "fedprox_accuracy"):
         assert pooled[0][key] == pytest.approx(local[0][key], rel=1e-3, abs=2e-3), key
 def _summary(run_dir):
     import json

@@ -2,8 +2,16 @@
 
 ``fedmnist experiments --profile quick|full --out resultados`` runs every experiment of the essay
 on the real MNIST with the shared CNN, the same seed and initial weights for every method, and writes
-small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions).
-``render_tables`` turns those files into the Markdown tables the essay quotes; a test checks that
+small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions, seconds).
+
+The course flow, the drift grid (``fedmnist.drift_grid``), the heterogeneity, FedProx-μ and attack
+experiments repeat every run over the profile's seeds and keep one CSV row per seed; their tables
+(``fedmnist.result_tables``) give the mean with a 95 % Student-t interval across seeds and paired
+comparisons (``fedmnist.stats``), their figures (``fedmnist.figures``) the same. FedProx's μ is
+chosen on a validation split of the training set for every setting, never on the test set. Every
+multi-round run lives in its own ``simulaciones/<name>`` directory and continues its checkpoint
+(the drift grid its finished blocks), so an interrupted command picks up where it stopped.
+``render_tables`` turns the files into the Markdown tables the essay quotes; a test checks that
 the essay's tables equal what the committed files give.
 """
 
@@ -28,16 +36,21 @@ from fedmnist.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 COURSE_CSV = "curso.csv"
+COURSE_TUNING_CSV = "curso_ajuste_mu.csv"
 INIT_CSV = "inicializacion.csv"
+DRIFT_CSV = "deriva.csv"
+DRIFT_TUNING_CSV = "deriva_ajuste_mu.csv"
 HETERO_CSV = "heterogeneidad.csv"
+HETERO_TUNING_CSV = "heterogeneidad_ajuste_mu.csv"
 PROX_CSV = "fedprox_mu.csv"
 ATTACK_CSV = "ataques.csv"
+ATTACK_TUNING_CSV = "ataques_ajuste_mu.csv"
 MCMAHAN_CSV = "mcmahan.csv"
 MCMAHAN_TUNING_CSV = "mcmahan_ajuste.csv"
 PRIVACY_CSV = "privacidad.csv"
 TEAM_PRIVACY_CSV = "privacidad_equipo.csv"
 ENV_FILE = "entorno.json"
-EXPERIMENTS = ("course", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
+EXPERIMENTS = ("course", "drift", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
 
 # McMahan et al. 2017, Table 2 (CNN, E = 5, B = 10, C = 0.1): rounds to 99% test accuracy.
 MCMAHAN_PAPER_ROUNDS = {"iid": 20, "shards": 229}
@@ -60,28 +73,69 @@ MCMAHAN_GRID: dict[str, dict[str, tuple[float, ...]]] = {
 
 @dataclass(frozen=True)
 class Profile:
-    """How much of each experiment to run; ``quick`` is CI-sized, ``full`` is the essay's."""
+    """How much of each experiment to run; ``quick`` is CI-sized, ``full`` is the essay's.
+
+    Every table repeats its runs over ``seeds`` (the drift grid over ``drift_seeds``) and reports the
+    mean with a 95 % Student-t interval across them (``fedmnist.stats``). FedProx's μ is never chosen on
+    the test set: for each setting, every candidate of the grid runs on the training set minus
+    ``validation_size`` held-out images (``fedmnist.tuning.validation_split`` with the first seed), and
+    the best validation accuracy wins.
+    """
 
     name: str
     seeds: tuple[int, ...]
+    validation_size: int = 5_000
+    """Training images held out to choose FedProx's μ of the course, drift, heterogeneity and attack runs."""
     course_epochs: int = 2
     course_train_subset: int | None = None
     course_test_subset: int | None = None
-    course_mu: float = 0.01
+    course_optimizer: str = "adam"
+    course_learning_rate: float = 1e-3
+    course_momentum: float = 0.0
+    """The member job's local training (``fedmnist.training.TrainConfig``'s defaults, what a Keras user
+    writes for this CNN); the drift grid covers the aggressive SGD settings."""
+    course_mu_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
     clients: int = 10
     train_subset: int = 10_000
     rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 32
-    round_test_subset: int | None = 2_000
-    alphas: tuple[float, ...] = (1.0, 0.3, 0.1)
+    round_test_subset: int | None = None
+    """Test images of the per-round evaluations (None: the 10,000, so curves and tables agree)."""
+    eval_every: int = 1
+    partitions: tuple[str, ...] = ("iid", "dirichlet_1", "dirichlet_0.3", "dirichlet_0.1", "shards_2")
+    """Splits of the heterogeneity runs (``fedmnist.labels.partition_settings``)."""
+    mu_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    """FedProx's μ candidates of the multi-round settings (heterogeneity, attacks)."""
     prox_mus: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
-    prox_partition: str = "shards"
-    attacks: tuple[str, ...] = ("gaussian", "signflip")
-    malicious_counts: tuple[int, ...] = (0, 1, 2)
-    attack_methods: tuple[str, ...] = ("fedavg", "fedmed", "trimmed", "krum")
-    attack_rounds: int = 8
-    attack_train_subset: int = 5_000
+    prox_partition: str = "shards_2"
+    attack_cases: tuple[tuple[str, str, int], ...] = (
+        ("iid", "none", 0), ("iid", "gaussian", 1), ("iid", "gaussian", 2), ("iid", "signflip", 1),
+        ("iid", "signflip", 2), ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "gaussian", 2),
+        ("dirichlet_0.3", "signflip", 2))
+    """(partition, attack or ``none``, malicious clients) of every attack run."""
+    attack_methods: tuple[str, ...] = (
+        "fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum", "bulyan")
+    attack_clients: int = 12
+    """Clients of the attack runs, all in every round: Bulyan needs at least 4f + 3 of them."""
+    attack_krum_f: int = 2
+    """f (attackers tolerated) of Krum, Multi-Krum and Bulyan in every attack run, attackers or not."""
+    attack_rounds: int = 20
+    attack_train_subset: int = 4_800
+    attack_eval_every: int = 5
+    drift_seeds: tuple[int, ...] = (42, 43, 44)
+    drift_clients: int = 5
+    drift_train_subset: int = 10_000
+    drift_optimizers: tuple[tuple[str, float, float], ...] = (
+        ("adam", 1e-3, 0.0), ("sgd", 0.05, 0.9), ("sgd", 0.01, 0.0))
+    """(optimizer, learning rate, momentum) of the drift grid's local training."""
+    drift_epochs: tuple[int, ...] = (1, 2, 5)
+    drift_partitions: tuple[str, ...] = ("iid", "shards_2")
+    drift_mu_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    drift_barrier_images: int = 1_000
+    """First test images on which the loss along the segment between two clients is measured."""
+    drift_barrier_pairs: int = 2
+    """Disjoint pairs of clients (1-2, 3-4, …) whose segment is measured."""
     mcmahan: tuple[tuple[str, int, int], ...] = ()
     """(split, tuning rounds, maximum rounds) of McMahan's protocol: ``mcmahan_methods`` tuned on the
     validation split for the tuning rounds, then run until 99% or the maximum (see ``run_mcmahan``)."""
@@ -98,22 +152,79 @@ class Profile:
     dp_train_subset: int | None = None
     dp_eval_every: int = 5
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
+    dp_seeds: tuple[int, ...] | None = None
+    """Seeds of the DP-FedAvg runs (None: ``seeds``)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings the experiments cannot run (naming the field)."""
+        from fedmnist.attacks import ATTACKS
+        from fedmnist.labels import partition_settings
+
+        for name in ("seeds", "drift_seeds"):
+            seeds = getattr(self, name)
+            if not seeds or len(set(seeds)) != len(seeds) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+                raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
+                                  f"(got {seeds!r})")
+        for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
+                     "attack_eval_every", "drift_clients", "drift_barrier_images", "course_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"profile {self.name}: {name} must be an integer >= 1 (got {value!r})")
+        for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
+            grid = getattr(self, name)
+            if not grid or not all(isinstance(m, (int, float)) and m > 0 for m in grid):
+                raise ConfigError(f"profile {self.name}: {name} needs FedProx coefficients μ > 0 "
+                                  f"(got {grid!r})")
+        if not self.drift_epochs or not self.drift_optimizers or not self.drift_partitions:
+            raise ConfigError(f"profile {self.name}: the drift grid needs epochs, optimizers and partitions")
+        if not 0 <= self.drift_barrier_pairs <= self.drift_clients // 2:
+            raise ConfigError(f"profile {self.name}: drift_barrier_pairs must be between 0 and "
+                              f"{self.drift_clients // 2} for {self.drift_clients} clients")
+        for label in (*self.partitions, self.prox_partition, *self.drift_partitions,
+                      *(case[0] for case in self.attack_cases)):
+            partition_settings(label)
+        for partition, attack, count in self.attack_cases:
+            if (attack == "none") != (count == 0) or (attack != "none" and attack not in ATTACKS):
+                raise ConfigError(f"profile {self.name}: attack case ({partition}, {attack}, {count}) must "
+                                  f"be ('none', 0) or an attack of {', '.join(ATTACKS)} with at least one "
+                                  "attacker")
+        if "bulyan" in self.attack_methods and self.attack_clients < 4 * self.attack_krum_f + 3:
+            raise ConfigError(f"profile {self.name}: Bulyan with f = {self.attack_krum_f} needs at least "
+                              f"{4 * self.attack_krum_f + 3} attack_clients (got {self.attack_clients})")
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(
-        name="quick", seeds=(DEFAULT_SEED,), course_epochs=1, course_train_subset=3_000,
-        course_test_subset=1_000, clients=5, train_subset=1_500, rounds=2, round_test_subset=500,
-        alphas=(0.3,), prox_mus=(0.0, 0.1), attacks=("gaussian",), malicious_counts=(0, 1),
-        attack_methods=("fedavg", "fedmed"), attack_rounds=2, attack_train_subset=1_500,
+        name="quick", seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), validation_size=1_000, course_epochs=1,
+        course_train_subset=3_000, course_test_subset=1_000, course_mu_grid=(0.01, 0.1), clients=5,
+        train_subset=1_500, rounds=2, partitions=("iid", "shards_2"), mu_grid=(0.01, 0.1),
+        prox_mus=(0.0, 0.1), attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)),
+        attack_methods=("fedavg", "fedmed", "bulyan"),
+        attack_clients=7, attack_krum_f=1, attack_rounds=2, attack_train_subset=1_400, attack_eval_every=1,
+        drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
+        drift_optimizers=(("adam", 1e-3, 0.0),),
+        drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1),), mcmahan_methods=("fedavg",), mcmahan_grid={},
         dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
-        dp_team_noises=(1.0,),
+        dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,),
     ),
     "full": Profile(
-        name="full", seeds=(42, 43), train_subset=5_000, rounds=8, attack_rounds=6,
-        attack_train_subset=4_000,
+        # sizes chosen so that every experiment but McMahan's and privacy fits about two hours on two cores
+        # with --workers 2 (estimated at ~3,300 training images/s and ~1 s per evaluation of the 10,000 test
+        # images: course ~13 min, drift ~25, heterogeneity ~31, fedprox_mu ~11, attacks ~52); the measured
+        # costs go to entorno.json, and per run to the CSVs (run_seconds)
+        name="full", seeds=(42, 43, 44, 45, 46), train_subset=3_600, rounds=15, eval_every=2,
+        partitions=("iid", "dirichlet_0.3", "dirichlet_0.1", "shards_2"),
+        attack_cases=(("iid", "none", 0), ("iid", "gaussian", 2), ("iid", "signflip", 2),
+                      ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "signflip", 2)),
+        attack_methods=("fedavg", "fedprox", "fedmed", "trimmed", "multikrum", "bulyan"),
+        attack_train_subset=2_400, attack_rounds=20, attack_eval_every=5, drift_train_subset=8_000,
         mcmahan=(("iid", 5, 30), ("shards", 10, 120)),
+        dp_seeds=(42, 43),
     ),
 }
 
@@ -137,69 +248,166 @@ def read_csv(path: str | Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-# --- experiment 1 and 2: the course flow, and shared versus independent initialisation ----------
+# --- experiments 1 and 2: the course flow, and shared versus independent initialisation ----------
+
+
+def _executor(data, settings):
+    """A client executor over ``data``: ``WORKERS`` processes when set, else this process."""
+    from fedmnist.workers import InProcessExecutor, WorkerPool
+
+    workers = WORKERS.get("workers")
+    return WorkerPool(workers, data, settings) if workers is not None else InProcessExecutor(data, settings)
+
+
+def task_outcomes(pending) -> list:
+    """The outcomes of a submitted batch of tasks; a failed task (its worker died) stops the run, named."""
+    from fedmnist.workers import TaskFailure, WorkerError
+
+    outcomes = pending.result()
+    failed = [o.message for o in outcomes if isinstance(o, TaskFailure)]
+    if failed:
+        raise WorkerError(f"{len(failed)} training task(s) failed: {failed[0]}")
+    return outcomes
+
+
+def _fit_part(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The rows of ``indices`` a member trains on after the validation hold-out of ``train_member``."""
+    from fedmnist.training import validation_split as hold_out
+
+    return hold_out(indices, indices, fraction, seed)[0]
 
 
 def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dict]:
     """One round of the course (5 IID clients) per seed: locals, FedAvg/FedProx/FedMed, central model.
 
-    Also averages clients trained from *independent* random initialisations (one-shot FedAvg), the
-    failure that makes a shared starting point necessary.
+    Every member trains as ``train_member`` does (the member job's optimiser, its 10 % validation
+    hold-out, the same seeds), from the seed's shared start; the central model trains as long on all
+    the data. FedProx's μ is chosen once, on ``profile.validation_size`` training images held out from
+    5 members of the rest (first seed). Also averages the clients trained from *independent* random
+    initialisations (one-shot FedAvg), the failure that makes a shared starting point necessary.
+    The trainings run in the ``WORKERS`` processes (all of a seed's at once).
     """
     from fedmnist.aggregation import run_aggregation
-    from fedmnist.data import normalize_images
+    from fedmnist.data import Mnist, normalize_images
     from fedmnist.evaluation import evaluate
     from fedmnist.exchange import make_global
-    from fedmnist.local import make_update, train_member
+    from fedmnist.local import make_update
     from fedmnist.model import initial_weights
     from fedmnist.partition import PartitionConfig, partition
+    from fedmnist.seeds import training_seed, validation_seed
     from fedmnist.strategies import weighted_average
-    from fedmnist.training import TrainConfig
+    from fedmnist.training import TrainConfig, TrainResult
+    from fedmnist.tuning import Trial, best, validation_split
+    from fedmnist.workers import ClientTask, TrainerSettings, WorkerData
 
+    del trainer  # the trainings run in the executor, with the course's optimiser
     n_train = profile.course_train_subset or mnist.y_train.size
     n_test = profile.course_test_subset or mnist.y_test.size
-    x_all = normalize_images(mnist.x_train[:n_train])
-    y_all = mnist.y_train[:n_train]
     x_test, y_test = normalize_images(mnist.x_test[:n_test]), mnist.y_test[:n_test]
-    rows, init_rows = [], []
-    for seed in profile.seeds:
-        t0 = time.perf_counter()
-        parts = partition(y_all, PartitionConfig("iid", 5, seed=seed))
-        start = make_global(initial_weights(seed), 0, "init", seed)
-        # the essay's course section studies the aggressive setting (plain SGD, lr 0.05, momentum 0.9), where
-        # client drift shows; it is spelled out so that changing the member job's defaults keeps these numbers
-        plain = TrainConfig(epochs=profile.course_epochs, optimizer="sgd", learning_rate=0.05, momentum=0.9,
-                            seed=seed)
-        prox = replace(plain, mu=profile.course_mu)
-        updates = {}
-        for label, config in (("plain", plain), ("prox", prox)):
-            updates[label] = []
-            for k, idx in enumerate(parts, start=1):
-                result = train_member(trainer, start, x_all[idx], y_all[idx], config, k)
-                updates[label].append(make_update(result, start, config, k))
-                say(f"  course seed {seed}: client {k} ({label}) trained")
-        report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
-                                 evaluator=trainer, start=start)
-        for name, r in report.methods.items():
-            rows.append({"seed": seed, "model": name, **_metrics(r.evaluation)})
-        for update, evaluation in report.locals_:
-            rows.append({"seed": seed, "model": f"local_{update.client_id}", **_metrics(evaluation)})
-        central = train_member(trainer, start, x_all, y_all, plain, 0)
-        rows.append({"seed": seed, "model": "central", **_metrics(evaluate(trainer, central.weights, x_test, y_test))})
+    plain = TrainConfig(epochs=profile.course_epochs, batch_size=profile.batch_size,
+                        optimizer=profile.course_optimizer, learning_rate=profile.course_learning_rate,
+                        momentum=profile.course_momentum, seed=profile.seeds[0])
+    plain.validate()
+    seed0 = profile.seeds[0]
+    tuning = validation_split(Mnist(mnist.x_train[:n_train], mnist.y_train[:n_train], mnist.x_test[:0],
+                                    mnist.y_test[:0]), profile.validation_size, seed0)
+    x_val, y_val = normalize_images(tuning.x_test), tuning.y_test
+    # one data block for the executor: the course's training images, then the tuning members' images
+    x_all = np.concatenate([mnist.x_train[:n_train], tuning.x_train])
+    y_all = np.concatenate([mnist.y_train[:n_train], tuning.y_train])
+    clients: list[np.ndarray] = []
 
-        independent = []
-        for k, idx in enumerate(parts, start=1):
-            own_start = make_global(initial_weights(seed * 1000 + k), 0, "init", seed * 1000 + k)
-            result = train_member(trainer, own_start, x_all[idx], y_all[idx], plain, k)
-            independent.append((result.weights, result.num_examples))
-        shared = [(u.weights, u.num_examples) for u in updates["plain"]]
-        for label, results in (("compartida", shared), ("independiente", independent)):
-            averaged = weighted_average(results)
-            init_rows.append({"seed": seed, "init": label, **_metrics(evaluate(trainer, averaged, x_test, y_test))})
-        say(f"  course seed {seed} done in {time.perf_counter() - t0:.0f} s")
+    def add(indices: np.ndarray) -> int:
+        clients.append(indices)
+        return len(clients)
+
+    members = {}  # (seed or "tuning", k) -> executor client id; k = 0 is the central model
+    for seed in profile.seeds:
+        for k, idx in enumerate(partition(y_all[:n_train], PartitionConfig("iid", 5, seed=seed)), start=1):
+            members[seed, k] = add(_fit_part(idx, plain.validation_split, validation_seed(seed, k)))
+        everyone = np.arange(n_train)
+        members[seed, 0] = add(_fit_part(everyone, plain.validation_split, validation_seed(seed, 0)))
+    tuning_parts = partition(tuning.y_train, PartitionConfig("iid", 5, seed=seed0))
+    for k, idx in enumerate(tuning_parts, start=1):
+        fit = _fit_part(idx, plain.validation_split, validation_seed(seed0, k))
+        members["tuning", k] = add(n_train + fit)
+    data = WorkerData(x_all, y_all, tuple(clients), x_test, y_test)
+    settings = TrainerSettings(plain.optimizer, plain.learning_rate, plain.momentum)
+
+    def tasks(seed: int, owner, starts: dict[int, list[np.ndarray]], mu: float, ks=range(1, 6)) -> list:
+        return [ClientTask(members[owner, k], starts[k], mu, training_seed(seed, 1, k), plain.epochs,
+                           plain.batch_size) for k in ks]
+
+    rows, init_rows, tuning_rows = [], [], []
+    with _executor(data, settings) as executor:
+        start0 = initial_weights(seed0)
+        shared0 = dict.fromkeys(range(1, 6), start0)
+        tuning_batches = {mu: executor.submit(tasks(seed0, "tuning", shared0, mu))
+                          for mu in profile.course_mu_grid}
+        batches = {}
+        for seed in profile.seeds:
+            start = initial_weights(seed)
+            own = {k: initial_weights(seed * 1000 + k) for k in range(1, 6)}
+            batches[seed] = {
+                "plain": executor.submit(tasks(seed, seed, dict.fromkeys(range(1, 6), start), 0.0)),
+                "central": executor.submit(tasks(seed, seed, {0: start}, 0.0, ks=(0,))),
+                "independent": executor.submit(tasks(seed, seed, own, 0.0)),
+            }
+        trials = []
+        for mu, batch in tuning_batches.items():
+            t0 = time.perf_counter()
+            results = [(o.weights, o.num_examples) for o in task_outcomes(batch)]
+            score = float(evaluate(_evaluator(), weighted_average(results), x_val, y_val).accuracy)
+            trials.append(Trial("fedprox", {"mu": mu}, (score,), score, time.perf_counter() - t0))
+            say(f"  course tuning mu={mu:g}: validation accuracy {score:.4f}")
+        chosen = best(trials)
+        mu = float(chosen.settings["mu"])
+        tuning_rows = [{"experiment": "curso", "setting": "iid", "mu": t.settings["mu"],
+                        "validation_images": int(y_val.size), "rounds": 1, "score": t.score,
+                        "chosen": t is chosen} for t in trials]
+        for seed in profile.seeds:
+            batches[seed]["prox"] = executor.submit(
+                tasks(seed, seed, dict.fromkeys(range(1, 6), initial_weights(seed)), mu))
+        for seed in profile.seeds:
+            t0 = time.perf_counter()
+            start = make_global(initial_weights(seed), 0, "init", seed)
+            configs = {"plain": replace(plain, seed=seed), "prox": replace(plain, seed=seed, mu=mu)}
+            updates = {}
+            for label in ("plain", "prox"):
+                updates[label] = [
+                    make_update(TrainResult(o.weights, o.num_examples, o.history, o.num_steps), start,
+                                configs[label], k)
+                    for k, o in enumerate(task_outcomes(batches[seed][label]), start=1)]
+            report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
+                                     evaluator=_evaluator(), start=start)
+            seed_rows = [(name, r.evaluation, mu if name == "fedprox" else 0.0)
+                         for name, r in report.methods.items()]
+            seed_rows += [(f"local_{u.client_id}", e, 0.0) for u, e in report.locals_]
+            central = task_outcomes(batches[seed]["central"])[0]
+            seed_rows.append(("central", evaluate(_evaluator(), central.weights, x_test, y_test), 0.0))
+            independent = [(o.weights, o.num_examples) for o in task_outcomes(batches[seed]["independent"])]
+            shared = [(u.weights, u.num_examples) for u in updates["plain"]]
+            for label, results in (("compartida", shared), ("independiente", independent)):
+                evaluation = evaluate(_evaluator(), weighted_average(results), x_test, y_test)
+                init_rows.append({"seed": seed, "init": label, **_metrics(evaluation),
+                                  "test_images": int(y_test.size)})
+            train_seconds = sum(o.seconds for b in batches[seed].values() for o in b.result())
+            eval_seconds = time.perf_counter() - t0
+            for name, evaluation, model_mu in seed_rows:
+                rows.append({"seed": seed, "model": name, **_metrics(evaluation), "mu": model_mu,
+                             "optimizer": plain.optimizer, "learning_rate": plain.learning_rate,
+                             "momentum": plain.momentum, "epochs": plain.epochs,
+                             "batch_size": plain.batch_size, "train_images": n_train,
+                             "test_images": int(y_test.size), "train_task_seconds": round(train_seconds, 1),
+                             "eval_seconds": round(eval_seconds, 1)})
+            say(f"  course seed {seed} done")
     _write_csv(out_dir / COURSE_CSV, rows)
     _write_csv(out_dir / INIT_CSV, init_rows)
-    _plot_course(rows, out_dir / "curso.png")
+    _write_csv(out_dir / COURSE_TUNING_CSV, tuning_rows)
+    from fedmnist.figures import plot_course, plot_initialisation
+
+    plot_course(rows, out_dir / "curso.png")
+    plot_initialisation(init_rows, out_dir / "inicializacion.png")
     return rows
 
 
@@ -208,31 +416,36 @@ def _metrics(evaluation) -> dict:
             "ci_high": float(evaluation.ci_high), "loss": float(evaluation.loss)}
 
 
-def _plot_course(rows: list[dict], path: Path) -> None:
-    """Course-flow bars (mean ± spread over seeds) from ``curso.csv`` rows."""
-    from fedmnist.plots import method_label, plot_method_comparison
-
-    def summary(name: str) -> tuple[str, float, float, float]:
-        acc = np.array([float(r["accuracy"]) for r in rows if r["model"] == name])
-        spread = acc.std(ddof=1) if acc.size > 1 else 0.0
-        label = {"central": "Central"}.get(name, method_label(name).replace("local_", "local "))
-        return label, float(acc.mean()), float(acc.mean() - spread), float(acc.mean() + spread)
-
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    globals_ = [summary(n) for n in names if not n.startswith("local_")]
-    locals_ = [summary(n) for n in names if n.startswith("local_")]
-    plot_method_comparison(globals_, locals_, path,
-                           title="Flujo del curso (5 clientes IID, 1 ronda): media ± desv. entre semillas")
-
-
 # --- experiments 3 to 6: multi-round simulations --------------------------------------------------
 
 
-def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = False) -> dict:
+@dataclass(frozen=True)
+class Score:
+    """A final model's test metrics, read from its last round's record (evaluated on the whole test set)."""
+
+    accuracy: float
+    loss: float
+    ci_low: float
+    ci_high: float
+    num_examples: int
+
+
+def _record_score(record, num_examples: int) -> Score:
+    from fedmnist.evaluation import wilson_interval
+
+    low, high = wilson_interval(round(record.test_accuracy * num_examples), num_examples)
+    return Score(float(record.test_accuracy), float(record.test_loss), low, high, num_examples)
+
+
+def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = False,
+              final_from_records: bool = False) -> dict:
     """Run one simulation quietly and evaluate its final models on the full test set.
 
     With ``resume``, a checkpoint left in ``out_dir`` by the same configuration is continued (its
-    numbers equal an uninterrupted run's); one from another configuration is ignored.
+    numbers equal an uninterrupted run's); one from another configuration is ignored. With
+    ``final_from_records`` and a run that evaluates every round's model on all of ``mnist``'s test
+    images (``full_test``), the final metrics are the last round's record (``Score``), so tables and
+    curves give the same number and nothing is evaluated twice.
     """
     from fedmnist.checkpoint import load_checkpoint
     from fedmnist.evaluation import evaluate
@@ -253,8 +466,14 @@ def _simulate(config, mnist, out_dir: Path, trainer, full_test, resume: bool = F
             resume = False
     result = run_simulation(config, out_dir=out_dir, progress=False, resume=resume, trainer=trainer,
                             mnist=mnist, workers=WORKERS.get("workers"))
-    trainer = trainer or _evaluator()
-    final = {m: evaluate(trainer, w, *full_test) for m, w in result.final_weights.items()}
+    whole_test = config.federation.test_subset is None and len(full_test[1]) == mnist.y_test.size
+    if final_from_records and whole_test and all(
+            rows and rows[-1].round == result.rounds_run and rows[-1].test_accuracy is not None
+            for rows in result.metrics.values()):
+        final = {m: _record_score(rows[-1], len(full_test[1])) for m, rows in result.metrics.items()}
+    else:
+        trainer = trainer or _evaluator()
+        final = {m: evaluate(trainer, w, *full_test) for m, w in result.final_weights.items()}
     return {"result": result, "final": final}
 
 
@@ -276,78 +495,208 @@ def _sim_config(profile: Profile, seed: int, **changes):
 
     base = SimulationConfig.create(
         num_clients=profile.clients, fraction=1.0, rounds=profile.rounds, local_epochs=profile.local_epochs,
-        batch_size=profile.batch_size, train_subset=profile.train_subset,
+        batch_size=profile.batch_size, train_subset=profile.train_subset, eval_every=profile.eval_every,
         test_subset=profile.round_test_subset, seed=seed, target_accuracy=0.95,
     )
     return base.replace(**changes)
-
-
-def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
-    """IID versus Dirichlet(α) versus 2-shard splits, for FedAvg, FedProx and FedMed."""
-    splits = [("iid", {"partition": "iid"})]
-    splits += [(f"dirichlet_{a:g}", {"partition": "dirichlet", "alpha": a}) for a in profile.alphas]
-    splits += [("shards_2", {"partition": "shards", "shards_per_client": 2})]
-    rows = []
-    curves = {}
-    for label, changes in splits:
-        config = _sim_config(profile, profile.seeds[0], methods=("fedavg", "fedprox", "fedmed"), **changes)
-        run = _simulate(config, mnist, out_dir / "simulaciones" / f"heterogeneidad_{label}", trainer, full_test)
-        for method, evaluation in run["final"].items():
-            rows.append({"partition": label, "method": method, "rounds": config.rounds,
-                         "final_accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
-                         "ci_high": float(evaluation.ci_high),
-                         "rounds_to_95": _or_none(run["result"].rounds_to_target[method])})
-        curves[label] = run["result"].curves()
-        say(f"  heterogeneity {label} done")
-    _write_csv(out_dir / HETERO_CSV, rows)
-    _plot_curves_grid(curves, out_dir / "heterogeneidad.png", "Precisión por ronda según la partición")
-    return rows
 
 
 def _or_none(value):
     return "" if value is None else value
 
 
+DIVERGED_LOSS = 1_000.0
+"""A test loss above this (or not finite) means the model diverged: its weights blew up (a model at chance
+level has a loss near ln 10 ≈ 2.3), as under a Gaussian attack, rather than merely learning nothing."""
+
+
+def diverged(loss: float | None) -> bool:
+    """Whether a test loss says the model diverged (not finite, or above ``DIVERGED_LOSS``)."""
+    return loss is not None and not (np.isfinite(loss) and loss <= DIVERGED_LOSS)
+
+
+def _run_row(run: dict, method: str) -> dict:
+    """What every multi-round CSV records of one method's run: final metrics, divergence, cost."""
+    result, final = run["result"], run["final"][method]
+    records = result.metrics[method]
+    first_diverged = next((r.round for r in records if diverged(r.test_loss)), None)
+    evaluated = [r.test_accuracy for r in records if r.test_accuracy is not None]
+    config = result.config
+    return {"clients": config.federation.num_clients, "train_images": config.federation.train_subset or "",
+            "test_images": final.num_examples, "local_epochs": config.training.epochs,
+            "eval_every": config.eval_every, "rounds": result.rounds_run,
+            "final_accuracy": float(final.accuracy), "ci_low": float(final.ci_low),
+            "ci_high": float(final.ci_high), "final_loss": float(final.loss),
+            "diverged": diverged(final.loss), "first_diverged_round": _or_none(first_diverged),
+            "mean_last3_evaluated_accuracy": float(np.mean(evaluated[-3:])),
+            "rounds_to_95": _or_none(result.rounds_to_target.get(method)),
+            "method_seconds": round(sum(r.seconds for r in records), 1),
+            "run_seconds": round(sum(r.round_seconds for r in records), 1)}
+
+
+def _tuning_data(profile: Profile, mnist) -> tuple:
+    """The training set minus ``validation_size`` held-out images (first seed), and those, normalised."""
+    from fedmnist.data import normalize_images
+    from fedmnist.tuning import validation_split
+
+    tuning = validation_split(mnist, profile.validation_size, profile.seeds[0])
+    return tuning, (normalize_images(tuning.x_test), tuning.y_test)
+
+
+def _choose_mu(profile: Profile, experiment: str, label: str, base, mnist, out_dir: Path, trainer, say
+               ) -> tuple[float, list[dict]]:
+    """FedProx's μ for one setting, chosen on validation; the candidates' rows.
+
+    Every μ of ``profile.mu_grid`` runs FedProx alone with ``base``'s federation and rounds (first
+    seed, no attacker) on the training set minus the held-out images, which play the test set's role;
+    the best ``tuning_score`` (mean validation accuracy of the last two evaluated rounds) wins. The runs
+    continue their checkpoints in ``simulaciones/ajuste_mu_<experiment>_<label>_mu<μ>``.
+    """
+    from fedmnist.tuning import Trial, best, tuning_score
+
+    tuning, validation = _tuning_data(profile, mnist)
+    trials = []
+    for mu in profile.mu_grid:
+        config = base.replace(seed=profile.seeds[0], methods=("fedprox",), mu=mu, num_malicious=0,
+                              attack=None)
+        run = _simulate(config, tuning, out_dir / "simulaciones" / f"ajuste_mu_{experiment}_{label}_mu{mu:g}",
+                        trainer, validation, resume=True, final_from_records=True)
+        curve = run["result"].curves()["fedprox"]
+        seconds = sum(r.round_seconds for r in run["result"].metrics["fedprox"])
+        trials.append(Trial("fedprox", {"mu": mu}, tuple(curve), tuning_score(curve), seconds))
+        say(f"  {experiment} {label}: tuning mu={mu:g}, validation {trials[-1].score:.4f}")
+    chosen = best(trials)
+    rows = [{"experiment": experiment, "setting": label, "mu": t.settings["mu"],
+             "validation_images": int(validation[1].size), "rounds": base.rounds, "score": t.score,
+             "chosen": t is chosen, "run_seconds": round(t.seconds, 1)} for t in trials]
+    return float(chosen.settings["mu"]), rows
+
+
+def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """IID versus Dirichlet(α) versus s-shard splits, for FedAvg, FedProx and FedMed, over every seed.
+
+    FedProx's μ is chosen on validation for each split (``_choose_mu``). Each (split, seed) is one
+    resumable simulation in ``simulaciones/heterogeneidad_<split>_s<seed>``.
+    """
+    from fedmnist.figures import plot_round_curves
+    from fedmnist.labels import partition_settings
+
+    rows, tuning_rows, curves = [], [], {}
+    for label in profile.partitions:
+        base = _sim_config(profile, profile.seeds[0], methods=("fedavg", "fedprox", "fedmed"),
+                           **partition_settings(label))
+        mu, tuned = _choose_mu(profile, "heterogeneidad", label, base, mnist, out_dir, trainer, say)
+        tuning_rows += tuned
+        curves[label] = {}
+        for seed in profile.seeds:
+            config = base.replace(seed=seed, mu=mu)
+            run_dir = out_dir / "simulaciones" / f"heterogeneidad_{label}_s{seed}"
+            run = _simulate(config, mnist, run_dir, trainer, full_test, resume=True, final_from_records=True)
+            for method in config.method.methods:
+                rows.append({"partition": label, "seed": seed, "method": method,
+                             "mu": mu if method == "fedprox" else 0.0, **_run_row(run, method)})
+                curves[label].setdefault(method, []).append(run["result"].curves()[method])
+            say(f"  heterogeneity {label} seed {seed} done")
+        _write_csv(out_dir / HETERO_CSV, rows)
+        _write_csv(out_dir / HETERO_TUNING_CSV, tuning_rows)
+    plot_round_curves(curves, out_dir / "heterogeneidad.png",
+                      f"Precisión por ronda según la partición ({profile.clients} clientes, "
+                      f"{len(profile.seeds)} semillas)", rows[0]["test_images"])
+    return rows
+
+
 def run_fedprox_mu(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
-    """FedProx with μ ∈ profile.prox_mus on the most heterogeneous split (μ = 0 is FedAvg)."""
+    """FedProx with μ ∈ profile.prox_mus on the most heterogeneous split (μ = 0 is FedAvg), every seed.
+
+    This table shows how the test accuracy depends on μ; the μ the other experiments use is chosen on
+    validation instead. Each (μ, seed) is one resumable run in ``simulaciones/fedprox_mu_<μ>_s<seed>``.
+    """
+    from fedmnist.figures import plot_fedprox_mu
+    from fedmnist.labels import partition_settings
+
     rows, curves = [], {}
     for mu in profile.prox_mus:
         method = "fedprox" if mu > 0 else "fedavg"  # FedProx with mu = 0 is FedAvg
-        config = _sim_config(profile, profile.seeds[0], methods=(method,), mu=mu if mu > 0 else 0.01,
-                             partition=profile.prox_partition, shards_per_client=2, alpha=0.1)
-        run = _simulate(config, mnist, out_dir / "simulaciones" / f"fedprox_mu_{mu:g}", trainer, full_test)
-        evaluation = run["final"][method]
-        acc_curve = run["result"].curves()[method]
-        rows.append({"mu": f"{mu:g}", "partition": profile.prox_partition, "rounds": config.rounds,
-                     "final_accuracy": float(evaluation.accuracy), "ci_low": float(evaluation.ci_low),
-                     "ci_high": float(evaluation.ci_high),
-                     "mean_last3_round_accuracy": float(np.nanmean(acc_curve[-3:]))})
-        curves[f"μ = {mu:g}"] = acc_curve
-        say(f"  fedprox mu={mu:g} done")
-    _write_csv(out_dir / PROX_CSV, rows)
-    from fedmnist.plots import plot_accuracy_per_round
-
-    plot_accuracy_per_round(curves, out_dir / "fedprox_mu.png",
-                            title=f"FedProx según μ (partición {profile.prox_partition})")
+        curves[mu] = []
+        for seed in profile.seeds:
+            config = _sim_config(profile, seed, methods=(method,), mu=mu if mu > 0 else 0.01,
+                                 **partition_settings(profile.prox_partition))
+            run = _simulate(config, mnist, out_dir / "simulaciones" / f"fedprox_mu_{mu:g}_s{seed}", trainer,
+                            full_test, resume=True, final_from_records=True)
+            rows.append({"mu": f"{mu:g}", "partition": profile.prox_partition, "seed": seed,
+                         **_run_row(run, method)})
+            curves[mu].append(run["result"].curves()[method])
+            say(f"  fedprox mu={mu:g} seed {seed} done")
+        _write_csv(out_dir / PROX_CSV, rows)
+    plot_fedprox_mu(rows, curves, out_dir / "fedprox_mu.png", profile.prox_partition)
     return rows
 
 
 def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
-    """0, 1 and 2 malicious clients of 10 (each attack), FedAvg versus robust rules."""
-    rows = []
-    cases = [(0, None)] + [(f, a) for a in profile.attacks for f in profile.malicious_counts if f > 0]
-    for count, attack in cases:
-        config = _sim_config(profile, profile.seeds[0], methods=profile.attack_methods,
-                             rounds=profile.attack_rounds, train_subset=profile.attack_train_subset,
-                             num_malicious=count, attack=attack, krum_f=max(count, 1))
-        label = "sin_ataque" if attack is None else f"{attack}_{count}"
-        run = _simulate(config, mnist, out_dir / "simulaciones" / f"ataques_{label}", trainer, full_test)
-        for method, evaluation in run["final"].items():
-            rows.append({"attack": attack or "ninguno", "malicious": count, "method": method,
-                         "rounds": config.rounds, "final_accuracy": float(evaluation.accuracy),
-                         "ci_low": float(evaluation.ci_low), "ci_high": float(evaluation.ci_high)})
-        say(f"  attacks {label} done")
-    _write_csv(out_dir / ATTACK_CSV, rows)
+    """Malicious clients against FedAvg, FedProx and the robust rules, IID and non-IID, every seed.
+
+    ``profile.attack_cases`` lists (partition, attack, attackers); every case runs every method of
+    ``attack_methods`` in one resumable simulation per seed
+    (``simulaciones/ataques_<partition>_<attack>_<F>_s<seed>``),
+    with f = ``attack_krum_f`` for Krum, Multi-Krum and Bulyan whatever the attackers. FedProx's μ is
+    chosen on validation per partition, without attackers. A model whose test loss is not finite or
+    above ``DIVERGED_LOSS`` is recorded as diverged (``diverged``, ``first_diverged_round``).
+    """
+    from fedmnist.figures import plot_attacks
+    from fedmnist.labels import partition_settings
+
+    rows, tuning_rows = [], []
+    for label in dict.fromkeys(case[0] for case in profile.attack_cases):
+        base = _sim_config(profile, profile.seeds[0], num_clients=profile.attack_clients,
+                           rounds=profile.attack_rounds, train_subset=profile.attack_train_subset,
+                           eval_every=profile.attack_eval_every, methods=profile.attack_methods,
+                           krum_f=profile.attack_krum_f, **partition_settings(label))
+        mu = base.method.mu
+        if "fedprox" in profile.attack_methods:
+            mu, tuned = _choose_mu(profile, "ataques", label, base, mnist, out_dir, trainer, say)
+            tuning_rows += tuned
+        for partition, attack, count in profile.attack_cases:
+            if partition != label:
+                continue
+            for seed in profile.seeds:
+                config = base.replace(seed=seed, mu=mu, num_malicious=count,
+                                      attack=None if attack == "none" else attack)
+                name = f"ataques_{label}_{attack}_{count}_s{seed}"
+                run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test,
+                                resume=True, final_from_records=True)
+                for method in config.method.methods:
+                    rows.append({"partition": label, "attack": attack, "malicious": count, "seed": seed,
+                                 "method": method, "mu": mu if method == "fedprox" else 0.0,
+                                 "krum_f": profile.attack_krum_f, **_run_row(run, method)})
+                say(f"  attacks {label} {attack} x{count} seed {seed} done")
+            _write_csv(out_dir / ATTACK_CSV, rows)
+        if tuning_rows:
+            _write_csv(out_dir / ATTACK_TUNING_CSV, tuning_rows)
+    plot_attacks(rows, out_dir / "ataques.png")
+    return rows
+
+
+def run_drift(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:
+    """The drift grid (``fedmnist.drift_grid``): its rows, the μ tuning rows and two figures.
+
+    Finished blocks of the grid are kept in ``simulaciones/deriva/hechos.json``, so an interrupted run
+    continues where it stopped.
+    """
+    from fedmnist.drift_grid import DriftGrid, run_drift_grid
+    from fedmnist.figures import plot_drift
+
+    del trainer, full_test
+    grid = DriftGrid(seeds=profile.drift_seeds, clients=profile.drift_clients,
+                     train_subset=profile.drift_train_subset,
+                     optimizers=profile.drift_optimizers, epochs=profile.drift_epochs,
+                     partitions=profile.drift_partitions, mu_grid=profile.drift_mu_grid,
+                     validation_size=profile.validation_size, batch_size=profile.batch_size,
+                     barrier_images=profile.drift_barrier_images, barrier_pairs=profile.drift_barrier_pairs)
+    rows, tuning_rows = run_drift_grid(grid, mnist, _executor, _evaluator(), say,
+                                       cache=out_dir / "simulaciones" / "deriva" / "hechos.json")
+    _write_csv(out_dir / DRIFT_CSV, rows)
+    _write_csv(out_dir / DRIFT_TUNING_CSV, tuning_rows)
+    plot_drift(rows, out_dir / "deriva.png", out_dir / "deriva_medidas.png")
     return rows
 
 
@@ -533,7 +882,7 @@ def run_privacy(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
         clip = median_update_norm(base.replace(seed=profile.seeds[0]), mnist)
         say(f"  privacy K={num_clients}: clip norm S = {clip:g}")
         for z in profile.dp_noises:
-            for seed in profile.seeds:
+            for seed in profile.dp_seeds or profile.seeds:
                 config = base.replace(seed=seed, dp_noise=z, dp_clip=clip)
                 name = f"privacidad_K{num_clients}_z{z:g}_s{seed}"
                 run = _simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test, resume=True)
@@ -608,28 +957,6 @@ def _plot_privacy(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_curves_grid(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    from fedmnist.io import atomic_path
-    from fedmnist.plots import method_label
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.4), sharey=True, squeeze=False)
-    for ax, (label, per_method) in zip(axes[0], curves.items()):
-        for method, values in per_method.items():
-            ax.plot(np.arange(1, len(values) + 1), np.asarray(values) * 100, marker="o", markersize=3,
-                    label=method_label(method))
-        ax.set_title(label.replace("_", " "))
-        ax.set_xlabel("Ronda")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Precisión (%)")
-    axes[0][0].legend()
-    fig.suptitle(title)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
 # --- driver -----------------------------------------------------------------------------------
 
 
@@ -651,8 +978,9 @@ def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> d
         "profile": asdict(profile),
         "seeds": list(profile.seeds),
         "seconds_per_experiment": {k: round(v, 1) for k, v in seconds.items()},
-        "seconds_note": "wall time of the latest run of each experiment; the McMahan runs continue their "
-                        "checkpoints, so their total time is run_seconds in mcmahan.csv (sum of round times)",
+        "seconds_note": "wall time of the latest run of each experiment; every multi-round run continues "
+                        "its checkpoint (the drift grid its finished blocks), so after an interrupted or "
+                        "repeated command a run's own cost is run_seconds in its CSV (sum of its round times)",
         "software": {"fedmnist": __version__, "python": platform.python_version(),
                      "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
                      "flwr": flwr_version},
@@ -690,6 +1018,7 @@ def run_experiments(
     trainer = ClientTrainer()
     runners = {
         "course": lambda: run_course(profile, mnist, out_dir, trainer, say),
+        "drift": lambda: run_drift(profile, mnist, out_dir, trainer, full_test, say),
         "heterogeneity": lambda: run_heterogeneity(profile, mnist, out_dir, trainer, full_test, say),
         "fedprox_mu": lambda: run_fedprox_mu(profile, mnist, out_dir, trainer, full_test, say),
         "attacks": lambda: run_attacks(profile, mnist, out_dir, trainer, full_test, say),
@@ -719,13 +1048,6 @@ def _pct(value: str | float) -> str:
     return f"{float(value) * 100:.2f}"
 
 
-def _mean_spread(values: list[float]) -> str:
-    arr = np.array(values, dtype=float)
-    if arr.size == 1:
-        return f"{arr[0] * 100:.2f}"
-    return f"{arr.mean() * 100:.2f} ± {arr.std(ddof=1) * 100:.2f}"
-
-
 _SETTING_SYMBOLS = {"learning_rate": "η_l", "mu": "μ", "server_lr": "η_s", "server_momentum": "β", "tau": "τ",
                     "beta_1": "β₁", "beta_2": "β₂"}
 
@@ -740,60 +1062,44 @@ def _split_label(split: str) -> str:
     return {"iid": "IID", "shards": "patológica (2 fragmentos)"}.get(split, split)
 
 
+def _multi_seed_tables(results_dir: Path) -> dict[str, str]:
+    """The tables of the course, drift, heterogeneity, μ and attack experiments (``fedmnist.result_tables``).
+
+    A result file written by an older version (columns missing) is skipped with a warning.
+    """
+    from fedmnist import result_tables as rt
+
+    tables: dict[str, str] = {}
+    sources = [
+        (COURSE_CSV, lambda rows: {"curso": rt.course_table(rows)}),
+        (INIT_CSV, lambda rows: {"inicializacion": rt.initialisation_table(rows)}),
+        (DRIFT_CSV, rt.drift_tables),
+        (HETERO_CSV, rt.heterogeneity_tables),
+        (PROX_CSV, lambda rows: {"fedprox_mu": rt.fedprox_mu_table(rows)}),
+        (ATTACK_CSV, rt.attack_tables),
+    ]
+    for name, render in sources:
+        if (results_dir / name).exists():
+            try:
+                tables.update(render(read_csv(results_dir / name)))
+            except rt.StaleResults as exc:
+                log.warning("%s: %s", results_dir / name, exc)
+    tuning = [row for name in (COURSE_TUNING_CSV, HETERO_TUNING_CSV, ATTACK_TUNING_CSV)
+              if (results_dir / name).exists() for row in read_csv(results_dir / name)]
+    if tuning:
+        try:
+            tables["ajuste_mu"] = rt.tuning_table(tuning)
+        except rt.StaleResults as exc:
+            log.warning("%s: %s", results_dir, exc)
+    return tables
+
+
 def render_tables(results_dir: str | Path) -> dict[str, str]:
     """The essay's Markdown tables, computed from the result files in ``results_dir``."""
     from fedmnist.plots import method_label
 
     results_dir = Path(results_dir)
-    tables: dict[str, str] = {}
-    if (results_dir / COURSE_CSV).exists():
-        rows = read_csv(results_dir / COURSE_CSV)
-        seeds = sorted({r["seed"] for r in rows})
-        names = list(dict.fromkeys(r["model"] for r in rows))
-        lines = ["| modelo | precisión (%) media ± desv. | pérdida media |", "|---|---|---|"]
-        locals_acc = [float(r["accuracy"]) for r in rows if r["model"].startswith("local_")]
-        for name in names:
-            if name.startswith("local_"):
-                continue
-            sel = [r for r in rows if r["model"] == name]
-            label = "Central (mismas épocas)" if name == "central" else method_label(name)
-            lines.append(f"| {label} | {_mean_spread([float(r['accuracy']) for r in sel])} | "
-                         f"{np.mean([float(r['loss']) for r in sel]):.4f} |")
-        lines.append(f"| Modelos locales (5 por semilla) | {_mean_spread(locals_acc)} | "
-                     f"{np.mean([float(r['loss']) for r in rows if r['model'].startswith('local_')]):.4f} |")
-        tables["curso"] = "\n".join(lines) + f"\n\nSemillas: {', '.join(seeds)}."
-    if (results_dir / INIT_CSV).exists():
-        rows = read_csv(results_dir / INIT_CSV)
-        lines = ["| inicialización | precisión de FedAvg en una ronda (%) |", "|---|---|"]
-        for label in dict.fromkeys(r["init"] for r in rows):
-            lines.append(f"| {label} | {_mean_spread([float(r['accuracy']) for r in rows if r['init'] == label])} |")
-        tables["inicializacion"] = "\n".join(lines)
-    if (results_dir / HETERO_CSV).exists():
-        rows = read_csv(results_dir / HETERO_CSV)
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        lines = ["| partición | " + " | ".join(method_label(m) for m in methods) + " |",
-                 "|---|" + "---|" * len(methods)]
-        for part in dict.fromkeys(r["partition"] for r in rows):
-            cells = [_pct(next(r["final_accuracy"] for r in rows if r["partition"] == part and r["method"] == m))
-                     for m in methods]
-            lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(cells) + " |")
-        tables["heterogeneidad"] = "\n".join(lines)
-    if (results_dir / PROX_CSV).exists():
-        rows = read_csv(results_dir / PROX_CSV)
-        lines = ["| μ | precisión final (%) | media de las 3 últimas rondas (%) |", "|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['mu']} | {_pct(r['final_accuracy'])} | {_pct(r['mean_last3_round_accuracy'])} |")
-        tables["fedprox_mu"] = "\n".join(lines)
-    if (results_dir / ATTACK_CSV).exists():
-        rows = read_csv(results_dir / ATTACK_CSV)
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        lines = ["| ataque | maliciosos | " + " | ".join(method_label(m) for m in methods) + " |",
-                 "|---|---|" + "---|" * len(methods)]
-        for key in dict.fromkeys((r["attack"], r["malicious"]) for r in rows):
-            cells = [_pct(next(r["final_accuracy"] for r in rows if (r["attack"], r["malicious"]) == key
-                               and r["method"] == m)) for m in methods]
-            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
-        tables["ataques"] = "\n".join(lines)
+    tables: dict[str, str] = _multi_seed_tables(results_dir)
     if (results_dir / MCMAHAN_CSV).exists():
         rows = read_csv(results_dir / MCMAHAN_CSV)
         lines = ["| partición | método | ajustes (elegidos en validación) | rondas hasta 97 / 98 / 99 % | "

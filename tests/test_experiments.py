@@ -1,29 +1,47 @@
-"""The essay's experiments on a tiny profile, and the tables rendered from result files."""
+"""The essay's experiments on a tiny profile (real MNIST slices), the tables and the resumable runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
+import numpy as np
 import pytest
 
 from fedmnist import experiments
 from fedmnist.errors import ConfigError
 from fedmnist.experiments import Profile, read_csv, render_tables, run_experiments
+from fedmnist.stats import format_mean_interval, mean_interval
 
 TINY = Profile(
-    name="tiny", seeds=(3,), course_epochs=1, course_train_subset=600, course_test_subset=300,
-    clients=3, train_subset=450, rounds=1, round_test_subset=200, alphas=(), prox_mus=(0.0, 0.1),
-    attacks=("gaussian",), malicious_counts=(1,), attack_methods=("fedavg", "fedmed"),
-    attack_rounds=1, attack_train_subset=450,
+    name="tiny", seeds=(3, 4), validation_size=300, course_epochs=1, course_train_subset=1_000,
+    course_mu_grid=(0.01, 0.1), clients=3, train_subset=450, rounds=2, partitions=("iid", "shards_2"),
+    mu_grid=(0.01, 0.1), prox_mus=(0.0, 0.1),
+    attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1), ("shards_2", "signflip", 1)),
+    attack_methods=("fedavg", "fedprox", "fedmed", "bulyan"), attack_clients=7, attack_krum_f=1,
+    attack_rounds=2, attack_train_subset=700, attack_eval_every=1, drift_seeds=(3, 4), drift_clients=4,
+    drift_train_subset=400,
+    drift_optimizers=(("adam", 1e-3, 0.0), ("sgd", 0.05, 0.9)), drift_epochs=(1, 2),
+    drift_partitions=("iid", "shards_2"), drift_mu_grid=(0.01, 0.1), drift_barrier_images=100,
 )
+MULTI_SEED = ("course", "drift", "heterogeneity", "fedprox_mu", "attacks")
+TRAIN_IMAGES, TEST_IMAGES = 2_400, 500
+
+
+def _stratified(labels: np.ndarray, per_class: int) -> np.ndarray:
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
 
 
 @pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory, mnist_path, monkeypatch_module):
-    monkeypatch_module.setitem(experiments.PROFILES, "tiny", TINY)
-    out = tmp_path_factory.mktemp("resultados")
-    run_experiments("tiny", str(mnist_path), out, only=("course", "fedprox_mu", "attacks"), quiet=True)
-    return out
+def small_npz(tmp_path_factory, raw_mnist):
+    """2,400 training and 500 test images of the real MNIST, 10 % of each class, as an npz file."""
+    train = _stratified(raw_mnist.y_train, TRAIN_IMAGES // 10)
+    test = _stratified(raw_mnist.y_test, TEST_IMAGES // 10)
+    path = tmp_path_factory.mktemp("mnist") / "mnist.npz"
+    np.savez(path, x_train=raw_mnist.x_train[train], y_train=raw_mnist.y_train[train],
+             x_test=raw_mnist.x_test[test], y_test=raw_mnist.y_test[test])
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -32,53 +50,196 @@ def monkeypatch_module():
         yield mp
 
 
-def test_course_rows_cover_every_model(tiny_results):
-    # Execute
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory, small_npz, monkeypatch_module):
+    monkeypatch_module.setitem(experiments.PROFILES, "tiny", TINY)
+    out = tmp_path_factory.mktemp("resultados")
+    run_experiments("tiny", str(small_npz), out, only=MULTI_SEED, quiet=True)
+    return out
+
+
+def _chosen(rows, **match) -> float:
+    sel = [r for r in rows if all(str(r[k]) == str(v) for k, v in match.items())]
+    winner = max(sel, key=lambda r: float(r.get("score") or r.get("validation_accuracy")))
+    assert [r for r in sel if r["chosen"] == "True"] == [winner]  # one: the best (the first of equals)
+    return float(winner["mu"])
+
+
+def test_course_rows_cover_every_model_and_seed(tiny_results):
     rows = read_csv(tiny_results / experiments.COURSE_CSV)
 
-    # Assert: three global methods, five locals, the central model, one seed
-    models = [r["model"] for r in rows]
-    assert models == ["fedavg", "fedprox", "fedmed", *[f"local_{k}" for k in range(1, 6)], "central"]
-    assert {r["seed"] for r in rows} == {"3"}
+    # three global methods, five locals and the central model for each seed, on the whole (small) test set
+    for seed in ("3", "4"):
+        models = [r["model"] for r in rows if r["seed"] == seed]
+        assert models == ["fedavg", "fedprox", "fedmed", *[f"local_{k}" for k in range(1, 6)], "central"]
     for r in rows:
         assert 0.0 <= float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) <= 1.0
+        assert (r["optimizer"], r["test_images"], r["train_images"]) == ("adam", str(TEST_IMAGES), "1000")
+
+
+def test_course_fedprox_mu_is_the_validation_winner(tiny_results):
+    tuning = read_csv(tiny_results / experiments.COURSE_TUNING_CSV)
+    rows = read_csv(tiny_results / experiments.COURSE_CSV)
+
+    assert [float(r["mu"]) for r in tuning] == [0.01, 0.1]
+    assert {r["validation_images"] for r in tuning} == {"300"}
+    mu = _chosen(tuning)
+    assert {float(r["mu"]) for r in rows if r["model"] == "fedprox"} == {mu}
+    assert {float(r["mu"]) for r in rows if r["model"] != "fedprox"} == {0.0}
 
 
 def test_shared_init_beats_independent_init(tiny_results):
-    rows = {r["init"]: float(r["accuracy"]) for r in read_csv(tiny_results / experiments.INIT_CSV)}
+    rows = read_csv(tiny_results / experiments.INIT_CSV)
 
-    assert set(rows) == {"compartida", "independiente"}
-    assert rows["compartida"] > rows["independiente"]
+    mean = {label: np.mean([float(r["accuracy"]) for r in rows if r["init"] == label])
+            for label in ("compartida", "independiente")}
+    assert len(rows) == 4
+    assert mean["compartida"] > mean["independiente"]
 
 
-def test_fedprox_mu_zero_is_reported_as_fedavg_run(tiny_results):
+def test_drift_grid_measures_every_setting(tiny_results):
+    rows = read_csv(tiny_results / experiments.DRIFT_CSV)
+
+    # Assert: 2 seeds × 2 optimisers × 2 partitions × 2 epoch counts, 100 images per client
+    assert len(rows) == 16
+    for r in rows:
+        assert float(r["local_steps"]) == int(r["epochs"]) * math.ceil(100 / 32)
+        assert -1.0 <= float(r["update_cosine"]) <= 1.0 and float(r["barrier"]) >= 0.0
+        assert float(r["update_norm"]) > 0 and r["test_images"] == str(TEST_IMAGES)
+        # the proximal pull shortens the walk
+        assert float(r["fedprox_update_norm"]) <= float(r["update_norm"]) * 1.05
+    same = ("seed", "optimizer", "learning_rate", "partition")
+    for r in (r for r in rows if r["epochs"] == "2"):
+        one = next(o for o in rows if o["epochs"] == "1" and all(o[k] == r[k] for k in same))
+        assert float(r["update_norm"]) > float(one["update_norm"])  # twice the local work walks further
+
+
+def test_drift_mu_is_chosen_on_validation_per_setting(tiny_results):
+    rows = read_csv(tiny_results / experiments.DRIFT_CSV)
+    tuning = read_csv(tiny_results / experiments.DRIFT_TUNING_CSV)
+
+    assert len(tuning) == 2 * 2 * 2 * 2  # optimisers × partitions × epochs × candidates, first seed only
+    for r in rows:
+        setting = {k: r[k] for k in ("optimizer", "learning_rate", "partition", "epochs")}
+        assert float(r["mu"]) == _chosen(tuning, **setting)
+
+
+def test_drift_continues_from_its_cache(tiny_results, small_npz, monkeypatch):
+    # Prepare: no executor may be built, since every block of the grid is in the cache
+    from fedmnist.data import load_raw_mnist
+
+    def no_executor(*_):
+        raise AssertionError("the drift grid retrained a cached block")
+
+    monkeypatch.setattr(experiments, "_executor", no_executor)
+    before = (tiny_results / experiments.DRIFT_CSV).read_text()
+
+    # Execute
+    experiments.run_drift(TINY, load_raw_mnist(small_npz), tiny_results, None, None, lambda *_: None)
+
+    # Assert
+    assert (tiny_results / experiments.DRIFT_CSV).read_text() == before
+
+
+def _last_round(run_dir, method: str) -> dict:
+    rows = [r for r in read_csv(run_dir / "metricas_por_ronda.csv") if r["method"] == method]
+    return rows[-1]
+
+
+def test_multi_round_tables_equal_the_last_round_on_the_whole_test_set(tiny_results):
+    rows = read_csv(tiny_results / experiments.HETERO_CSV)
+
+    assert {(r["partition"], r["seed"], r["method"]) for r in rows} == {
+        (p, s, m) for p in ("iid", "shards_2") for s in ("3", "4") for m in ("fedavg", "fedprox", "fedmed")}
+    for r in rows:
+        run_dir = tiny_results / "simulaciones" / f"heterogeneidad_{r['partition']}_s{r['seed']}"
+        config = json.loads((run_dir / "configuracion.json").read_text())
+        assert config["data"]["test_images"] == TEST_IMAGES == int(r["test_images"])
+        last = _last_round(run_dir, r["method"])
+        assert float(last["test_accuracy"]) == pytest.approx(float(r["final_accuracy"]), abs=1e-6)
+        assert r["diverged"] == "False" and float(r["run_seconds"]) > 0
+
+
+def test_heterogeneity_fedprox_mu_is_chosen_on_a_validation_split(tiny_results):
+    rows = read_csv(tiny_results / experiments.HETERO_CSV)
+    tuning = read_csv(tiny_results / experiments.HETERO_TUNING_CSV)
+
+    for partition in ("iid", "shards_2"):
+        mu = _chosen(tuning, setting=partition)
+        prox = [r for r in rows if r["partition"] == partition and r["method"] == "fedprox"]
+        assert {float(r["mu"]) for r in prox} == {mu}
+        # the tuning runs train on the training set minus the 300 held-out images, scored on those
+        run_dir = tiny_results / "simulaciones" / f"ajuste_mu_heterogeneidad_{partition}_mu{mu:g}"
+        data = json.loads((run_dir / "configuracion.json").read_text())["data"]
+        assert (data["train_images"], data["test_images"]) == (TINY.train_subset, TINY.validation_size)
+
+
+def test_fedprox_mu_table_runs_every_mu_and_seed(tiny_results):
     rows = read_csv(tiny_results / experiments.PROX_CSV)
 
-    assert [r["mu"] for r in rows] == ["0", "0.1"]
-    assert (tiny_results / "simulaciones" / "fedprox_mu_0" / "resumen.json").exists()
+    assert [(r["mu"], r["seed"]) for r in rows] == [("0", "3"), ("0", "4"), ("0.1", "3"), ("0.1", "4")]
+    assert (tiny_results / "simulaciones" / "fedprox_mu_0_s3" / "resumen.json").exists()
+
+
+def test_attacks_run_fedprox_and_bulyan_and_record_divergence(tiny_results):
+    rows = read_csv(tiny_results / experiments.ATTACK_CSV)
+    tuning = read_csv(tiny_results / experiments.ATTACK_TUNING_CSV)
+
+    cases = list(dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows))
+    assert cases == [("iid", "none", "0"), ("iid", "gaussian", "1"), ("shards_2", "signflip", "1")]
+    assert {r["method"] for r in rows} == {"fedavg", "fedprox", "fedmed", "bulyan"}
+    assert len(rows) == 3 * 2 * 4
+    for r in rows:
+        assert r["diverged"] == str(experiments.diverged(float(r["final_loss"])))
+        assert r["krum_f"] == "1" and r["clients"] == "7"
+    for partition in ("iid", "shards_2"):
+        mu = _chosen(tuning, setting=partition)
+        prox = [r for r in rows if r["partition"] == partition and r["method"] == "fedprox"]
+        assert {float(r["mu"]) for r in prox} == {mu}
+
+
+def test_diverged_means_a_non_finite_or_exploded_test_loss():
+    assert experiments.diverged(float("nan")) and experiments.diverged(float("inf"))
+    assert experiments.diverged(7.3e16)
+    assert not experiments.diverged(2.31) and not experiments.diverged(None)
 
 
 def test_tables_are_rendered_from_the_files(tiny_results):
     # Execute
     tables = render_tables(tiny_results)
 
-    # Assert: one table per result file written, numbers as percentages of the CSV values
-    assert set(tables) == {"curso", "inicializacion", "fedprox_mu", "ataques"}
-    fedavg = next(r for r in read_csv(tiny_results / experiments.COURSE_CSV) if r["model"] == "fedavg")
-    assert f"| FedAvg | {float(fedavg['accuracy']) * 100:.2f} |" in tables["curso"]
+    # Assert: one table per result file, numbers as the mean ± t-interval of the CSV values
+    assert set(tables) == {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
+                           "heterogeneidad_diferencias", "fedprox_mu", "ataques", "ataques_diferencias",
+                           "ajuste_mu"}
+    course = read_csv(tiny_results / experiments.COURSE_CSV)
+    fedavg = mean_interval([float(r["accuracy"]) for r in course if r["model"] == "fedavg"])
+    assert f"| FedAvg | {format_mean_interval(fedavg)} |" in tables["curso"]
     attack = read_csv(tiny_results / experiments.ATTACK_CSV)
-    assert f"{float(attack[0]['final_accuracy']) * 100:.2f}" in tables["ataques"]
+    cell = format_mean_interval(mean_interval([float(r["final_accuracy"]) for r in attack
+                                               if r["attack"] == "gaussian" and r["method"] == "fedmed"]))
+    assert "| IID | ruido gaussiano | 1 | " in tables["ataques"] and cell in tables["ataques"]
+    assert ("diverge en" in tables["ataques"]) == any(r["diverged"] == "True" for r in attack)
+    assert tables["ajuste_mu"].count("\n| ") == 1 + 2 + 2  # the course, two splits, two attack partitions
+    for name, text in tables.items():  # Spanish category names only
+        assert not any(word in text for word in ("gaussian |", "signflip", "shards", "| iid")), name
 
 
-def test_environment_records_command_seeds_and_versions(tiny_results):
-    import json
+def test_stale_result_files_are_skipped_not_fatal(tmp_path):
+    # Prepare: a heterogeneity CSV in the format of an earlier version (one seed, no seed column)
+    old = "partition,method,rounds,final_accuracy\niid,fedavg,8,0.95\n"
+    (tmp_path / experiments.HETERO_CSV).write_text(old)
 
+    assert render_tables(tmp_path) == {}
+
+
+def test_environment_records_command_seeds_and_costs(tiny_results):
     env = json.loads((tiny_results / experiments.ENV_FILE).read_text())
 
-    assert env["seeds"] == [3]
+    assert env["seeds"] == [3, 4]
     assert env["profile"]["name"] == "tiny"
     assert {"tensorflow", "keras", "numpy", "python"} <= set(env["software"])
-    assert set(env["seconds_per_experiment"]) == {"course", "fedprox_mu", "attacks"}
+    assert set(env["seconds_per_experiment"]) == set(MULTI_SEED)
 
 
 def test_unknown_profile_and_experiment_are_refused(tmp_path):
@@ -88,14 +249,83 @@ def test_unknown_profile_and_experiment_are_refused(tmp_path):
         run_experiments("quick", None, tmp_path, only=("everything",))
 
 
-def test_profiles_are_frozen_and_full_repeats_seeds():
+def test_full_profile_repeats_five_seeds_on_the_whole_data():
     full = experiments.PROFILES["full"]
 
-    assert len(full.seeds) >= 2
+    assert full.seeds == (42, 43, 44, 45, 46)
+    assert full.course_train_subset is None and full.course_test_subset is None
+    assert full.round_test_subset is None and len(full.drift_seeds) >= 3
+    assert {"fedprox", "multikrum", "bulyan"} <= set(full.attack_methods)
+    assert any(p != "iid" and a != "none" for p, a, _ in full.attack_cases)  # attackers in a non-IID split
+    assert full.attack_clients >= 4 * full.attack_krum_f + 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         full.rounds = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"attack_clients": 10, "attack_krum_f": 2}, "Bulyan with f = 2 needs at least 11"),
+    ({"partitions": ("iid", "noniid")}, "unknown partition label 'noniid'"),
+    ({"attack_cases": (("iid", "gaussian", 0),)}, "attack case"),
+    ({"attack_cases": (("iid", "none", 1),)}, "attack case"),
+    ({"seeds": (3, 3)}, "distinct"),
+    ({"mu_grid": (0.0, 0.1)}, "μ > 0"),
+    ({"drift_barrier_pairs": 3}, "drift_barrier_pairs"),
+])
+def test_profiles_refuse_settings_the_experiments_cannot_run(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(TINY, **changes)
+
+
+def test_multi_round_experiments_continue_their_checkpoints(tmp_path, small_npz, tiny_results, monkeypatch):
+    # Prepare: part of the tiny profile, first cut at one round, then raised to the profile's two
+    part = dataclasses.replace(TINY, partitions=("shards_2",), prox_mus=(0.1,),
+                               attack_cases=(("iid", "gaussian", 1),))
+    cut = dataclasses.replace(part, name="cut", rounds=1, attack_rounds=1)
+    monkeypatch.setitem(experiments.PROFILES, "cut", cut)
+    monkeypatch.setitem(experiments.PROFILES, "part", dataclasses.replace(part, name="part"))
+    only = ("heterogeneity", "fedprox_mu", "attacks")
+
+    # Execute: interrupted after round 1 of every run, then continued
+    run_experiments("cut", str(small_npz), tmp_path, only=only, quiet=True)
+    run_experiments("part", str(small_npz), tmp_path, only=only, quiet=True)
+
+    # Assert: every run (tuning runs too) resumed from round 1 ...
+    runs = sorted((tmp_path / "simulaciones").iterdir())
+    assert len(runs) == (2 + 2) + 2 + (2 + 2)
+    for run_dir in runs:
+        assert json.loads((run_dir / "resumen.json").read_text())["resumed_from_round"] == 1, run_dir.name
+
+    # ... and gives the uninterrupted run's numbers
+    def numbers(path, keep):
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in read_csv(path) if keep(r)]
+
+    for name, keep in ((experiments.HETERO_CSV, lambda r: r["partition"] == "shards_2"),
+                       (experiments.PROX_CSV, lambda r: r["mu"] == "0.1"),
+                       (experiments.ATTACK_CSV, lambda r: r["attack"] == "gaussian"),
+                       (experiments.ATTACK_TUNING_CSV, lambda r: r["setting"] == "iid")):
+        assert numbers(tmp_path / name, keep) == numbers(tiny_results / name, keep), name
+
+
+def test_drift_grid_gives_the_same_numbers_in_a_worker_pool(small_npz, monkeypatch):
+    # Prepare: one small block, run in this process and in one worker process
+    from fedmnist.data import load_raw_mnist
+    from fedmnist.drift_grid import DriftGrid, run_drift_grid
+
+    grid = DriftGrid(seeds=(5,), clients=2, train_subset=200, optimizers=(("sgd", 0.05, 0.9),), epochs=(1,),
+                     partitions=("iid",), mu_grid=(0.1,), validation_size=100, barrier_images=50,
+                     barrier_pairs=1)
+    mnist = load_raw_mnist(small_npz)
+
+    # Execute
+    monkeypatch.setitem(experiments.WORKERS, "workers", 1)
+    pooled, _ = run_drift_grid(grid, mnist, experiments._executor, experiments._evaluator(), lambda *_: None)
+    monkeypatch.delitem(experiments.WORKERS, "workers")
+    local, _ = run_drift_grid(grid, mnist, experiments._executor, experiments._evaluator(), lambda *_: None)
+
+    # Assert: equal up to the last bits TensorFlow's thread count changes
+    for key in ("update_norm", "update_cosine", "barrier", "locals_accuracy", "fedavg_accuracy",
+                "fedprox_accuracy"):
+        assert pooled[0][key] == pytest.approx(local[0][key], rel=1e-3, abs=2e-3), key
 def _summary(run_dir):
     import json
 

@@ -1,0 +1,411 @@
+"""Markdown tables of the essay's multi-seed experiments, from the rows of their result CSVs.
+
+Cells give the mean over seeds ± the half-width of its 95 % Student-t interval, in percent for
+accuracies; comparisons between methods are paired by seed (``fedmnist.stats.paired_comparison``):
+the mean difference in points, its 95 % interval in brackets, and in how many seeds the row's method
+wins. A result file written by an older version of the experiments lacks some columns: the table
+functions raise ``StaleResults`` naming them, and ``fedmnist.experiments.render_tables`` skips it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from fedmnist.labels import attack_name, method_name, optimizer_name, partition_name
+from fedmnist.stats import format_mean_interval, format_paired, mean_interval, paired_comparison
+
+Rows = Sequence[Mapping[str, str]]
+CI_NOTE = "media ± semiamplitud del intervalo de confianza del 95 % (t de Student) entre semillas"
+PAIRED_NOTE = (
+    "diferencias A − B emparejadas por semilla, en puntos: media [IC 95 %] y semillas en que A supera a B"
+)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _images(count) -> str:
+    """``10 000 imágenes`` (Spanish thousands separator)."""
+    return f"{int(float(count)):,}".replace(",", " ") + " imágenes"
+
+
+def _plural(count, word: str, plural: str) -> str:
+    return f"{count} {word if int(count) == 1 else plural}"
+
+
+class StaleResults(ValueError):
+    """A result file lacks columns the current tables need (it was written by an older version)."""
+
+
+def _need(rows: Rows, name: str, columns: Sequence[str]) -> None:
+    if not rows:
+        raise StaleResults(f"{name} has no rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise StaleResults(
+            f"{name} lacks the columns {', '.join(missing)}: regenerate it with fedmnist experiments"
+        )
+
+
+def _ci(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    return format_mean_interval(mean_interval([float(v) for v in values]), scale, digits)
+
+
+def _true(value) -> bool:
+    return str(value) == "True"
+
+
+def _by_seed(rows: Rows, key: str = "final_accuracy") -> dict[str, float]:
+    return {r["seed"]: float(r[key]) for r in rows}
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> str:
+    seeds = sorted(set(a) & set(b), key=int)
+    if not seeds:
+        return "—"
+    return format_paired(paired_comparison([a[s] for s in seeds], [b[s] for s in seeds]))
+
+
+def _accuracy_cell(rows: Rows, key: str = "final_accuracy") -> str:
+    """Mean ± interval, with how many seeds diverged (non-finite test loss) when any did."""
+    text = _ci([float(r[key]) for r in rows])
+    diverged = sum(_true(r.get("diverged")) for r in rows)
+    return f"{text} (diverge en {diverged}/{len(rows)})" if diverged else text
+
+
+def _seeds(rows: Rows) -> str:
+    seeds = sorted({r["seed"] for r in rows}, key=int)
+    return f"{len(seeds)} semillas ({', '.join(seeds)})"
+
+
+def _mean_loss(rows: Rows, key: str) -> str:
+    values = [float(r[key]) for r in rows]
+    return f"{sum(values) / len(values):.4f}" if all(math.isfinite(v) for v in values) else "no finita"
+
+
+def course_table(rows: Rows) -> str:
+    """``curso``: every global model, the central model and the locals' mean, against FedAvg."""
+    _need(
+        rows,
+        "curso.csv",
+        (
+            "seed",
+            "model",
+            "accuracy",
+            "loss",
+            "mu",
+            "optimizer",
+            "learning_rate",
+            "momentum",
+            "epochs",
+            "batch_size",
+            "train_images",
+            "test_images",
+        ),
+    )
+    locals_ = {}
+    for seed in {r["seed"] for r in rows}:
+        sel = [r for r in rows if r["seed"] == seed and r["model"].startswith("local_")]
+        locals_[seed] = {
+            "seed": seed,
+            "accuracy": sum(float(r["accuracy"]) for r in sel) / len(sel),
+            "loss": sum(float(r["loss"]) for r in sel) / len(sel),
+        }
+    fedavg = _by_seed([r for r in rows if r["model"] == "fedavg"], "accuracy")
+    lines = [
+        "| modelo | precisión (%), media ± IC 95 % | pérdida media | diferencia con FedAvg (puntos) |",
+        "|---|---|---|---|",
+    ]
+    names = [m for m in dict.fromkeys(r["model"] for r in rows) if not m.startswith("local_")]
+    groups = [(n, [r for r in rows if r["model"] == n]) for n in names] + [
+        ("locales", list(locals_.values()))
+    ]
+    for name, sel in groups:
+        label = {
+            "central": "Central (mismas épocas, todos los datos)",
+            "locales": "Modelos locales (media de los 5)",
+        }.get(name, method_name(name))
+        if name == "fedprox":
+            label += f" (μ = {float(sel[0]['mu']):g})"
+        diff = "—" if name == "fedavg" else _paired(_by_seed(sel, "accuracy"), fedavg)
+        lines.append(
+            f"| {label} | {_ci([r['accuracy'] for r in sel])} | {_mean_loss(sel, 'loss')} | {diff} |"
+        )
+    first = rows[0]
+    training = optimizer_name(first["optimizer"], float(first["learning_rate"]), float(first["momentum"]))
+    return "\n".join(lines) + (
+        f"\n\n{_cap(CI_NOTE)}: {_seeds(rows)}; {PAIRED_NOTE}. Entrenamiento local: {training}, "
+        f"{_plural(first['epochs'], 'época', 'épocas')}, lote {first['batch_size']}, con el 10 % de cada "
+        f"parte reservado para validación; {_images(first['train_images'])} de entrenamiento y "
+        f"{_images(first['test_images'])} de test; μ de FedProx elegido en validación (tabla ajuste_mu)."
+    )
+
+
+def initialisation_table(rows: Rows) -> str:
+    """``inicializacion``: one-shot FedAvg of clients from a shared start versus independent starts."""
+    _need(rows, "inicializacion.csv", ("seed", "init", "accuracy"))
+    labels = list(dict.fromkeys(r["init"] for r in rows))
+    shared = _by_seed([r for r in rows if r["init"] == labels[0]], "accuracy")
+    lines = [
+        "| inicialización de los clientes | precisión de FedAvg en una ronda (%), media ± IC 95 % | "
+        f"diferencia con la {labels[0]} (puntos) |",
+        "|---|---|---|",
+    ]
+    for label in labels:
+        sel = [r for r in rows if r["init"] == label]
+        diff = "—" if label == labels[0] else _paired(_by_seed(sel, "accuracy"), shared)
+        lines.append(f"| {label} | {_ci([r['accuracy'] for r in sel])} | {diff} |")
+    return "\n".join(lines) + f"\n\n{_cap(CI_NOTE)}: {_seeds(rows)}; {PAIRED_NOTE}."
+
+
+def _setting_note(rows: Rows) -> str:
+    first = rows[0]
+    images = (
+        f"{_images(first['train_images'])} de entrenamiento"
+        if first["train_images"]
+        else "todo el conjunto de entrenamiento"
+    )
+    every = "cada ronda" if int(first["eval_every"]) == 1 else f"cada {first['eval_every']} rondas"
+    return (
+        f"{first['clients']} clientes (todos en cada ronda) con {images}, {first['rounds']} rondas de "
+        f"{_plural(first['local_epochs'], 'época local', 'épocas locales')}; precisión en las "
+        f"{_images(first['test_images'])} de test (evaluadas {every} y en la última)"
+    )
+
+
+RUN_COLUMNS = (
+    "seed",
+    "final_accuracy",
+    "diverged",
+    "clients",
+    "train_images",
+    "test_images",
+    "local_epochs",
+    "eval_every",
+    "rounds",
+)
+
+
+def heterogeneity_tables(rows: Rows) -> dict[str, str]:
+    """``heterogeneidad`` (final accuracy per split and method) and ``heterogeneidad_diferencias``."""
+    _need(rows, "heterogeneidad.csv", ("partition", "method", "mu", *RUN_COLUMNS))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    partitions = list(dict.fromkeys(r["partition"] for r in rows))
+    main = [
+        "| partición | " + " | ".join(method_name(m) for m in methods) + " | μ de FedProx (validación) |",
+        "|---|" + "---|" * (len(methods) + 1),
+    ]
+    others = [m for m in methods if m != "fedavg"]
+    diffs = [
+        "| partición | " + " | ".join(f"{method_name(m)} − FedAvg" for m in others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
+    for part in partitions:
+        sel = {m: [r for r in rows if r["partition"] == part and r["method"] == m] for m in methods}
+        mu = next((f"{float(r['mu']):g}" for r in sel.get("fedprox", [])), "—")
+        main.append(
+            f"| {partition_name(part)} | "
+            + " | ".join(_accuracy_cell(sel[m]) for m in methods)
+            + f" | {mu} |"
+        )
+        diffs.append(
+            f"| {partition_name(part)} | "
+            + " | ".join(_paired(_by_seed(sel[m]), _by_seed(sel["fedavg"])) for m in others)
+            + " |"
+        )
+    note = f"\n\nPrecisión final (%): {CI_NOTE}, {_seeds(rows)}. {_setting_note(rows)}."
+    return {
+        "heterogeneidad": "\n".join(main) + note,
+        "heterogeneidad_diferencias": "\n".join(diffs) + f"\n\n{_cap(PAIRED_NOTE)}.",
+    }
+
+
+def fedprox_mu_table(rows: Rows) -> str:
+    """``fedprox_mu``: final accuracy per μ, the last evaluated rounds' mean, the difference with μ = 0."""
+    _need(rows, "fedprox_mu.csv", ("mu", "partition", "mean_last3_evaluated_accuracy", *RUN_COLUMNS))
+    mus = list(dict.fromkeys(r["mu"] for r in rows))
+    base = _by_seed([r for r in rows if float(r["mu"]) == 0])
+    lines = [
+        "| μ | precisión final (%) | media de las 3 últimas rondas evaluadas (%) | diferencia con μ = 0 "
+        "(FedAvg), puntos |",
+        "|---|---|---|---|",
+    ]
+    for mu in mus:
+        sel = [r for r in rows if r["mu"] == mu]
+        diff = "—" if float(mu) == 0 or not base else _paired(_by_seed(sel), base)
+        lines.append(
+            f"| {mu}{' (FedAvg)' if float(mu) == 0 else ''} | {_accuracy_cell(sel)} | "
+            f"{_ci([r['mean_last3_evaluated_accuracy'] for r in sel])} | {diff} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\nPartición {partition_name(rows[0]['partition'])}; {CI_NOTE}, {_seeds(rows)}; "
+        f"{PAIRED_NOTE}. {_setting_note(rows)}."
+    )
+
+
+def attack_tables(rows: Rows) -> dict[str, str]:
+    """``ataques`` (final accuracy per case and method) and ``ataques_diferencias`` (against FedAvg)."""
+    _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", "mu", "krum_f", *RUN_COLUMNS))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    others = [m for m in methods if m != "fedavg"]
+    head = "| partición | ataque | maliciosos | "
+    main = [
+        head + " | ".join(method_name(m) for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    diffs = [
+        head + " | ".join(f"{method_name(m)} − FedAvg" for m in others) + " |",
+        "|---|---|---|" + "---|" * len(others),
+    ]
+    cases = list(dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows))
+    for case in cases:
+        sel = {
+            m: [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == m]
+            for m in methods
+        }
+        lead = f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | "
+        main.append(lead + " | ".join(_accuracy_cell(sel[m]) if sel[m] else "—" for m in methods) + " |")
+        if sel.get("fedavg"):
+            diffs.append(
+                lead
+                + " | ".join(
+                    _paired(_by_seed(sel[m]), _by_seed(sel["fedavg"])) if sel[m] else "—" for m in others
+                )
+                + " |"
+            )
+    mus = {r["partition"]: f"{float(r['mu']):g}" for r in rows if r["method"] == "fedprox"}
+    mu_note = (
+        (
+            "; μ de FedProx elegido en validación sin atacantes: "
+            + ", ".join(f"{partition_name(p)} {m}" for p, m in mus.items())
+        )
+        if mus
+        else ""
+    )
+    robust = [method_name(m) for m in methods if m in ("krum", "multikrum", "bulyan")]
+    f_note = f"; {', '.join(robust)} con f = {rows[0]['krum_f']}" if robust else ""
+    note = (
+        f"\n\nPrecisión final (%): {CI_NOTE}, {_seeds(rows)}; «diverge»: semillas cuyo modelo final tiene "
+        f"una pérdida de test no finita o mayor que 1000 (los pesos se disparan; un modelo al azar tiene "
+        f"ln 10 ≈ 2.3). {_setting_note(rows)}{f_note}{mu_note}."
+    )
+    return {
+        "ataques": "\n".join(main) + note,
+        "ataques_diferencias": "\n".join(diffs) + f"\n\n{_cap(PAIRED_NOTE)}.",
+    }
+
+
+def drift_tables(rows: Rows) -> dict[str, str]:
+    """``deriva`` (the drift measures) and ``deriva_precision`` (locals, one-shot FedAvg, FedProx)."""
+    _need(
+        rows,
+        "deriva.csv",
+        (
+            "seed",
+            "partition",
+            "optimizer",
+            "learning_rate",
+            "momentum",
+            "epochs",
+            "local_steps",
+            "update_norm",
+            "update_cosine",
+            "barrier",
+            "barrier_images",
+            "locals_accuracy",
+            "fedavg_accuracy",
+            "mu",
+            "fedprox_accuracy",
+            "clients",
+            "images_per_client",
+            "test_images",
+        ),
+    )
+    keys = list(
+        dict.fromkeys(
+            (r["partition"], r["optimizer"], r["learning_rate"], r["momentum"], r["epochs"]) for r in rows
+        )
+    )
+    measures = [
+        "| partición | entrenamiento local | E | pasos locales | ‖wₖ − w₀‖ | coseno entre actualizaciones | "
+        "barrera de pérdida |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    accuracy = [
+        "| partición | entrenamiento local | E | locales (%) | FedAvg (%) | FedAvg − locales | μ | "
+        "FedProx (%) | FedProx − FedAvg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        sel = [
+            r
+            for r in rows
+            if (r["partition"], r["optimizer"], r["learning_rate"], r["momentum"], r["epochs"]) == key
+        ]
+        training = optimizer_name(key[1], float(key[2]), float(key[3]))
+        lead = f"| {partition_name(key[0])} | {training} | {key[4]} | "
+        barriers = [r["barrier"] for r in sel if math.isfinite(float(r["barrier"]))]
+        measures.append(
+            lead + f"{float(sel[0]['local_steps']):.0f} | {_ci([r['update_norm'] for r in sel], 1)} | "
+            f"{_ci([r['update_cosine'] for r in sel], 1, 3)} | "
+            f"{_ci(barriers, 1, 3) if barriers else '—'} |"
+        )
+        accuracy.append(
+            lead
+            + f"{_ci([r['locals_accuracy'] for r in sel])} | {_ci([r['fedavg_accuracy'] for r in sel])} | "
+            f"{_paired(_by_seed(sel, 'fedavg_accuracy'), _by_seed(sel, 'locals_accuracy'))} | "
+            f"{float(sel[0]['mu']):g} | {_ci([r['fedprox_accuracy'] for r in sel])} | "
+            f"{_paired(_by_seed(sel, 'fedprox_accuracy'), _by_seed(sel, 'fedavg_accuracy'))} |"
+        )
+    first = rows[0]
+    setting = (
+        f"{first['clients']} clientes de {float(first['images_per_client']):.0f} imágenes, una ronda desde "
+        f"un mismo punto de partida; {CI_NOTE}, {_seeds(rows)}"
+    )
+    return {
+        "deriva": "\n".join(measures)
+        + (
+            f"\n\n{setting}. Barrera: el máximo, a lo largo del segmento entre dos clientes (1-2 y 3-4), "
+            "de la pérdida menos la recta entre sus extremos, en las primeras "
+            f"{_images(first['barrier_images'])} de test."
+        ),
+        "deriva_precision": "\n".join(accuracy)
+        + (
+            f"\n\n{setting}; precisión en las {_images(first['test_images'])} de test; «locales»: la media "
+            f"de los modelos locales de cada semilla; {PAIRED_NOTE}; μ de FedProx elegido en validación para "
+            "cada fila."
+        ),
+    }
+
+
+def tuning_table(rows: Rows) -> str:
+    """``ajuste_mu``: every setting's FedProx candidates with their validation accuracy, and the choice."""
+    _need(
+        rows,
+        "*_ajuste_mu.csv",
+        ("experiment", "setting", "mu", "score", "chosen", "validation_images", "rounds"),
+    )
+    names = {
+        "curso": "Flujo del curso",
+        "heterogeneidad": "Heterogeneidad",
+        "ataques": "Ataques (sin atacantes)",
+    }
+    lines = [
+        "| experimento | partición | rondas | precisión de validación (%) por μ | μ elegido |",
+        "|---|---|---|---|---|",
+    ]
+    for key in dict.fromkeys((r["experiment"], r["setting"]) for r in rows):
+        sel = [r for r in rows if (r["experiment"], r["setting"]) == key]
+        scores = " · ".join(f"{float(r['mu']):g}: {float(r['score']) * 100:.2f}" for r in sel)
+        chosen = next(f"{float(r['mu']):g}" for r in sel if _true(r["chosen"]))
+        lines.append(
+            f"| {names.get(key[0], key[0])} | {partition_name(key[1])} | {sel[0]['rounds']} | {scores} | "
+            f"{chosen} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\nValidación: {_images(rows[0]['validation_images'])} de entrenamiento apartadas (primera "
+        "semilla); cada candidato entrena FedProx con el resto y puntúa la media de la precisión de "
+        "validación en las dos últimas rondas evaluadas (en una ronda, la de esa ronda)."
+    )

@@ -1,0 +1,169 @@
+"""The essay's multi-seed tables from hand-made rows whose intervals are known by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmnist import result_tables as rt
+
+RUN = {
+    "clients": "10",
+    "train_images": "4000",
+    "test_images": "10000",
+    "local_epochs": "1",
+    "eval_every": "2",
+    "rounds": "16",
+    "ci_low": "0",
+    "ci_high": "1",
+    "final_loss": "0.3",
+    "diverged": "False",
+}
+# two seeds: for values 0.89 and 0.91 the half-width is t(0.975, 1) · s / √2 = 12.7062 · 0.01 = 0.1271
+FEDAVG = {"1": "0.89", "2": "0.91"}
+FEDPROX = {"1": "0.90", "2": "0.93"}  # differences +0.01, +0.02: mean 1.50 points, half-width 6.35
+
+
+def course_rows() -> list[dict]:
+    rows = []
+    for seed in ("1", "2"):
+        common = {
+            "seed": seed,
+            "loss": "0.1",
+            "optimizer": "adam",
+            "learning_rate": "0.001",
+            "momentum": "0.0",
+            "epochs": "2",
+            "batch_size": "32",
+            "train_images": "60000",
+            "test_images": "10000",
+        }
+        rows.append({**common, "model": "fedavg", "accuracy": FEDAVG[seed], "mu": "0.0"})
+        rows.append({**common, "model": "fedprox", "accuracy": FEDPROX[seed], "mu": "0.01"})
+        rows += [{**common, "model": f"local_{k}", "accuracy": "0.95", "mu": "0.0"} for k in (1, 2)]
+    return rows
+
+
+def test_course_table_by_hand():
+    table = rt.course_table(course_rows())
+
+    assert "| FedAvg | 90.00 ± 12.71 | 0.1000 | — |" in table
+    assert "| FedProx (μ = 0.01) | 91.50 ± 19.06 | 0.1000 | +1.50 [-4.85, +7.85], 2/2 |" in table
+    assert (
+        "| Modelos locales (media de los 5) | 95.00 ± 0.00 | 0.1000 | +5.00 [-7.71, +17.71], 2/2 |" in table
+    )
+    assert "2 semillas (1, 2)" in table and "Adam, tasa 0.001, 2 épocas, lote 32" in table
+    assert "60 000 imágenes de entrenamiento y 10 000 imágenes de test" in table
+
+
+def test_heterogeneity_tables_mark_diverged_seeds_and_pair_by_seed():
+    rows = []
+    for seed in ("1", "2"):
+        rows.append(
+            {
+                **RUN,
+                "partition": "shards_2",
+                "seed": seed,
+                "method": "fedavg",
+                "mu": "0",
+                "final_accuracy": FEDAVG[seed],
+            }
+        )
+        rows.append(
+            {
+                **RUN,
+                "partition": "shards_2",
+                "seed": seed,
+                "method": "fedprox",
+                "mu": "0.1",
+                "final_accuracy": FEDPROX[seed],
+                "diverged": str(seed == "2"),
+            }
+        )
+
+    tables = rt.heterogeneity_tables(rows)
+
+    assert (
+        "| fragmentos (2 por cliente) | 90.00 ± 12.71 | 91.50 ± 19.06 (diverge en 1/2) | 0.1 |"
+        in tables["heterogeneidad"]
+    )
+    assert (
+        "| fragmentos (2 por cliente) | +1.50 [-4.85, +7.85], 2/2 |" in tables["heterogeneidad_diferencias"]
+    )
+    assert (
+        "10 clientes (todos en cada ronda) con 4 000 imágenes de entrenamiento, 16 rondas de 1 época local"
+        in tables["heterogeneidad"]
+    )
+    assert "evaluadas cada 2 rondas y en la última" in tables["heterogeneidad"]
+
+
+def test_one_seed_gives_means_without_intervals():
+    rows = [{**RUN, "partition": "iid", "seed": "1", "method": "fedavg", "mu": "0", "final_accuracy": "0.9"}]
+
+    table = rt.heterogeneity_tables(rows)
+
+    assert "| IID | 90.00 | — |" in table["heterogeneidad"]
+
+
+def test_tuning_table_lists_the_candidates_and_the_choice():
+    rows = [
+        {
+            "experiment": "heterogeneidad",
+            "setting": "dirichlet_0.3",
+            "mu": m,
+            "score": s,
+            "chosen": c,
+            "validation_images": "5000",
+            "rounds": "16",
+        }
+        for m, s, c in (("0.01", "0.91", "False"), ("0.1", "0.92", "True"))
+    ]
+
+    table = rt.tuning_table(rows)
+
+    assert "| Heterogeneidad | Dirichlet (α = 0.3) | 16 | 0.01: 91.00 · 0.1: 92.00 | 0.1 |" in table
+    assert "5 000 imágenes de entrenamiento apartadas" in table
+
+
+def test_drift_tables_by_hand():
+    rows = [
+        {
+            "seed": s,
+            "partition": "iid",
+            "optimizer": "sgd",
+            "learning_rate": "0.05",
+            "momentum": "0.9",
+            "epochs": "2",
+            "local_steps": "125",
+            "update_norm": n,
+            "update_cosine": "0.5",
+            "barrier": "nan",
+            "barrier_images": "1000",
+            "locals_accuracy": "0.95",
+            "fedavg_accuracy": FEDAVG[s],
+            "mu": "0.1",
+            "fedprox_accuracy": FEDPROX[s],
+            "clients": "5",
+            "images_per_client": "2000",
+            "test_images": "10000",
+        }
+        for s, n in (("1", "3.0"), ("2", "5.0"))
+    ]
+
+    tables = rt.drift_tables(rows)
+
+    # norms 3 and 5: mean 4, half-width 12.7062 · √2 / √2 = 12.71; no barrier measured
+    assert (
+        "| IID | SGD, tasa 0.05, momento 0.9 | 2 | 125 | 4.00 ± 12.71 | 0.500 ± 0.000 | — |"
+        in tables["deriva"]
+    )
+    assert (
+        "| 95.00 ± 0.00 | 90.00 ± 12.71 | -5.00 [-17.71, +7.71], 0/2 | 0.1 | 91.50 ± 19.06 | "
+        "+1.50 [-4.85, +7.85], 2/2 |"
+    ) in tables["deriva_precision"]
+
+
+def test_stale_rows_raise_naming_the_missing_columns():
+    with pytest.raises(rt.StaleResults, match="lacks the columns seed"):
+        rt.course_table([{"model": "fedavg", "accuracy": "0.9"}])
+    with pytest.raises(rt.StaleResults, match="no rows"):
+        rt.attack_tables([])

@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiments", help="run the essay's experiments and write their result files")
     p.add_argument("--profile", choices=("quick", "full"), default="quick",
-                   help="quick: CI-sized check (minutes); full: the essay's results (about an hour)")
+                   help="quick: CI-sized check (minutes); full: the essay's results (hours on a 2-core CPU; every run resumes)")
     p.add_argument("--only", nargs="+", default=list(EXPERIMENT_NAMES), choices=EXPERIMENT_NAMES,
                    help="run only these experiments")
     p.add_argument("--quiet", action="store_true", help="no progress output")

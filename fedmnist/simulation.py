@@ -616,7 +616,9 @@ def plot_title(config: SimulationConfig) -> str:
     title = (f"{split}, K={fed.num_clients}, C={config.fraction:g}, E={config.training.epochs}, "
              f"B={config.training.batch_size}")
     if config.threat.attack:
-        title += f" — {config.threat.num_malicious} cliente(s) malicioso(s): {config.threat.attack}"
+        from fedmnist.labels import attack_name
+
+        title += f" — {config.threat.num_malicious} cliente(s) malicioso(s): {attack_name(config.threat.attack)}"
     return title
 
 

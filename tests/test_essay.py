@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -86,3 +87,40 @@ def test_fill_essay_tables_keeps_the_text_between_empty_blocks():
     filled = fill_essay_tables(text, {"a": "| A |", "b": "| B |"})
 
     assert filled == "<!-- tabla:a -->\n| A |\n<!-- /tabla -->\nprose\n<!-- tabla:b -->\n| B |\n<!-- /tabla -->"
+
+
+TWO_DECIMALS = re.compile(r"(?<![\d.])\d+\.\d{2}(?![\d.])")
+
+
+def _result_numbers(results: Path) -> set[str]:
+    """Every number the result files hold, as the essay writes it: a fraction as a percentage, or as is."""
+    numbers: set[str] = set()
+    for path in results.rglob("*.csv"):
+        for row in csv.reader(path.read_text(encoding="utf-8").splitlines()):
+            for cell in row:
+                for value in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", cell):
+                    number = float(value)
+                    numbers.update({f"{number * 100:.2f}", f"{number:.2f}"})
+    return numbers
+
+
+def _unknown_numbers(essay_text: str, results: Path) -> list[str]:
+    """Two-decimal numbers of the prose (outside the generated tables) that neither a table nor a file gives."""
+    prose = TABLE_BLOCK.sub("", essay_text)
+    known = set(TWO_DECIMALS.findall("\n".join(render_tables(results).values()))) | _result_numbers(results)
+    return sorted(set(TWO_DECIMALS.findall(prose)) - known)
+
+
+def test_every_two_decimal_number_in_the_prose_comes_from_the_results(essay):
+    unknown = _unknown_numbers(essay, RESULTS)
+
+    assert not unknown, f"the essay quotes numbers no result file holds: {unknown}"
+
+
+def test_the_prose_number_check_catches_an_invented_number(tmp_path):
+    # Prepare: one result file with one accuracy
+    (tmp_path / "x.csv").write_text("method,final_accuracy\nfedavg,0.9727\n", encoding="utf-8")
+    text = "FedAvg obtuvo el 97.27 % y FedProx el 12.34 %.\n<!-- tabla:x -->\n| 55.55 |\n<!-- /tabla -->"
+
+    # Assert: the file's number passes, the invented one is named, a table's own cell is not prose
+    assert _unknown_numbers(text, tmp_path) == ["12.34"]

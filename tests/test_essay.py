@@ -22,8 +22,9 @@ from fedmnist.experiments import (
 REPO = Path(__file__).resolve().parents[1]
 ESSAY = REPO / "ensayo_aprendizaje_federado.md"
 RESULTS = REPO / "resultados"
-EXPECTED_TABLES = {"curso", "inicializacion", "heterogeneidad", "fedprox_mu", "ataques", "mcmahan", "mcmahan_ajuste",
-                   "privacidad", "privacidad_equipo"}
+EXPECTED_TABLES = {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
+                   "heterogeneidad_diferencias", "fedprox_mu", "ajuste_mu", "ataques", "ataques_diferencias",
+                   "mcmahan", "mcmahan_ajuste", "privacidad", "privacidad_equipo"}
 
 
 @pytest.fixture(scope="module")

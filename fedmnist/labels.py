@@ -16,6 +16,11 @@ METHOD_NAMES = {
     "krum": "Krum",
     "multikrum": "Multi-Krum",
     "bulyan": "Bulyan",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "scaffold": "SCAFFOLD",
 }
 ATTACK_NAMES = {
     "none": "ninguno",

@@ -12,26 +12,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedmnist.io import atomic_path
-
-METHOD_LABELS = {
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedmed": "FedMed",
-    "trimmed": "Media recortada",
-    "krum": "Krum",
-    "multikrum": "Multi-Krum",
-    "bulyan": "Bulyan",
-    "fedavgm": "FedAvgM",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "fedadagrad": "FedAdagrad",
-    "scaffold": "SCAFFOLD",
-}
+from fedmnist.labels import method_name
 
 
 def method_label(name: str) -> str:
-    """Display name of an aggregation method."""
-    return METHOD_LABELS.get(name, name)
+    """Display name of an aggregation method (``fedmnist.labels`` holds the names)."""
+    return method_name(name)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

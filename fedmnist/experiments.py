@@ -24,6 +24,7 @@ import logging
 import platform
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -721,7 +722,8 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
         chosen, trials = _tune_mcmahan(profile, preset, split, tuning_rounds, mnist, out_dir, trainer, say)
         tuning_rows += trials
         curves[split] = {}
-        for method in profile.mcmahan_methods:
+        split_rows = {}
+        for method in final_order(profile.mcmahan_methods, trials):
             config = preset.replace(rounds=max_rounds, methods=(method,), stop_at_target=True,
                                     target_accuracy=MCMAHAN_TARGETS[-1], **chosen[method])
             run = _simulate(config, mnist, out_dir / "simulaciones" / f"mcmahan_{split}_{method}", trainer,
@@ -742,14 +744,25 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
             row.update({"best_round_accuracy": float(np.nanmax(curve)), "final_accuracy": float(run["final"][method].accuracy),
                         "mb_per_reply": round(per_reply, 4), "paper_rounds_to_99": MCMAHAN_PAPER_ROUNDS[split],
                         "run_seconds": round(sum(r.round_seconds for r in result.metrics[method]), 1)})
-            rows.append(row)
+            split_rows[method] = row
             say(f"  mcmahan {split} {method}: {row['rounds_to_99'] or 'no 99%'} in {len(curve)} rounds")
+        rows += [split_rows[m] for m in profile.mcmahan_methods]
+        curves[split] = {m: curves[split][m] for m in profile.mcmahan_methods}
         if rows:
             _write_csv(out_dir / MCMAHAN_CSV, rows)
         if tuning_rows:
             _write_csv(out_dir / MCMAHAN_TUNING_CSV, tuning_rows)
         _plot_mcmahan(curves[split], split, out_dir / f"mcmahan_{split}.png")
     return rows
+
+
+def final_order(methods: Sequence[str], trials: Sequence[dict]) -> list[str]:
+    """The order in which the final McMahan runs go: tuned methods by their chosen validation score,
+    best first, then the untuned ones as listed, so that an interrupted command has the most promising
+    curves first (the table keeps ``methods``' order)."""
+    scores = {t["method"]: float(t["score"]) for t in trials if t["chosen"]}
+    tuned = sorted((m for m in methods if m in scores), key=lambda m: -scores[m])
+    return tuned + [m for m in methods if m not in scores]
 
 
 def _tune_mcmahan(profile: Profile, preset, split: str, rounds: int, mnist, out_dir: Path, trainer, say

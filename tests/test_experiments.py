@@ -390,3 +390,22 @@ def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, 
 
     assert [r["learning_rate"] for r in rows] == [0.2, 0.2]
     assert _summary(tmp_path / "simulaciones" / "mcmahan_iid_fedavg")["resumed_from_round"] == 0
+
+
+def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
+    trials = [{"method": "fedavg", "score": "0.91", "chosen": True},
+              {"method": "fedavg", "score": "0.95", "chosen": False},
+              {"method": "fedavgm", "score": "0.93", "chosen": True},
+              {"method": "fedadam", "score": "0.89", "chosen": True}]
+
+    order = experiments.final_order(("fedavg", "fedmed", "fedavgm", "fedadam", "scaffold"), trials)
+
+    # the chosen trial's score decides, not a losing candidate's
+    assert order == ["fedavgm", "fedavg", "fedadam", "fedmed", "scaffold"]
+
+
+def test_mcmahan_table_keeps_the_listed_order_when_finals_run_in_score_order(tmp_path, run_tiny_mcmahan):
+    rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_methods=("fedmed", "fedavg"))
+
+    assert [r["method"] for r in rows] == ["fedmed", "fedavg"]
+    assert [r["method"] for r in read_csv(tmp_path / experiments.MCMAHAN_CSV)] == ["fedmed", "fedavg"]

@@ -563,11 +563,14 @@ def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[i
         rounds_run=server.state.round,
         resumed_from_round=done,
     )
+    # a finished run resumed again adds no round: its summary keeps the run's resume point and time
+    previous = _previous_summary(out / outputs.SUMMARY_FILE) if done and result.rounds_run == done else None
     with OutputSet(out, "--out directory") as staged:  # the final models, plot and summary, together
         staged.write_text(outputs.CONFIG_FILE, config_text)
         result.files = _write_outputs(staged, result)
         result.seconds = time.perf_counter() - started
-        result.files["summary"] = staged.write_text(outputs.SUMMARY_FILE, outputs.json_text(_summary(result)))
+        summary = {**_summary(result), **(previous or {})}
+        result.files["summary"] = staged.write_text(outputs.SUMMARY_FILE, outputs.json_text(summary))
     return result
 
 
@@ -634,6 +637,20 @@ def _write_outputs(out: OutputSet, result: SimulationResult) -> dict[str, Path]:
         files.update(outputs.write_global(out, f"pesos_globales_{method}", weights, result.rounds_run, method,
                                           config.seed))
     return files
+
+
+def _previous_summary(path: Path) -> dict | None:
+    """``resumed_from_round`` and ``seconds`` of the summary an earlier run of this directory wrote,
+    or None when it is missing or not one (then the resumed run's own values are written)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        fields = {"resumed_from_round": summary["resumed_from_round"], "seconds": summary["seconds"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not (isinstance(fields["resumed_from_round"], int) and not isinstance(fields["resumed_from_round"], bool)
+            and isinstance(fields["seconds"], (int, float)) and not isinstance(fields["seconds"], bool)):
+        return None
+    return fields
 
 
 def _summary(result: SimulationResult) -> dict:

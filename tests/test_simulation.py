@@ -167,6 +167,9 @@ def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, 
     }
     assert resumed.resumed_from_round == 1
     assert comparable(resumed) == comparable(first)
+    # the summary still describes the run that made the numbers, not the resume that added nothing
+    summary = json.loads((tmp_path / "resumen.json").read_text())
+    assert (summary["resumed_from_round"], summary["seconds"]) == (0, pytest.approx(first.seconds))
 
 
 def test_resume_refuses_another_config_or_a_longer_checkpoint(raw_mnist, trainer, tmp_path):

@@ -412,6 +412,15 @@ def _every_method_reached(server: Server, config: SimulationConfig) -> bool:
     return all(rounds_to_target(server.history(m), config.target_accuracy) is not None for m in server.methods)
 
 
+def _finished(state: ServerState, methods: list[Method], config: SimulationConfig) -> bool:
+    """Whether a resumed run has no round left to train (it then needs no worker processes)."""
+    if state.round >= config.rounds:
+        return True
+    return config.stop_at_target and all(
+        rounds_to_target([r for r in state.history if r.method == m.name], config.target_accuracy) is not None
+        for m in methods)
+
+
 def _privacy_budget_spent(server: Server, config: SimulationConfig) -> bool:
     """Whether one more round would take some method's ε above ``--target-epsilon``."""
     target = config.privacy.target_epsilon if config.privacy is not None else None
@@ -494,7 +503,7 @@ def run_simulation(
     settings = TrainerSettings(config.training.optimizer, config.training.learning_rate, config.training.momentum,
                                model_seed=config.seed)
     data = WorkerData.from_federation(fed)
-    if workers is not None:
+    if workers is not None and not _finished(state, methods, config):
         executor = WorkerPool(workers, data, settings)
     else:
         if trainer is None:

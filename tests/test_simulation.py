@@ -582,6 +582,25 @@ def test_workers_give_the_same_weights_for_any_n_and_resume_across_n(raw_mnist, 
     assert usable_cores() >= 1
 
 
+def test_a_finished_run_resumed_with_workers_starts_no_worker_process(raw_mnist, trainer, tmp_path, monkeypatch):
+    from fedmnist import simulation
+
+    config = TINY.replace(methods=("fedavg",), rounds=1)
+    first = run_simulation(config, out_dir=tmp_path, progress=False, mnist=raw_mnist, trainer=trainer)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a run with no round left")
+
+    monkeypatch.setattr(simulation, "WorkerPool", no_pool)
+    again = run_simulation(config, out_dir=tmp_path, progress=False, mnist=raw_mnist, trainer=trainer, workers=2,
+                           resume=True)
+
+    assert again.resumed_from_round == 1 and comparable(again) == comparable(first)
+    with pytest.raises(AssertionError, match="worker pool"):  # a run with rounds left still uses the pool
+        run_simulation(config.replace(rounds=2), out_dir=tmp_path, progress=False, mnist=raw_mnist, workers=2,
+                       resume=True)
+
+
 # --- SCAFFOLD: per-client control variates kept by the simulation --------------------------------
 
 SCAFFOLD_SETTINGS = {"num_clients": 3, "fraction": 0.67, "rounds": 2, "local_epochs": 1, "batch_size": 50,

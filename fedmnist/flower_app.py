@@ -204,6 +204,10 @@ class FlowerRunConfig:
         need(self.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {self.num_server_rounds})")
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1] (got {self.fraction_train})")
         need(self.min_train_nodes >= 1, f"min-train-nodes must be >= 1 (got {self.min_train_nodes})")
+        robust = self.method_config.min_clients(self.krum_f)
+        need(robust is None or self.min_train_nodes >= robust[1],
+             f"{robust and robust[0]} with krum-f={self.krum_f} needs at least {robust and robust[1]} replies per "
+             f"round, but min-train-nodes is {self.min_train_nodes}: raise min-train-nodes or lower krum-f")
         need(
             self.min_available_nodes >= 0,
             f"min-available-nodes must be >= 0 (got {self.min_available_nodes})",

@@ -112,18 +112,21 @@ class MethodConfig:
         except ServerOptError as exc:
             raise ConfigError(str(exc)) from None
 
+    def min_clients(self, krum_f: int) -> tuple[str, int] | None:
+        """The most demanding Krum-family method and the fewest replies per round it needs with ``krum_f``
+        (Bulyan 4f + 3, Krum and Multi-Krum 2f + 3), or None when no method has a minimum."""
+        if "bulyan" in self.methods:
+            return "bulyan", 4 * krum_f + 3
+        krum_like = [m for m in self.methods if m in AGGREGATORS and "num_malicious" in AGGREGATORS[m].params]
+        return (", ".join(krum_like), 2 * krum_f + 3) if krum_like else None
+
     def check_clients(self, clients_per_round: int, krum_f: int) -> None:
         """Raise ConfigError if a Krum-family method cannot run with this many clients per round."""
-        if "bulyan" in self.methods and clients_per_round < 4 * krum_f + 3:
+        need = self.min_clients(krum_f)
+        if need is not None and clients_per_round < need[1]:
             raise ConfigError(
-                f"bulyan with f={krum_f} needs at least {4 * krum_f + 3} clients per round, but there are "
+                f"{need[0]} with f={krum_f} needs at least {need[1]} clients per round, but there are "
                 f"{clients_per_round}: raise --fraction or --clients, or lower --krum-f"
-            )
-        krum_like = [m for m in self.methods if m in AGGREGATORS and "num_malicious" in AGGREGATORS[m].params]
-        if krum_like and clients_per_round <= 2 * krum_f + 2:
-            raise ConfigError(
-                f"{', '.join(krum_like)} with f={krum_f} need more than {2 * krum_f + 2} clients per round, "
-                f"but there are {clients_per_round}: raise --fraction or --clients, or lower --krum-f"
             )
 
 

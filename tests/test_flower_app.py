@@ -83,6 +83,9 @@ def test_run_config_casts_flowers_values():
         ({"output-dir": "relative/out"}, "absolute path"),
         ({"trim-beta": 0.5}, "trimmed-mean fraction beta"),
         ({"num-malicious": 1}, "unknown Flower run-config key"),
+        ({"method": "krum"}, "krum with krum-f=1 needs at least 5 replies per round, but min-train-nodes is 2"),
+        ({"method": "multikrum", "min-train-nodes": 6, "krum-f": 2}, "needs at least 7 replies"),
+        ({"method": "bulyan", "min-train-nodes": 6}, "bulyan with krum-f=1 needs at least 7"),
         ({"method": "scaffold"}, r"without momentum \(got momentum 0.9\).*momentum=0.0 in --run-config"),
         ({"method": "scaffold", "optimizer": "adam", "momentum": 0.0}, "plain SGD.*not 'adam'"),
         ({"method": "scaffold", "momentum": 0.0, "dp-noise": 0.5}, "differential privacy.*'scaffold'"),
@@ -92,6 +95,12 @@ def test_run_config_casts_flowers_values():
 def test_run_config_rejects_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
         FlowerRunConfig.from_run_config(values)
+
+
+def test_robust_rules_run_when_min_train_nodes_meets_their_minimum():
+    for values in ({"method": "krum", "min-train-nodes": 5}, {"method": "bulyan", "min-train-nodes": 7},
+                   {"method": "multikrum", "min-train-nodes": 3, "krum-f": 0}, {"method": "fedmed"}):
+        assert FlowerRunConfig.from_run_config(values).min_train_nodes == values.get("min-train-nodes", 2)
 
 
 def test_scaffold_run_config_takes_plain_sgd_and_its_server_rate():

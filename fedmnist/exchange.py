@@ -13,6 +13,7 @@ CNN's, finite (``check_weights``). Both helpers serve replies that arrive by oth
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import pickle
@@ -360,8 +361,8 @@ class GlobalWeights:
 
     ``state`` is the server state of ``method`` after the round that produced these weights (a server
     optimiser's moments, DP-FedAvg's clip norm and releases), so the manual multi-round flow carries it
-    from one aggregation to the next; None for stateless methods. Its contents are validated by the
-    method that resumes from it.
+    from one aggregation to the next; None for stateless methods. Its stored hash is checked on loading
+    and its contents by the method that resumes from it.
     """
 
     round: int
@@ -390,8 +391,34 @@ def save_global(path: str | Path, gw: GlobalWeights) -> None:
         "sha256": gw.sha256,
         "fingerprint": gw.fingerprint,
         "weights": [np.ascontiguousarray(w, dtype=np.float32) for w in gw.weights],
-        **({"server_state": gw.state} if gw.state else {}),
+        **({"server_state": gw.state, "server_state_sha256": state_sha256(gw.state)} if gw.state else {}),
     })
+
+
+def state_sha256(state: object) -> str:
+    """SHA-256 of a server state (nested dicts, lists, numpy arrays, numbers, strings) in a canonical
+    order, stored beside it so a corrupted round file is refused like corrupted weights."""
+    digest = hashlib.sha256()
+
+    def feed(value: object) -> None:
+        if isinstance(value, dict):
+            digest.update(b"d%d;" % len(value))
+            for key in sorted(value, key=repr):
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"l%d;" % len(value))
+            for item in value:
+                feed(item)
+        elif isinstance(value, (np.ndarray, np.generic)):
+            array = np.ascontiguousarray(value)
+            digest.update(f"a{array.dtype.str}{array.shape};".encode())
+            digest.update(array.tobytes())
+        else:
+            digest.update(f"s{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def load_global(path: str | Path, limits: PickleLimits = GLOBAL_LIMITS) -> GlobalWeights:
@@ -429,6 +456,8 @@ def load_global(path: str | Path, limits: PickleLimits = GLOBAL_LIMITS) -> Globa
     state = payload.get("server_state")
     if state is not None and not isinstance(state, dict):
         raise UpdateFileError(f"{path}: 'server_state' must be a dict, found {type(state).__name__}")
+    if state is not None and state_sha256(state) != _require(path, payload, "server_state_sha256", str):
+        raise UpdateFileError(f"{path}: server state hash differs from the stored one: corrupted file")
     return GlobalWeights(
         round=_require_int(path, payload, "round", 0),
         weights=weights,

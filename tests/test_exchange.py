@@ -36,6 +36,7 @@ from fedmnist.exchange import (
     safe_load_pickle,
     save_global,
     save_update,
+    state_sha256,
     update_path,
 )
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, weight_spec, weights_sha256
@@ -460,6 +461,57 @@ def test_global_modified_array_is_detected(tmp_path, cnn_weights):
     # Assert
     assert str(path) in str(excinfo.value)
     assert "differs from the stored" in str(excinfo.value) and "corrupted" in str(excinfo.value)
+
+
+def _adam_state(weights):
+    from fedmnist.server_opt import init_state
+
+    state = init_state("fedadam", weights)
+    state["t"] = 2
+    return state
+
+
+def test_global_server_state_round_trips_with_its_hash(tmp_path, cnn_weights):
+    path = tmp_path / "pesos_globales_ronda_2.pkl"
+    state = _adam_state(cnn_weights)
+    state["m"][0] = state["m"][0] + 0.5
+
+    save_global(path, make_global(cnn_weights, 2, "fedadam", state=state))
+    loaded = load_global(path)
+
+    assert loaded.state["t"] == 2 and np.array_equal(loaded.state["m"][0], state["m"][0])
+    assert pickle.loads(path.read_bytes())["server_state_sha256"] == state_sha256(state)
+
+
+@pytest.mark.parametrize("spoil", ["array", "counter", "key", "missing-hash"])
+def test_global_server_state_changed_after_writing_is_detected(spoil, tmp_path, cnn_weights):
+    path = tmp_path / "pesos_globales_ronda_2.pkl"
+    save_global(path, make_global(cnn_weights, 2, "fedadam", state=_adam_state(cnn_weights)))
+    payload = pickle.loads(path.read_bytes())
+    if spoil == "array":  # a finite, well-shaped change that the method's own checks would accept
+        payload["server_state"]["v"][3][0] += 1e-3
+    elif spoil == "counter":
+        payload["server_state"]["t"] = 7
+    elif spoil == "key":
+        payload["server_state"]["extra"] = 1
+    else:
+        del payload["server_state_sha256"]
+    write_pickle(path, payload)
+
+    with pytest.raises(UpdateFileError) as excinfo:
+        load_global(path)
+
+    message = str(excinfo.value)
+    assert str(path) in message
+    assert ("server_state_sha256" in message) if spoil == "missing-hash" else ("server state hash" in message)
+
+
+def test_state_hash_tells_apart_types_shapes_and_order_of_lists():
+    a = np.zeros((2, 3), np.float32)
+    assert state_sha256({"m": [a]}) == state_sha256({"m": [a.copy()]})
+    assert len({state_sha256(v) for v in ({"m": [a]}, {"m": [a.reshape(3, 2)]}, {"m": [a.astype(np.float64)]},
+                                          {"m": [a, a]}, {"t": 1}, {"t": 1.0},
+                                          {"t": "1"}, {"t": True})}) == 8
 
 
 def test_global_wrong_stored_hash(tmp_path, cnn_weights):

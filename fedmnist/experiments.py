@@ -721,6 +721,8 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
         preset = PRESETS["mcmahan-iid" if split == "iid" else "mcmahan-noniid"].replace(seed=seed)
         chosen, trials = _tune_mcmahan(profile, preset, split, tuning_rounds, mnist, out_dir, trainer, say)
         tuning_rows += trials
+        if tuning_rows:
+            _write_csv(out_dir / MCMAHAN_TUNING_CSV, tuning_rows)
         curves[split] = {}
         split_rows = {}
         for method in final_order(profile.mcmahan_methods, trials):
@@ -746,13 +748,11 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
                         "run_seconds": round(sum(r.round_seconds for r in result.metrics[method]), 1)})
             split_rows[method] = row
             say(f"  mcmahan {split} {method}: {row['rounds_to_99'] or 'no 99%'} in {len(curve)} rounds")
+            # written after every method, so an interrupted command leaves the finished runs' table
+            listed = [m for m in profile.mcmahan_methods if m in split_rows]
+            _write_csv(out_dir / MCMAHAN_CSV, rows + [split_rows[m] for m in listed])
+            _plot_mcmahan({m: curves[split][m] for m in listed}, split, out_dir / f"mcmahan_{split}.png")
         rows += [split_rows[m] for m in profile.mcmahan_methods]
-        curves[split] = {m: curves[split][m] for m in profile.mcmahan_methods}
-        if rows:
-            _write_csv(out_dir / MCMAHAN_CSV, rows)
-        if tuning_rows:
-            _write_csv(out_dir / MCMAHAN_TUNING_CSV, tuning_rows)
-        _plot_mcmahan(curves[split], split, out_dir / f"mcmahan_{split}.png")
     return rows
 
 

@@ -404,8 +404,20 @@ def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
     assert order == ["fedavgm", "fedavg", "fedadam", "fedmed", "scaffold"]
 
 
-def test_mcmahan_table_keeps_the_listed_order_when_finals_run_in_score_order(tmp_path, run_tiny_mcmahan):
+def test_mcmahan_table_keeps_the_listed_order_and_is_written_after_each_final(tmp_path, run_tiny_mcmahan,
+                                                                             monkeypatch):
+    written = []
+    write_csv = experiments._write_csv
+
+    def spy(path, rows):
+        write_csv(path, rows)
+        if path.name == experiments.MCMAHAN_CSV:
+            written.append([r["method"] for r in read_csv(path)])
+
+    monkeypatch.setattr(experiments, "_write_csv", spy)
     rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_methods=("fedmed", "fedavg"))
 
+    # FedAvg is tuned, so its final runs first; the file lists the methods in the profile's order
+    assert written == [["fedavg"], ["fedmed", "fedavg"]]
     assert [r["method"] for r in rows] == ["fedmed", "fedavg"]
-    assert [r["method"] for r in read_csv(tmp_path / experiments.MCMAHAN_CSV)] == ["fedmed", "fedavg"]
+    assert (tmp_path / "mcmahan_iid.png").exists()

@@ -1116,11 +1116,11 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
     if (results_dir / MCMAHAN_CSV).exists():
         rows = read_csv(results_dir / MCMAHAN_CSV)
         lines = ["| partición | método | ajustes (elegidos en validación) | rondas hasta 97 / 98 / 99 % | "
-                 "MB enviados por cliente hasta 99 % | mejor precisión (%) | rondas ejecutadas |",
+                 "MB enviados por cliente hasta 97 / 98 / 99 % | mejor precisión (%) | rondas ejecutadas |",
                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             reached = " / ".join(r[f"rounds_to_{t}"] or "—" for t in (97, 98, 99))
-            mb = f"{float(r['mb_per_client_to_99']):.2f}" if r["mb_per_client_to_99"] else "—"
+            mb = " / ".join(f"{float(v):.2f}" if (v := r[f"mb_per_client_to_{t}"]) else "—" for t in (97, 98, 99))
             lines.append(f"| {_split_label(r['split'])} | {method_label(r['method'])} | {_settings_label(r['settings'])} | "
                          f"{reached} | {mb} | {_pct(r['best_round_accuracy'])} | {r['rounds_run']} |")
         paper = {r["split"]: r["paper_rounds_to_99"] for r in rows}

@@ -648,10 +648,16 @@ def _write_outputs(out: OutputSet, result: SimulationResult) -> dict[str, Path]:
     return files
 
 
+SUMMARY_MAX_BYTES = 1 << 20
+"""A summary is a few kilobytes; a larger file in its place is not read."""
+
+
 def _previous_summary(path: Path) -> dict | None:
     """``resumed_from_round`` and ``seconds`` of the summary an earlier run of this directory wrote,
     or None when it is missing or not one (then the resumed run's own values are written)."""
     try:
+        if path.stat().st_size > SUMMARY_MAX_BYTES:
+            return None
         summary = json.loads(path.read_text(encoding="utf-8"))
         fields = {"resumed_from_round": summary["resumed_from_round"], "seconds": summary["seconds"]}
     except (OSError, ValueError, TypeError, KeyError):

@@ -172,6 +172,19 @@ def test_stop_at_target_ends_the_run_and_a_resumed_run_adds_no_round(reference, 
     assert (summary["resumed_from_round"], summary["seconds"]) == (0, pytest.approx(first.seconds))
 
 
+def test_previous_summary_is_read_only_when_it_is_a_small_summary(tmp_path):
+    from fedmnist.simulation import SUMMARY_MAX_BYTES, _previous_summary
+
+    path = tmp_path / "resumen.json"
+    path.write_text(json.dumps({"resumed_from_round": 3, "seconds": 1.5}))
+    assert _previous_summary(path) == {"resumed_from_round": 3, "seconds": 1.5}
+    for text in ("{", json.dumps({"resumed_from_round": True, "seconds": 1.5}), json.dumps({"seconds": 2}),
+                 json.dumps({"resumed_from_round": 3, "seconds": 1.5, "pad": "x" * SUMMARY_MAX_BYTES})):
+        path.write_text(text)
+        assert _previous_summary(path) is None
+    assert _previous_summary(tmp_path / "missing.json") is None
+
+
 def test_resume_refuses_another_config_or_a_longer_checkpoint(raw_mnist, trainer, tmp_path):
     from fedmnist.methods import build_methods
     from fedmnist.model import initial_weights

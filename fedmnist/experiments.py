@@ -124,6 +124,9 @@ class Profile:
     attack_rounds: int = 20
     attack_train_subset: int = 4_800
     attack_eval_every: int = 5
+    attack_convergence_window: int = 10
+    """Rounds over which the attack table measures each rule's last change (has it stabilised?); no
+    change is measured in runs of that many rounds or fewer."""
     drift_seeds: tuple[int, ...] = (42, 43, 44)
     drift_clients: int = 5
     drift_train_subset: int = 10_000
@@ -171,7 +174,8 @@ class Profile:
                 raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
                                   f"(got {seeds!r})")
         for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
-                     "attack_eval_every", "drift_clients", "drift_barrier_images", "course_epochs"):
+                     "attack_eval_every", "attack_convergence_window", "drift_clients", "drift_barrier_images",
+                     "course_epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"profile {self.name}: {name} must be an integer >= 1 (got {value!r})")
@@ -206,7 +210,7 @@ PROFILES: dict[str, Profile] = {
         prox_mus=(0.0, 0.1), attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)),
         attack_methods=("fedavg", "fedmed", "bulyan"),
         attack_clients=7, attack_krum_f=1, attack_rounds=2, attack_train_subset=1_400, attack_eval_every=1,
-        drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
+        attack_convergence_window=1, drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
         drift_optimizers=(("adam", 1e-3, 0.0),),
         drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1),), mcmahan_methods=("fedavg",), mcmahan_grid={},
@@ -223,7 +227,7 @@ PROFILES: dict[str, Profile] = {
         attack_cases=(("iid", "none", 0), ("iid", "gaussian", 2), ("iid", "signflip", 2),
                       ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "signflip", 2)),
         attack_methods=("fedavg", "fedprox", "fedmed", "trimmed", "multikrum", "bulyan"),
-        attack_train_subset=2_400, attack_rounds=20, attack_eval_every=5, drift_train_subset=8_000,
+        attack_train_subset=2_400, attack_rounds=40, attack_eval_every=5, drift_train_subset=8_000,
         mcmahan=(("iid", 5, 30), ("shards", 10, 120)),
         dp_seeds=(42, 43),
     ),
@@ -535,6 +539,19 @@ def _run_row(run: dict, method: str) -> dict:
             "run_seconds": round(sum(r.round_seconds for r in records), 1)}
 
 
+def _earlier_score(records, window: int) -> dict:
+    """The test accuracy ``window`` rounds before the last (or the latest evaluated round before that).
+
+    With the final accuracy it says whether a run has stabilised; empty when no round that early was
+    evaluated.
+    """
+    last = records[-1].round if records else 0
+    earlier = [r for r in records if r.round <= last - window and r.test_accuracy is not None]
+    if not earlier:
+        return {"earlier_round": "", "earlier_accuracy": ""}
+    return {"earlier_round": earlier[-1].round, "earlier_accuracy": float(earlier[-1].test_accuracy)}
+
+
 def _tuning_data(profile: Profile, mnist) -> tuple:
     """The training set minus ``validation_size`` held-out images (first seed), and those, normalised."""
     from fedmnist.data import normalize_images
@@ -668,7 +685,9 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
                 for method in config.method.methods:
                     rows.append({"partition": label, "attack": attack, "malicious": count, "seed": seed,
                                  "method": method, "mu": mu if method == "fedprox" else 0.0,
-                                 "krum_f": profile.attack_krum_f, **_run_row(run, method)})
+                                 "krum_f": profile.attack_krum_f, **_run_row(run, method),
+                                 **_earlier_score(run["result"].metrics[method],
+                                                  profile.attack_convergence_window)})
                 say(f"  attacks {label} {attack} x{count} seed {seed} done")
             _write_csv(out_dir / ATTACK_CSV, rows)
         if tuning_rows:
@@ -1090,6 +1109,7 @@ def _multi_seed_tables(results_dir: Path) -> dict[str, str]:
         (HETERO_CSV, rt.heterogeneity_tables),
         (PROX_CSV, lambda rows: {"fedprox_mu": rt.fedprox_mu_table(rows)}),
         (ATTACK_CSV, rt.attack_tables),
+        (ATTACK_CSV, lambda rows: {"ataques_convergencia": rt.attack_convergence_table(rows)}),
     ]
     for name, render in sources:
         if (results_dir / name).exists():

@@ -297,6 +297,41 @@ def attack_tables(rows: Rows) -> dict[str, str]:
     }
 
 
+def attack_convergence_table(rows: Rows) -> str:
+    """``ataques_convergencia``: each rule's change of test accuracy over the runs' last rounds.
+
+    A change near zero says the rule has settled within the rounds run; a large one, that the final
+    accuracy of ``ataques`` is a point on a curve still moving (slowness, not a ceiling).
+    """
+    _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", "rounds", "final_accuracy",
+                                "earlier_round", "earlier_accuracy"))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| partición | ataque | maliciosos | " + " | ".join(method_name(m) for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    spans = set()
+    for case in dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows):
+        cells = []
+        for m in methods:
+            sel = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == m
+                   and r["earlier_accuracy"] not in ("", None)]
+            if not sel:
+                cells.append("—")
+                continue
+            spans.update((r["earlier_round"], r["rounds"]) for r in sel)
+            text = _ci([float(r["final_accuracy"]) - float(r["earlier_accuracy"]) for r in sel])
+            diverged = sum(_true(r.get("diverged")) for r in sel)
+            cells.append(f"{'+' if not text.startswith('-') else ''}{text}"
+                         + (f" (diverge en {diverged}/{len(sel)})" if diverged else ""))
+        lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | " + " | ".join(cells) + " |")
+    between = "; ".join(f"de la ronda {a} a la {b}" for a, b in sorted(spans, key=lambda s: (int(s[1]), int(s[0]))))
+    return "\n".join(lines) + (
+        f"\n\nCambio de la precisión de test (puntos) en las últimas rondas ({between or 'sin rondas previas evaluadas'}): "
+        f"{CI_NOTE}, {_seeds(rows)}; cerca de cero, la regla se ha estabilizado; «diverge»: como en la tabla de precisión final."
+    )
+
+
 def drift_tables(rows: Rows) -> dict[str, str]:
     """``deriva`` (the drift measures) and ``deriva_precision`` (locals, one-shot FedAvg, FedProx)."""
     _need(

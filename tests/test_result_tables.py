@@ -167,3 +167,23 @@ def test_stale_rows_raise_naming_the_missing_columns():
         rt.course_table([{"model": "fedavg", "accuracy": "0.9"}])
     with pytest.raises(rt.StaleResults, match="no rows"):
         rt.attack_tables([])
+
+
+def test_attack_convergence_table_gives_the_last_change_by_hand():
+    def row(seed, method, final, earlier, diverged="False"):
+        return {"partition": "dirichlet_0.3", "attack": "none", "malicious": "0", "seed": seed, "method": method,
+                "rounds": "40", "final_accuracy": final, "earlier_round": "30", "earlier_accuracy": earlier,
+                "diverged": diverged}
+
+    rows = [row("1", "fedavg", "0.95", "0.94"), row("2", "fedavg", "0.96", "0.94"),
+            row("1", "bulyan", "0.80", "0.90", "True"), row("2", "bulyan", "0.85", "0.90"),
+            {**row("1", "fedmed", "0.9", ""), "earlier_round": ""}]
+
+    table = rt.attack_convergence_table(rows)
+
+    # FedAvg: +1 and +2 points, mean 1.50, half-width 12.7062 · 0.7071 / √2 = 6.35; Bulyan -10 and -5
+    assert ("| Dirichlet (α = 0.3) | ninguno | 0 | +1.50 ± 6.35 | -7.50 ± 31.77 (diverge en 1/2) | — |"
+            in table)
+    assert "de la ronda 30 a la 40" in table
+    with pytest.raises(rt.StaleResults, match="earlier_accuracy"):
+        rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "earlier_accuracy"}])

@@ -218,10 +218,10 @@ PROFILES: dict[str, Profile] = {
         dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,),
     ),
     "full": Profile(
-        # sizes chosen so that every experiment but McMahan's and privacy fits about two hours on two cores
-        # with --workers 2 (estimated at ~3,300 training images/s and ~1 s per evaluation of the 10,000 test
-        # images: course ~13 min, drift ~25, heterogeneity ~31, fedprox_mu ~11, attacks ~52); the measured
-        # costs go to entorno.json, and per run to the CSVs (run_seconds)
+        # sizes chosen so that every experiment but McMahan's and privacy fits about three and a half hours on
+        # two cores with --workers 2 (measured: course ~14 min, drift ~24, heterogeneity ~37, fedprox_mu ~12,
+        # attacks ~110 at 40 rounds, the rounds they need to settle); the measured costs go to entorno.json,
+        # and per run to the CSVs (run_seconds)
         name="full", seeds=(42, 43, 44, 45, 46), train_subset=3_600, rounds=15, eval_every=2,
         partitions=("iid", "dirichlet_0.3", "dirichlet_0.1", "shards_2"),
         attack_cases=(("iid", "none", 0), ("iid", "gaussian", 2), ("iid", "signflip", 2),

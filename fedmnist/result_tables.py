@@ -320,10 +320,9 @@ def attack_convergence_table(rows: Rows) -> str:
                 cells.append("—")
                 continue
             spans.update((r["earlier_round"], r["rounds"]) for r in sel)
-            text = _ci([float(r["final_accuracy"]) - float(r["earlier_accuracy"]) for r in sel])
-            diverged = sum(_true(r.get("diverged")) for r in sel)
-            cells.append(f"{'+' if not text.startswith('-') else ''}{text}"
-                         + (f" (diverge en {diverged}/{len(sel)})" if diverged else ""))
+            text = _accuracy_cell([{**r, "change": float(r["final_accuracy"]) - float(r["earlier_accuracy"])}
+                                   for r in sel], "change")
+            cells.append(text if text.startswith("-") else f"+{text}")
         lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | " + " | ".join(cells) + " |")
     between = "; ".join(f"de la ronda {a} a la {b}" for a, b in sorted(spans, key=lambda s: (int(s[1]), int(s[0]))))
     return "\n".join(lines) + (

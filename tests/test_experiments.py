@@ -215,9 +215,10 @@ def test_attack_convergence_reads_the_run_curve(tiny_results):
     rows = read_csv(tiny_results / experiments.ATTACK_CSV)
     curve = read_csv(tiny_results / "simulaciones" / "ataques_iid_none_0_s3" / "metricas_por_ronda.csv")
     first = {r["method"]: r["test_accuracy"] for r in curve if r["round"] == "1"}
-    for r in rows:
-        if (r["partition"], r["attack"], r["seed"]) == ("iid", "none", "3"):
-            assert float(r["earlier_accuracy"]) == pytest.approx(float(first[r["method"]]), abs=1e-6)
+    run = [r for r in rows if (r["partition"], r["attack"], r["seed"]) == ("iid", "none", "3")]
+    assert len(run) == len(first) == 4
+    for r in run:
+        assert float(r["earlier_accuracy"]) == pytest.approx(float(first[r["method"]]), abs=1e-6)
 
 
 def test_diverged_means_a_non_finite_or_exploded_test_loss():

@@ -58,6 +58,8 @@ MCMAHAN_PAPER_ROUNDS = {"iid": 20, "shards": 229}
 MCMAHAN_GOAL_ROUNDS = {"iid": 15, "shards": 120}
 """The rounds to 99% the best method must not exceed (issue 14), well under the paper's."""
 MCMAHAN_TARGETS = (0.97, 0.98, 0.99)
+MCMAHAN_PLATEAU_ROUNDS = 20
+"""The last rounds every McMahan method ran over which the essay compares their plateaus."""
 MCMAHAN_METHODS = ("fedavg", "fedprox", "fedmed", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 MCMAHAN_GRID: dict[str, dict[str, tuple[float, ...]]] = {
     # FedAvg's local rate first; the others keep it and tune their own parameter
@@ -1127,6 +1129,24 @@ def _multi_seed_tables(results_dir: Path) -> dict[str, str]:
     return tables
 
 
+def _mcmahan_curves(results_dir: Path, rows: list[dict]) -> dict[str, dict[str, dict[int, float]]] | None:
+    """Split → method → round → test accuracy of the McMahan runs listed in ``rows``, from their per-round CSVs.
+
+    None (with a warning) when a run's CSV is missing: a partial table would compare unlike sets.
+    """
+    from fedmnist import outputs
+
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        path = results_dir / "simulaciones" / f"mcmahan_{r['split']}_{r['method']}" / outputs.METRICS_CSV
+        if not path.exists():
+            log.warning("%s is missing: no McMahan plateau table", path)
+            return None
+        curves.setdefault(r["split"], {})[r["method"]] = {
+            int(x["round"]): float(x["test_accuracy"]) for x in read_csv(path) if x["test_accuracy"]}
+    return curves
+
+
 def render_tables(results_dir: str | Path) -> dict[str, str]:
     """The essay's Markdown tables, computed from the result files in ``results_dir``."""
     from fedmnist.plots import method_label
@@ -1148,6 +1168,15 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
             "sube el conjunto de los clientes hasta esa ronda (rondas × 10 respuestas × MB por respuesta) repartido " \
             "entre los 100. Artículo (FedAvg, CNN de 1,66 M parámetros): " + \
             ", ".join(f"{paper[s]} rondas {_split_label(s)}" for s in paper) + "."
+        plateau = _mcmahan_curves(results_dir, rows)
+        if plateau is not None:
+            from fedmnist import result_tables as rt
+
+            try:
+                tables["mcmahan_meseta"] = rt.plateau_table(plateau, {s: _split_label(s) for s in plateau},
+                                                            MCMAHAN_PLATEAU_ROUNDS)
+            except rt.StaleResults as exc:
+                log.warning("%s: %s", results_dir, exc)
     if (results_dir / MCMAHAN_TUNING_CSV).exists():
         rows = read_csv(results_dir / MCMAHAN_TUNING_CSV)
         lines = ["| partición | método | candidato | precisión de validación (%), media de las 2 últimas rondas | "

@@ -331,6 +331,41 @@ def attack_convergence_table(rows: Rows) -> str:
     )
 
 
+def plateau_table(curves: Mapping[str, Mapping[str, Mapping[int, float]]], split_names: Mapping[str, str],
+                  window: int = 20) -> str:
+    """``mcmahan_meseta``: each method's level and steadiness over the last rounds every method ran.
+
+    ``curves`` maps split → method → round → test accuracy (one seed). Runs stop at their target, so
+    the window ends at the shortest run's last round; a split whose shortest run is under ``window``
+    rounds is left out. The best method of a round is every method at that round's maximum (ties count).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (got {window})")
+    lines = [f"| partición | método | media (%) | peor ronda (%) | mejor ronda (%) | rondas como mejor método (de {window}) |",
+             "|---|---|---|---|---|---|"]
+    spans = []
+    for split, methods in curves.items():
+        if not methods:
+            continue
+        last = min(max(c, default=0) for c in methods.values())
+        rounds = range(last - window + 1, last + 1)
+        if last < window or any(r not in c for c in methods.values() for r in rounds):
+            continue
+        spans.append(f"{split_names.get(split, split)}, rondas {rounds[0]} a {rounds[-1]}")
+        top = {r: max(c[r] for c in methods.values()) for r in rounds}
+        for method, c in methods.items():
+            values = [c[r] for r in rounds]
+            best = sum(c[r] >= top[r] for r in rounds)
+            lines.append(f"| {split_names.get(split, split)} | {method_name(method)} | {sum(values) / window * 100:.2f} | "
+                         f"{min(values) * 100:.2f} | {max(values) * 100:.2f} | {best} |")
+    if not spans:
+        raise StaleResults(f"no split has {window} rounds evaluated by every method")
+    return "\n".join(lines) + (
+        f"\n\nPrecisión de test por ronda (10 000 imágenes, una semilla) en las {window} últimas rondas que ejecutaron "
+        f"todos los métodos: {'; '.join(spans)}. Los que llegan al 99 % se detienen ahí; un empate cuenta para todos."
+    )
+
+
 def drift_tables(rows: Rows) -> dict[str, str]:
     """``deriva`` (the drift measures) and ``deriva_precision`` (locals, one-shot FedAvg, FedProx)."""
     _need(

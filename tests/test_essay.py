@@ -24,7 +24,8 @@ ESSAY = REPO / "ensayo_aprendizaje_federado.md"
 RESULTS = REPO / "resultados"
 EXPECTED_TABLES = {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
                    "heterogeneidad_diferencias", "fedprox_mu", "ajuste_mu", "ataques", "ataques_diferencias",
-                   "ataques_convergencia", "mcmahan", "mcmahan_ajuste", "privacidad", "privacidad_equipo"}
+                   "ataques_convergencia", "mcmahan", "mcmahan_ajuste", "mcmahan_meseta",
+                   "privacidad", "privacidad_equipo"}
 
 
 @pytest.fixture(scope="module")

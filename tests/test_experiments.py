@@ -379,7 +379,8 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
     return run
 
 
-def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan):
+def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan,
+                                                                                          monkeypatch):
     # Execute: tuning + one round per method, then a cap of two rounds, and a fresh two-round run
     first = run_tiny_mcmahan(tmp_path / "r", 1)
     raised = run_tiny_mcmahan(tmp_path / "r", 2)
@@ -405,6 +406,9 @@ def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap
     table = render_tables(tmp_path / "fresh")
     assert "| IID | FedAvg | η_l = " in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
     assert table["mcmahan_ajuste"].count("| sí |") == 1
+    monkeypatch.setattr(experiments, "MCMAHAN_PLATEAU_ROUNDS", 2)
+    table = render_tables(tmp_path / "fresh")
+    assert "| IID | FedMed |" in table["mcmahan_meseta"] and "IID, rondas 1 a 2" in table["mcmahan_meseta"]
 
 
 def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):

@@ -187,3 +187,21 @@ def test_attack_convergence_table_gives_the_last_change_by_hand():
     assert "de la ronda 30 a la 40" in table
     with pytest.raises(rt.StaleResults, match="earlier_accuracy"):
         rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "earlier_accuracy"}])
+
+
+def test_plateau_table_compares_the_last_rounds_every_method_ran_by_hand():
+    # a stopped at round 4 (its target), b ran 5 rounds; with a window of 2 the table uses rounds 3-4
+    curves = {"shards": {"fedavg": {1: 0.5, 2: 0.6, 3: 0.90, 4: 0.94},
+                         "scaffold": {1: 0.4, 2: 0.7, 3: 0.92, 4: 0.94, 5: 0.99}},
+              "iid": {"fedavg": {1: 0.9}, "scaffold": {1: 0.95}}}
+
+    table = rt.plateau_table(curves, {"shards": "patológica"}, window=2)
+
+    assert "| patológica | FedAvg | 92.00 | 90.00 | 94.00 | 1 |" in table  # tie at round 4 counts for both
+    assert "| patológica | SCAFFOLD | 93.00 | 92.00 | 94.00 | 2 |" in table
+    assert "patológica, rondas 3 a 4" in table
+    assert "iid" not in table  # one round run: shorter than the window
+    with pytest.raises(rt.StaleResults, match="no split has 2 rounds"):
+        rt.plateau_table({"iid": curves["iid"]}, {}, window=2)
+    with pytest.raises(rt.StaleResults):  # a round of the window not evaluated for one method
+        rt.plateau_table({"s": {"a": {1: 0.5, 2: 0.6}, "b": {2: 0.6}}}, {}, window=2)

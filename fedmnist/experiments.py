@@ -220,16 +220,16 @@ PROFILES: dict[str, Profile] = {
         dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,),
     ),
     "full": Profile(
-        # sizes chosen so that every experiment but McMahan's and privacy fits about three and a half hours on
+        # sizes chosen so that every experiment but McMahan's and privacy fits about four hours on
         # two cores with --workers 2 (measured: course ~14 min, drift ~24, heterogeneity ~37, fedprox_mu ~12,
-        # attacks ~110 at 40 rounds, the rounds they need to settle); the measured costs go to entorno.json,
+        # attacks ~165 at 60 rounds, the rounds every rule needs to settle); the measured costs go to entorno.json,
         # and per run to the CSVs (run_seconds)
         name="full", seeds=(42, 43, 44, 45, 46), train_subset=3_600, rounds=15, eval_every=2,
         partitions=("iid", "dirichlet_0.3", "dirichlet_0.1", "shards_2"),
         attack_cases=(("iid", "none", 0), ("iid", "gaussian", 2), ("iid", "signflip", 2),
                       ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "signflip", 2)),
         attack_methods=("fedavg", "fedprox", "fedmed", "trimmed", "multikrum", "bulyan"),
-        attack_train_subset=2_400, attack_rounds=40, attack_eval_every=5, drift_train_subset=8_000,
+        attack_train_subset=2_400, attack_rounds=60, attack_eval_every=5, drift_train_subset=8_000,
         mcmahan=(("iid", 5, 30), ("shards", 10, 120)),
         dp_seeds=(42, 43),
     ),

@@ -1174,7 +1174,7 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
 
             try:
                 tables["mcmahan_meseta"] = rt.plateau_table(plateau, {s: _split_label(s) for s in plateau},
-                                                            MCMAHAN_PLATEAU_ROUNDS)
+                                                            MCMAHAN_PLATEAU_ROUNDS, MCMAHAN_TARGETS[-1])
             except rt.StaleResults as exc:
                 log.warning("%s: %s", results_dir, exc)
     if (results_dir / MCMAHAN_TUNING_CSV).exists():

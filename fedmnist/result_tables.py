@@ -332,10 +332,10 @@ def attack_convergence_table(rows: Rows) -> str:
 
 
 def plateau_table(curves: Mapping[str, Mapping[str, Mapping[int, float]]], split_names: Mapping[str, str],
-                  window: int = 20) -> str:
+                  window: int, target: float) -> str:
     """``mcmahan_meseta``: each method's level and steadiness over the last rounds every method ran.
 
-    ``curves`` maps split → method → round → test accuracy (one seed). Runs stop at their target, so
+    ``curves`` maps split → method → round → test accuracy (one seed). Runs stop at ``target``, so
     the window ends at the shortest run's last round; a split whose shortest run is under ``window``
     rounds is left out. The best method of a round is every method at that round's maximum (ties count).
     """
@@ -362,7 +362,8 @@ def plateau_table(curves: Mapping[str, Mapping[str, Mapping[int, float]]], split
         raise StaleResults(f"no split has {window} rounds evaluated by every method")
     return "\n".join(lines) + (
         f"\n\nPrecisión de test por ronda (10 000 imágenes, una semilla) en las {window} últimas rondas que ejecutaron "
-        f"todos los métodos: {'; '.join(spans)}. Los que llegan al 99 % se detienen ahí; un empate cuenta para todos."
+        f"todos los métodos: {'; '.join(spans)}. Los que llegan al {target * 100:g} % se detienen ahí; "
+        "un empate cuenta para todos."
     )
 
 

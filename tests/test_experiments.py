@@ -409,6 +409,10 @@ def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap
     monkeypatch.setattr(experiments, "MCMAHAN_PLATEAU_ROUNDS", 2)
     table = render_tables(tmp_path / "fresh")
     assert "| IID | FedMed |" in table["mcmahan_meseta"] and "IID, rondas 1 a 2" in table["mcmahan_meseta"]
+    # one run's per-round CSV gone: no plateau table rather than one comparing fewer methods
+    (tmp_path / "fresh" / "simulaciones" / "mcmahan_iid_fedmed" / "metricas_por_ronda.csv").unlink()
+    table = render_tables(tmp_path / "fresh")
+    assert "mcmahan_meseta" not in table and "mcmahan" in table
 
 
 def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):

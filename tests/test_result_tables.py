@@ -195,13 +195,13 @@ def test_plateau_table_compares_the_last_rounds_every_method_ran_by_hand():
                          "scaffold": {1: 0.4, 2: 0.7, 3: 0.92, 4: 0.94, 5: 0.99}},
               "iid": {"fedavg": {1: 0.9}, "scaffold": {1: 0.95}}}
 
-    table = rt.plateau_table(curves, {"shards": "patológica"}, window=2)
+    table = rt.plateau_table(curves, {"shards": "patológica"}, window=2, target=0.99)
 
     assert "| patológica | FedAvg | 92.00 | 90.00 | 94.00 | 1 |" in table  # tie at round 4 counts for both
     assert "| patológica | SCAFFOLD | 93.00 | 92.00 | 94.00 | 2 |" in table
-    assert "patológica, rondas 3 a 4" in table
+    assert "patológica, rondas 3 a 4" in table and "llegan al 99 % se detienen" in table
     assert "iid" not in table  # one round run: shorter than the window
     with pytest.raises(rt.StaleResults, match="no split has 2 rounds"):
-        rt.plateau_table({"iid": curves["iid"]}, {}, window=2)
+        rt.plateau_table({"iid": curves["iid"]}, {}, window=2, target=0.99)
     with pytest.raises(rt.StaleResults):  # a round of the window not evaluated for one method
-        rt.plateau_table({"s": {"a": {1: 0.5, 2: 0.6}, "b": {2: 0.6}}}, {}, window=2)
+        rt.plateau_table({"s": {"a": {1: 0.5, 2: 0.6}, "b": {2: 0.6}}}, {}, window=2, target=0.99)

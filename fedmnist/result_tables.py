@@ -4,7 +4,8 @@ Cells give the mean over seeds ± the half-width of its 95 % Student-t interval,
 accuracies; comparisons between methods are paired by seed (``fedmnist.stats.paired_comparison``):
 the mean difference in points, its 95 % interval in brackets, and in how many seeds the row's method
 wins. A result file written by an older version of the experiments lacks some columns: the table
-functions raise ``StaleResults`` naming them, and ``fedmnist.experiments.render_tables`` skips it.
+functions raise ``StaleResults`` naming them, and ``fedmnist.essay.render_tables`` skips it. The
+McMahan and privacy tables are one seed or list every seed, and give no interval.
 """
 
 from __future__ import annotations
@@ -479,3 +480,79 @@ def tuning_table(rows: Rows) -> str:
         "semilla); cada candidato entrena FedProx con el resto y puntúa la media de la precisión de "
         "validación en las dos últimas rondas evaluadas (en una ronda, la de esa ronda)."
     )
+
+
+def _pct(value: str | float) -> str:
+    return f"{float(value) * 100:.2f}"
+
+
+_SETTING_SYMBOLS = {"learning_rate": "η_l", "mu": "μ", "server_lr": "η_s", "server_momentum": "β", "tau": "τ",
+                    "beta_1": "β₁", "beta_2": "β₂"}
+
+
+def _settings_label(text: str) -> str:
+    """``learning_rate=0.2 mu=0.001`` as ``η_l = 0.2, μ = 0.001`` for the essay's tables."""
+    pairs = [item.split("=", 1) for item in text.split()]
+    return ", ".join(f"{_SETTING_SYMBOLS.get(k, k)} = {v}" for k, v in pairs) or "—"
+
+
+def split_label(split: str) -> str:
+    """The Spanish name of a McMahan split (``iid``, ``shards``)."""
+    return {"iid": "IID", "shards": "patológica (2 fragmentos)"}.get(split, split)
+
+
+def mcmahan_table(rows: Rows) -> str:
+    """``mcmahan``: rounds and megabytes per client to 97/98/99 % of every method, against the paper's rounds."""
+    lines = ["| partición | método | ajustes (elegidos en validación) | rondas hasta 97 / 98 / 99 % | "
+             "MB enviados por cliente hasta 97 / 98 / 99 % | mejor precisión (%) | rondas ejecutadas |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reached = " / ".join(r[f"rounds_to_{t}"] or "—" for t in (97, 98, 99))
+        mb = " / ".join(f"{float(v):.2f}" if (v := r[f"mb_per_client_to_{t}"]) else "—" for t in (97, 98, 99))
+        lines.append(f"| {split_label(r['split'])} | {method_name(r['method'])} | {_settings_label(r['settings'])} | "
+                     f"{reached} | {mb} | {_pct(r['best_round_accuracy'])} | {r['rounds_run']} |")
+    paper = {r["split"]: r["paper_rounds_to_99"] for r in rows}
+    return "\n".join(lines) + "\n\n— : no alcanzado en las rondas ejecutadas. MB por cliente: lo que " \
+        "sube el conjunto de los clientes hasta esa ronda (rondas × 10 respuestas × MB por respuesta) repartido " \
+        "entre los 100. Artículo (FedAvg, CNN de 1,66 M parámetros): " + \
+        ", ".join(f"{paper[s]} rondas {split_label(s)}" for s in paper) + "."
+
+
+def mcmahan_tuning_table(rows: Rows) -> str:
+    """``mcmahan_ajuste``: every McMahan candidate's validation score, the chosen one marked."""
+    lines = ["| partición | método | candidato | precisión de validación (%), media de las 2 últimas rondas | "
+             "elegido |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {split_label(r['split'])} ({r['tuning_rounds']} rondas) | {method_name(r['method'])} | "
+                     f"{_settings_label(r['settings'])} | {_pct(r['score'])} | {'sí' if r['chosen'] == 'True' else ''} |")
+    return "\n".join(lines)
+
+
+def privacy_table(rows: Rows) -> str:
+    """``privacidad``: DP-FedAvg's ε and final accuracy per seed for every (K, z)."""
+    lines = ["| K (m por ronda) | S | z | ruido en la media (σ = z·S/m) | ε final (δ = 1e-5) | "
+             "precisión final (%) por semilla | media (%) | rondas sin respuesta válida |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["clients"], r["noise_multiplier"]) for r in rows):
+        sel = [r for r in rows if (r["clients"], r["noise_multiplier"]) == key]
+        first = sel[0]
+        eps = "∞ (sin ruido)" if first["epsilon"] == "inf" else \
+            " / ".join(f"{float(r['epsilon']):.2f}" for r in sel)
+        accs = [float(r["final_accuracy"]) for r in sel]
+        lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {float(first['clip']):g} | "
+                     f"{float(first['noise_multiplier']):g} | {float(first['noise_std']):.4f} | {eps} | "
+                     f"{' / '.join(_pct(a) for a in accs)} | {sum(accs) / len(accs) * 100:.2f} | "
+                     f"{' / '.join(r['rounds_without_update'] for r in sel)} |")
+    return "\n".join(lines) + f"\n\n{sel[0]['rounds']} rondas; semillas: " + \
+        ", ".join(dict.fromkeys(r["seed"] for r in rows)) + "."
+
+
+def team_privacy_table(rows: Rows) -> str:
+    """``privacidad_equipo``: ε of a 5-member team per noise level, and the clients ε ≤ 2 would need."""
+    lines = ["| z (5 miembros, todos en cada ronda) | rondas | ε (δ = 1e-5) | ¿con sentido (ε ≤ 10)? | "
+             "clientes necesarios para ε ≤ 2 con el mismo ruido en la media (C = 0.1) |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "sí" if r["meaningful"] == "True" else "no"
+        lines.append(f"| {float(r['noise_multiplier']):g} | {r['rounds']} | {float(r['epsilon']):.1f} | {verdict} | "
+                     f"{r['clients_for_epsilon_2'] or 'más de 10⁷'} |")
+    return "\n".join(lines)

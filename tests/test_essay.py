@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmnist.experiments import (
-    ENV_FILE,
-    PROFILES,
-    TABLE_BLOCK,
-    essay_tables,
-    fill_essay_tables,
-    render_tables,
-)
+from fedmnist.errors import ConfigError
+from fedmnist.essay import TABLE_BLOCK, essay_tables, fill_essay_tables, render_tables, update_essay
+from fedmnist.experiments import ENV_FILE, PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 ESSAY = REPO / "ensayo_aprendizaje_federado.md"
@@ -90,6 +85,45 @@ def test_fill_essay_tables_keeps_the_text_between_empty_blocks():
 
     assert filled == "<!-- tabla:a -->\n| A |\n<!-- /tabla -->\nprose\n<!-- tabla:b -->\n| B |\n<!-- /tabla -->"
 
+
+
+def test_update_essay_rewrites_only_stale_tables_and_names_them(tmp_path):
+    # Prepare: a copy of the essay whose privacy table holds an old number, and one untouched table
+    essay = tmp_path / "ensayo.md"
+    text = ESSAY.read_text(encoding="utf-8")
+    stale = essay_tables(text)["privacidad_equipo"]
+    essay.write_text(text.replace(stale, stale.replace("| sí |", "| quizá |", 1)), encoding="utf-8")
+
+    # Execute
+    changed = update_essay(essay, RESULTS)
+
+    # Assert: only that table changed, and the essay is now the committed one again
+    assert changed == ["privacidad_equipo"]
+    assert essay.read_text(encoding="utf-8") == text
+    assert update_essay(essay, RESULTS) == []
+
+
+def test_update_essay_refuses_a_table_the_results_lack_and_leaves_the_essay(tmp_path):
+    essay = tmp_path / "ensayo.md"
+    text = "intro\n<!-- tabla:inventada -->\n| 1 |\n<!-- /tabla -->\n"
+    essay.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError, match=r"ensayo\.md: the essay quotes table 'inventada'"):
+        update_essay(essay, RESULTS)
+    assert essay.read_text(encoding="utf-8") == text
+
+
+def test_essay_command_updates_the_essay_and_reports_a_missing_one_in_one_line(tmp_path, capsys):
+    from fedmnist.essay import main
+
+    essay = tmp_path / "ensayo.md"
+    essay.write_text(ESSAY.read_text(encoding="utf-8"), encoding="utf-8")
+
+    assert main(["--essay", str(essay), "--results", str(RESULTS)]) == 0
+    assert "0 table(s) updated" in capsys.readouterr().out
+    assert main(["--essay", str(tmp_path / "missing.md"), "--results", str(RESULTS)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing.md'}: essay not found"]
 
 TWO_DECIMALS = re.compile(r"(?<![\d.])\d+\.\d{2}(?![\d.])")
 

@@ -9,9 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from fedmnist import experiments
+from fedmnist import essay, experiments
 from fedmnist.errors import ConfigError
-from fedmnist.experiments import Profile, read_csv, render_tables, run_experiments
+from fedmnist.essay import render_tables
+from fedmnist.experiments import Profile, common, drift, mcmahan, read_csv, run_experiments
+from fedmnist.experiments import attacks as attack_runs
 from fedmnist.stats import format_mean_interval, mean_interval
 
 TINY = Profile(
@@ -132,11 +134,11 @@ def test_drift_continues_from_its_cache(tiny_results, small_npz, monkeypatch):
     def no_executor(*_):
         raise AssertionError("the drift grid retrained a cached block")
 
-    monkeypatch.setattr(experiments, "_executor", no_executor)
+    monkeypatch.setattr(drift, "make_executor", no_executor)
     before = (tiny_results / experiments.DRIFT_CSV).read_text()
 
     # Execute
-    experiments.run_drift(TINY, load_raw_mnist(small_npz), tiny_results, None, None, lambda *_: None)
+    drift.run_drift(TINY, load_raw_mnist(small_npz), tiny_results, None, None, lambda *_: None)
 
     # Assert
     assert (tiny_results / experiments.DRIFT_CSV).read_text() == before
@@ -191,7 +193,7 @@ def test_attacks_run_fedprox_and_bulyan_and_record_divergence(tiny_results):
     assert {r["method"] for r in rows} == {"fedavg", "fedprox", "fedmed", "bulyan"}
     assert len(rows) == 3 * 2 * 4
     for r in rows:
-        assert r["diverged"] == str(experiments.diverged(float(r["final_loss"])))
+        assert r["diverged"] == str(common.diverged(float(r["final_loss"])))
         assert r["krum_f"] == "1" and r["clients"] == "7"
         assert r["earlier_round"] == "1"  # the convergence window: one round before the last (2)
     for partition in ("iid", "shards_2"):
@@ -206,9 +208,9 @@ def test_earlier_score_is_the_latest_evaluated_round_before_the_window():
     records = [R(round=r, test_accuracy=(r / 100 if r % 5 == 0 else None)) for r in range(1, 41)]
     records.append(R(round=41, test_accuracy=0.5))
 
-    assert experiments._earlier_score(records, 10) == {"earlier_round": 30, "earlier_accuracy": 0.30}
-    assert experiments._earlier_score(records[:38], 10) == {"earlier_round": 25, "earlier_accuracy": 0.25}
-    assert experiments._earlier_score(records[:12], 10) == {"earlier_round": "", "earlier_accuracy": ""}
+    assert attack_runs._earlier_score(records, 10) == {"earlier_round": 30, "earlier_accuracy": 0.30}
+    assert attack_runs._earlier_score(records[:38], 10) == {"earlier_round": 25, "earlier_accuracy": 0.25}
+    assert attack_runs._earlier_score(records[:12], 10) == {"earlier_round": "", "earlier_accuracy": ""}
 
 
 def test_attack_convergence_reads_the_run_curve(tiny_results):
@@ -222,9 +224,9 @@ def test_attack_convergence_reads_the_run_curve(tiny_results):
 
 
 def test_diverged_means_a_non_finite_or_exploded_test_loss():
-    assert experiments.diverged(float("nan")) and experiments.diverged(float("inf"))
-    assert experiments.diverged(7.3e16)
-    assert not experiments.diverged(2.31) and not experiments.diverged(None)
+    assert common.diverged(float("nan")) and common.diverged(float("inf"))
+    assert common.diverged(7.3e16)
+    assert not common.diverged(2.31) and not common.diverged(None)
 
 
 def test_tables_are_rendered_from_the_files(tiny_results):
@@ -340,10 +342,10 @@ def test_drift_grid_gives_the_same_numbers_in_a_worker_pool(small_npz, monkeypat
     mnist = load_raw_mnist(small_npz)
 
     # Execute
-    monkeypatch.setitem(experiments.WORKERS, "workers", 1)
-    pooled, _ = run_drift_grid(grid, mnist, experiments._executor, experiments._evaluator(), lambda *_: None)
-    monkeypatch.delitem(experiments.WORKERS, "workers")
-    local, _ = run_drift_grid(grid, mnist, experiments._executor, experiments._evaluator(), lambda *_: None)
+    monkeypatch.setitem(common.WORKERS, "workers", 1)
+    pooled, _ = run_drift_grid(grid, mnist, common.make_executor, common.evaluator(), lambda *_: None)
+    monkeypatch.delitem(common.WORKERS, "workers")
+    local, _ = run_drift_grid(grid, mnist, common.make_executor, common.evaluator(), lambda *_: None)
 
     # Assert: equal up to the last bits TensorFlow's thread count changes
     for key in ("update_norm", "update_cosine", "barrier", "locals_accuracy", "fedavg_accuracy",
@@ -374,7 +376,7 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
                     "mcmahan_grid": {"fedavg": {"learning_rate": (0.05, 0.2)}}, "mcmahan_validation": 1_000,
                     **fields}
         profile = dataclasses.replace(TINY, **settings)
-        return experiments.run_mcmahan(profile, raw_mnist, out, trainer, full_test, lambda *_: None)
+        return mcmahan.run_mcmahan(profile, raw_mnist, out, trainer, full_test, lambda *_: None)
 
     return run
 
@@ -406,7 +408,7 @@ def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap
     table = render_tables(tmp_path / "fresh")
     assert "| IID | FedAvg | η_l = " in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
     assert table["mcmahan_ajuste"].count("| sí |") == 1
-    monkeypatch.setattr(experiments, "MCMAHAN_PLATEAU_ROUNDS", 2)
+    monkeypatch.setattr(essay, "MCMAHAN_PLATEAU_ROUNDS", 2)
     table = render_tables(tmp_path / "fresh")
     assert "| IID | FedMed |" in table["mcmahan_meseta"] and "IID, rondas 1 a 2" in table["mcmahan_meseta"]
     # one run's per-round CSV gone: no plateau table rather than one comparing fewer methods
@@ -429,7 +431,7 @@ def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
               {"method": "fedavgm", "score": "0.93", "chosen": True},
               {"method": "fedadam", "score": "0.89", "chosen": True}]
 
-    order = experiments.final_order(("fedavg", "fedmed", "fedavgm", "fedadam", "scaffold"), trials)
+    order = mcmahan.final_order(("fedavg", "fedmed", "fedavgm", "fedadam", "scaffold"), trials)
 
     # the chosen trial's score decides, not a losing candidate's
     assert order == ["fedavgm", "fedavg", "fedadam", "fedmed", "scaffold"]
@@ -438,14 +440,14 @@ def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
 def test_mcmahan_table_keeps_the_listed_order_and_is_written_after_each_final(tmp_path, run_tiny_mcmahan,
                                                                              monkeypatch):
     written = []
-    write_csv = experiments._write_csv
+    write_csv = mcmahan.write_csv
 
     def spy(path, rows):
         write_csv(path, rows)
         if path.name == experiments.MCMAHAN_CSV:
             written.append([r["method"] for r in read_csv(path)])
 
-    monkeypatch.setattr(experiments, "_write_csv", spy)
+    monkeypatch.setattr(mcmahan, "write_csv", spy)
     rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_methods=("fedmed", "fedavg"))
 
     # FedAvg is tuned, so its final runs first; the file lists the methods in the profile's order

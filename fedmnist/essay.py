@@ -1,0 +1,169 @@
+"""The essay's tables, from the committed result files: render them, and write them into the essay.
+
+Every table of ``ensayo_aprendizaje_federado.md`` sits between ``<!-- tabla:NAME -->`` and
+``<!-- /tabla -->``. ``render_tables`` computes each one from the files ``fedmnist experiments`` wrote
+(``fedmnist.result_tables`` draws them); ``update_essay`` replaces every block with its rendering, so
+after new results ``python -m fedmnist.essay`` brings the essay up to date, and ``tests/test_essay.py``
+checks that the essay's tables equal what the files give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedmnist import result_tables as rt
+from fedmnist.errors import ConfigError, DataError
+from fedmnist.experiments.attacks import ATTACK_CSV, ATTACK_TUNING_CSV
+from fedmnist.experiments.common import read_csv
+from fedmnist.experiments.course import COURSE_CSV, COURSE_TUNING_CSV, INIT_CSV
+from fedmnist.experiments.drift import DRIFT_CSV
+from fedmnist.experiments.fedprox_mu import PROX_CSV
+from fedmnist.experiments.heterogeneity import HETERO_CSV, HETERO_TUNING_CSV
+from fedmnist.experiments.mcmahan import (
+    MCMAHAN_CSV,
+    MCMAHAN_PLATEAU_ROUNDS,
+    MCMAHAN_TARGETS,
+    MCMAHAN_TUNING_CSV,
+)
+from fedmnist.experiments.privacy import PRIVACY_CSV, TEAM_PRIVACY_CSV
+from fedmnist.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ESSAY_FILE = "ensayo_aprendizaje_federado.md"
+TABLE_BLOCK = re.compile(
+    r"<!-- tabla:(?P<name>[\w-]+) -->\n(?P<body>(?:(?!<!--).)*?)\n?<!-- /tabla -->", re.DOTALL
+)
+
+_SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
+    (COURSE_CSV, lambda rows: {"curso": rt.course_table(rows)}),
+    (INIT_CSV, lambda rows: {"inicializacion": rt.initialisation_table(rows)}),
+    (DRIFT_CSV, rt.drift_tables),
+    (HETERO_CSV, rt.heterogeneity_tables),
+    (PROX_CSV, lambda rows: {"fedprox_mu": rt.fedprox_mu_table(rows)}),
+    (ATTACK_CSV, rt.attack_tables),
+    (ATTACK_CSV, lambda rows: {"ataques_convergencia": rt.attack_convergence_table(rows)}),
+    (MCMAHAN_CSV, lambda rows: {"mcmahan": rt.mcmahan_table(rows)}),
+    (MCMAHAN_TUNING_CSV, lambda rows: {"mcmahan_ajuste": rt.mcmahan_tuning_table(rows)}),
+    (PRIVACY_CSV, lambda rows: {"privacidad": rt.privacy_table(rows)}),
+    (TEAM_PRIVACY_CSV, lambda rows: {"privacidad_equipo": rt.team_privacy_table(rows)}),
+)
+"""Result file → the tables drawn from its rows."""
+_MU_TUNING = (COURSE_TUNING_CSV, HETERO_TUNING_CSV, ATTACK_TUNING_CSV)
+"""The μ-tuning files that together give the ``ajuste_mu`` table."""
+
+
+def _mcmahan_curves(results_dir: Path, rows: list[dict]) -> dict[str, dict[str, dict[int, float]]] | None:
+    """Split → method → round → test accuracy of the McMahan runs listed in ``rows``, from their per-round CSVs.
+
+    None (with a warning) when a run's CSV is missing: a partial table would compare unlike sets.
+    """
+    from fedmnist import outputs
+
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        path = results_dir / "simulaciones" / f"mcmahan_{r['split']}_{r['method']}" / outputs.METRICS_CSV
+        if not path.exists():
+            log.warning("%s is missing: no McMahan plateau table", path)
+            return None
+        curves.setdefault(r["split"], {})[r["method"]] = {
+            int(x["round"]): float(x["test_accuracy"]) for x in read_csv(path) if x["test_accuracy"]}
+    return curves
+
+
+def render_tables(results_dir: str | Path) -> dict[str, str]:
+    """The essay's Markdown tables, computed from the result files in ``results_dir``.
+
+    A table whose file is absent is left out; a file written by an older version (columns missing) is
+    skipped with a warning.
+    """
+    results_dir = Path(results_dir)
+    tables: dict[str, str] = {}
+    for name, render in _SOURCES:
+        if (results_dir / name).exists():
+            try:
+                tables.update(render(read_csv(results_dir / name)))
+            except rt.StaleResults as exc:
+                log.warning("%s: %s", results_dir / name, exc)
+    tuning = [row for name in _MU_TUNING if (results_dir / name).exists() for row in read_csv(results_dir / name)]
+    if tuning:
+        try:
+            tables["ajuste_mu"] = rt.tuning_table(tuning)
+        except rt.StaleResults as exc:
+            log.warning("%s: %s", results_dir, exc)
+    if (results_dir / MCMAHAN_CSV).exists():
+        plateau = _mcmahan_curves(results_dir, read_csv(results_dir / MCMAHAN_CSV))
+        if plateau is not None:
+            try:
+                tables["mcmahan_meseta"] = rt.plateau_table(plateau, {s: rt.split_label(s) for s in plateau},
+                                                            MCMAHAN_PLATEAU_ROUNDS, MCMAHAN_TARGETS[-1])
+            except rt.StaleResults as exc:
+                log.warning("%s: %s", results_dir, exc)
+    return tables
+
+
+def essay_tables(text: str) -> dict[str, str]:
+    """The generated table blocks of the essay, by name."""
+    return {m.group("name"): m.group("body").strip() for m in TABLE_BLOCK.finditer(text)}
+
+
+def fill_essay_tables(text: str, tables: dict[str, str]) -> str:
+    """Replace every table block of the essay with the table rendered from the result files."""
+    def body(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in tables:
+            raise ConfigError(f"the essay quotes table '{name}', but the results have no such table")
+        return f"<!-- tabla:{name} -->\n{tables[name]}\n<!-- /tabla -->"
+
+    return TABLE_BLOCK.sub(body, text)
+
+
+def update_essay(essay: str | Path, results_dir: str | Path) -> list[str]:
+    """Rewrite the essay's table blocks from ``results_dir`` (atomically); the names of the tables that changed.
+
+    Raises:
+        DataError: the essay or the results directory is missing.
+        ConfigError: the essay quotes a table the results do not give (naming the essay and the table);
+            the essay is left untouched.
+    """
+    essay, results_dir = Path(essay), Path(results_dir)
+    if not essay.is_file():
+        raise DataError(f"{essay}: essay not found")
+    if not results_dir.is_dir():
+        raise DataError(f"{results_dir}: results directory not found")
+    text = essay.read_text(encoding="utf-8")
+    tables = render_tables(results_dir)
+    try:
+        filled = fill_essay_tables(text, tables)
+    except ConfigError as exc:
+        raise ConfigError(f"{essay}: {exc} (in {results_dir})") from None
+    before = essay_tables(text)
+    changed = [name for name, body in essay_tables(filled).items() if before.get(name) != body]
+    if filled != text:
+        atomic_write_text(essay, filled)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedmnist.essay``: write the tables of the result files into the essay."""
+    from fedmnist.cli import run
+
+    parser = argparse.ArgumentParser(prog="python -m fedmnist.essay",
+                                     description="Rewrite the essay's tables from the result files.")
+    parser.add_argument("--results", default="resultados", help="result directory (default resultados)")
+    parser.add_argument("--essay", default=ESSAY_FILE, help=f"the essay to update (default {ESSAY_FILE})")
+
+    def command(args: argparse.Namespace) -> int:
+        changed = update_essay(args.essay, args.results)
+        print(f"{args.essay}: {len(changed)} table(s) updated" + (f" ({', '.join(changed)})" if changed else ""))
+        return 0
+
+    return run(command, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""The experiment profiles: how much of each experiment ``fedmnist experiments --profile`` runs.
+
+``quick`` is a CI-sized check of minutes; ``full`` gives the essay's results. A profile is checked
+once, when it is built, and copied into ``entorno.json`` beside the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedmnist.config import DEFAULT_SEED
+from fedmnist.errors import ConfigError
+
+MCMAHAN_METHODS = ("fedavg", "fedprox", "fedmed", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
+MCMAHAN_GRID: dict[str, dict[str, tuple[float, ...]]] = {
+    # FedAvg's local rate first; the others keep it and tune their own parameter
+    "fedavg": {"learning_rate": (0.025, 0.05, 0.1, 0.2, 0.4)},
+    "fedprox": {"mu": (0.001, 0.01, 0.1)},
+    "fedavgm": {"server_momentum": (0.3, 0.5, 0.7)},
+    "fedadam": {"server_lr": (0.003, 0.01, 0.03, 0.1)},
+    "fedyogi": {"server_lr": (0.003, 0.01, 0.03, 0.1)},
+    "fedadagrad": {"server_lr": (0.01, 0.03, 0.1, 0.3)},
+}
+"""Candidate settings of the McMahan runs, per method (product of the values); methods absent here
+(FedMed, SCAFFOLD with the paper's η_g = 1) take FedAvg's chosen local rate untuned."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of each experiment to run; ``quick`` is CI-sized, ``full`` is the essay's.
+
+    Every table repeats its runs over ``seeds`` (the drift grid over ``drift_seeds``) and reports the
+    mean with a 95 % Student-t interval across them (``fedmnist.stats``). FedProx's μ is never chosen on
+    the test set: for each setting, every candidate of the grid runs on the training set minus
+    ``validation_size`` held-out images (``fedmnist.tuning.validation_split`` with the first seed), and
+    the best validation accuracy wins.
+    """
+
+    name: str
+    seeds: tuple[int, ...]
+    validation_size: int = 5_000
+    """Training images held out to choose FedProx's μ of the course, drift, heterogeneity and attack runs."""
+    course_epochs: int = 2
+    course_train_subset: int | None = None
+    course_test_subset: int | None = None
+    course_optimizer: str = "adam"
+    course_learning_rate: float = 1e-3
+    course_momentum: float = 0.0
+    """The member job's local training (``fedmnist.training.TrainConfig``'s defaults, what a Keras user
+    writes for this CNN); the drift grid covers the aggressive SGD settings."""
+    course_mu_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
+    clients: int = 10
+    train_subset: int = 10_000
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    round_test_subset: int | None = None
+    """Test images of the per-round evaluations (None: the 10,000, so curves and tables agree)."""
+    eval_every: int = 1
+    partitions: tuple[str, ...] = ("iid", "dirichlet_1", "dirichlet_0.3", "dirichlet_0.1", "shards_2")
+    """Splits of the heterogeneity runs (``fedmnist.labels.partition_settings``)."""
+    mu_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    """FedProx's μ candidates of the multi-round settings (heterogeneity, attacks)."""
+    prox_mus: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+    prox_partition: str = "shards_2"
+    attack_cases: tuple[tuple[str, str, int], ...] = (
+        ("iid", "none", 0), ("iid", "gaussian", 1), ("iid", "gaussian", 2), ("iid", "signflip", 1),
+        ("iid", "signflip", 2), ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "gaussian", 2),
+        ("dirichlet_0.3", "signflip", 2))
+    """(partition, attack or ``none``, malicious clients) of every attack run."""
+    attack_methods: tuple[str, ...] = (
+        "fedavg", "fedprox", "fedmed", "trimmed", "krum", "multikrum", "bulyan")
+    attack_clients: int = 12
+    """Clients of the attack runs, all in every round: Bulyan needs at least 4f + 3 of them."""
+    attack_krum_f: int = 2
+    """f (attackers tolerated) of Krum, Multi-Krum and Bulyan in every attack run, attackers or not."""
+    attack_rounds: int = 20
+    attack_train_subset: int = 4_800
+    attack_eval_every: int = 5
+    attack_convergence_window: int = 10
+    """Rounds over which the attack table measures each rule's last change (has it stabilised?); no
+    change is measured in runs of that many rounds or fewer."""
+    drift_seeds: tuple[int, ...] = (42, 43, 44)
+    drift_clients: int = 5
+    drift_train_subset: int = 10_000
+    drift_optimizers: tuple[tuple[str, float, float], ...] = (
+        ("adam", 1e-3, 0.0), ("sgd", 0.05, 0.9), ("sgd", 0.01, 0.0))
+    """(optimizer, learning rate, momentum) of the drift grid's local training."""
+    drift_epochs: tuple[int, ...] = (1, 2, 5)
+    drift_partitions: tuple[str, ...] = ("iid", "shards_2")
+    drift_mu_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    drift_barrier_images: int = 1_000
+    """First test images on which the loss along the segment between two clients is measured."""
+    drift_barrier_pairs: int = 2
+    """Disjoint pairs of clients (1-2, 3-4, …) whose segment is measured."""
+    mcmahan: tuple[tuple[str, int, int], ...] = ()
+    """(split, tuning rounds, maximum rounds) of McMahan's protocol: ``mcmahan_methods`` tuned on the
+    validation split for the tuning rounds, then run until 99% or the maximum (see ``run_mcmahan``)."""
+    mcmahan_methods: tuple[str, ...] = MCMAHAN_METHODS
+    mcmahan_grid: dict[str, dict[str, tuple[float, ...]]] = field(
+        default_factory=lambda: {m: dict(g) for m, g in MCMAHAN_GRID.items()})
+    mcmahan_validation: int = 6_000
+    """Training images held out as the tuning runs' validation set."""
+    dp_clients: tuple[int, ...] = (100, 1000)
+    """Federation sizes K of the DP-FedAvg runs (IID, equal parts, C = ``dp_fraction``)."""
+    dp_noises: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    dp_rounds: int = 20
+    dp_fraction: float = 0.1
+    dp_train_subset: int | None = None
+    dp_eval_every: int = 5
+    dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
+    dp_seeds: tuple[int, ...] | None = None
+    """Seeds of the DP-FedAvg runs (None: ``seeds``)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings the experiments cannot run (naming the field)."""
+        from fedmnist.attacks import ATTACKS
+        from fedmnist.labels import partition_settings
+
+        for name in ("seeds", "drift_seeds"):
+            seeds = getattr(self, name)
+            if not seeds or len(set(seeds)) != len(seeds) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+                raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
+                                  f"(got {seeds!r})")
+        for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
+                     "attack_eval_every", "attack_convergence_window", "drift_clients", "drift_barrier_images",
+                     "course_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"profile {self.name}: {name} must be an integer >= 1 (got {value!r})")
+        for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
+            grid = getattr(self, name)
+            if not grid or not all(isinstance(m, (int, float)) and m > 0 for m in grid):
+                raise ConfigError(f"profile {self.name}: {name} needs FedProx coefficients μ > 0 "
+                                  f"(got {grid!r})")
+        if not self.drift_epochs or not self.drift_optimizers or not self.drift_partitions:
+            raise ConfigError(f"profile {self.name}: the drift grid needs epochs, optimizers and partitions")
+        if not 0 <= self.drift_barrier_pairs <= self.drift_clients // 2:
+            raise ConfigError(f"profile {self.name}: drift_barrier_pairs must be between 0 and "
+                              f"{self.drift_clients // 2} for {self.drift_clients} clients")
+        for label in (*self.partitions, self.prox_partition, *self.drift_partitions,
+                      *(case[0] for case in self.attack_cases)):
+            partition_settings(label)
+        for partition, attack, count in self.attack_cases:
+            if (attack == "none") != (count == 0) or (attack != "none" and attack not in ATTACKS):
+                raise ConfigError(f"profile {self.name}: attack case ({partition}, {attack}, {count}) must "
+                                  f"be ('none', 0) or an attack of {', '.join(ATTACKS)} with at least one "
+                                  "attacker")
+        if "bulyan" in self.attack_methods and self.attack_clients < 4 * self.attack_krum_f + 3:
+            raise ConfigError(f"profile {self.name}: Bulyan with f = {self.attack_krum_f} needs at least "
+                              f"{4 * self.attack_krum_f + 3} attack_clients (got {self.attack_clients})")
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick", seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), validation_size=1_000, course_epochs=1,
+        course_train_subset=3_000, course_test_subset=1_000, course_mu_grid=(0.01, 0.1), clients=5,
+        train_subset=1_500, rounds=2, partitions=("iid", "shards_2"), mu_grid=(0.01, 0.1),
+        prox_mus=(0.0, 0.1), attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)),
+        attack_methods=("fedavg", "fedmed", "bulyan"),
+        attack_clients=7, attack_krum_f=1, attack_rounds=2, attack_train_subset=1_400, attack_eval_every=1,
+        attack_convergence_window=1, drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
+        drift_optimizers=(("adam", 1e-3, 0.0),),
+        drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
+        mcmahan=(("iid", 1, 1),), mcmahan_methods=("fedavg",), mcmahan_grid={},
+        dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
+        dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,),
+    ),
+    "full": Profile(
+        # sizes chosen so that every experiment but McMahan's and privacy fits about four hours on
+        # two cores with --workers 2 (measured: course ~14 min, drift ~24, heterogeneity ~37, fedprox_mu ~12,
+        # attacks ~165 at 60 rounds, the rounds every rule needs to settle); the measured costs go to entorno.json,
+        # and per run to the CSVs (run_seconds)
+        name="full", seeds=(42, 43, 44, 45, 46), train_subset=3_600, rounds=15, eval_every=2,
+        partitions=("iid", "dirichlet_0.3", "dirichlet_0.1", "shards_2"),
+        attack_cases=(("iid", "none", 0), ("iid", "gaussian", 2), ("iid", "signflip", 2),
+                      ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "signflip", 2)),
+        attack_methods=("fedavg", "fedprox", "fedmed", "trimmed", "multikrum", "bulyan"),
+        attack_train_subset=2_400, attack_rounds=60, attack_eval_every=5, drift_train_subset=8_000,
+        mcmahan=(("iid", 5, 30), ("shards", 10, 120)),
+        dp_seeds=(42, 43),
+    ),
+}

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     from fedmnist.data import Mnist, common_test_file, load_raw_mnist
     from fedmnist.exchange import load_global
-    from fedmnist.partition import write_federation
+    from fedmnist.federation_files import write_federation
     from fedmnist.simulation import SimulationConfig, run_simulation
 
     data = args.data or os.environ.get("FEDMNIST_DATA") or ROOT.parent / "shared" / "data" / "mnist.npz"

@@ -36,12 +36,12 @@ from fedmnist.exchange import (
     make_global,
     save_global,
 )
+from fedmnist.federation_files import manifest_counts as partition_counts
+from fedmnist.federation_files import read_manifest
 from fedmnist.io import OutputSet, check_writable_dir
 from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods, with_privacy
 from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
 from fedmnist.outputs import json_text
-from fedmnist.partition import manifest_counts as partition_counts
-from fedmnist.partition import read_manifest
 from fedmnist.plots import method_label, plot_confusion_matrix, plot_method_comparison
 from fedmnist.server import Reply, RoundRecord, Server, ServerState
 from fedmnist.strategies import DEFAULT_NUM_MALICIOUS

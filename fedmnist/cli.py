@@ -36,7 +36,8 @@ def add_split_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from fedmnist.data import load_raw_mnist
-    from fedmnist.partition import PartitionConfig, write_federation
+    from fedmnist.federation_files import write_federation
+    from fedmnist.partition import PartitionConfig
 
     config = PartitionConfig(args.partition, args.clients, args.alpha, args.shards_per_client, args.seed)
     mnist = load_raw_mnist(args.data)

@@ -25,10 +25,11 @@ from fedmnist.aggregation import (
 from fedmnist.data import common_test_file, load_partition, load_raw_mnist
 from fedmnist.errors import ConfigError
 from fedmnist.exchange import global_path, make_global, save_global
+from fedmnist.federation_files import write_federation
 from fedmnist.io import atomic_write_text
 from fedmnist.local import run_local_training
 from fedmnist.model import DEFAULT_SEED, initial_weights
-from fedmnist.partition import PartitionConfig, write_federation
+from fedmnist.partition import PartitionConfig
 from fedmnist.training import TrainConfig, make_trainer
 
 

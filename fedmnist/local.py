@@ -29,9 +29,9 @@ from fedmnist.exchange import (
     save_update,
     update_path,
 )
+from fedmnist.federation_files import read_manifest
 from fedmnist.io import OutputSet, check_writable_dir, sha256_file
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
-from fedmnist.partition import read_manifest
 from fedmnist.seeds import training_seed, validation_seed
 from fedmnist.training import (
     ClientTrainer,

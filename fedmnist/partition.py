@@ -1,33 +1,21 @@
 """Splitting MNIST's training set among clients: IID stratified, Dirichlet(α) and label shards.
 
 The split functions are pure: labels and a ``numpy.random.Generator`` in, a list of index arrays out
-(one per client, disjoint, together covering every index exactly once).
+(one per client, disjoint, together covering every index exactly once). Writing a split to disk as a
+federation's files is ``fedmnist.federation_files``'s job.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from fedmnist import __version__
-from fedmnist.data import NUM_CLASSES, Mnist, client_file, common_test_file, save_arrays
-from fedmnist.errors import ConfigError, DataError
-from fedmnist.exchange import check_num_examples
-from fedmnist.io import atomic_write_text, read_capped, sha256_file
+from fedmnist.data import NUM_CLASSES
+from fedmnist.errors import ConfigError
 
 SCHEMES = ("iid", "dirichlet", "shards")
-MANIFEST_FILE = "particion.json"
-DISTRIBUTION_PLOT = "distribucion_clases.png"
 DIRICHLET_MAX_TRIES = 1000
-MANIFEST_MAX_BYTES = 16 << 20
-"""Largest particion.json read: a manifest of 10,000 clients takes about 3 MB."""
-MAX_CLIENTS = 1_000_000
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -155,106 +143,3 @@ def partition(labels: np.ndarray, config: PartitionConfig) -> list[np.ndarray]:
 def class_counts(labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
     """Matrix (num_clients, 10) of how many images of each class every client holds."""
     return np.stack([np.bincount(labels[p], minlength=NUM_CLASSES) for p in parts])
-
-
-def write_federation(mnist: Mnist, config: PartitionConfig, out_dir: str | Path) -> Path:
-    """Write the client partitions, the common test set, the manifest and the class heatmap.
-
-    ``mnist`` holds raw uint8 images. Every file is written atomically; the manifest is written last,
-    so a directory with ``particion.json`` is complete. Returns the manifest's path.
-    """
-    from fedmnist.plots import plot_class_distribution
-
-    out_dir = Path(out_dir)
-    parts = partition(mnist.y_train, config)
-    counts = class_counts(mnist.y_train, parts)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clients = []
-    for k, idx in enumerate(parts, start=1):
-        path = client_file(out_dir, k)
-        save_arrays(path, mnist.x_train[idx], mnist.y_train[idx])
-        clients.append({
-            "client_id": k,
-            "file": path.name,
-            "num_examples": int(idx.size),
-            "class_counts": counts[k - 1].tolist(),
-            "sha256": sha256_file(path),
-        })
-    test_path = common_test_file(out_dir)
-    save_arrays(test_path, mnist.x_test, mnist.y_test)
-    plot_class_distribution(counts, out_dir / DISTRIBUTION_PLOT, title=config.describe())
-    manifest = {
-        "format": "fedmnist-partition",
-        "version": 1,
-        "config": asdict(config),
-        "num_clients": config.num_clients,
-        "num_train_examples": int(mnist.y_train.size),
-        "clients": clients,
-        "test": {
-            "file": test_path.name,
-            "num_examples": int(mnist.y_test.size),
-            "class_counts": np.bincount(mnist.y_test, minlength=NUM_CLASSES).tolist(),
-            "sha256": sha256_file(test_path),
-        },
-        "software": {"fedmnist": __version__, "numpy": np.__version__, "python": platform.python_version()},
-    }
-    manifest_path = out_dir / MANIFEST_FILE
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return manifest_path
-
-
-def read_manifest(data_dir: str | Path) -> dict | None:
-    """The federation manifest of ``data_dir``, checked, or None if there is none.
-
-    The file is read only up to ``MANIFEST_MAX_BYTES``; it must be a JSON object whose ``clients``
-    list gives each client a distinct integer ``client_id`` >= 1 and, where stated, a ``num_examples``
-    that passes ``fedmnist.exchange.check_num_examples`` and a hexadecimal ``sha256``.
-
-    Raises:
-        DataError: naming the file and the problem (never a JSON traceback).
-    """
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
-        return None
-    data = read_capped(path, MANIFEST_MAX_BYTES, "federation manifest", error=DataError)
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise DataError(f"{path}: not a valid JSON manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
-    _check_manifest(path, manifest)
-    return manifest
-
-
-def _check_manifest(path: Path, manifest) -> None:
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: the manifest must be a JSON object, found {type(manifest).__name__}")
-    clients = manifest.get("clients")
-    if not isinstance(clients, list):
-        raise DataError(f"{path}: the manifest has no 'clients' list")
-    seen = set()
-    for i, entry in enumerate(clients):
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: clients[{i}] is not an object")
-        client_id = entry.get("client_id")
-        if isinstance(client_id, bool) or not isinstance(client_id, int) or not 1 <= client_id <= MAX_CLIENTS:
-            raise DataError(f"{path}: clients[{i}] has no valid client_id (an integer from 1 to {MAX_CLIENTS:,})")
-        if client_id in seen:
-            raise DataError(f"{path}: client {client_id} appears twice")
-        seen.add(client_id)
-        if entry.get("num_examples") is not None:
-            check_num_examples(entry["num_examples"], f"{path}: client {client_id}", error=DataError)
-        digest = entry.get("sha256")
-        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
-            raise DataError(f"{path}: client {client_id} has a malformed sha256")
-
-
-def manifest_counts(manifest: dict | None) -> dict[int, int] | None:
-    """Each client's sample count from a manifest read by ``read_manifest`` (None without one or counts).
-
-    The server refuses an update whose claimed count differs from these.
-    """
-    if not manifest:
-        return None
-    counts = {c["client_id"]: int(c["num_examples"]) for c in manifest["clients"]
-              if c.get("num_examples") is not None}
-    return counts or None

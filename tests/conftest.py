@@ -80,7 +80,8 @@ def small_mnist(raw_mnist: Mnist) -> Mnist:
 @pytest.fixture(scope="session")
 def small_federation(tmp_path_factory: pytest.TempPathFactory, small_mnist: Mnist) -> Path:
     """Directory holding a 3-client IID federation of ``small_mnist`` written by ``write_federation``."""
-    from fedmnist.partition import PartitionConfig, write_federation
+    from fedmnist.federation_files import write_federation
+    from fedmnist.partition import PartitionConfig
 
     out = tmp_path_factory.mktemp("federation")
     write_federation(small_mnist, PartitionConfig("iid", SMALL_NUM_CLIENTS, seed=SMALL_SEED), out)

@@ -36,10 +36,11 @@ from fedmnist.exchange import (
     save_update,
     update_path,
 )
+from fedmnist.federation_files import MANIFEST_FILE, write_federation
 from fedmnist.local import run_local_training
 from fedmnist.methods import MethodConfig
 from fedmnist.model import initial_weights, model_fingerprint, weight_spec, weights_sha256
-from fedmnist.partition import MANIFEST_FILE, PartitionConfig, write_federation
+from fedmnist.partition import PartitionConfig
 from fedmnist.server import RejectedReply
 from fedmnist.training import ClientTrainer, TrainConfig
 

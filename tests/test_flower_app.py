@@ -712,7 +712,8 @@ def two_client_mnist(raw_mnist):
 def test_two_supernodes_train_two_rounds_like_the_simulation(settings, deployment, tmp_path, two_client_mnist):
     from fedmnist.data import client_file, common_test_file
     from fedmnist.exchange import load_global
-    from fedmnist.partition import PartitionConfig, write_federation
+    from fedmnist.federation_files import write_federation
+    from fedmnist.partition import PartitionConfig
     from fedmnist.simulation import SimulationConfig, run_simulation
 
     fed, out = tmp_path / "federacion", tmp_path / "salida"

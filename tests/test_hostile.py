@@ -31,7 +31,7 @@ MIB = 1 << 20
 PROBE = r"""
 import json, resource, sys, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-import fedmnist.data, fedmnist.exchange, fedmnist.partition
+import fedmnist.data, fedmnist.exchange, fedmnist.federation_files
 from fedmnist.errors import FedMnistError
 expression, path, warm, traced = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 scope = {"fedmnist": fedmnist, "path": path}
@@ -62,7 +62,7 @@ LOAD_UPDATE = "fedmnist.exchange.load_update(path)"
 LOAD_CHECKPOINT = "fedmnist.exchange.safe_load_pickle(path, fedmnist.exchange.CHECKPOINT_LIMITS)"
 LOAD_PARTITION = "fedmnist.data.load_partition_raw(path)"
 LOAD_MNIST = "fedmnist.data.load_raw_mnist(path)"
-READ_MANIFEST = "fedmnist.partition.read_manifest(path)"
+READ_MANIFEST = "fedmnist.federation_files.read_manifest(path)"
 
 
 def probe(expression: str, path, warm: str = "pass", timeout: float = 60, traced: bool = True) -> dict:
@@ -574,7 +574,7 @@ def test_zlib_is_what_makes_the_bomb_small():
 
 def test_manifest_counts_of_a_real_federation(small_federation):
     # Prepare
-    from fedmnist.partition import manifest_counts, read_manifest
+    from fedmnist.federation_files import manifest_counts, read_manifest
 
     # Execute
     counts = manifest_counts(read_manifest(small_federation))

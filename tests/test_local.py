@@ -19,10 +19,10 @@ from fedmnist.exchange import (
     make_global,
     save_global,
 )
+from fedmnist.federation_files import MANIFEST_FILE
 from fedmnist.io import sha256_file
 from fedmnist.local import output_paths, run_local_training
 from fedmnist.model import initial_weights, model_fingerprint, weights_sha256
-from fedmnist.partition import MANIFEST_FILE
 from fedmnist.seeds import training_seed, validation_seed
 from fedmnist.training import TrainConfig, make_trainer, validation_split
 

@@ -15,18 +15,15 @@ import pytest
 from fedmnist.cli import main_split
 from fedmnist.data import load_partition_raw
 from fedmnist.errors import ConfigError
+from fedmnist.federation_files import DISTRIBUTION_PLOT, MANIFEST_FILE, read_manifest, write_federation
 from fedmnist.io import sha256_file
 from fedmnist.partition import (
-    DISTRIBUTION_PLOT,
-    MANIFEST_FILE,
     PartitionConfig,
     class_counts,
     partition,
     partition_dirichlet,
     partition_iid,
     partition_shards,
-    read_manifest,
-    write_federation,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def run_drift_grid(
     """Run the grid; return one row per (seed, optimiser, partition, epochs) and the μ tuning rows.
 
     ``make_executor(WorkerData, TrainerSettings)`` gives the executor the trainings and test
-    evaluations run in (``fedmnist.experiments._executor``); ``evaluator`` (a ``ClientTrainer``) scores
+    evaluations run in (``fedmnist.experiments.common.make_executor``); ``evaluator`` (a ``ClientTrainer``) scores
     the FedProx candidates on the held-out validation images in this process.
     """
     from fedmnist.data import normalize_images
@@ -222,7 +222,7 @@ def _run_block(
     (``validation_accuracy(weights)``).
     """
     from fedmnist.drift import barrier, interpolate, update_cosines, update_norms
-    from fedmnist.experiments import task_outcomes
+    from fedmnist.experiments.common import task_outcomes
     from fedmnist.model import initial_weights
     from fedmnist.seeds import training_seed
     from fedmnist.strategies import weighted_average

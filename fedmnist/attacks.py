@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ConfigError
 
 Weights = list[np.ndarray]
@@ -196,12 +197,7 @@ class ThreatConfig:
 
     def validate(self, num_clients: int) -> None:
         """Raise ConfigError for an attack without attackers, attackers without an attack, or bad counts."""
-        if isinstance(self.num_malicious, bool) or not isinstance(self.num_malicious, int):
-            raise ConfigError(f"the number of malicious clients must be an integer (got {self.num_malicious!r})")
-        if not 0 <= self.num_malicious <= num_clients:
-            raise ConfigError(
-                f"the number of malicious clients must be in [0, {num_clients}] (got {self.num_malicious})"
-            )
+        check_int(self.num_malicious, "the number of malicious clients", 0, num_clients)
         if self.num_malicious and self.attack is None:
             raise ConfigError(
                 f"{self.num_malicious} malicious clients but no attack: choose --attack {'|'.join(ATTACKS)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 DEFAULT_SEED = 42
@@ -50,3 +51,21 @@ class TrainingConfig:
               and math.isfinite(self.learning_rate), f"learning rate must be > 0 (got {self.learning_rate})")
         _need(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
               f"momentum must be in [0, 1) (got {self.momentum})")
+
+
+def check_int(value: object, name: str, minimum: int = 0, maximum: int | None = None, *,
+              numpy: bool = False, error: type[Exception] | None = None) -> int:
+    """``value`` as an int when it is an integer in [``minimum``, ``maximum``]; else ``error`` naming ``name``.
+
+    The one check of every count, seed, index and size the package validates, so the rule (``True``
+    is not a count, 2.0 is not an integer) and its message, ``NAME must be an integer >= MIN (got
+    VALUE)``, are written once. ``numpy`` also accepts numpy integers, for values read from arrays;
+    a configuration saved as JSON keeps plain ints. ``error`` defaults to ``ConfigError``.
+    """
+    integral = isinstance(value, int) or (numpy and isinstance(value, numbers.Integral))
+    if isinstance(value, bool) or not integral or value < minimum or (maximum is not None and value > maximum):
+        from fedmnist.errors import ConfigError
+
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise (error or ConfigError)(f"{name} must be an integer {bound} (got {value!r})")
+    return int(value)

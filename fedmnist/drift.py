@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fedmnist.model import layers_mismatch
+
 Arrays = Sequence[np.ndarray]
 
 
@@ -30,12 +32,13 @@ def _updates(start: Arrays, clients: Sequence[Arrays]) -> np.ndarray:
     if not clients:
         raise ValueError("no client models to measure")
     base = _flat(start)
+    shapes = [np.shape(w) for w in start]
     rows = []
     for k, weights in enumerate(clients):
-        flat = _flat(weights)
-        if flat.shape != base.shape:
-            raise ValueError(f"client {k}: {flat.size} parameters, the start has {base.size}")
-        rows.append(flat - base)
+        problem = layers_mismatch(list(weights), shapes, "the start", numpy_only=False)
+        if problem is not None:
+            raise ValueError(f"client {k}: {problem}")
+        rows.append(_flat(weights) - base)
     return np.stack(rows)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist.config import _is_int, _need
+from fedmnist.config import _is_int, _need, check_int
 from fedmnist.data import normalize_images
 from fedmnist.partition import SCHEMES, PartitionConfig, partition
 
@@ -34,18 +34,16 @@ class FederationConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values no federation can have (data-dependent checks come later)."""
-        _need(_is_int(self.num_clients) and self.num_clients >= 1,
-              f"the number of clients must be an integer >= 1 (got {self.num_clients!r})")
+        check_int(self.num_clients, "the number of clients", 1)
         _need(self.partition in SCHEMES, f"unknown partition '{self.partition}'; choose one of {', '.join(SCHEMES)}")
         _need(self.partition != "dirichlet" or (isinstance(self.alpha, (int, float)) and self.alpha > 0
                                                and np.isfinite(self.alpha)),
               f"the Dirichlet concentration alpha must be > 0 (got {self.alpha})")
-        _need(_is_int(self.shards_per_client) and self.shards_per_client >= 1,
-              f"shards per client must be an integer >= 1 (got {self.shards_per_client!r})")
+        check_int(self.shards_per_client, "shards per client", 1)
         _need(self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= self.num_clients),
               f"--train-subset {self.train_subset} leaves fewer images than the {self.num_clients} clients")
-        _need(self.test_subset is None or (_is_int(self.test_subset) and self.test_subset >= 1),
-              f"--test-subset must be an integer >= 1 (got {self.test_subset!r})")
+        if self.test_subset is not None:
+            check_int(self.test_subset, "--test-subset", 1)
 
     def partition_config(self, seed: int) -> PartitionConfig:
         """The split of the training set, seeded by ``seed`` (as ``split_data.py --seed`` does)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import __version__
+from fedmnist.config import check_int
 from fedmnist.data import NUM_CLASSES, Mnist, client_file, common_test_file, save_arrays
 from fedmnist.errors import DataError
 from fedmnist.exchange import check_num_examples
@@ -108,9 +109,8 @@ def _check_manifest(path: Path, manifest) -> None:
     for i, entry in enumerate(clients):
         if not isinstance(entry, dict):
             raise DataError(f"{path}: clients[{i}] is not an object")
-        client_id = entry.get("client_id")
-        if isinstance(client_id, bool) or not isinstance(client_id, int) or not 1 <= client_id <= MAX_CLIENTS:
-            raise DataError(f"{path}: clients[{i}] has no valid client_id (an integer from 1 to {MAX_CLIENTS:,})")
+        client_id = check_int(entry.get("client_id"), f"{path}: clients[{i}].client_id", 1, MAX_CLIENTS,
+                              error=DataError)
         if client_id in seen:
             raise DataError(f"{path}: client {client_id} appears twice")
         seen.add(client_id)

@@ -3,7 +3,8 @@
 Federated averaging only works when every client starts from the same weights: averaging CNNs trained
 from different random initialisations gives chance-level accuracy. ``build_model(seed)`` therefore
 gives the same initial weights bit for bit for the same seed, and ``weights_sha256`` lets a file of
-weights name the starting point it came from.
+weights name the starting point it came from. Keras is imported when a model is built, so the pure
+modules can check weights against the CNN's shapes (``layers_mismatch``) without loading TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import numpy as np
 
 from fedmnist.config import DEFAULT_SEED
+
+if TYPE_CHECKING:
+    import keras
 
 DROPOUT_RATE = 0.5
 ARCHITECTURE = "fedmnist-cnn-v1"
@@ -35,6 +40,8 @@ def build_model(seed: int = DEFAULT_SEED) -> keras.Model:
     Conv2D 32 → MaxPool → Conv2D 64 → MaxPool → Conv2D 128 → MaxPool (3×3 kernels, 'same' padding,
     ReLU) → Flatten (1152) → Dense 256 ReLU → Dropout → Dense 10 softmax.
     """
+    import keras
+
     def glorot(offset: int) -> keras.initializers.Initializer:
         return keras.initializers.GlorotUniform(seed=seed * 10 + offset)
 
@@ -102,18 +109,38 @@ def weights_sha256(weights: Weights) -> str:
     return digest.hexdigest()
 
 
+def layers_mismatch(arrays: object, shapes: Sequence[tuple[int, ...]], reference: str = "the model", *,
+                    names: Sequence[str] | None = None, numpy_only: bool = True) -> str | None:
+    """Why ``arrays`` is not one array per layer of ``shapes``, in order, or None when it is.
+
+    The one layer-shape check (weights against the CNN, controls and optimiser moments against the
+    global weights, clients against each other), so every caller says the same thing: ``expected 10
+    weight arrays for the shared CNN, got 9``, ``weight 2 (conv2/kernel) has shape (3, 3, 32, 16),
+    expected (3, 3, 32, 64) as in the shared CNN``. ``reference`` names where ``shapes`` come from,
+    ``names`` labels the weights; ``numpy_only`` requires numpy arrays (what a file or a reply must
+    hold), else anything numpy can shape passes (the pure rules take array-likes).
+    """
+    if not isinstance(arrays, (list, tuple)):
+        return f"expected a list of arrays, got {type(arrays).__name__}"
+    if len(arrays) != len(shapes):
+        return f"expected {len(shapes)} weight arrays for {reference}, got {len(arrays)}"
+    for i, (array, shape) in enumerate(zip(arrays, shapes)):
+        label = f"weight {i}" + (f" ({names[i]})" if names is not None else "")
+        if numpy_only and not isinstance(array, np.ndarray):
+            return f"{label} is a {type(array).__name__}, not a numpy array"
+        if np.shape(array) != tuple(shape):
+            return f"{label} has shape {np.shape(array)}, expected {tuple(shape)} as in {reference}"
+    return None
+
+
 def weights_mismatch(weights: Weights) -> str | None:
-    """Why ``weights`` do not fit the shared CNN, or None when they do."""
+    """Why ``weights`` do not fit the shared CNN (count, shapes, floating dtype), or None when they do."""
     spec = weight_spec()
-    if not isinstance(weights, (list, tuple)):
-        return f"expected a list of arrays, got {type(weights).__name__}"
-    if len(weights) != len(spec):
-        return f"expected {len(spec)} weight arrays for the shared CNN, got {len(weights)}"
-    for i, (array, (name, shape, _)) in enumerate(zip(weights, spec)):
-        if not isinstance(array, np.ndarray):
-            return f"weight {i} ({name}) is a {type(array).__name__}, not a numpy array"
-        if tuple(array.shape) != shape:
-            return f"weight {i} ({name}) has shape {tuple(array.shape)}, the model expects {shape}"
+    problem = layers_mismatch(weights, [shape for _, shape, _ in spec], "the shared CNN",
+                              names=[name for name, _, _ in spec])
+    if problem is not None:
+        return problem
+    for i, (array, (name, _, _)) in enumerate(zip(weights, spec)):
         if not np.issubdtype(array.dtype, np.floating):
             return f"weight {i} ({name}) has dtype {array.dtype}, expected floating point"
     return None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.data import NUM_CLASSES
 from fedmnist.errors import ConfigError
 
@@ -32,8 +33,7 @@ class PartitionConfig:
         """Raise ConfigError for arguments that cannot give a valid partition of ``num_examples``."""
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown partition scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
-        if self.num_clients < 1:
-            raise ConfigError(f"the number of clients must be at least 1 (got {self.num_clients})")
+        check_int(self.num_clients, "the number of clients", 1)
         if self.num_clients > num_examples:
             raise ConfigError(
                 f"cannot split {num_examples} images among {self.num_clients} clients: "
@@ -42,8 +42,7 @@ class PartitionConfig:
         if self.scheme == "dirichlet" and not (self.alpha > 0 and np.isfinite(self.alpha)):
             raise ConfigError(f"the Dirichlet concentration alpha must be > 0 (got {self.alpha})")
         if self.scheme == "shards":
-            if self.shards_per_client < 1:
-                raise ConfigError(f"shards per client must be at least 1 (got {self.shards_per_client})")
+            check_int(self.shards_per_client, "shards per client", 1)
             num_shards = self.num_clients * self.shards_per_client
             if num_examples % num_shards:
                 raise ConfigError(

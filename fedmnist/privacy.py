@@ -47,7 +47,9 @@ from functools import cached_property
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ConfigError, ValidationError
+from fedmnist.model import layers_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,8 @@ def default_delta(num_clients: int) -> float:
     (0, 1/K)-DP. 1e-5 makes ε comparable with the published MNIST results; beyond K = 10,000 clients
     the 1/(10·K) term takes over.
     """
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ConfigError(f"number of clients K must be an integer >= 1 (got {num_clients!r})")
-    return min(MAX_DEFAULT_DELTA, 1.0 / (10 * int(num_clients)))
+    num_clients = check_int(num_clients, "number of clients K", 1, numpy=True)
+    return min(MAX_DEFAULT_DELTA, 1.0 / (10 * num_clients))
 
 
 def check_dp_method(method: str) -> None:
@@ -223,15 +224,11 @@ def _label(labels: Sequence[str] | None, index: int) -> str:
 def client_update(trained: Sequence[np.ndarray], global_weights: Sequence[np.ndarray],
                   label: str = "client update") -> list[np.ndarray]:
     """Δ = trained − global, layer by layer (the arrays' dtype); ValidationError if the layers differ."""
-    if len(trained) != len(global_weights):
-        raise ValidationError(f"{label}: {len(trained)} layers, the global model has {len(global_weights)}")
-    out = []
-    for i, (trained_layer, global_layer) in enumerate(zip(trained, global_weights)):
-        t, g = np.asarray(trained_layer), np.asarray(global_layer)
-        if t.shape != g.shape:
-            raise ValidationError(f"{label}: layer {i} has shape {t.shape}, the global model's is {g.shape}")
-        out.append(np.asarray(np.subtract(t, g)))
-    return out
+    problem = layers_mismatch(list(trained), [np.shape(g) for g in global_weights], "the global model",
+                              numpy_only=False)
+    if problem is not None:
+        raise ValidationError(f"{label}: {problem}")
+    return [np.asarray(np.subtract(np.asarray(t), np.asarray(g))) for t, g in zip(trained, global_weights)]
 
 
 def update_norm(update: Sequence[np.ndarray]) -> float:
@@ -376,10 +373,9 @@ class DPState:
     def __post_init__(self) -> None:
         clip = _number(self.clip, "DP state clip norm S")
         _need(clip > 0, f"DP state clip norm S must be > 0 (got {clip})")
-        _need(isinstance(self.releases, (int, np.integer)) and not isinstance(self.releases, bool)
-              and self.releases >= 0, f"DP state releases must be an integer >= 0 (got {self.releases!r})")
+        releases = check_int(self.releases, "DP state releases", 0, numpy=True)
         object.__setattr__(self, "clip", clip)
-        object.__setattr__(self, "releases", int(self.releases))
+        object.__setattr__(self, "releases", releases)
 
     @classmethod
     def initial(cls, config: DPConfig) -> DPState:
@@ -449,8 +445,7 @@ def dp_fedavg_step(
     if labels is not None and len(labels) != n:
         raise ValueError(f"{len(labels)} labels for {n} client updates")
     m = n if num_sampled is None else num_sampled
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"num_sampled must be an integer >= 1 (got {m!r})")
+    check_int(m, "num_sampled", 1, numpy=True, error=ValueError)
     clip = state.clip
     updates = [client_update(w, global_weights, _label(labels, i)) for i, w in enumerate(client_weights)]
     if config.side == "server":
@@ -545,10 +540,8 @@ class PrivacyAccountant:
         z = _number(self.noise_multiplier, "noise multiplier z")
         _need(z >= 0, f"noise multiplier z must be >= 0 (got {z})")
         k, m = self.num_clients, self.clients_per_round
-        _need(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1,
-              f"number of clients K must be an integer >= 1 (got {k!r})")
-        _need(isinstance(m, (int, np.integer)) and not isinstance(m, bool) and 1 <= m <= k,
-              f"clients per round m must be an integer in [1, K = {k}] (got {m!r})")
+        check_int(k, "number of clients K", 1, numpy=True)
+        check_int(m, f"clients per round m (K = {k})", 1, k, numpy=True)
         delta = _number(self.delta, "δ (delta)")
         _need(0 < delta < 1, f"δ (delta) must be in (0, 1) (got {delta})")
         sampling = _choice(self.sampling, "sampling", SAMPLINGS)
@@ -611,8 +604,7 @@ class PrivacyAccountant:
 
     def epsilon(self, rounds: int) -> float:
         """ε after ``rounds`` rounds at this δ (0 before any round, ∞ when z = 0)."""
-        _need(isinstance(rounds, (int, np.integer)) and not isinstance(rounds, bool) and rounds >= 0,
-              f"rounds must be an integer >= 0 (got {rounds!r})")
+        check_int(rounds, "rounds", 0, numpy=True)
         if rounds == 0:
             return 0.0
         if self.noise_multiplier == 0:
@@ -734,7 +726,7 @@ def clients_needed(target_epsilon: float, rounds: int, fraction: float, *,
           "give exactly one of noise_multiplier and mean_noise_std")
     _need(0 < fraction <= 1, f"fraction C must be in (0, 1] (got {fraction})")
     _need(target_epsilon > 0, f"target ε must be > 0 (got {target_epsilon})")
-    _need(isinstance(max_clients, int) and max_clients >= 1, f"max_clients must be an integer >= 1 (got {max_clients!r})")
+    check_int(max_clients, "max_clients", 1)
 
     def estimate(k: int) -> ClientsNeeded:
         m = clients_per_round(k, fraction)

@@ -27,7 +27,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ValidationError
+from fedmnist.model import layers_mismatch
 
 Arrays = Sequence[np.ndarray]
 
@@ -49,18 +51,14 @@ def check_controls(controls: object, weights: Arrays, what: str = "control varia
 
     ``what`` names the object in the message (for example the file it came from).
     """
-    if not isinstance(controls, (list, tuple)):
-        raise ScaffoldError(f"{what}: expected a list of arrays, got {type(controls).__name__}")
-    if len(controls) != len(weights):
-        raise ScaffoldError(f"{what}: {len(controls)} arrays, the model has {len(weights)} layers")
+    problem = layers_mismatch(controls, [np.shape(w) for w in weights])
+    if problem is not None:
+        raise ScaffoldError(f"{what}: {problem}")
     for j, (c, w) in enumerate(zip(controls, weights)):
-        if not isinstance(c, np.ndarray) or c.shape != np.shape(w):
-            shape = c.shape if isinstance(c, np.ndarray) else type(c).__name__
-            raise ScaffoldError(f"{what}, layer {j}: {shape} instead of an array of shape {np.shape(w)}")
         if c.dtype != _dtype(w):
-            raise ScaffoldError(f"{what}, layer {j}: dtype {c.dtype}, expected {_dtype(w)}")
+            raise ScaffoldError(f"{what}: weight {j} has dtype {c.dtype}, expected {_dtype(w)}")
         if not np.all(np.isfinite(c)):
-            raise ScaffoldError(f"{what}, layer {j}: non-finite values")
+            raise ScaffoldError(f"{what}: weight {j} holds non-finite values")
 
 
 def all_finite(*arrays: Arrays) -> bool:
@@ -102,8 +100,7 @@ def client_control_update(
     ScaffoldError
         For ``num_steps < 1``, a non-positive or non-finite rate, or arrays whose number or shapes differ.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ScaffoldError(f"SCAFFOLD needs the number of local steps K >= 1, got {num_steps!r}")
+    check_int(num_steps, "SCAFFOLD's number of local steps K", 1, numpy=True, error=ScaffoldError)
     if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
         raise ScaffoldError(f"SCAFFOLD needs a local learning rate > 0, got {learning_rate!r}")
     _check_pairs(global_weights, client_weights, "the client's weights", "the global weights")
@@ -154,11 +151,8 @@ def server_update(
         raise ScaffoldError("SCAFFOLD cannot update the server without any client")
     if len(control_deltas) != sampled:
         raise ScaffoldError(f"{sampled} client weights but {len(control_deltas)} control-variate deltas")
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < sampled:
-        raise ScaffoldError(
-            f"the federation's number of clients N must be an integer >= the {sampled} that reported, "
-            f"got {num_clients!r}"
-        )
+    check_int(num_clients, f"the federation's number of clients N (at least the {sampled} that reported)", sampled,
+              numpy=True, error=ScaffoldError)
     if not (isinstance(server_lr, (int, float)) and math.isfinite(server_lr) and server_lr > 0):
         raise ScaffoldError(f"the SCAFFOLD server learning rate must be > 0, got {server_lr!r}")
     _check_pairs(global_weights, global_control, "the server control variate", "the global weights")
@@ -190,13 +184,9 @@ def _shares(sampled: int, num_examples: Sequence[int] | None) -> np.ndarray:
 
 
 def _check_pairs(reference: Arrays, other: Arrays, what: str, reference_name: str) -> None:
-    if len(other) != len(reference):
-        raise ScaffoldError(f"{what} has {len(other)} arrays but {reference_name} {len(reference)}")
-    for j, (r, o) in enumerate(zip(reference, other)):
-        if np.shape(o) != np.shape(r):
-            raise ScaffoldError(
-                f"{what}, layer {j}: shape {np.shape(o)}, expected {np.shape(r)} as in {reference_name}"
-            )
+    problem = layers_mismatch(list(other), [np.shape(r) for r in reference], reference_name, numpy_only=False)
+    if problem is not None:
+        raise ScaffoldError(f"{what}: {problem}")
 
 
 def _dtype(w) -> np.dtype:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.exchange import MAX_NUM_EXAMPLES
 from fedmnist.methods import Method, RoundContext
@@ -96,9 +97,7 @@ def check_reply(
         Bad client id, sample count, weights or start weights; the message names ``reply.label``.
     """
     label = reply.label
-    if isinstance(reply.client_id, bool) or not isinstance(reply.client_id, (int, np.integer)) \
-            or reply.client_id < 1:
-        raise RejectedReply(f"{reply.source}: client id must be an integer >= 1, got {reply.client_id!r}")
+    check_int(reply.client_id, f"{reply.source}: client id", 1, numpy=True, error=RejectedReply)
     expected = None
     if expected_counts is not None:
         if reply.client_id not in expected_counts:

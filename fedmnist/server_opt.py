@@ -37,7 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ValidationError
+from fedmnist.model import layers_mismatch
 
 Weights = Sequence[np.ndarray]
 State = dict
@@ -171,29 +173,25 @@ def check_state(state: object, method: str, weights: Weights) -> None:
     if state["method"] != method:
         raise ServerOptError(f"the server-optimiser state is for {state['method']!r}, not {method!r}")
     t = state["t"]
-    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-        raise ServerOptError(f"the server-optimiser step count t must be an integer >= 0, got {t!r}")
+    check_int(t, "the server-optimiser step count t", 0, numpy=True, error=ServerOptError)
     for key in ("m", "v"):
         arrays = state[key]
         expected = 0 if (key == "v" and method == "fedavgm") else len(weights)
         if not isinstance(arrays, (list, tuple)) or len(arrays) != expected:
             got = len(arrays) if isinstance(arrays, (list, tuple)) else type(arrays).__name__
             raise ServerOptError(f"the server-optimiser state's {key!r} must hold {expected} arrays, got {got}")
+        problem = layers_mismatch(list(arrays), [np.shape(w) for w in weights[:expected]], "the global model")
+        if problem is not None:
+            raise ServerOptError(f"the server-optimiser state's {key!r}: {problem}")
         for j, (array, w) in enumerate(zip(arrays, weights)):
-            if not isinstance(array, np.ndarray) or array.shape != np.shape(w):
-                shape = array.shape if isinstance(array, np.ndarray) else type(array).__name__
-                raise ServerOptError(
-                    f"the server-optimiser state's {key!r}, layer {j}: {shape} instead of an array of "
-                    f"shape {np.shape(w)}"
-                )
             if array.dtype != _dtype(w):
                 raise ServerOptError(
-                    f"the server-optimiser state's {key!r}, layer {j}: dtype {array.dtype}, expected {_dtype(w)}"
+                    f"the server-optimiser state's {key!r}: weight {j} has dtype {array.dtype}, expected {_dtype(w)}"
                 )
             if not np.all(np.isfinite(array)):
-                raise ServerOptError(f"the server-optimiser state's {key!r}, layer {j}: non-finite values")
+                raise ServerOptError(f"the server-optimiser state's {key!r}: weight {j} holds non-finite values")
             if key == "v" and np.any(array < 0):
-                raise ServerOptError(f"the server-optimiser state's 'v', layer {j}: negative values")
+                raise ServerOptError(f"the server-optimiser state's 'v': weight {j} holds negative values")
 
 
 # --- the rules -----------------------------------------------------------------------------------
@@ -327,13 +325,9 @@ def _begin(method: str, current: Weights, aggregated: Weights, state: Mapping | 
         raise ServerOptError(f"{method} was called with a configuration for {config.method}")
     if len(current) == 0:
         raise ServerOptError("the global model has no layers")
-    if len(aggregated) != len(current):
-        raise ServerOptError(f"the aggregate has {len(aggregated)} layers but the global model {len(current)}")
-    for j, (x, a) in enumerate(zip(current, aggregated)):
-        if np.shape(x) != np.shape(a):
-            raise ServerOptError(
-                f"layer {j}: the aggregate's shape {np.shape(a)} differs from the global model's {np.shape(x)}"
-            )
+    problem = layers_mismatch(list(aggregated), [np.shape(x) for x in current], "the global model", numpy_only=False)
+    if problem is not None:
+        raise ServerOptError(f"the aggregate: {problem}")
     if state is None:
         state = init_state(method, current)
     else:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ValidationError
+from fedmnist.model import layers_mismatch
 
 Results = Sequence[tuple[Sequence[np.ndarray], int]]
 """One ``(layer arrays, num_examples)`` pair per client."""
@@ -239,8 +241,7 @@ def bulyan(results: Results, num_malicious: int) -> list[np.ndarray]:
     """
     _check_layers(results)
     n = len(results)
-    if isinstance(num_malicious, bool) or not isinstance(num_malicious, (int, np.integer)) or num_malicious < 0:
-        raise AggregationError(f"num_malicious must be an integer >= 0, got {num_malicious!r}")
+    check_int(num_malicious, "num_malicious", 0, numpy=True, error=AggregationError)
     if n < 4 * num_malicious + 3:
         raise AggregationError(
             f"Bulyan needs n >= 4f + 3 clients to tolerate f malicious ones: n={n}, f={num_malicious} "
@@ -358,13 +359,9 @@ def _check_layers(results: Results) -> None:
         raise AggregationError("cannot aggregate an empty list of client results")
     reference = [np.shape(layer) for layer in results[0][0]]
     for i, (weights, _) in enumerate(results):
-        if len(weights) != len(reference):
-            raise AggregationError(f"client {i} has {len(weights)} layers but client 0 has {len(reference)}")
-        for j, (layer, shape) in enumerate(zip(weights, reference)):
-            if np.shape(layer) != shape:
-                raise AggregationError(
-                    f"client {i}, layer {j}: shape {np.shape(layer)} differs from client 0's {shape}"
-                )
+        problem = layers_mismatch(list(weights), reference, "client 0", numpy_only=False)
+        if problem is not None:
+            raise AggregationError(f"client {i}: {problem}")
 
 
 def _example_counts(results: Results) -> np.ndarray:

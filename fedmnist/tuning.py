@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import ConfigError
 
 VALIDATION_STREAM = 7
@@ -33,8 +34,7 @@ def validation_split(mnist, size: int, seed: int):
     from fedmnist.data import Mnist
 
     n = int(mnist.y_train.size)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < n:
-        raise ConfigError(f"the validation split must hold between 1 and {n - 1} training images (got {size!r})")
+    check_int(size, "the validation split's number of training images", 1, n - 1, numpy=True)
     held = np.sort(np.random.default_rng([seed, VALIDATION_STREAM]).choice(n, size=int(size), replace=False))
     keep = np.setdiff1d(np.arange(n), held, assume_unique=True)
     return Mnist(mnist.x_train[keep], mnist.y_train[keep], mnist.x_train[held], mnist.y_train[held])

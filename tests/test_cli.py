@@ -194,7 +194,7 @@ def test_train_with_a_missing_partition(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--clients", "0"], "number of clients must be at least 1"),
+        (["--clients", "0"], "number of clients must be an integer >= 1"),
         (["--partition", "bogus"], "invalid choice: 'bogus'"),
     ],
     ids=["zero-clients", "unknown-scheme"],

@@ -533,7 +533,7 @@ def test_damaged_member_crc_is_refused(tmp_path):
         ('{"clients": [{"client_id": 1, "num_examples": 1e999}]}', ["num_examples must be a finite integer"]),
         ('{"clients": [{"client_id": 1, "num_examples": 10}, {"client_id": 1, "num_examples": 10}]}',
          ["client 1 appears twice"]),
-        ('{"clients": [{"client_id": "1"}]}', ["clients[0] has no valid client_id"]),
+        ('{"clients": [{"client_id": "1"}]}', ["clients[0].client_id must be an integer in [1, 1000000]"]),
         ('{"clients": [{"client_id": 1, "sha256": 5}]}', ["malformed sha256"]),
         ("[" * 200_000 + "]" * 200_000, ["not a valid JSON manifest"]),
         ('{"clients": [' + "1" * 10_000 + "]}", ["not a valid JSON manifest"]),

@@ -11,6 +11,7 @@ from fedmnist.model import (
     build_model,
     count_params,
     initial_weights,
+    layers_mismatch,
     model_fingerprint,
     save_keras_model,
     weight_spec,
@@ -212,8 +213,8 @@ def test_weights_mismatch_wrong_shape(weights):
     message = weights_mismatch(bad)
 
     # Assert
-    assert "weight 2" in message and "conv2/kernel" in message
-    assert "(3, 3, 32, 16)" in message and "(3, 3, 32, 64)" in message
+    assert message == ("weight 2 (conv2/kernel) has shape (3, 3, 32, 16), expected (3, 3, 32, 64) "
+                       "as in the shared CNN")
 
 
 def test_weights_mismatch_wrong_dtype(weights):
@@ -258,3 +259,19 @@ def test_save_keras_model_writes_loadable_h5(tmp_path):
     for a, b in zip(weights, reloaded):
         np.testing.assert_array_equal(a, b)
     assert loaded.count_params() == 390_410
+
+
+def test_layers_mismatch_names_the_weight_and_the_reference():
+    # Prepare: the shapes of a two-layer model
+    shapes = [(2, 2), ()]
+    good = [np.zeros((2, 2), np.float32), np.array(0.0, np.float32)]
+
+    # Execute / Assert
+    assert layers_mismatch(good, shapes) is None
+    assert layers_mismatch(good[:1], shapes, "client 0") == "expected 2 weight arrays for client 0, got 1"
+    assert layers_mismatch([good[0], np.zeros(3)], shapes) == "weight 1 has shape (3,), expected () as in the model"
+    assert layers_mismatch([[[0.0, 0.0], [0.0, 0.0]], 0.0], shapes) == "weight 0 is a list, not a numpy array"
+    assert layers_mismatch([[[0.0, 0.0], [0.0, 0.0]], 0.0], shapes, numpy_only=False) is None
+    assert layers_mismatch(np.zeros(2), shapes) == "expected a list of arrays, got ndarray"
+    assert layers_mismatch(good, shapes, names=["a/kernel", "b/bias"]) is None
+    assert layers_mismatch([good[0], np.zeros(1)], shapes, names=["a/kernel", "b/bias"]).startswith("weight 1 (b/bias)")

@@ -254,18 +254,21 @@ def test_shards_small_hand_made():
 
 
 BAD_CONFIGS = [
-    (PartitionConfig("iid", 0), "at least 1"),
-    (PartitionConfig("iid", -3), "at least 1"),
+    (PartitionConfig("iid", 0), "number of clients must be an integer >= 1"),
+    (PartitionConfig("iid", -3), "number of clients must be an integer >= 1"),
     (PartitionConfig("iid", 601), "cannot split 600 images among 601 clients"),
     (PartitionConfig("dirichlet", 5, alpha=0.0), "alpha must be > 0"),
     (PartitionConfig("dirichlet", 5, alpha=-1.0), "alpha must be > 0"),
     (PartitionConfig("dirichlet", 5, alpha=float("nan")), "alpha must be > 0"),
     (PartitionConfig("shards", 7, shards_per_client=2), "do not divide into 14 equal shards"),
-    (PartitionConfig("shards", 5, shards_per_client=0), "at least 1"),
+    (PartitionConfig("shards", 5, shards_per_client=0), "shards per client must be an integer >= 1"),
+    (PartitionConfig("iid", 2.5), "number of clients must be an integer >= 1"),
+    (PartitionConfig("iid", True), "number of clients must be an integer >= 1"),
     (PartitionConfig("random", 5), "unknown partition scheme 'random'"),
 ]
 BAD_IDS = ["zero-clients", "negative-clients", "more-clients-than-images", "alpha-zero",
-           "alpha-negative", "alpha-nan", "shards-not-dividing", "zero-shards", "unknown-scheme"]
+           "alpha-negative", "alpha-nan", "shards-not-dividing", "zero-shards", "fractional-clients", "bool-clients",
+           "unknown-scheme"]
 
 
 @pytest.mark.parametrize(("config", "fragment"), BAD_CONFIGS, ids=BAD_IDS)
@@ -300,7 +303,7 @@ def test_partition_shards_direct_call_checks_divisibility():
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--clients", "0"], "at least 1"),
+        (["--clients", "0"], "an integer >= 1"),
         (["--clients", "601"], "cannot split 600 images"),
         (["--partition", "dirichlet", "--alpha", "0"], "alpha must be > 0"),
         (["--partition", "shards", "--clients", "7"], "do not divide"),
@@ -357,7 +360,7 @@ def test_split_data_script_bad_argument_subprocess(split_runs):
 
     # Assert
     assert code == 2, stderr
-    assert "error: the number of clients must be at least 1 (got 0)" in stderr
+    assert "error: the number of clients must be an integer >= 1 (got 0)" in stderr
     assert "Traceback" not in stderr
     assert not out.exists()
 

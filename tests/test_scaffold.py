@@ -216,14 +216,14 @@ def test_inputs_unchanged_and_outputs_fresh():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"num_steps": 0}, "K >= 1"),
-        ({"num_steps": 2.0}, "K >= 1"),
-        ({"num_steps": True}, "K >= 1"),
+        ({"num_steps": 0}, "K must be an integer >= 1"),
+        ({"num_steps": 2.0}, "K must be an integer >= 1"),
+        ({"num_steps": True}, "K must be an integer >= 1"),
         ({"learning_rate": 0.0}, "local learning rate > 0"),
         ({"learning_rate": float("inf")}, "local learning rate > 0"),
-        ({"client_weights": [f32(1.0)]}, "the client's weights has 1 arrays but the global weights 2"),
+        ({"client_weights": [f32(1.0)]}, "the client's weights: expected 2 weight arrays for the global weights, got 1"),
         ({"client_control": [f32(1.0), f32(1.0, 2.0)]},
-         r"the client control variate, layer 1: shape \(2,\), expected \(\) as in the global weights"),
+         r"the client control variate: weight 1 has shape \(2,\), expected \(\) as in the global weights"),
     ],
 )
 def test_client_control_update_rejects(kwargs, fragment):
@@ -244,15 +244,15 @@ def test_client_control_update_rejects(kwargs, fragment):
     [
         ({"client_weights": [], "control_deltas": []}, "without any client"),
         ({"control_deltas": [[f32(0.0)]]}, "2 client weights but 1 control-variate deltas"),
-        ({"num_clients": 1}, "N must be an integer >= the 2 that reported"),
-        ({"num_clients": 3.0}, "N must be an integer"),
+        ({"num_clients": 1}, r"N \(at least the 2 that reported\) must be an integer >= 2 \(got 1\)"),
+        ({"num_clients": 3.0}, r"N \(at least the 2 that reported\) must be an integer"),
         ({"server_lr": 0.0}, "server learning rate must be > 0"),
         ({"num_examples": [1]}, "2 clients but 1 example counts"),
         ({"num_examples": [0, 0]}, "not all zero"),
         ({"num_examples": [-1, 3]}, "must be >= 0"),
         ({"control_deltas": [[f32(0.0)], [f32(0.0, 1.0)]]},
-         r"client 1's control-variate delta, layer 0: shape \(2,\)"),
-        ({"global_control": [f32(0.0), f32(0.0)]}, "the server control variate has 2 arrays"),
+         r"client 1's control-variate delta: weight 0 has shape \(2,\)"),
+        ({"global_control": [f32(0.0), f32(0.0)]}, "the server control variate: expected 1 weight arrays for the global weights, got 2"),
     ],
 )
 def test_server_update_rejects(kwargs, fragment):
@@ -270,11 +270,11 @@ def test_check_controls():
 
     cases = [
         ({"c": 1}, "control_cliente_3.pkl: expected a list of arrays, got dict"),
-        ([np.zeros((2, 2), np.float32)], "1 arrays, the model has 2 layers"),
-        ([np.zeros((2, 2), np.float32), np.zeros(1, np.float32)], r"layer 1: \(1,\) instead of .* shape \(\)"),
-        ([np.zeros((2, 2), np.float64), np.array(0.0, np.float32)], "layer 0: dtype float64, expected float32"),
-        ([np.full((2, 2), np.inf, np.float32), np.array(0.0, np.float32)], "layer 0: non-finite"),
-        ([[[0.0, 0.0], [0.0, 0.0]], np.array(0.0, np.float32)], "layer 0: list instead of an array"),
+        ([np.zeros((2, 2), np.float32)], "control_cliente_3.pkl: expected 2 weight arrays for the model, got 1"),
+        ([np.zeros((2, 2), np.float32), np.zeros(1, np.float32)], r"weight 1 has shape \(1,\), expected \(\) as in the model"),
+        ([np.zeros((2, 2), np.float64), np.array(0.0, np.float32)], "weight 0 has dtype float64, expected float32"),
+        ([np.full((2, 2), np.inf, np.float32), np.array(0.0, np.float32)], "weight 0 holds non-finite values"),
+        ([[[0.0, 0.0], [0.0, 0.0]], np.array(0.0, np.float32)], "weight 0 is a list, not a numpy array"),
     ]
     for controls, fragment in cases:
         with pytest.raises(ScaffoldError, match=fragment):

@@ -301,11 +301,11 @@ def _bad_states(method, weights):
     yield "integer >= 0", {**good, "t": 1.0}
     yield "integer >= 0", {**good, "t": True}
     yield "'m' must hold 3 arrays, got 2", {**good, "m": good["m"][:2]}
-    yield r"'m', layer 1: \(5,\) instead", {**good, "m": [good["m"][0], np.zeros(5, np.float32), good["m"][2]]}
-    yield r"'m', layer 0: .* instead", {**good, "m": [[0.0] * 4, *good["m"][1:]]}
+    yield r"'m': weight 1 has shape \(5,\), expected \(4,\)", {**good, "m": [good["m"][0], np.zeros(5, np.float32), good["m"][2]]}
+    yield r"'m': weight 0 is a list, not a numpy array", {**good, "m": [[0.0] * 4, *good["m"][1:]]}
     yield "dtype float64", {**good, "m": [m.astype(np.float64) for m in good["m"]]}
     yield "non-finite", {**good, "m": [good["m"][0] + np.nan, *good["m"][1:]]}
-    yield "'v', layer 2: negative", {**good, "v": [*good["v"][:2], np.array(-1.0, np.float32)]}
+    yield "'v': weight 2 holds negative values", {**good, "v": [*good["v"][:2], np.array(-1.0, np.float32)]}
 
 
 @pytest.mark.parametrize("case", range(13))
@@ -332,9 +332,9 @@ def test_mismatched_aggregate_raises(method):
     weights = random_weights(np.random.default_rng(2))
     config = ServerOptConfig(method)
 
-    with pytest.raises(ServerOptError, match="the aggregate has 2 layers but the global model 3"):
+    with pytest.raises(ServerOptError, match="the aggregate: expected 3 weight arrays for the global model, got 2"):
         server_step(config, weights, weights[:2])
-    with pytest.raises(ServerOptError, match=r"layer 0: the aggregate's shape \(4, 3\)"):
+    with pytest.raises(ServerOptError, match=r"the aggregate: weight 0 has shape \(4, 3\)"):
         server_step(config, weights, [weights[0].T, *weights[1:]])
     with pytest.raises(ServerOptError, match="no layers"):
         server_step(config, [], [])

@@ -361,7 +361,7 @@ def test_mismatched_shapes_raise_naming_client_and_layer(method):
     results = line_results([1.0, 2.0, 3.0, 4.0, 5.0])
     results[3] = ([f32(1, 2), f32(3)], 1)  # layer 1 is (1,) instead of ()
 
-    with pytest.raises(ValueError, match=r"client 3, layer 1: shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"client 3: weight 1 has shape \(1,\), expected \(\) as in client 0"):
         aggregate(method, results)
 
 
@@ -370,7 +370,7 @@ def test_mismatched_number_of_layers_raises(method):
     results = line_results([1.0, 2.0, 3.0, 4.0, 5.0])
     results[2] = ([f32(1, 2)], 1)
 
-    with pytest.raises(ValueError, match="client 2 has 1 layers but client 0 has 2"):
+    with pytest.raises(ValueError, match="client 2: expected 2 weight arrays for client 0, got 1"):
         aggregate(method, results)
 
 

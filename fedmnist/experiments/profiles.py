@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedmnist.config import DEFAULT_SEED
+from fedmnist.config import DEFAULT_SEED, check_int
 from fedmnist.errors import ConfigError
 
 MCMAHAN_METHODS = ("fedavg", "fedprox", "fedmed", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
@@ -122,16 +122,15 @@ class Profile:
 
         for name in ("seeds", "drift_seeds"):
             seeds = getattr(self, name)
-            if not seeds or len(set(seeds)) != len(seeds) or not all(
-                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            if not seeds or len(set(seeds)) != len(seeds):
                 raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
                                   f"(got {seeds!r})")
+            for seed in seeds:
+                check_int(seed, f"profile {self.name}: every one of {name}", 0)
         for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
                      "attack_eval_every", "attack_convergence_window", "drift_clients", "drift_barrier_images",
                      "course_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"profile {self.name}: {name} must be an integer >= 1 (got {value!r})")
+            check_int(getattr(self, name), f"profile {self.name}: {name}", 1)
         for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
             grid = getattr(self, name)
             if not grid or not all(isinstance(m, (int, float)) and m > 0 for m in grid):

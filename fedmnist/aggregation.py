@@ -39,10 +39,11 @@ from fedmnist.exchange import (
 from fedmnist.federation_files import manifest_counts as partition_counts
 from fedmnist.federation_files import read_manifest
 from fedmnist.io import OutputSet, check_writable_dir
+from fedmnist.labels import method_name
 from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods, with_privacy
 from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
 from fedmnist.outputs import json_text
-from fedmnist.plots import method_label, plot_confusion_matrix, plot_method_comparison
+from fedmnist.plots import plot_confusion_matrix, plot_method_comparison
 from fedmnist.server import Reply, RoundRecord, Server, ServerState
 from fedmnist.strategies import DEFAULT_NUM_MALICIOUS
 from fedmnist.training import ClientTrainer
@@ -307,7 +308,7 @@ def run_aggregation(
     resolved = runner_up is None or not intervals_overlap(best.evaluation, runner_up.evaluation)
     if runner_up is not None and not resolved:
         notes.append(
-            f"{method_label(best.method)} is best, but {method_label(runner_up.method)}'s accuracy lies "
+            f"{method_name(best.method)} is best, but {method_name(runner_up.method)}'s accuracy lies "
             "within its 95% interval: the difference is not statistically resolved on this test set"
         )
     return AggregationReport(
@@ -367,13 +368,13 @@ def format_table(report: AggregationReport) -> str:
     lines = [f"{'model':<16} {'accuracy':>9} {'95% CI':>17} {'loss':>8}"]
     for name, r in report.methods.items():
         e = r.evaluation
-        lines.append(f"{method_label(name):<16} {e.accuracy:>9.4f} {e.ci_low:>8.4f}-{e.ci_high:<8.4f} {e.loss:>8.4f}")
+        lines.append(f"{method_name(name):<16} {e.accuracy:>9.4f} {e.ci_low:>8.4f}-{e.ci_high:<8.4f} {e.loss:>8.4f}")
     for u, e in report.locals_:
         label = f"local {u.client_id}" + (f" (mu={u.mu:g})" if u.mu else "")
         lines.append(f"{label:<16} {e.accuracy:>9.4f} {e.ci_low:>8.4f}-{e.ci_high:<8.4f} {e.loss:>8.4f}")
-    verdict = f"best method: {method_label(report.best)}"
+    verdict = f"best method: {method_name(report.best)}"
     if report.runner_up and not report.best_resolved:
-        verdict += f" (within the 95% interval of {method_label(report.runner_up)}: not a resolved difference)"
+        verdict += f" (within the 95% interval of {method_name(report.runner_up)}: not a resolved difference)"
     lines.append(verdict)
     return "\n".join(lines)
 
@@ -393,13 +394,13 @@ def write_outputs(report: AggregationReport, out_dir: str | Path) -> dict[str, P
             with out.temp_path(f"modelo_global_{name}.h5") as tmp:
                 save_keras_model(r.weights, tmp)
             with out.temp_path(f"matriz_confusion_{name}.png") as tmp:
-                plot_confusion_matrix(r.evaluation.confusion, tmp, title=f"{method_label(name)} — ronda "
+                plot_confusion_matrix(r.evaluation.confusion, tmp, title=f"{method_name(name)} — ronda "
                                       f"{report.round} (precisión {r.evaluation.accuracy:.2%})")
             files[f"model_{name}"] = out.path(f"modelo_global_{name}.h5")
             files[f"confusion_{name}"] = out.path(f"matriz_confusion_{name}.png")
         with out.temp_path(COMPARISON_PLOT) as tmp:
             plot_method_comparison(
-                [(method_label(n), r.evaluation.accuracy, r.evaluation.ci_low, r.evaluation.ci_high)
+                [(method_name(n), r.evaluation.accuracy, r.evaluation.ci_low, r.evaluation.ci_high)
                  for n, r in report.methods.items()],
                 [(f"local {u.client_id}", e.accuracy, e.ci_low, e.ci_high) for u, e in report.locals_],
                 tmp, title=f"Ronda {report.round}: modelos globales frente a modelos locales (IC 95%)",

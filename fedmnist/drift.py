@@ -6,15 +6,15 @@ pure functions over lists of layer arrays quantify how far they leave it:
 * ``update_norms``: ‖w_k − w₀‖ per client (how far each one walked);
 * ``update_cosines``: the cosine between every pair of updates w_k − w₀ (whether they walked the same
   way: near 1 for IID clients with little local work, lower as local optima diverge);
-* ``segment_losses``: the loss along the straight segment between two models, and ``barrier``, how
-  much it rises above the endpoints (Frankle et al. 2020's linear-mode-connectivity barrier): a large
+* ``segment``: the models along the straight segment between two models, and ``barrier``, how much
+  their loss rises above the endpoints (Frankle et al. 2020's linear-mode-connectivity barrier): a large
   barrier means the average of the two lands in a worse region than either, which is where one-shot
   FedAvg loses to the local models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,12 +67,11 @@ def interpolate(a: Arrays, b: Arrays, t: float) -> list[np.ndarray]:
             for x, y in zip(a, b)]
 
 
-def segment_losses(loss: Callable[[list[np.ndarray]], float], a: Arrays, b: Arrays, points: int = 11
-                   ) -> list[float]:
-    """``loss`` at ``points`` evenly spaced models from ``a`` (t = 0) to ``b`` (t = 1)."""
+def segment(a: Arrays, b: Arrays, points: int = 11) -> list[list[np.ndarray]]:
+    """``points`` evenly spaced models from ``a`` (t = 0) to ``b`` (t = 1), whose losses ``barrier`` reads."""
     if points < 2:
         raise ValueError(f"a segment needs at least 2 points (got {points})")
-    return [float(loss(interpolate(a, b, t))) for t in np.linspace(0.0, 1.0, points)]
+    return [interpolate(a, b, t) for t in np.linspace(0.0, 1.0, points)]
 
 
 def barrier(losses: Sequence[float]) -> float:

@@ -221,7 +221,7 @@ def _run_block(
     ``chosen`` maps epochs to μ; empty for the first seed, whose block tries every μ on validation
     (``validation_accuracy(weights)``).
     """
-    from fedmnist.drift import barrier, interpolate, update_cosines, update_norms
+    from fedmnist.drift import barrier, segment, update_cosines, update_norms
     from fedmnist.experiments.common import task_outcomes
     from fedmnist.model import initial_weights
     from fedmnist.seeds import training_seed
@@ -282,10 +282,7 @@ def _run_block(
         pairs = [(locals_[2 * i], locals_[2 * i + 1]) for i in range(grid.barrier_pairs)]
         segments = [
             executor.submit(
-                [
-                    EvalTask(interpolate(a, b, t), 0, grid.barrier_images)
-                    for t in np.linspace(0.0, 1.0, SEGMENT_POINTS)
-                ]
+                [EvalTask(model, 0, grid.barrier_images) for model in segment(a, b, SEGMENT_POINTS)]
             )
             for a, b in pairs
         ]

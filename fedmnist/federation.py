@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist.config import _is_int, _need, check_int
+from fedmnist.config import _need, check_int
 from fedmnist.data import normalize_images
 from fedmnist.partition import SCHEMES, PartitionConfig, partition
 
@@ -40,8 +40,9 @@ class FederationConfig:
                                                and np.isfinite(self.alpha)),
               f"the Dirichlet concentration alpha must be > 0 (got {self.alpha})")
         check_int(self.shards_per_client, "shards per client", 1)
-        _need(self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= self.num_clients),
-              f"--train-subset {self.train_subset} leaves fewer images than the {self.num_clients} clients")
+        if self.train_subset is not None:
+            check_int(self.train_subset, f"--train-subset (one image or more for each of the {self.num_clients} clients)",
+                      self.num_clients)
         if self.test_subset is not None:
             check_int(self.test_subset, "--test-subset", 1)
 

@@ -56,15 +56,6 @@ def partition_settings(label: str) -> dict:
     raise ConfigError(f"unknown partition label '{label}': use iid, dirichlet_<alpha> or shards_<number>")
 
 
-def partition_label(alpha: float | None = None, shards: int | None = None) -> str:
-    """The label of an IID (no argument), Dirichlet(α) or s-shard partition."""
-    if alpha is not None:
-        return f"dirichlet_{alpha:g}"
-    if shards is not None:
-        return f"shards_{shards}"
-    return "iid"
-
-
 def partition_name(label: str) -> str:
     """Spanish name of a partition label (``shards_2`` → ``fragmentos (2 por cliente)``)."""
     settings = partition_settings(label)

@@ -16,7 +16,8 @@ from fedmnist.labels import method_name
 
 
 def method_label(name: str) -> str:
-    """Display name of an aggregation method (``fedmnist.labels`` holds the names)."""
+    """Display name of an aggregation method: an old name of ``fedmnist.labels.method_name``, kept until
+    ``simulation`` and ``flower_app`` call that instead."""
     return method_name(name)
 
 
@@ -118,7 +119,7 @@ def plot_accuracy_per_round(
     for name, values in curves.items():
         rounds = np.arange(1, len(values) + 1)
         ax.plot(rounds, np.asarray(values) * 100, marker="o" if len(values) <= 30 else None,
-                markersize=3, label=method_label(name))
+                markersize=3, label=method_name(name))
     if target is not None:
         ax.axhline(target * 100, color="black", linestyle=":", linewidth=1, label=f"objetivo {target:.0%}")
     ax.set_xlabel("Ronda")

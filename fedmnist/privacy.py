@@ -619,10 +619,6 @@ class PrivacyAccountant:
             accountant.compose(self.event(int(rounds)))
             return float(accountant.get_epsilon(self.delta))
 
-    def epsilons(self, rounds: int) -> list[float]:
-        """ε after each of rounds 1..T (one accountant query per round)."""
-        return [self.epsilon(t) for t in range(1, rounds + 1)]
-
     def would_exceed(self, target_epsilon: float, rounds_done: int) -> bool:
         """Whether one more round would take ε above the target: the run stops BEFORE that round."""
         return self.epsilon(rounds_done + 1) > target_epsilon

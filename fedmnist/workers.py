@@ -78,7 +78,6 @@ EVAL_SHARD = 2500
 """Test images per evaluation task of a pool (a multiple of ``fedmnist.training.EVAL_BATCH``)."""
 START_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 10.0
-THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 _ENV_LOCK = threading.Lock()
 
 

@@ -38,7 +38,7 @@ def test_methods_say_how_clients_train_and_call_the_pure_rules():
 
 
 def test_every_method_has_a_display_name_for_tables_and_figures():
+    from fedmnist.labels import method_name
     from fedmnist.methods import available_methods
-    from fedmnist.plots import method_label
 
-    assert all(method_label(m) != m for m in available_methods())
+    assert all(method_name(m) != m for m in available_methods())

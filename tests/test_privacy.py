@@ -622,7 +622,7 @@ def test_replace_one_epsilon_accounts_for_sensitivity_2s():
 def test_epsilon_grows_with_rounds_and_is_infinite_without_noise():
     accountant = PrivacyAccountant(1.0, 100, 10, 1e-5, sampling="poisson")
 
-    eps = accountant.epsilons(6)
+    eps = [accountant.epsilon(t) for t in range(1, 7)]
 
     assert accountant.epsilon(0) == 0.0
     assert all(a < b for a, b in itertools.pairwise(eps))

@@ -43,6 +43,7 @@ import numpy as np
 
 from fedmnist.config import check_int
 from fedmnist.errors import ConfigError
+from fedmnist.model import layers_mismatch
 
 Weights = list[np.ndarray]
 ModelAttack = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], np.random.Generator, float], Weights]
@@ -54,11 +55,10 @@ DEFAULT_SCALE = 10.0
 
 
 def _check_pair(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> None:
-    if len(weights) != len(global_weights):
-        raise ValueError(f"{len(weights)} layers in the update but {len(global_weights)} in the global model")
-    for i, (w, g) in enumerate(zip(weights, global_weights)):
-        if np.shape(w) != np.shape(g):
-            raise ValueError(f"layer {i}: shape {np.shape(w)} differs from the global model's {np.shape(g)}")
+    problem = layers_mismatch(list(weights), [np.shape(g) for g in global_weights], "the global model",
+                              numpy_only=False)
+    if problem is not None:
+        raise ValueError(f"the update: {problem}")
 
 
 def _combine(global_weights, weights, factor: float) -> Weights:

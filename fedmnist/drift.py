@@ -61,8 +61,9 @@ def update_cosines(start: Arrays, clients: Sequence[Arrays]) -> list[float]:
 
 def interpolate(a: Arrays, b: Arrays, t: float) -> list[np.ndarray]:
     """(1 − t)·a + t·b, layer by layer, in a's dtype."""
-    if len(a) != len(b):
-        raise ValueError(f"{len(a)} and {len(b)} layers")
+    problem = layers_mismatch(list(b), [np.shape(x) for x in a], "a", numpy_only=False)
+    if problem is not None:
+        raise ValueError(f"b: {problem}")
     return [((1 - t) * np.asarray(x, np.float64) + t * np.asarray(y, np.float64)).astype(np.asarray(x).dtype)
             for x, y in zip(a, b)]
 

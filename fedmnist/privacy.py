@@ -282,13 +282,10 @@ def clip_client_weights(trained: Sequence[np.ndarray], global_weights: Sequence[
 def _standard_normals(shapes: Sequence[tuple], rng: np.random.Generator | None,
                       samples: Sequence[np.ndarray] | None) -> list[np.ndarray]:
     if samples is not None:
-        if len(samples) != len(shapes):
-            raise ValueError(f"{len(samples)} injected noise arrays for {len(shapes)} layers")
-        out = [np.asarray(s, dtype=np.float64) for s in samples]
-        for i, (s, shape) in enumerate(zip(out, shapes)):
-            if s.shape != tuple(shape):
-                raise ValueError(f"injected noise for layer {i} has shape {s.shape}, expected {tuple(shape)}")
-        return out
+        problem = layers_mismatch(list(samples), shapes, "the model", numpy_only=False)
+        if problem is not None:
+            raise ValueError(f"injected noise: {problem}")
+        return [np.asarray(s, dtype=np.float64) for s in samples]
     if rng is None:
         raise ValueError("differential-privacy noise needs a numpy Generator (rng) or injected samples")
     return [np.asarray(rng.standard_normal(shape), dtype=np.float64) for shape in shapes]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmnist.config import DEFAULT_SEED
+from fedmnist.config import AGGRESSIVE_TRAINING, DEFAULT_SEED
 from fedmnist.errors import ConfigError
 from fedmnist.io import atomic_write_text
 
@@ -305,7 +305,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     from fedmnist.strategies import weighted_average
     from fedmnist.training import TrainConfig, TrainResult
     from fedmnist.tuning import Trial, best, validation_split
-    from fedmnist.workers import ClientTask, TrainerSettings, WorkerData
+    from fedmnist.workers import ClientTask, WorkerData
 
     del trainer  # the trainings run in the executor, with the course's optimiser
     n_train = profile.course_train_subset or mnist.y_train.size
@@ -339,7 +339,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
         fit = _fit_part(idx, plain.validation_split, validation_seed(seed0, k))
         members["tuning", k] = add(n_train + fit)
     data = WorkerData(x_all, y_all, tuple(clients), x_test, y_test)
-    settings = TrainerSettings(plain.optimizer, plain.learning_rate, plain.momentum)
+    settings = plain  # its optimizer, rate and momentum build the executor's trainers
 
     def tasks(seed: int, owner, starts: dict[int, list[np.ndarray]], mu: float, ks=range(1, 6)) -> list:
         return [ClientTask(members[owner, k], starts[k], mu, training_seed(seed, 1, k), plain.epochs,
@@ -500,7 +500,7 @@ def _evaluator():
 def _sim_config(profile: Profile, seed: int, **changes):
     from fedmnist.simulation import SimulationConfig
 
-    base = SimulationConfig.create(
+    base = SimulationConfig(training=AGGRESSIVE_TRAINING).replace(
         num_clients=profile.clients, fraction=1.0, rounds=profile.rounds, local_epochs=profile.local_epochs,
         batch_size=profile.batch_size, train_subset=profile.train_subset, eval_every=profile.eval_every,
         test_subset=profile.round_test_subset, seed=seed, target_accuracy=0.95,
@@ -1033,7 +1033,6 @@ def run_experiments(
 ) -> dict[str, list[dict]]:
     """Run the selected experiments of a profile into ``out_dir`` (simulations in ``workers`` processes)."""
     from fedmnist.data import load_raw_mnist, normalize_images
-    from fedmnist.training import ClientTrainer
 
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile '{profile_name}'; choose one of {', '.join(PROFILES)}")
@@ -1049,7 +1048,7 @@ def run_experiments(
     out_dir.mkdir(parents=True, exist_ok=True)
     mnist = load_raw_mnist(data)
     full_test = (normalize_images(mnist.x_test), mnist.y_test)
-    trainer = ClientTrainer()
+    trainer = AGGRESSIVE_TRAINING.build_trainer()
     runners = {
         "course": lambda: run_course(profile, mnist, out_dir, trainer, say),
         "drift": lambda: run_drift(profile, mnist, out_dir, trainer, full_test, say),

@@ -29,9 +29,10 @@ from fedmnist.config import DEFAULT_METHODS
 from fedmnist.errors import ConfigError
 from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptError, server_step
 from fedmnist.server_opt import check_state as check_optimizer_state
+from fedmnist.settings import default
 from fedmnist.strategies import AGGREGATORS, DEFAULT_TRIM_BETA, Aggregator, Results
 
-DEFAULT_MU = 0.01
+DEFAULT_MU: float = default("proximal-mu")
 """FedProx's default proximal coefficient."""
 
 SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "beta_1", "beta_2", "tau")

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import __version__
+from fedmnist.config import DEFAULT_SEED
 from fedmnist.data import NUM_CLASSES, Mnist, client_file, common_test_file, save_arrays
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.exchange import check_num_examples
 from fedmnist.io import atomic_write_text, read_capped, sha256_file
+from fedmnist.settings import SETTINGS, default
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES: tuple[str, ...] = SETTINGS["partition"].choices
 MANIFEST_FILE = "particion.json"
 DISTRIBUTION_PLOT = "distribucion_clases.png"
 DIRICHLET_MAX_TRIES = 1000
@@ -36,9 +38,9 @@ class PartitionConfig:
 
     scheme: str = "iid"
     num_clients: int = 5
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    seed: int = 42
+    alpha: float = default("alpha")
+    shards_per_client: int = default("shards-per-client")
+    seed: int = DEFAULT_SEED
 
     def validate(self, num_examples: int) -> None:
         """Raise ConfigError for arguments that cannot give a valid partition of ``num_examples``."""

@@ -170,10 +170,9 @@ def help_text(name: str, shown: Any = _DECLARED, note: str = "") -> str:
     """The help of ``name``: its short help and the default (declared unless ``shown``), plus a note."""
     setting = SETTINGS[name]
     value = setting.default if shown is _DECLARED else shown
-    tail = f"; {note}" if note else ""
-    if setting.kind is bool or value is None:
-        return f"{setting.help}{tail}" if not note else f"{setting.help} ({note})"
-    return f"{setting.help} (default {format_value(value)}{tail})"
+    said = [] if setting.kind is bool or value is None else [f"default {format_value(value)}"]
+    said += [note] if note else []
+    return f"{setting.help} ({'; '.join(said)})" if said else setting.help
 
 
 def deprecation_message(old: str, new: str) -> str:

@@ -104,6 +104,23 @@ def test_every_mode_defaults_to_the_one_training():
             args.proximal_mu) == (2, 32, "adam", 1e-3, 0.0, DEFAULT_SEED, MEMBER_PROXIMAL_MU)
 
 
+def test_simulate_flags_reach_the_simulation_config_under_their_old_and_new_names():
+    from fedmnist.cli import config_from_args
+    from fedmnist.simulation import SimulationConfig
+
+    # Execute
+    plain = config_from_args(build_parser().parse_args(BASE["simulate"]))
+    new = config_from_args(build_parser().parse_args([*BASE["simulate"], "--fraction-train", "0.5", "--proximal-mu",
+                                                      "0.1", "--learning-rate", "0.2", "--local-epochs", "3"]))
+    with pytest.warns(FutureWarning):
+        old = config_from_args(build_parser().parse_args([*BASE["simulate"], "--fraction", "0.5", "--mu", "0.1",
+                                                          "--lr", "0.2", "--epochs", "3"]))
+
+    # Assert
+    assert plain == SimulationConfig()
+    assert new == old == SimulationConfig.create(fraction=0.5, mu=0.1, learning_rate=0.2, local_epochs=3)
+
+
 def test_mcmahan_presets_keep_their_own_training_and_the_help_says_why():
     from fedmnist.simulation import PRESETS
 

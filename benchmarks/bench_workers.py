@@ -63,9 +63,9 @@ def build_data(args: argparse.Namespace):
 
 
 def settings():
-    from fedmnist.workers import TrainerSettings
+    from fedmnist.config import TrainingConfig
 
-    return TrainerSettings("sgd", LEARNING_RATE, 0.0)
+    return TrainingConfig(optimizer="sgd", learning_rate=LEARNING_RATE, momentum=0.0)
 
 
 def sha256(weights) -> str:

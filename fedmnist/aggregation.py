@@ -244,7 +244,8 @@ def run_aggregation(
                 "beside the updates"
             )
         start = make_global(initial_weights(DEFAULT_SEED), 0, "init", DEFAULT_SEED)
-        notes.append("no global-weights file: the bare updates are assumed to start from build_model(42), round 0")
+        notes.append(f"no global-weights file: the bare updates are assumed to start from build_model({DEFAULT_SEED}), "
+                     "round 0")
     replies, more = to_replies(updates, start, counts, expected_round)
     notes += more
     prox_replies = None

@@ -44,6 +44,7 @@ import numpy as np
 from fedmnist.config import check_int
 from fedmnist.errors import ConfigError
 from fedmnist.model import layers_mismatch
+from fedmnist.settings import default
 
 Weights = list[np.ndarray]
 ModelAttack = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], np.random.Generator, float], Weights]
@@ -191,7 +192,7 @@ def choose_malicious(num_clients: int, num_malicious: int, rng: np.random.Genera
 class ThreatConfig:
     """The attackers a simulation injects: how many clients are malicious and what they do."""
 
-    num_malicious: int = 0
+    num_malicious: int = default("malicious")
     attack: str | None = None
     attack_strength: float | None = None
 

@@ -10,8 +10,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from fedmnist.config import DEFAULT_SEED
+from fedmnist.config import AGGRESSIVE_TRAINING, DEFAULT_SEED, TrainingConfig
 from fedmnist.errors import FedMnistError
+from fedmnist.settings import DEMO_PROXIMAL_MU, MEMBER_PROXIMAL_MU, SETTINGS, add_setting, format_value
 
 log = logging.getLogger("fedmnist")
 
@@ -24,12 +25,9 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_split_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=5, help="number of clients N (default 5)")
-    parser.add_argument("--partition", choices=("iid", "dirichlet", "shards"), default="iid",
-                        help="iid (stratified), dirichlet (non-IID, alpha) or shards (pathological)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
-    parser.add_argument("--shards-per-client", type=int, default=2, help="shards per client (default 2)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    """The flags of ``fedmnist split`` and ``split_data.py``."""
+    for name in ("clients", "partition", "alpha", "shards-per-client", "seed"):
+        add_setting(parser, name)
     add_data_arg(parser)
     parser.add_argument("--out", required=True, help="output directory for the federation's files")
 
@@ -54,38 +52,37 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-MEMBER_TRAINING = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3, "momentum": 0.0}
-"""A member's local training by default (``fedmnist.training.TrainConfig``'s, kept here so the parser need not
-import TensorFlow): what a Keras user would write for this CNN."""
+TRAINING_FLAGS = {"local-epochs": "epochs", "batch-size": "batch_size", "optimizer": "optimizer",
+                  "learning-rate": "learning_rate", "momentum": "momentum"}
+"""The local-training settings and their ``fedmnist.config.TrainingConfig`` fields."""
 
-DEMO_MU = 0.001
-"""``fedmnist demo``'s FedProx μ by default (``fedmnist.demo.DemoConfig``'s)."""
 
-AGGRESSIVE_TRAINING = "--optimizer sgd --lr 0.05 --momentum 0.9"
-"""The local training where one-shot FedAvg drifts (the simulation's and the essay's course setting)."""
+def training_flags(training: TrainingConfig, names: Sequence[str] = tuple(TRAINING_FLAGS)) -> str:
+    """``training`` as the command-line flags that ask for it (``--optimizer sgd --learning-rate 0.05 ...``)."""
+    return " ".join(f"{SETTINGS[n].flag} {format_value(getattr(training, TRAINING_FLAGS[n]))}" for n in names)
+
+
+AGGRESSIVE_FLAGS = training_flags(AGGRESSIVE_TRAINING, ("optimizer", "learning-rate", "momentum"))
+"""The local training where one-shot FedAvg drifts (the essay's course setting), as flags."""
 
 
 def add_train_config_args(parser: argparse.ArgumentParser) -> None:
-    """The member's local-training flags (``fedmnist train`` and ``fedmnist demo``)."""
-    d = MEMBER_TRAINING
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"local epochs E (default {d['epochs']})")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
-                        help=f"batch size B (default {d['batch_size']})")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"],
-                        help=f"local optimizer (default {d['optimizer']})")
-    parser.add_argument("--lr", type=float, default=d["learning_rate"],
-                        help=f"local learning rate (default {d['learning_rate']:g})")
-    parser.add_argument("--momentum", type=float, default=d["momentum"],
-                        help=f"SGD momentum (default {d['momentum']:g}; Adam has none and ignores it)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
+    """The member's local-training flags (``fedmnist train`` and ``fedmnist demo``): every mode's defaults."""
+    for name in (*TRAINING_FLAGS, "seed"):
+        add_setting(parser, name)
+
+
+def training_from_args(args: argparse.Namespace) -> dict:
+    """The ``TrainingConfig`` fields the training flags give."""
+    return {field: getattr(args, SETTINGS[name].field) for name, field in TRAINING_FLAGS.items()}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fedmnist.local import run_local_training
     from fedmnist.training import TrainConfig
 
-    config = TrainConfig(args.epochs, args.batch_size, args.optimizer, args.lr, args.momentum, args.mu,
-                         args.validation_split, args.seed)
+    config = TrainConfig(**training_from_args(args), mu=args.proximal_mu, validation_split=args.validation_split,
+                         seed=args.seed)
     out = run_local_training(args.client, args.data_dir, args.out, config, args.global_weights, args.round,
                              dp_clip=args.dp_clip, scaffold=args.scaffold)
     hist = out.result.history
@@ -130,17 +127,12 @@ def add_aggregate_args(parser: argparse.ArgumentParser) -> None:
                         help="the round's pesos_globales_ronda_R.pkl every member trained from "
                         "(default: the one beside the updates)")
     parser.add_argument("--next-from", default=None, help="method whose model starts round R+1 (default: the best)")
-    parser.add_argument("--trim-beta", type=float, default=0.2, help="fraction trimmed at each end (trimmed)")
-    parser.add_argument("--krum-f", "--num-malicious", dest="krum_f", type=int, default=1,
-                        help="Byzantine clients f that krum/multikrum tolerate (default 1)")
+    add_setting(parser, "trim-beta")
+    add_setting(parser, "krum-f")
     add_server_optimizer_args(parser)
     add_privacy_args(parser)
-    parser.add_argument("--dp-seeded-noise", action="store_true",
-                        help="draw the DP noise from --seed's generator (reproducible runs and tests only: anyone "
-                        "who knows the seed can remove the noise); default: the operating system's entropy")
-    parser.add_argument("--max-count-ratio", type=float, default=None, metavar="R",
-                        help="without particion.json, weight no update by more than R x the median sample "
-                        "count claimed (default: no cap; a dominant client is reported either way)")
+    add_setting(parser, "dp-seeded-noise", note="default: the operating system's entropy")
+    add_setting(parser, "max-count-ratio", note="only without particion.json; a dominant client is reported either way")
     parser.add_argument("--out", default=".", help="output directory (default .)")
 
 
@@ -151,8 +143,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     if not args.weights_dir or not args.data_dir:
         raise FedMnistError("--weights-dir and --data-dir are required (or use --init for round 0)")
     params = MethodConfig(tuple(args.methods), trim_beta=args.trim_beta, krum_f=args.krum_f,
-                          server_lr=args.server_lr, server_momentum=args.server_momentum, beta_1=args.beta1,
-                          beta_2=args.beta2, tau=args.tau)
+                          server_lr=args.server_lr, server_momentum=args.server_momentum, beta_1=args.beta_1,
+                          beta_2=args.beta_2, tau=args.tau)
     report = aggregate_directory(
         args.weights_dir, args.data_dir, args.out, tuple(args.methods), params, args.round,
         args.prox_weights_dir, args.next_from, args.global_weights, args.max_count_ratio, privacy_from_args(args),
@@ -176,9 +168,8 @@ def cmd_aggregation_script(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmnist.demo import DemoConfig, run_demo
 
-    config = DemoConfig(num_clients=args.clients, epochs=args.epochs, batch_size=args.batch_size,
-                        optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum, mu=args.mu,
-                        seed=args.seed, quiet=args.quiet)
+    config = DemoConfig(num_clients=args.clients, **training_from_args(args), mu=args.proximal_mu, seed=args.seed,
+                        quiet=args.quiet)
     run_demo(config, args.data, args.out)
     return 0
 
@@ -196,44 +187,40 @@ from fedmnist.experiments import EXPERIMENTS as EXPERIMENT_NAMES  # noqa: E402  
 # --- fedmnist simulate -----------------------------------------------------------------------------
 
 _SIMULATE_FLAGS = {
-    "clients": "num_clients", "fraction": "fraction", "rounds": "rounds", "local_epochs": "local_epochs",
-    "batch_size": "batch_size", "optimizer": "optimizer", "lr": "learning_rate", "momentum": "momentum",
-    "partition": "partition", "alpha": "alpha", "shards_per_client": "shards_per_client", "methods": "methods",
-    "mu": "mu", "malicious": "num_malicious", "attack": "attack", "attack_strength": "attack_strength",
-    "trim_beta": "trim_beta", "krum_f": "krum_f", "target_accuracy": "target_accuracy",
-    "train_subset": "train_subset", "test_subset": "test_subset", "eval_every": "eval_every",
-    "stop_at_target": "stop_at_target", "seed": "seed", "server_lr": "server_lr",
-    "server_momentum": "server_momentum", "beta1": "beta_1", "beta2": "beta_2", "tau": "tau",
-    "dp_noise": "dp_noise", "dp_clip": "dp_clip", "dp_adaptive": "dp_adaptive", "dp_side": "dp_side",
-    "dp_delta": "dp_delta", "target_epsilon": "target_epsilon", "dp_sampling": "dp_sampling",
-    "dp_accountant": "dp_accountant",
+    "clients": "num_clients", "fraction-train": "fraction", "rounds": "rounds", "local-epochs": "local_epochs",
+    "batch-size": "batch_size", "optimizer": "optimizer", "learning-rate": "learning_rate", "momentum": "momentum",
+    "partition": "partition", "alpha": "alpha", "shards-per-client": "shards_per_client",
+    "proximal-mu": "mu", "malicious": "num_malicious", "attack": "attack", "attack-strength": "attack_strength",
+    "trim-beta": "trim_beta", "krum-f": "krum_f", "target-accuracy": "target_accuracy",
+    "train-subset": "train_subset", "test-subset": "test_subset", "eval-every": "eval_every",
+    "stop-at-target": "stop_at_target", "seed": "seed", "server-lr": "server_lr",
+    "server-momentum": "server_momentum", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau",
+    "dp-noise": "dp_noise", "dp-clip": "dp_clip", "dp-adaptive": "dp_adaptive", "dp-side": "dp_side",
+    "dp-delta": "dp_delta", "target-epsilon": "target_epsilon", "dp-sampling": "dp_sampling",
+    "dp-accountant": "dp_accountant",
 }
-"""``fedmnist simulate`` flag (argparse dest) -> flat simulation setting."""
+"""``fedmnist simulate``'s settings (``fedmnist.settings`` names) -> flat simulation setting (besides ``methods``)."""
 
 
 def add_server_optimizer_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the server optimisers (fedavgm, fedadam, fedyogi, fedadagrad); unset: each one's default."""
-    add = parser.add_argument
-    add("--server-lr", type=float, metavar="ETA",
-        help="server learning rate (defaults: fedavgm 1, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1)")
-    add("--server-momentum", type=float, metavar="BETA", help="fedavgm's server momentum (default 0.7)")
-    add("--beta1", type=float, help="first-moment decay of fedadam/fedyogi (0.9) and fedadagrad (0)")
-    add("--beta2", type=float, help="second-moment decay of fedadam/fedyogi (default 0.99)")
-    add("--tau", type=float, help="adaptivity floor of fedadam/fedyogi/fedadagrad (default 1e-3)")
+    from fedmnist.server_opt import default_summary
+
+    for name in ("server-lr", "server-momentum", "beta-1", "beta-2", "tau"):
+        add_setting(parser, name, note=f"defaults: {default_summary(SETTINGS[name].field)}")
 
 
 def add_privacy_args(parser: argparse.ArgumentParser) -> None:
-    """DP-FedAvg flags (client-level differential privacy around fedavg/fedprox)."""
-    add = parser.add_argument
-    add("--dp-noise", type=float, metavar="Z", help="DP-FedAvg noise multiplier z (noise std z*S on the sum)")
-    add("--dp-clip", type=float, metavar="S", help="L2 clip norm S of every client update (initial S if adaptive)")
-    add("--dp-adaptive", action="store_true", default=None, help="adaptive clipping (Andrew et al. 2021)")
-    add("--dp-side", choices=("server", "client"), help="who clips: the server (default) or each client")
-    add("--dp-delta", type=float, metavar="DELTA", help="delta of (epsilon, delta) (default min(1e-5, 1/(10K)))")
-    add("--target-epsilon", type=float, metavar="EPS", help="stop before epsilon would exceed EPS")
-    add("--dp-sampling", choices=("without_replacement", "poisson"),
-        help="client sampling the accountant assumes and the run does (default without_replacement)")
-    add("--dp-accountant", choices=("rdp", "pld"), help="privacy accountant (pld needs poisson; default rdp)")
+    """DP-FedAvg flags (client-level differential privacy around fedavg/fedprox); unset: ``DPConfig``'s defaults."""
+    from fedmnist.privacy import MAX_DEFAULT_DELTA
+
+    add_setting(parser, "dp-noise")
+    add_setting(parser, "dp-clip")
+    add_setting(parser, "dp-adaptive", default=None)
+    for name in ("dp-side", "dp-sampling", "dp-accountant"):
+        add_setting(parser, name, default=None, shown=SETTINGS[name].default)
+    add_setting(parser, "dp-delta", note=f"default min({MAX_DEFAULT_DELTA:g}, 1/(10K))")
+    add_setting(parser, "target-epsilon")
 
 
 def privacy_from_args(args: argparse.Namespace):
@@ -254,7 +241,10 @@ def config_from_args(args: argparse.Namespace):
     from fedmnist.simulation import PRESETS, SimulationConfig
 
     base = PRESETS[args.preset] if args.preset else SimulationConfig()
-    given = {name: getattr(args, flag) for flag, name in _SIMULATE_FLAGS.items() if getattr(args, flag) is not None}
+    given = {flat: getattr(args, SETTINGS[name].field) for name, flat in _SIMULATE_FLAGS.items()
+             if getattr(args, SETTINGS[name].field) is not None}
+    if args.methods is not None:
+        given["methods"] = args.methods
     return base.replace(**given)
 
 
@@ -273,9 +263,8 @@ def _workers(value: str) -> int | str:
 
 def register_simulate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``simulate`` sub-command to the ``fedmnist`` parser."""
-    from fedmnist.attacks import ATTACKS
+    from fedmnist.attacks import ATTACKS, DEFAULT_STRENGTH
     from fedmnist.methods import available_methods
-    from fedmnist.partition import SCHEMES
     from fedmnist.simulation import PRESETS, SimulationConfig
 
     d = SimulationConfig()
@@ -288,41 +277,42 @@ def register_simulate(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--malicious 2 --attack gaussian --data ../shared/data/mnist.npz --out sim",
     )
     add = p.add_argument
-    add("--preset", choices=sorted(PRESETS), help="named configuration (McMahan et al. 2017's MNIST CNN setups)")
-    add("--clients", type=int, help=f"number of clients K (default {d.federation.num_clients})")
-    add("--fraction", type=float, help=f"fraction C of clients sampled per round, max(1, floor(C*K)) "
-        f"(default {d.fraction:g})")
-    add("--rounds", type=int, help=f"rounds R (default {d.rounds})")
-    add("--local-epochs", type=int, help=f"local epochs E (default {d.training.epochs})")
-    add("--batch-size", type=int, help=f"local batch size B (default {d.training.batch_size})")
-    add("--optimizer", choices=("sgd", "adam"), help=f"local optimizer (default {d.training.optimizer})")
-    add("--lr", type=float, help=f"local learning rate (default {d.training.learning_rate:g})")
-    add("--momentum", type=float, help=f"SGD momentum (default {d.training.momentum:g})")
-    add("--partition", choices=SCHEMES, help=f"how to split the training set (default {d.federation.partition})")
-    add("--alpha", type=float, help=f"Dirichlet concentration (default {d.federation.alpha:g})")
-    add("--shards-per-client", type=int, help=f"label shards per client (default {d.federation.shards_per_client})")
+    add("--preset", choices=sorted(PRESETS), help="named configuration: McMahan et al. 2017's MNIST CNN setups, "
+        "with their own local training (plain SGD, E = 5, B = 10, as the paper, so its rounds-to-target compare)")
+
+    def setting(name: str, shown, **kwargs) -> None:
+        add_setting(p, name, default=None, shown=shown, **kwargs)
+
+    training, federation, method = d.training, d.federation, d.method
+    setting("clients", federation.num_clients)
+    setting("fraction-train", d.fraction)
+    setting("rounds", d.rounds)
+    for name, field in TRAINING_FLAGS.items():
+        setting(name, getattr(training, field))
+    setting("partition", federation.partition)
+    setting("alpha", federation.alpha)
+    setting("shards-per-client", federation.shards_per_client)
     add("--methods", nargs="+", choices=available_methods(), metavar="METHOD",
         help=f"aggregation methods to compare (default: {' '.join(d.method.methods)}; "
         f"available: {', '.join(available_methods())})")
-    add("--mu", type=float, help=f"FedProx proximal coefficient of the fedprox clients (default {d.method.mu:g})")
+    setting("proximal-mu", method.mu)
     add_server_optimizer_args(p)
     add_privacy_args(p)
-    add("--malicious", type=int, metavar="F", help="number of malicious clients the simulation injects (default 0)")
-    add("--attack", choices=ATTACKS, help="what the malicious clients do")
-    add("--attack-strength", type=float, metavar="X",
-        help="signflip s (default 4), gaussian sigma (default 200), scale lambda (default 10)")
-    add("--trim-beta", type=float, help=f"fraction trimmed at each end by 'trimmed' (default {d.method.trim_beta:g})")
-    add("--krum-f", type=int, help="Byzantine clients f tolerated by krum/multikrum (default: min(F, (m - 3) // 2))")
-    add("--target-accuracy", type=float, help=f"accuracy whose first round is reported (default {d.target_accuracy:g})")
-    add("--train-subset", type=int, metavar="N", help="use only the first N training images (quick runs, tests)")
-    add("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
-    add("--eval-every", type=int, metavar="N", help="evaluate every N rounds and the last (default 1)")
-    add("--seed", type=int, help=f"seed of the partition, init, sampling and training (default {d.seed})")
+    setting("malicious", d.threat.num_malicious)
+    setting("attack", None, choices=ATTACKS)
+    setting("attack-strength", None, note="defaults: " + ", ".join(
+        f"{name} {value:g}" for name, value in DEFAULT_STRENGTH.items() if value is not None))
+    setting("trim-beta", method.trim_beta)
+    setting("krum-f", None, aliases=(), note="default: min(F, (m - 3) // 2)")
+    setting("target-accuracy", d.target_accuracy)
+    setting("train-subset", None)
+    setting("test-subset", None)
+    setting("eval-every", d.eval_every)
+    setting("seed", d.seed)
     add_data_arg(p)
-    add("--stop-at-target", action="store_true", default=None,
-        help="stop once every method has reached --target-accuracy")
+    setting("stop-at-target", None)
     add("--quiet", action="store_true", help="no progress bars")
-    add("--resume", action="store_true", help="continue from OUT/checkpoint.pkl (same settings required)")
+    add_setting(p, "resume", help="continue from OUT/checkpoint.pkl (same settings required)")
     add("--workers", type=_workers, metavar="N|auto",
         help="train each round's clients in N worker processes, one thread each (auto: one per core); "
         "the same numbers for every N. Default: one after another in this process")
@@ -355,28 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("init", help="write pesos_globales_ronda_0.pkl, the shared starting point")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"model seed (default {DEFAULT_SEED})")
+    add_setting(p, "seed")
     p.add_argument("--out", default=".", help="output directory (default .)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("train", help="train one client on its partition (the notebook's twin)",
-                       epilog=f"defaults: {MEMBER_TRAINING['optimizer']}, lr {MEMBER_TRAINING['learning_rate']:g}, "
-                       f"{MEMBER_TRAINING['epochs']} epochs of batches of {MEMBER_TRAINING['batch_size']}; the "
-                       f"aggressive setting where one-shot FedAvg drifts: {AGGRESSIVE_TRAINING}")
+                       epilog=f"defaults: every mode's local training ({training_flags(TrainingConfig())}); the "
+                       f"aggressive setting where one-shot FedAvg drifts: {AGGRESSIVE_FLAGS}")
     p.add_argument("--client", type=int, required=True, help="client id N (1..N)")
     p.add_argument("--data-dir", required=True, help="directory written by split_data.py")
     p.add_argument("--global-weights", help="pesos_globales_ronda_R.pkl (default: build_model(seed), round 0)")
     p.add_argument("--round", type=int, default=None, help="round R (checked against the weights file)")
     add_train_config_args(p)
-    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal coefficient (default 0: plain training)")
-    p.add_argument("--validation-split", type=float, default=0.1, help="held-out fraction for curves (default 0.1)")
-    p.add_argument("--dp-clip", type=float, default=None, metavar="S",
-                   help="client-side DP-FedAvg: clip the update to L2 norm S before writing it")
+    add_setting(p, "proximal-mu", default=MEMBER_PROXIMAL_MU, note="a member's job trains without the proximal "
+                "term unless asked")
+    add_setting(p, "validation-split")
+    add_setting(p, "dp-clip", help="client-side DP-FedAvg: clip the update to L2 norm S before writing it")
     p.add_argument("--scaffold", action="store_true",
                    help="train with SCAFFOLD's correction from round 0 (later rounds switch it on by themselves "
                         "when the global weights come from a SCAFFOLD aggregation); needs plain SGD, not the "
-                        "default Adam: --optimizer sgd --momentum 0 and an SGD --lr such as 0.05 (in every "
-                        "round); keeps the client's control variate in OUT/control_cliente_N.pkl")
+                        "default Adam: --optimizer sgd --momentum 0 and an SGD --learning-rate such as "
+                        "0.05 (in every round); keeps the client's control variate in OUT/control_cliente_N.pkl")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train)
 
@@ -386,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole course job in one command: split, train 5 clients, aggregate",
                        epilog=f"the members train as fedmnist train does by default; the aggressive setting "
-                       f"where one-shot FedAvg drifts: {AGGRESSIVE_TRAINING}")
-    p.add_argument("--clients", type=int, default=5, help="number of clients (default 5)")
+                       f"where one-shot FedAvg drifts: {AGGRESSIVE_FLAGS}")
+    add_setting(p, "clients")
     add_train_config_args(p)
-    p.add_argument("--mu", type=float, default=DEMO_MU, help=f"FedProx mu of the FedProx clients (default {DEMO_MU:g})")
+    add_setting(p, "proximal-mu", default=DEMO_PROXIMAL_MU)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_data_arg(p)
     p.add_argument("--out", default="resultados_demo", help="output directory (default resultados_demo)")
@@ -444,7 +433,7 @@ def main_aggregation(argv: Sequence[str] | None = None) -> int:
                                      description="Aggregate the members' weights with FedAvg, FedProx, FedMed...")
     parser.add_argument("--init", action="store_true",
                         help="write pesos_globales_ronda_0.pkl (build_model(seed)) and exit")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="model seed for --init")
+    add_setting(parser, "seed", note="the model seed of --init")
     add_aggregate_args(parser)
     return run(cmd_aggregation_script, parser.parse_args(argv))
 

@@ -2,8 +2,8 @@
 
 The FedAvg and FedMed models aggregate clients trained with μ = 0; the FedProx model aggregates the
 same clients trained from the same start with FedProx's proximal term (μ > 0), so the comparison
-between the three rules is the one the course asks for. The members train with ``TrainConfig``'s
-defaults (Adam, lr 10⁻³, 2 epochs, B = 32), the training a Keras user would write; the aggressive
+between the three rules is the one the course asks for. The members train with every mode's
+default training (``fedmnist.config.TrainingConfig``: Adam, lr 10⁻³, 2 epochs, B = 32); the aggressive
 setting where one-shot FedAvg loses to its local models is ``optimizer="sgd", learning_rate=0.05,
 momentum=0.9``.
 """
@@ -30,6 +30,7 @@ from fedmnist.io import atomic_write_text
 from fedmnist.local import run_local_training
 from fedmnist.model import DEFAULT_SEED, initial_weights
 from fedmnist.partition import PartitionConfig
+from fedmnist.settings import DEMO_PROXIMAL_MU, default
 from fedmnist.training import TrainConfig, make_trainer
 
 
@@ -37,15 +38,15 @@ from fedmnist.training import TrainConfig, make_trainer
 class DemoConfig:
     """Settings of ``fedmnist demo``; the defaults are the course setup."""
 
-    num_clients: int = 5
-    epochs: int = 2
-    batch_size: int = 32
+    num_clients: int = default("clients")
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
     optimizer: str = TrainConfig.optimizer
     learning_rate: float = TrainConfig.learning_rate
     momentum: float = TrainConfig.momentum
-    mu: float = 0.001
+    mu: float = DEMO_PROXIMAL_MU
     seed: int = DEFAULT_SEED
-    partition: str = "iid"
+    partition: str = default("partition")
     quiet: bool = False
 
     def train_config(self, mu: float = 0.0) -> TrainConfig:

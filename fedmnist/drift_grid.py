@@ -130,16 +130,18 @@ def run_drift_grid(
 ) -> tuple[list[dict], list[dict]]:
     """Run the grid; return one row per (seed, optimiser, partition, epochs) and the μ tuning rows.
 
-    ``make_executor(WorkerData, TrainerSettings)`` gives the executor the trainings and test
+    ``make_executor(WorkerData, TrainingConfig)`` gives the executor the trainings and test
     evaluations run in (``fedmnist.experiments.common.make_executor``); ``evaluator`` (a ``ClientTrainer``) scores
     the FedProx candidates on the held-out validation images in this process.
     """
+    from fedmnist.config import TrainingConfig
     from fedmnist.data import normalize_images
     from fedmnist.evaluation import evaluate
     from fedmnist.labels import partition_settings
     from fedmnist.partition import PartitionConfig, partition
+    from fedmnist.settings import default
     from fedmnist.tuning import validation_split
-    from fedmnist.workers import TrainerSettings, WorkerData
+    from fedmnist.workers import WorkerData
 
     tuning = validation_split(mnist, grid.validation_size, grid.seeds[0])
     if grid.train_subset > tuning.y_train.size:
@@ -157,8 +159,8 @@ def run_drift_grid(
             split = PartitionConfig(
                 settings["partition"],
                 grid.clients,
-                settings.get("alpha", 0.5),
-                settings.get("shards_per_client", 2),
+                settings.get("alpha", default("alpha")),
+                settings.get("shards_per_client", default("shards-per-client")),
                 seed,
             )
             for k, idx in enumerate(partition(y_pool, split), start=1):
@@ -173,7 +175,7 @@ def run_drift_grid(
             for seed in grid.seeds
         }
         missing = [k for k in keys.values() if store.get(k) is None]
-        executor = make_executor(data, TrainerSettings(*optimizer)) if missing else None
+        executor = make_executor(data, TrainingConfig(optimizer=optimizer[0], learning_rate=optimizer[1], momentum=optimizer[2])) if missing else None
         try:
             for label in grid.partitions:
                 chosen: dict[int, float] = {}

@@ -16,6 +16,7 @@ import numpy as np
 from fedmnist.config import _need, check_int
 from fedmnist.data import normalize_images
 from fedmnist.partition import SCHEMES, PartitionConfig, partition
+from fedmnist.settings import SIMULATION_CLIENTS, default
 
 if TYPE_CHECKING:
     from fedmnist.data import Mnist
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
 class FederationConfig:
     """How many clients, how the training set is split among them, and which images are used."""
 
-    num_clients: int = 10
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
+    num_clients: int = SIMULATION_CLIENTS
+    partition: str = default("partition")
+    alpha: float = default("alpha")
+    shards_per_client: int = default("shards-per-client")
     train_subset: int | None = None
     test_subset: int | None = None
 

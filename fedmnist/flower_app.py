@@ -51,7 +51,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmnist.config import DEFAULT_SEED, TrainingConfig
+from fedmnist.config import TrainingConfig
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.methods import (
     DRIFT_CORRECTED,
@@ -63,7 +63,7 @@ from fedmnist.methods import (
 )
 from fedmnist.seeds import clients_per_round, sample_positions, training_seed
 from fedmnist.server import Reply, RoundFailedError, RoundRecord, Server, ServerState
-from fedmnist.strategies import DEFAULT_NUM_MALICIOUS, DEFAULT_TRIM_BETA
+from fedmnist.settings import SETTINGS
 
 if TYPE_CHECKING:
     from fedmnist.training import ClientTrainer
@@ -82,12 +82,18 @@ __all__ = ["RoundFailedError", "client_app", "server_app"]
 # --- the run configuration ---------------------------------------------------------------------
 
 
+def _key(key: str):
+    """The default of run-config ``key``: its declaration in ``fedmnist.settings`` (TOML's stand-in for None)."""
+    return SETTINGS[key].flower_default
+
+
 @dataclass(frozen=True)
 class FlowerRunConfig:
     """The Flower run's settings: ``[tool.flwr.app.config]`` with ``--run-config`` applied, typed.
 
     Each field is the kebab-case key with ``_`` for ``-`` (``num_server_rounds`` is
-    ``num-server-rounds``). The server optimisers' keys (``server-lr``, ``server-momentum``,
+    ``num-server-rounds``), declared with its default in ``fedmnist.settings``: the local training is
+    every mode's (Adam, lr 10⁻³, 2 local epochs of batches of 32) and ``proximal-mu`` FedProx's μ. The server optimisers' keys (``server-lr``, ``server-momentum``,
     ``beta-1``, ``beta-2``, ``tau``) take the method's default when negative (TOML has no null).
     DP-FedAvg is on when ``dp-noise`` >= 0 (``dp-clip``, ``dp-adaptive``, ``dp-side``, ``dp-delta`` and
     ``target-epsilon``, negative: the defaults / none); ``dp-clients`` is the federation size K the
@@ -98,39 +104,39 @@ class FlowerRunConfig:
     ``data_dir`` by the ClientApp in Flower's simulation engine only.
     """
 
-    num_server_rounds: int = 3
-    local_epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    method: str = "fedavg"
-    proximal_mu: float = 0.01
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    min_available_nodes: int = 0
-    wait_nodes_timeout: float = 300.0
-    round_timeout: float = 600.0
-    seed: int = DEFAULT_SEED
-    output_dir: str = ""
-    test_file: str = ""
-    data_dir: str = ""
-    trim_beta: float = DEFAULT_TRIM_BETA
-    krum_f: int = DEFAULT_NUM_MALICIOUS
-    server_lr: float = -1.0
-    server_momentum: float = -1.0
-    beta_1: float = -1.0
-    beta_2: float = -1.0
-    tau: float = -1.0
-    dp_noise: float = -1.0
-    dp_clip: float = 1.0
-    dp_adaptive: bool = False
-    dp_side: str = "server"
-    dp_delta: float = -1.0
-    target_epsilon: float = -1.0
-    dp_clients: int = 0
-    dp_seeded_noise: bool = False
-    max_count_ratio: float = 0.0
+    num_server_rounds: int = _key("num-server-rounds")
+    local_epochs: int = _key("local-epochs")
+    batch_size: int = _key("batch-size")
+    optimizer: str = _key("optimizer")
+    learning_rate: float = _key("learning-rate")
+    momentum: float = _key("momentum")
+    method: str = _key("method")
+    proximal_mu: float = _key("proximal-mu")
+    fraction_train: float = _key("fraction-train")
+    min_train_nodes: int = _key("min-train-nodes")
+    min_available_nodes: int = _key("min-available-nodes")
+    wait_nodes_timeout: float = _key("wait-nodes-timeout")
+    round_timeout: float = _key("round-timeout")
+    seed: int = _key("seed")
+    output_dir: str = _key("output-dir")
+    test_file: str = _key("test-file")
+    data_dir: str = _key("data-dir")
+    trim_beta: float = _key("trim-beta")
+    krum_f: int = _key("krum-f")
+    server_lr: float = _key("server-lr")
+    server_momentum: float = _key("server-momentum")
+    beta_1: float = _key("beta-1")
+    beta_2: float = _key("beta-2")
+    tau: float = _key("tau")
+    dp_noise: float = _key("dp-noise")
+    dp_clip: float = _key("dp-clip")
+    dp_adaptive: bool = _key("dp-adaptive")
+    dp_side: str = _key("dp-side")
+    dp_delta: float = _key("dp-delta")
+    target_epsilon: float = _key("target-epsilon")
+    dp_clients: int = _key("dp-clients")
+    dp_seeded_noise: bool = _key("dp-seeded-noise")
+    max_count_ratio: float = _key("max-count-ratio")
 
     def __post_init__(self) -> None:
         for name in ("method", "optimizer"):

@@ -180,7 +180,7 @@ class MemberControls:
         if not all_finite(new, delta):
             raise ValidationError(
                 f"client {self.client_id}: the local training diverged (non-finite SCAFFOLD control variate); "
-                f"nothing was written and {self.path} keeps its previous c_i: lower --lr and train again"
+                f"nothing was written and {self.path} keeps its previous c_i: lower --learning-rate and train again"
             )
         return ClientControl(self.client_id, self.round, new, self.own), delta
 
@@ -207,7 +207,7 @@ def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, p
     except ConfigError as exc:
         why = "--scaffold was given" if requested else f"{start.path} comes from a SCAFFOLD aggregation"
         raise ConfigError(f"{exc}. SCAFFOLD is on because {why}: train with --optimizer sgd --momentum 0 "
-                          "and an SGD --lr such as 0.05") from None
+                          "and an SGD --learning-rate such as 0.05") from None
     if dp_clip is not None:
         raise ConfigError("SCAFFOLD cannot be combined with --dp-clip: DP-FedAvg runs with FedAvg or FedProx only")
     if start.method == SCAFFOLD and not start.state:

@@ -29,9 +29,10 @@ from fedmnist.config import DEFAULT_METHODS
 from fedmnist.errors import ConfigError
 from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptError, server_step
 from fedmnist.server_opt import check_state as check_optimizer_state
+from fedmnist.settings import default
 from fedmnist.strategies import AGGREGATORS, DEFAULT_TRIM_BETA, Aggregator, Results
 
-DEFAULT_MU = 0.01
+DEFAULT_MU: float = default("proximal-mu")
 """FedProx's default proximal coefficient."""
 
 SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "beta_1", "beta_2", "tau")
@@ -83,7 +84,7 @@ class MethodConfig:
         if not (isinstance(self.mu, (int, float)) and self.mu >= 0 and math.isfinite(self.mu)):
             raise ConfigError(f"the FedProx coefficient mu must be a finite number >= 0 (got {self.mu})")
         if "fedprox" in self.methods and self.mu <= 0:
-            raise ConfigError("fedprox needs mu > 0 (with mu = 0 it is FedAvg); set --mu or drop fedprox")
+            raise ConfigError("fedprox needs mu > 0 (with mu = 0 it is FedAvg); set --proximal-mu or drop fedprox")
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"the trimmed-mean fraction beta must be in [0, 0.5) (got {self.trim_beta})")
         if self.krum_f is not None and (isinstance(self.krum_f, bool) or not isinstance(self.krum_f, int)
@@ -126,7 +127,7 @@ class MethodConfig:
         if need is not None and clients_per_round < need[1]:
             raise ConfigError(
                 f"{need[0]} with f={krum_f} needs at least {need[1]} clients per round, but there are "
-                f"{clients_per_round}: raise --fraction or --clients, or lower --krum-f"
+                f"{clients_per_round}: raise --fraction-train or --clients, or lower --krum-f"
             )
 
 

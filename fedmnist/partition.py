@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmnist.config import check_int
+from fedmnist.config import DEFAULT_SEED, check_int
 from fedmnist.data import NUM_CLASSES
 from fedmnist.errors import ConfigError
+from fedmnist.settings import SETTINGS, default
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES: tuple[str, ...] = SETTINGS["partition"].choices
 DIRICHLET_MAX_TRIES = 1000
 
 
@@ -25,9 +26,9 @@ class PartitionConfig:
 
     scheme: str = "iid"
     num_clients: int = 5
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    seed: int = 42
+    alpha: float = default("alpha")
+    shards_per_client: int = default("shards-per-client")
+    seed: int = DEFAULT_SEED
 
     def validate(self, num_examples: int) -> None:
         """Raise ConfigError for arguments that cannot give a valid partition of ``num_examples``."""

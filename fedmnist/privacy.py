@@ -50,6 +50,7 @@ import numpy as np
 from fedmnist.config import check_int
 from fedmnist.errors import ConfigError, ValidationError
 from fedmnist.model import layers_mismatch
+from fedmnist.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,11 @@ class DPConfig:
     target_quantile: float = DEFAULT_TARGET_QUANTILE
     clip_learning_rate: float = DEFAULT_CLIP_LEARNING_RATE
     clipped_count_stddev: float | None = None
-    side: str = "server"
+    side: str = default("dp-side")
     delta: float | None = None
     target_epsilon: float | None = None
-    sampling: str = "without_replacement"
-    accountant: str = "rdp"
+    sampling: str = default("dp-sampling")
+    accountant: str = default("dp-accountant")
 
     def __post_init__(self) -> None:
         z = _number(self.noise_multiplier, "noise multiplier z (--dp-noise)")

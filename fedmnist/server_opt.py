@@ -72,6 +72,11 @@ _USES: dict[str, tuple[str, ...]] = {method: tuple(values) for method, values in
 _FIELDS = ("server_lr", "server_momentum", "beta_1", "beta_2", "tau")
 
 
+def default_summary(field: str) -> str:
+    """Each server optimiser's default of ``field``, for help texts: ``"fedavgm 1, fedadam 0.1, ..."``."""
+    return ", ".join(f"{method} {values[field]:g}" for method, values in _DEFAULTS.items() if field in values)
+
+
 @dataclass(frozen=True)
 class ServerOptConfig:
     """Hyper-parameters of one server optimiser; fields left as None take the method's defaults.

@@ -33,18 +33,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_malicious
-from fedmnist.config import TrainingConfig, _is_int, _need
+from fedmnist.config import DEFAULT_SEED, TrainingConfig, _is_int, _need
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
 from fedmnist.io import OutputSet
 from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods, with_privacy
 from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, sample_positions, training_seed
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
+from fedmnist.settings import default
 from fedmnist.workers import (
     ClientExecutor,
     ClientTask,
     InProcessExecutor,
     TaskFailure,
-    TrainerSettings,
     WorkerData,
     WorkerPool,
 )
@@ -87,22 +87,22 @@ class SimulationConfig:
 
     Composed of the federation, the clients' training, the methods and the threat, each validating
     its own fields, plus the run's own settings. ``create``/``replace`` take flat names
-    (``num_clients``, ``local_epochs``, ``mu``…, see ``FLAT_FIELDS``). The defaults run on a laptop in
-    minutes: 10 IID clients, all sampled, 10 rounds of one local epoch, FedAvg, FedProx (μ = 0.01) and
-    FedMed. ``PRESETS`` holds McMahan et al.'s setups.
+    (``num_clients``, ``local_epochs``, ``mu``…, see ``FLAT_FIELDS``). The defaults (``fedmnist.settings``)
+    run on a laptop in minutes: 10 IID clients, all sampled, 10 rounds of every mode's local training
+    (Adam, lr 10⁻³, 2 epochs of batches of 32), FedAvg, FedProx (μ = 0.01) and FedMed. ``PRESETS`` holds McMahan et al.'s setups.
     """
 
     federation: FederationConfig = field(default_factory=FederationConfig)
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     threat: ThreatConfig = field(default_factory=ThreatConfig)
     privacy: DPConfig | None = None
-    fraction: float = 1.0
-    rounds: int = 10
-    target_accuracy: float = 0.99
-    eval_every: int = 1
-    stop_at_target: bool = False
-    seed: int = 42
+    fraction: float = default("fraction-train")
+    rounds: int = default("rounds")
+    target_accuracy: float = default("target-accuracy")
+    eval_every: int = default("eval-every")
+    stop_at_target: bool = default("stop-at-target")
+    seed: int = DEFAULT_SEED
 
     @classmethod
     def create(cls, **settings) -> SimulationConfig:
@@ -500,19 +500,17 @@ def run_simulation(
     if config.privacy is not None and config.privacy.target_epsilon is not None:
         for m in methods:
             m.accountant.check_target(config.privacy.target_epsilon, int(state.method_state[m.name]["releases"]))
-    settings = TrainerSettings(config.training.optimizer, config.training.learning_rate, config.training.momentum,
-                               model_seed=config.seed)
     data = WorkerData.from_federation(fed)
     if workers is not None and not _finished(state, methods, config):
-        executor = WorkerPool(workers, data, settings)
+        executor = WorkerPool(workers, data, config.training, model_seed=config.seed)
     else:
         if trainer is None:
-            trainer = settings.build_trainer()
+            trainer = config.training.build_trainer(config.seed)
         else:
             from fedmnist.training import check_trainer
 
             check_trainer(trainer, config.training)
-        executor = InProcessExecutor(data, settings, trainer=trainer)
+        executor = InProcessExecutor(data, config.training, model_seed=config.seed, trainer=trainer)
     with executor:
         return _run(config, out, fed, malicious, methods, state, executor, data_path, progress, callback,
                     started, init)

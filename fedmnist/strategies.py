@@ -20,12 +20,13 @@ import numpy as np
 from fedmnist.config import check_int
 from fedmnist.errors import ValidationError
 from fedmnist.model import layers_mismatch
+from fedmnist.settings import default
 
 Results = Sequence[tuple[Sequence[np.ndarray], int]]
 """One ``(layer arrays, num_examples)`` pair per client."""
 
-DEFAULT_TRIM_BETA = 0.2
-DEFAULT_NUM_MALICIOUS = 1
+DEFAULT_TRIM_BETA: float = default("trim-beta")
+DEFAULT_NUM_MALICIOUS: int = default("krum-f")
 
 
 class AggregationError(ValidationError, ValueError):

@@ -28,27 +28,20 @@ import tensorflow as tf
 from fedmnist.config import OPTIMIZERS, TrainingConfig
 from fedmnist.errors import ConfigError
 from fedmnist.model import DEFAULT_SEED, Weights, build_model, weights_mismatch
+from fedmnist.settings import MEMBER_PROXIMAL_MU, default
 
 EVAL_BATCH = 500
 
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingConfig):
-    """A team member's local job: the shared training settings plus μ, the validation hold-out and the seed.
-
-    The optimizer defaults are the training a Keras user would write for this CNN (Adam, lr 10⁻³, 2 epochs
-    of batches of 32), under which one-shot FedAvg of 5 IID members stays close to their local models;
-    ``TrainingConfig``'s own defaults (SGD, lr 0.05, momentum 0.9: the simulation's and Flower's) are the
-    aggressive setting where client drift shows, and stay available by passing them. Adam has no momentum
-    (0 here, so that saved configurations do not claim one). The defaults train a 12k-image part in about
-    a minute on a laptop.
+    """A team member's job: the shared local training (``TrainingConfig``, its defaults untouched) plus
+    the job's own three settings: FedProx's μ (0, plain training, unless asked), the validation hold-out
+    of the learning curves and the seed. The defaults train a 12k-image part in about a minute on a laptop.
     """
 
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    momentum: float = 0.0
-    mu: float = 0.0
-    validation_split: float = 0.1
+    mu: float = MEMBER_PROXIMAL_MU
+    validation_split: float = default("validation-split")
     seed: int = DEFAULT_SEED
 
     def validate(self) -> None:
@@ -108,9 +101,9 @@ class ClientTrainer:
 
     def __init__(
         self,
-        optimizer: str = "sgd",
-        learning_rate: float = 0.05,
-        momentum: float = 0.9,
+        optimizer: str = TrainingConfig.optimizer,
+        learning_rate: float = TrainingConfig.learning_rate,
+        momentum: float = TrainingConfig.momentum,
         model_seed: int = DEFAULT_SEED,
     ) -> None:
         if optimizer not in OPTIMIZERS:
@@ -317,6 +310,6 @@ def check_trainer(trainer: ClientTrainer, training: TrainingConfig) -> None:
 
 
 def make_trainer(config: TrainConfig) -> ClientTrainer:
-    """A trainer for ``config``'s optimizer settings."""
+    """A trainer for ``config``'s optimizer settings (after checking the whole job's settings)."""
     config.validate()
-    return ClientTrainer(config.optimizer, config.learning_rate, config.momentum)
+    return config.build_trainer()

@@ -88,27 +88,6 @@ class WorkerError(FedMnistError):
 # --- configuration and data -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainerSettings:
-    """How every worker builds its ``ClientTrainer`` (the round's tasks carry the rest)."""
-
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    model_seed: int = DEFAULT_SEED
-
-    def __post_init__(self) -> None:
-        TrainingConfig(
-            optimizer=self.optimizer, learning_rate=self.learning_rate, momentum=self.momentum
-        ).validate()
-
-    def build_trainer(self) -> ClientTrainer:
-        """A new trainer with these settings (imports TensorFlow)."""
-        from fedmnist.training import ClientTrainer
-
-        return ClientTrainer(self.optimizer, self.learning_rate, self.momentum, model_seed=self.model_seed)
-
-
 def _check_images(name: str, x: np.ndarray) -> None:
     raw = x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == IMAGE_SHAPE
     normalised = x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == (*IMAGE_SHAPE, 1)
@@ -488,22 +467,26 @@ class InProcessExecutor(ClientExecutor):
     ``threads=None`` leaves TensorFlow's default thread pools; ``threads=T`` pins them (see
     ``pin_threads``), which gives the same numbers as a ``WorkerPool`` with ``threads=T`` (use the
     pool's ``eval_shard`` too for identical evaluation losses).
-    ``trainer`` reuses an existing trainer built with ``settings``.
+    ``settings`` is the clients' local training (its optimizer, rate and momentum build the trainer; the
+    tasks carry epochs and batch size) and ``model_seed`` the trainer's model seed. ``trainer`` reuses an
+    existing trainer built with ``settings``.
     """
 
     def __init__(
         self,
         data: WorkerData,
-        settings: TrainerSettings | None = None,
+        settings: TrainingConfig | None = None,
         *,
+        model_seed: int = DEFAULT_SEED,
         trainer: ClientTrainer | None = None,
         threads: int | None = None,
         eval_shard: int | None = None,
     ) -> None:
-        self.data, self.settings, self.eval_shard = data, settings or TrainerSettings(), eval_shard
+        self.data, self.settings, self.eval_shard = data, settings or TrainingConfig(), eval_shard
+        self.settings.validate()
         if threads is not None:
             pin_threads(threads)
-        self.trainer = trainer if trainer is not None else self.settings.build_trainer()
+        self.trainer = trainer if trainer is not None else self.settings.build_trainer(model_seed)
 
     def submit(self, tasks: Sequence[Task]) -> PendingTasks:
         """Run ``tasks`` now, in order; a task that raises gives a ``TaskFailure``."""
@@ -648,7 +631,7 @@ def _limit_gpu_memory() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def _worker_main(conn, lifeline, spec: _SharedSpec, settings: TrainerSettings, threads: int) -> None:
+def _worker_main(conn, lifeline, spec: _SharedSpec, settings: TrainingConfig, model_seed: int, threads: int) -> None:
     """A worker: build one trainer, then run tasks from ``conn`` until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
@@ -658,7 +641,7 @@ def _worker_main(conn, lifeline, spec: _SharedSpec, settings: TrainerSettings, t
         data = _unpack(arrays)
         pin_threads(threads)
         _limit_gpu_memory()
-        trainer = settings.build_trainer()
+        trainer = settings.build_trainer(model_seed)
         warm_up(trainer)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -775,8 +758,9 @@ class WorkerPool(ClientExecutor):
         self,
         num_workers: int | str,
         data: WorkerData,
-        settings: TrainerSettings | None = None,
+        settings: TrainingConfig | None = None,
         *,
+        model_seed: int = DEFAULT_SEED,
         threads: int = DEFAULT_THREADS,
         eval_shard: int | None = EVAL_SHARD,
         start_timeout: float = START_TIMEOUT,
@@ -784,7 +768,8 @@ class WorkerPool(ClientExecutor):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ConfigError(f"threads per worker must be a positive integer (got {threads!r})")
         self.num_workers = resolve_workers(num_workers, threads)
-        self.data, self.settings = data, settings or TrainerSettings()
+        self.data, self.settings, self.model_seed = data, settings or TrainingConfig(), model_seed
+        self.settings.validate()
         self.threads, self.eval_shard = threads, eval_shard
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -853,7 +838,7 @@ class WorkerPool(ClientExecutor):
         life_read, life_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, life_read, self._spec, self.settings, self.threads),
+            args=(child_conn, life_read, self._spec, self.settings, self.model_seed, self.threads),
             name="fedmnist-worker",
             daemon=True,
         )

@@ -916,7 +916,7 @@ def e2e(tmp_path_factory, raw_mnist):
     write_federation(mnist, PartitionConfig("iid", 3, seed=42), data_dir)
     start = make_global(initial_weights(), 0, "init", 42)
     save_global(global_path(weights_dir, 0), start)
-    trainer = ClientTrainer()
+    trainer = ClientTrainer(E2E_CONFIG.optimizer, E2E_CONFIG.learning_rate, E2E_CONFIG.momentum)
     locals_ = [run_local_training(k, data_dir, weights_dir, E2E_CONFIG, global_path(weights_dir, 0), 0, trainer)
                for k in (1, 2, 3)]
     report = aggregate_directory(weights_dir, data_dir, out_dir, METHODS, expected_round=0)

@@ -75,11 +75,11 @@ def test_the_demo_benchmark_runs_the_command_on_a_small_file(raw_mnist, tmp_path
     np.savez(small, x_train=raw_mnist.x_train[train], y_train=raw_mnist.y_train[train],
              x_test=raw_mnist.x_test[test], y_test=raw_mnist.y_test[test])
 
-    passed = bench.main(["--data", str(small), "--min-accuracy", "0", "--clients", "3", "--epochs", "1",
+    passed = bench.main(["--data", str(small), "--min-accuracy", "0", "--clients", "3", "--local-epochs", "1",
                          "--out", str(tmp_path / "demo")])
     out = capsys.readouterr().out
-    failed = bench.main(["--data", str(small), "--min-accuracy", "1", "--clients", "3", "--epochs", "1",
-                         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"])
+    failed = bench.main(["--data", str(small), "--min-accuracy", "1", "--clients", "3", "--local-epochs", "1",
+                         "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9"])
 
     assert passed == 0 and failed == 1
     assert "3 iid clients, adam, lr 0.001, 1 epochs, batch 32" in out

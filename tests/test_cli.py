@@ -137,7 +137,8 @@ def test_krum_f_flag_and_its_old_name():
     # Execute / Assert
     assert parser.parse_args([]).krum_f == 1
     assert parser.parse_args(["--krum-f", "2"]).krum_f == 2
-    assert parser.parse_args(["--num-malicious", "0"]).krum_f == 0
+    with pytest.warns(FutureWarning, match="--num-malicious is deprecated.*use --krum-f"):
+        assert parser.parse_args(["--num-malicious", "0"]).krum_f == 0
 
 
 def test_global_aggregation_without_the_rounds_file(tmp_path, small_federation):
@@ -181,7 +182,7 @@ def test_train_with_a_missing_partition(tmp_path):
     data_dir.mkdir()
 
     # Execute
-    proc = run_cli("-m", "fedmnist.cli", "train", "--client", "2", "--data-dir", data_dir, "--epochs", "1",
+    proc = run_cli("-m", "fedmnist.cli", "train", "--client", "2", "--data-dir", data_dir, "--local-epochs", "1",
                    "--out", out_dir)
 
     # Assert
@@ -241,7 +242,8 @@ def test_train_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_
 
     # Execute
     main(base)
-    main([*base, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--mu", "0.01", "--seed", "3"])
+    main([*base, "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9", "--proximal-mu", "0.01",
+          "--seed", "3"])
 
     # Assert: the config handed to the package, field by field
     default, aggressive = calls[0][0][3], calls[1][0][3]
@@ -252,8 +254,9 @@ def test_train_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_
 
 def test_demo_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_away(monkeypatch):
     import fedmnist.demo
-    from fedmnist.cli import DEMO_MU, main
+    from fedmnist.cli import main
     from fedmnist.demo import DemoConfig
+    from fedmnist.settings import DEMO_PROXIMAL_MU as DEMO_MU
     from fedmnist.training import TrainConfig
 
     # Prepare
@@ -261,7 +264,8 @@ def test_demo_defaults_are_the_member_job_and_the_aggressive_setting_is_a_flag_a
 
     # Execute
     main(["demo", "--quiet"])
-    main(["demo", "--quiet", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--mu", "0.1"])
+    main(["demo", "--quiet", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9", "--proximal-mu",
+          "0.1"])
 
     # Assert
     default, aggressive = calls[0][0][0], calls[1][0][0]
@@ -282,7 +286,7 @@ def test_train_help_names_the_defaults_and_scaffolds_flags(capsys):
     # Assert
     text = " ".join(capsys.readouterr().out.split())
     assert "local optimizer (default adam)" in text and "(default 0.001)" in text
-    assert "--optimizer sgd --lr 0.05 --momentum 0.9" in text
+    assert "--optimizer sgd --learning-rate 0.05 --momentum 0.9" in text
     assert "--optimizer sgd --momentum 0" in text  # what --scaffold needs
 
 
@@ -293,7 +297,7 @@ def test_train_scaffold_with_the_default_adam_is_refused_clearly(small_federatio
     out_dir = tmp_path / "salida"
 
     # Execute
-    code = main(["train", "--client", "1", "--data-dir", str(small_federation), "--epochs", "1", "--scaffold",
+    code = main(["train", "--client", "1", "--data-dir", str(small_federation), "--local-epochs", "1", "--scaffold",
                  "--out", str(out_dir)])
 
     # Assert

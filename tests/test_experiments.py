@@ -365,11 +365,11 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
     from fedmnist.training import ClientTrainer
 
     tiny = simulation.SimulationConfig.create(num_clients=3, fraction=1.0, local_epochs=1, batch_size=32,
-                                              learning_rate=0.05, momentum=0.0, train_subset=300,
+                                              optimizer="sgd", learning_rate=0.05, momentum=0.0, train_subset=300,
                                               test_subset=200)
     monkeypatch.setitem(simulation.PRESETS, "mcmahan-iid", tiny)
     full_test = (normalize_images(raw_mnist.x_test[:200]), raw_mnist.y_test[:200])
-    trainer = ClientTrainer()
+    trainer = ClientTrainer("sgd", 0.05, 0.9)  # what run_experiments passes (AGGRESSIVE_TRAINING's optimizer)
 
     def run(out, max_rounds, **fields):
         settings = {"mcmahan": (("iid", 1, max_rounds),), "mcmahan_methods": ("fedavg", "fedmed"),

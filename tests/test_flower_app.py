@@ -86,10 +86,13 @@ def test_run_config_casts_flowers_values():
         ({"method": "krum"}, "krum with krum-f=1 needs at least 5 replies per round, but min-train-nodes is 2"),
         ({"method": "multikrum", "min-train-nodes": 6, "krum-f": 2}, "needs at least 7 replies"),
         ({"method": "bulyan", "min-train-nodes": 6}, "bulyan with krum-f=1 needs at least 7"),
-        ({"method": "scaffold"}, r"without momentum \(got momentum 0.9\).*momentum=0.0 in --run-config"),
+        ({"method": "scaffold", "optimizer": "sgd", "momentum": 0.9},
+         r"without momentum \(got momentum 0.9\).*momentum=0.0 in --run-config"),
+        ({"method": "scaffold"}, r"plain SGD.*not 'adam'.*optimizer='sgd' momentum=0.0 in --run-config"),
         ({"method": "scaffold", "optimizer": "adam", "momentum": 0.0}, "plain SGD.*not 'adam'"),
-        ({"method": "scaffold", "momentum": 0.0, "dp-noise": 0.5}, "differential privacy.*'scaffold'"),
-        ({"method": "scaffold", "momentum": 0.0, "server-lr": 0.0}, "server learning rate must be > 0"),
+        ({"method": "scaffold", "optimizer": "sgd", "momentum": 0.0, "dp-noise": 0.5}, "differential privacy.*'scaffold'"),
+        ({"method": "scaffold", "optimizer": "sgd", "momentum": 0.0, "server-lr": 0.0},
+         "server learning rate must be > 0"),
     ],
 )
 def test_run_config_rejects_bad_values(values, message):
@@ -106,7 +109,8 @@ def test_robust_rules_run_when_min_train_nodes_meets_their_minimum():
 def test_scaffold_run_config_takes_plain_sgd_and_its_server_rate():
     from fedmnist.methods import ScaffoldMethod, build_method
 
-    config = FlowerRunConfig.from_run_config({"method": "scaffold", "momentum": 0.0, "server-lr": 0.5})
+    config = FlowerRunConfig.from_run_config({"method": "scaffold", "optimizer": "sgd", "momentum": 0.0,
+                                              "learning-rate": 0.05, "server-lr": 0.5})
 
     method = build_method(config.method, config.method_config)
     assert isinstance(method, ScaffoldMethod) and method.server_lr == 0.5 and config.client_mu == 0.0

@@ -37,7 +37,7 @@ def test_file_flow_simulation_and_flower_give_the_same_round_one_weights(small_m
 
     data, pesos, glob, sim = (tmp_path / d for d in ("datos", "pesos", "global", "sim"))
     common = ["--data", str(small_mnist_file)]
-    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
+    training = ["--local-epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9"]
 
     # the file flow, command by command
     assert main_split(["--clients", "3", "--partition", "iid", "--seed", str(SEED), *common, "--out", str(data)]) == 0
@@ -51,8 +51,8 @@ def test_file_flow_simulation_and_flower_give_the_same_round_one_weights(small_m
     file_flow = load_global(glob / "pesos_globales_ronda_1.pkl").weights
 
     # the simulation
-    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "1", "--local-epochs", "1",
-                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed",
+    assert main(["simulate", "--clients", "3", "--fraction-train", "1", "--rounds", "1", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9", "--seed",
                  str(SEED), "--methods", "fedavg", "--quiet", *common, "--out", str(sim)]) == 0
     simulated = load_global(sim / "pesos_globales_fedavg.pkl").weights
 
@@ -118,7 +118,7 @@ def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(
 
     data, pesos = tmp_path / "datos", tmp_path / "pesos"
     common = ["--data", str(small_mnist_file)]
-    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
+    training = ["--local-epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9"]
     server = (["--methods", "fedadam", "--server-lr", "0.05"] if method == "fedadam"
               else ["--methods", "fedavg", "--dp-noise", "0.5", "--dp-clip", "0.4", "--dp-side", "client",
                     "--dp-seeded-noise"])
@@ -140,8 +140,8 @@ def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(
     flags = ["--server-lr", "0.05"] if method == "fedadam" else ["--dp-noise", "0.5", "--dp-clip", "0.4",
                                                                  "--dp-side", "client"]
     name = "fedadam" if method == "fedadam" else "fedavg"
-    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "2", "--local-epochs", "1",
-                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed",
+    assert main(["simulate", "--clients", "3", "--fraction-train", "1", "--rounds", "2", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0.9", "--seed",
                  str(SEED), "--methods", name, *flags, "--quiet", *common, "--out", str(tmp_path / "sim")]) == 0
     simulated = load_global(tmp_path / "sim" / f"pesos_globales_{name}.pkl").weights
     for a, b in zip(manual.weights, simulated):
@@ -154,7 +154,7 @@ def test_the_manual_flow_runs_scaffold_with_member_control_files_like_the_simula
 
     data, pesos, members = tmp_path / "datos", tmp_path / "pesos", tmp_path / "miembros"
     common = ["--data", str(small_mnist_file)]
-    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0"]
+    training = ["--local-epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0"]
     assert main_split(["--clients", "3", "--partition", "shards", "--seed", str(SEED), *common, "--out", str(data)]) == 0
     assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos / "ronda_0")]) == 0
     for round_ in (0, 1):
@@ -175,8 +175,8 @@ def test_the_manual_flow_runs_scaffold_with_member_control_files_like_the_simula
     manual = load_global(pesos / "ronda_2" / "pesos_globales_ronda_2.pkl")
     assert manual.method == "scaffold" and set(manual.state) == {"control"}
 
-    assert main(["simulate", "--clients", "3", "--fraction", "1", "--rounds", "2", "--local-epochs", "1",
-                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0", "--seed",
+    assert main(["simulate", "--clients", "3", "--fraction-train", "1", "--rounds", "2", "--local-epochs", "1",
+                 "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05", "--momentum", "0", "--seed",
                  str(SEED), "--partition", "shards", "--methods", "scaffold", "--quiet", *common,
                  "--out", str(tmp_path / "sim")]) == 0
     simulated = load_global(tmp_path / "sim" / "pesos_globales_scaffold.pkl").weights
@@ -215,7 +215,7 @@ def test_bad_control_files_are_refused_before_training(scaffold_member, tmp_path
     zeros = [np.zeros_like(w) for w in initial_weights(SEED)]
     path = control_path(out, 1)
     if spoil == "update":
-        args = ["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+        args = ["train", "--client", "1", "--data-dir", str(data), "--local-epochs", "1", "--optimizer", "sgd",
                 "--momentum", "0", "--validation-split", "0", "--out", str(tmp_path / "otro")]
         assert main(args) == 0
         shutil.copy(update_path(tmp_path / "otro", 1), path)
@@ -231,7 +231,7 @@ def test_bad_control_files_are_refused_before_training(scaffold_member, tmp_path
         path.write_bytes(control_bytes(ClientControl(client, round_, control, zeros)))
     before = sorted(p.name for p in out.iterdir())
 
-    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--local-epochs", "1", "--optimizer", "sgd",
                  "--momentum", "0", "--validation-split", "0", "--scaffold", "--out", str(out)])
 
     assert code != 0
@@ -244,7 +244,7 @@ def test_scaffold_member_needs_plain_sgd(scaffold_member, tmp_path, capsys):
     from fedmnist.cli import main
 
     data, _ = scaffold_member
-    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--local-epochs", "1", "--optimizer", "sgd",
                  "--momentum", "0.9", "--scaffold", "--out", str(tmp_path)])
 
     assert code != 0 and "without momentum" in capsys.readouterr().err
@@ -255,8 +255,8 @@ def test_a_diverged_scaffold_member_writes_nothing(scaffold_member, tmp_path, ca
 
     data, _ = scaffold_member
     out = tmp_path / "miembro"
-    code = main(["train", "--client", "1", "--data-dir", str(data), "--epochs", "1", "--optimizer", "sgd",
-                 "--momentum", "0", "--lr", "1e30", "--validation-split", "0", "--scaffold", "--out", str(out)])
+    code = main(["train", "--client", "1", "--data-dir", str(data), "--local-epochs", "1", "--optimizer", "sgd",
+                 "--momentum", "0", "--learning-rate", "1e30", "--validation-split", "0", "--scaffold", "--out", str(out)])
 
     assert code != 0 and "diverged" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
@@ -273,7 +273,7 @@ def test_scaffold_switched_on_by_the_round_file_names_it_when_the_optimizer_does
                                                                                     initial_weights(SEED)]})
     save_global(global_path(tmp_path, 1), start)
     code = main(["train", "--client", "1", "--data-dir", str(data), "--global-weights", str(global_path(tmp_path, 1)),
-                 "--epochs", "1", "--out", str(tmp_path / "m")])
+                 "--local-epochs", "1", "--out", str(tmp_path / "m")])
 
     err = capsys.readouterr().err
     assert code != 0 and "pesos_globales_ronda_1.pkl comes from a SCAFFOLD aggregation" in err and "--optimizer sgd" in err

@@ -15,8 +15,8 @@ from fedmnist.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "local_training.ipynb"
-PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "EPOCHS", "BATCH_SIZE", "OPTIMIZER", "LEARNING_RATE",
-              "MOMENTUM", "PROX_MU", "SCAFFOLD", "SEED", "OUT_DIR")
+PARAMETERS = ("CLIENT_ID", "DATA_DIR", "GLOBAL_WEIGHTS", "ROUND", "LOCAL_EPOCHS", "BATCH_SIZE", "OPTIMIZER",
+              "LEARNING_RATE", "MOMENTUM", "PROXIMAL_MU", "SCAFFOLD", "SEED", "OUT_DIR", "EPOCHS", "PROX_MU")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,11 @@ def test_parameter_defaults_are_the_course_defaults(notebook):
 
     # Assert
     assert namespace["GLOBAL_WEIGHTS"] is None and namespace["ROUND"] == 0
-    assert namespace["PROX_MU"] == 0.0 and namespace["SEED"] == 42 and namespace["CLIENT_ID"] >= 1
+    assert namespace["PROXIMAL_MU"] == 0.0 and namespace["SEED"] == 42 and namespace["CLIENT_ID"] >= 1
+    assert namespace["EPOCHS"] is None and namespace["PROX_MU"] is None  # deprecated: set only by papermill
     assert namespace["SCAFFOLD"] is False
     member = TrainConfig()  # the member's job: what fedmnist train does by default (Adam, lr 1e-3, E = 2, B = 32)
-    assert (namespace["EPOCHS"], namespace["BATCH_SIZE"]) == (member.epochs, member.batch_size)
+    assert (namespace["LOCAL_EPOCHS"], namespace["BATCH_SIZE"]) == (member.epochs, member.batch_size)
     assert (namespace["OPTIMIZER"], namespace["LEARNING_RATE"], namespace["MOMENTUM"]) == (
         member.optimizer, member.learning_rate, member.momentum)
 
@@ -95,8 +96,8 @@ def test_papermill_run_writes_the_four_files(tmp_path, small_federation, monkeyp
     papermill.execute_notebook(
         str(NOTEBOOK), str(executed), kernel_name="python3", cwd=str(REPO), progress_bar=False,
         parameters={"CLIENT_ID": 2, "DATA_DIR": str(small_federation), "GLOBAL_WEIGHTS": str(start_file),
-                    "ROUND": 0, "EPOCHS": 1, "BATCH_SIZE": 32, "OPTIMIZER": "sgd", "LEARNING_RATE": 0.05,
-                    "MOMENTUM": 0.9, "PROX_MU": 0.01, "SEED": 42, "OUT_DIR": str(out_dir)},
+                    "ROUND": 0, "LOCAL_EPOCHS": 1, "BATCH_SIZE": 32, "OPTIMIZER": "sgd", "LEARNING_RATE": 0.05,
+                    "MOMENTUM": 0.9, "PROXIMAL_MU": 0.01, "SEED": 42, "OUT_DIR": str(out_dir)},
     )
 
     # Assert
@@ -130,7 +131,8 @@ def test_papermill_run_with_scaffold_writes_the_members_control_file(small_feder
         str(NOTEBOOK), str(tmp_path / "salida.ipynb"), kernel_name="python3", cwd=str(REPO), progress_bar=False,
         parameters={"CLIENT_ID": 1, "DATA_DIR": str(small_federation), "EPOCHS": 1, "OPTIMIZER": "sgd",
                     "LEARNING_RATE": 0.05, "MOMENTUM": 0.0, "SCAFFOLD": True, "OUT_DIR": str(out_dir)},
-    )
+    )  # EPOCHS: the deprecated name of LOCAL_EPOCHS, still honoured
 
-    assert load_update(output_paths(out_dir, 1)["update"]).control_delta is not None
+    update = load_update(output_paths(out_dir, 1)["update"])
+    assert update.control_delta is not None and update.epochs == 1
     assert load_control(control_path(out_dir, 1), 1).round == 1

@@ -382,7 +382,7 @@ def test_cli_simulate_writes_results_and_rejects_bad_values(mnist_path, tmp_path
     assert (
         rows[0]["test_accuracy"] is None and rows[1]["test_accuracy"] is not None
     )  # evaluated every 2 rounds
-    assert main(["simulate", "--fraction", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["simulate", "--fraction-train", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "fraction" in capsys.readouterr().err
 
 

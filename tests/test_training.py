@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmnist.config import TrainingConfig
+from fedmnist.config import AGGRESSIVE_TRAINING, TrainingConfig
 from fedmnist.data import normalize_images
 from fedmnist.errors import ConfigError
 from fedmnist.model import initial_weights, weight_spec
@@ -15,12 +15,15 @@ from fedmnist.training import (
     ClientTrainer,
     TrainConfig,
     check_scaffold_optimizer,
+    check_trainer,
     make_trainer,
     proximal_penalty,
     validation_split,
 )
 
 BATCH = 16
+PINNED = ("sgd", 0.05, 0.9)
+"""The trainer the tests below were written for (``AGGRESSIVE_TRAINING``'s optimizer, rate and momentum)."""
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,11 @@ def start_weights():
 
 @pytest.fixture(scope="module")
 def trainer():
-    """One trainer shared by the tests of this module (as the package reuses one for every client)."""
-    return ClientTrainer()
+    """One trainer shared by the tests of this module (as the package reuses one for every client).
+
+    SGD with momentum (the aggressive setting, ``AGGRESSIVE_TRAINING``), pinned: the tests below were
+    written for it, and momentum is the optimizer state the reset tests need."""
+    return ClientTrainer(*PINNED)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +284,7 @@ def test_correction_is_not_kept_for_the_next_client(sgd_trainer, start_weights, 
 def test_same_seed_gives_bit_identical_weights_and_history(trainer, start_weights, images):
     # Prepare: the shared trainer (already used by other tests) and a fresh one
     x, y, x_val, y_val = images
-    fresh = ClientTrainer()
+    fresh = ClientTrainer(*PINNED)
 
     # Execute
     a = trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=11, x_val=x_val, y_val=y_val)
@@ -373,7 +379,7 @@ def test_history_has_val_keys_only_with_validation_data(trainer, start_weights, 
 def test_second_client_of_another_size_does_not_retrace(start_weights, images):
     # Prepare
     x, y, x_other, y_other = images
-    fresh = ClientTrainer()
+    fresh = ClientTrainer(*PINNED)
 
     # Execute: two clients with different sizes and batch sizes
     fresh.train(start_weights, x[:40], y[:40], epochs=1, batch_size=BATCH, seed=0)
@@ -440,15 +446,28 @@ def test_default_train_config_is_valid():
     TrainConfig(epochs=1, batch_size=1, optimizer="sgd", mu=0.0, validation_split=0.0).validate()
 
 
-def test_member_job_defaults_to_keras_adam_while_the_shared_settings_keep_sgd():
+def test_member_job_and_every_mode_share_one_default_training():
     # Execute
     member, shared = TrainConfig(), TrainingConfig()
 
-    # Assert: the member's job is what a Keras user would write; the simulation's and Flower's base is unchanged
+    # Assert: the member's job is the shared training plus its own μ (0), hold-out and seed
     assert (member.optimizer, member.learning_rate, member.momentum) == ("adam", 1e-3, 0.0)
     assert (member.epochs, member.batch_size, member.mu) == (2, 32, 0.0)
-    assert (shared.optimizer, shared.learning_rate, shared.momentum) == ("sgd", 0.05, 0.9)
+    assert TrainingConfig(**{f.name: getattr(member, f.name) for f in dataclasses.fields(TrainingConfig)}) == shared
     assert isinstance(member, TrainingConfig)
+    assert (AGGRESSIVE_TRAINING.optimizer, AGGRESSIVE_TRAINING.learning_rate, AGGRESSIVE_TRAINING.momentum,
+            AGGRESSIVE_TRAINING.epochs) == ("sgd", 0.05, 0.9, 1)
+
+
+def test_training_config_builds_the_trainer_it_describes():
+    # Execute
+    trainer = AGGRESSIVE_TRAINING.build_trainer(model_seed=3)
+
+    # Assert
+    assert (trainer.optimizer_name, trainer.learning_rate, trainer.momentum) == PINNED
+    check_trainer(trainer, AGGRESSIVE_TRAINING)
+    with pytest.raises(ConfigError, match="momentum"):
+        TrainingConfig(optimizer="sgd", momentum=1.5).build_trainer()
 
 
 def test_train_config_keeps_the_shared_field_order():

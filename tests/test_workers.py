@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmnist.config import TrainingConfig
 from fedmnist.data import Mnist, normalize_images
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.evaluation import summarize
@@ -23,7 +24,6 @@ from fedmnist.workers import (
     EvalTask,
     InProcessExecutor,
     TaskFailure,
-    TrainerSettings,
     WorkerData,
     WorkerError,
     WorkerPool,
@@ -42,7 +42,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 NUM_CLIENTS, PER_CLIENT, NUM_TEST, SHARD = 5, 40, 200, 80
 ROUNDS = ([1, 2, 4, 5], [2, 3, 5])  # the clients sampled in each round
 ATTACKER = 2  # trains on flipped labels
-SETTINGS = TrainerSettings("sgd", 0.05, 0.9, model_seed=42)
+SETTINGS = TrainingConfig(optimizer="sgd", learning_rate=0.05, momentum=0.9)
 
 
 def tiny_data(mnist: Mnist) -> WorkerData:
@@ -146,7 +146,7 @@ def test_tasks_and_settings_reject_bad_values():
     with pytest.raises(ConfigError, match="empty or negative test range"):
         EvalTask(w, 5, 5)
     with pytest.raises(ConfigError, match="unknown optimizer"):
-        TrainerSettings("rmsprop")
+        TrainingConfig(optimizer="rmsprop").build_trainer()
     with pytest.raises(ConfigError, match="positive integer or 'auto'"):
         resolve_workers(0)
 

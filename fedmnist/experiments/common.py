@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.config import AGGRESSIVE_TRAINING
 from fedmnist.errors import ConfigError
 from fedmnist.experiments.profiles import Profile
 from fedmnist.io import atomic_write_text
@@ -137,7 +138,7 @@ def sim_config(profile: Profile, seed: int, **changes):
     """The profile's multi-round simulation (every client in every round) for ``seed``, with ``changes``."""
     from fedmnist.simulation import SimulationConfig
 
-    base = SimulationConfig.create(
+    base = SimulationConfig(training=AGGRESSIVE_TRAINING).replace(
         num_clients=profile.clients, fraction=1.0, rounds=profile.rounds, local_epochs=profile.local_epochs,
         batch_size=profile.batch_size, train_subset=profile.train_subset, eval_every=profile.eval_every,
         test_subset=profile.round_test_subset, seed=seed, target_accuracy=0.95,

@@ -49,7 +49,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     from fedmnist.strategies import weighted_average
     from fedmnist.training import TrainConfig, TrainResult
     from fedmnist.tuning import Trial, best, validation_split
-    from fedmnist.workers import ClientTask, TrainerSettings, WorkerData
+    from fedmnist.workers import ClientTask, WorkerData
 
     del trainer  # the trainings run in the executor, with the course's optimiser
     n_train = profile.course_train_subset or mnist.y_train.size
@@ -83,7 +83,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
         fit = _fit_part(idx, plain.validation_split, validation_seed(seed0, k))
         members["tuning", k] = add(n_train + fit)
     data = WorkerData(x_all, y_all, tuple(clients), x_test, y_test)
-    settings = TrainerSettings(plain.optimizer, plain.learning_rate, plain.momentum)
+    settings = plain  # its optimizer, rate and momentum build the executor's trainers
 
     def tasks(seed: int, owner, starts: dict[int, list[np.ndarray]], mu: float, ks=range(1, 6)) -> list:
         return [ClientTask(members[owner, k], starts[k], mu, training_seed(seed, 1, k), plain.epochs,

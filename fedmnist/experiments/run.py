@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.config import AGGRESSIVE_TRAINING
 from fedmnist.errors import ConfigError
 from fedmnist.experiments.attacks import run_attacks
 from fedmnist.experiments.common import WORKERS
@@ -66,7 +67,6 @@ def run_experiments(
 ) -> dict[str, list[dict]]:
     """Run the selected experiments of a profile into ``out_dir`` (simulations in ``workers`` processes)."""
     from fedmnist.data import load_raw_mnist, normalize_images
-    from fedmnist.training import ClientTrainer
 
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile '{profile_name}'; choose one of {', '.join(PROFILES)}")
@@ -82,7 +82,7 @@ def run_experiments(
     out_dir.mkdir(parents=True, exist_ok=True)
     mnist = load_raw_mnist(data)
     full_test = (normalize_images(mnist.x_test), mnist.y_test)
-    trainer = ClientTrainer()
+    trainer = AGGRESSIVE_TRAINING.build_trainer()
     runners = {
         "course": lambda: run_course(profile, mnist, out_dir, trainer, say),
         "drift": lambda: run_drift(profile, mnist, out_dir, trainer, full_test, say),

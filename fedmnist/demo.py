@@ -28,7 +28,7 @@ from fedmnist.exchange import global_path, make_global, save_global
 from fedmnist.io import atomic_write_text
 from fedmnist.local import run_local_training
 from fedmnist.model import DEFAULT_SEED, initial_weights
-from fedmnist.partition import PartitionConfig, write_federation
+from fedmnist.partition import PartitionConfig, checked_test_file, write_federation
 from fedmnist.training import TrainConfig, make_trainer
 
 
@@ -89,7 +89,7 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
                 f"test accuracy {out.test.accuracy:.4f}, {time.perf_counter() - t0:.1f} s")
 
     say("[4/4] aggregating with " + ", ".join(DEFAULT_METHODS))
-    x_test, y_test = load_partition(common_test_file(data_dir))
+    x_test, y_test = load_partition(checked_test_file(common_test_file(data_dir)))
     plain_updates = [outputs[("mu=0", k)].update for k in range(1, config.num_clients + 1)]
     prox_updates = [outputs[(f"FedProx mu={config.mu:g}", k)].update for k in range(1, config.num_clients + 1)]
     report = run_aggregation(plain_updates, x_test, y_test, DEFAULT_METHODS, prox_updates=prox_updates,

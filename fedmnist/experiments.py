@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.config import DEFAULT_SEED
-from fedmnist.errors import ConfigError
-from fedmnist.io import atomic_write_text
+from fedmnist.errors import ConfigError, DataError, FedMnistError
+from fedmnist.io import atomic_write_text, quote, read_text_capped
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +249,21 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, _csv_text(rows))
 
 
+CSV_MAX_BYTES = 64 << 20
+"""Largest result table read back: the essay's largest CSV holds a few thousand rows."""
+
+
 def read_csv(path: str | Path) -> list[dict]:
-    """Rows of a result CSV as dicts of strings."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """Rows of a result CSV as dicts of strings (a regular file of at most ``CSV_MAX_BYTES``).
+
+    Raises:
+        DataError: not a regular file, too large or not UTF-8; the message names the file.
+    """
+    text = read_text_capped(path, CSV_MAX_BYTES, "result table", error=DataError)
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({quote(exc)})") from None
 
 
 # --- experiments 1 and 2: the course flow, and shared versus independent initialisation ----------
@@ -1023,6 +1034,25 @@ def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> d
     }
 
 
+def _previous_environment(path: Path) -> dict:
+    """What an earlier run of this directory recorded in ``ENV_FILE``, or {} if absent or unusable.
+
+    The file is this command's own output; a damaged one, or a FIFO or device in its place, is
+    ignored (never read unbounded) and rewritten.
+    """
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        previous = json.loads(read_text_capped(path, 1 << 20, "environment record", error=FedMnistError))
+    except (FedMnistError, ValueError, RecursionError) as exc:
+        log.warning("ignoring %s: %s", quote(path, 200), quote(exc, 200))
+        return {}
+    if not isinstance(previous, dict) or not isinstance(previous.get("profile", {}), dict) \
+            or not isinstance(previous.get("seconds_per_experiment", {}), dict):
+        return {}
+    return previous
+
+
 def run_experiments(
     profile_name: str,
     data: str | None,
@@ -1066,7 +1096,7 @@ def run_experiments(
         t0 = time.perf_counter()
         results[name] = runners[name]()
         # merge with what other runs of the same profile (e.g. --only) recorded in this directory
-        previous = json.loads(env_path.read_text()) if env_path.exists() else {}
+        previous = _previous_environment(env_path)
         same = previous.get("profile", {}).get("name") == profile.name
         seconds = dict(previous.get("seconds_per_experiment", {})) if same else {}
         seconds[name] = time.perf_counter() - t0

@@ -616,13 +616,14 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     from fedmnist.exchange import global_path, make_global, save_global
     from fedmnist.io import OutputSet, check_writable_dir
     from fedmnist.model import initial_weights, weights_sha256
+    from fedmnist.partition import checked_test_file
     from fedmnist.plots import method_label
     from fedmnist.training import ClientTrainer
 
     config.check_server()
     out = Path(config.output_dir)
     check_writable_dir(out, "output-dir")
-    x_test, y_test = load_partition(config.test_file)
+    x_test, y_test = load_partition(checked_test_file(config.test_file))
     evaluator = ClientTrainer(config.optimizer, config.learning_rate, config.momentum, model_seed=config.seed)
     method = build_method(config.method, config.method_config)
     weights = initial_weights(config.seed)

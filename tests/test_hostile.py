@@ -39,8 +39,8 @@ exec(warm, scope)
 
 def run():
     try:
-        eval(expression, scope)
-        return "loaded", ""
+        value = eval(expression, scope)
+        return "loaded", repr(value)[:200]
     except FedMnistError as exc:
         return "refused", str(exc)
 
@@ -411,6 +411,78 @@ def test_files_that_are_too_big_or_not_files(tmp_path, kind):
 
     # Assert
     assert_refused(result, path, fragment)
+
+
+# --- special files wherever the project reads: refused (or ignored) unread, never waited on ----------
+
+
+def special_file(path, kind: str) -> None:
+    """Put a FIFO (opening it for reading blocks without a writer) or a link to an endless device at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+SPECIAL_FILE_READERS = {
+    # the member's partition, hashed against particion.json before the npz reader sees it (fedmnist train)
+    "partition-hash": ("cliente_1.npz", "fedmnist.partition.check_file_hash(path, 'ab' * 32, 'partition file')",
+                       "import fedmnist.partition"),
+    "test-set-hash": ("test.npz", "fedmnist.partition.checked_test_file(path)", "import fedmnist.partition"),
+    "global-weights": ("pesos_globales_ronda_0.pkl", "fedmnist.exchange.load_global(path)", "import fedmnist.model"),
+    "control-file": ("control_cliente_1.pkl", "fedmnist.exchange.load_control(path, 1)", "pass"),
+    "checkpoint": ("checkpoint.pkl", LOAD_CHECKPOINT, "pass"),
+    "result-table": ("curso.csv", "fedmnist.experiments.read_csv(path)", "import fedmnist.experiments"),
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("reader", list(SPECIAL_FILE_READERS))
+def test_special_file_is_refused_unread_by_every_reader(tmp_path, reader, kind):
+    # Prepare
+    name, expression, warm = SPECIAL_FILE_READERS[reader]
+    path = tmp_path / name
+    special_file(path, kind)
+    if reader == "test-set-hash":  # a manifest that records the test set's hash
+        (tmp_path / "particion.json").write_text(json.dumps(
+            {"clients": [], "test": {"file": "test.npz", "sha256": "ab" * 32}}))
+
+    # Execute
+    result = probe(expression, path, warm=warm, timeout=60)
+
+    # Assert
+    assert_refused(result, path, "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_stale_special_summary_in_the_output_folder_is_ignored_on_resume(tmp_path, kind):
+    # Prepare: resumen.json of the previous run is a FIFO or a device (stat reports 0 bytes for both)
+    path = tmp_path / "resumen.json"
+    special_file(path, kind)
+
+    # Execute
+    result = probe("fedmnist.simulation._previous_summary(pathlib.Path(path))", path,
+                   warm="import pathlib, fedmnist.simulation", timeout=60)
+
+    # Assert: ignored, as a missing summary is (the run writes its own), quickly and unread
+    assert result["outcome"] == "loaded" and result["message"] == "None", result
+    assert result["seconds"] < 5 and result["rss_growth"] < 64 * MIB, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_stale_special_results_in_the_aggregation_folder_are_ignored(tmp_path, kind):
+    # Prepare: resultados_agregacion.json, read to find the previous run's per-method files
+    path = tmp_path / "resultados_agregacion.json"
+    special_file(path, kind)
+
+    # Execute
+    result = probe("fedmnist.aggregation._previous_outputs(pathlib.Path(path).parent)", path,
+                   warm="import pathlib, fedmnist.aggregation", timeout=120)
+
+    # Assert
+    assert result["outcome"] == "loaded" and result["message"] == "set()", result
+    assert result["seconds"] < 5, result
 
 
 # --- what an update says -----------------------------------------------------------------------------

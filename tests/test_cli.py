@@ -414,3 +414,29 @@ def test_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
     # Assert
     assert_one_line_error(code, capsys.readouterr().err, str(out_dir), "No space left on device")
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["init", "split"])
+def test_read_only_destination_is_one_line(tmp_path, capsys, monkeypatch, mnist_path, command):
+    import errno
+
+    from fedmnist import io
+    from fedmnist.cli import main
+
+    # Prepare: every file created in the destination fails as on a read-only mount (chmod cannot
+    # show it to root)
+    out_dir = tmp_path / "salida"
+    out_dir.mkdir()
+
+    def read_only(path, suffix, directory=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(io, "_create_temp", read_only)
+    extra = ["--data", str(mnist_path)] if command == "split" else []
+
+    # Execute
+    code = main([command, *extra, "--out", str(out_dir)])
+
+    # Assert
+    assert_one_line_error(code, capsys.readouterr().err, str(out_dir), "not writable (Read-only file system)")
+    assert list(out_dir.iterdir()) == []

@@ -36,15 +36,13 @@ def add_split_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from fedmnist.data import load_raw_mnist
-    from fedmnist.partition import PartitionConfig, write_federation
+    from fedmnist.partition import PartitionConfig, read_manifest, write_federation
 
     config = PartitionConfig(args.partition, args.clients, args.alpha, args.shards_per_client, args.seed)
     mnist = load_raw_mnist(args.data)
     config.validate(mnist.y_train.size)
-    manifest = write_federation(mnist, config, args.out)
-    import json
-
-    info = json.loads(manifest.read_text())
+    write_federation(mnist, config, args.out)
+    info = read_manifest(args.out)
     for client in info["clients"]:
         print(f"cliente_{client['client_id']}.npz: {client['num_examples']} images, "
               f"classes {client['class_counts']}")

@@ -23,9 +23,9 @@ from fedmnist.aggregation import (
     write_outputs,
 )
 from fedmnist.data import common_test_file, load_partition, load_raw_mnist
-from fedmnist.errors import ConfigError
+from fedmnist.errors import ConfigError, FedMnistError
 from fedmnist.exchange import global_path, make_global, save_global
-from fedmnist.io import atomic_write_text
+from fedmnist.io import atomic_write_text, read_text_capped
 from fedmnist.local import run_local_training
 from fedmnist.model import DEFAULT_SEED, initial_weights
 from fedmnist.partition import PartitionConfig, checked_test_file, write_federation
@@ -101,4 +101,5 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
     for note in report.notes:
         say(f"note: {note}")
     say(f"done in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")
-    return json.loads((out_dir / "resultados_agregacion.json").read_text())
+    return json.loads(read_text_capped(out_dir / "resultados_agregacion.json", 16 << 20, "aggregation results",
+                                       error=FedMnistError))

@@ -224,7 +224,7 @@ def read_manifest(data_dir: str | Path) -> dict | None:
         DataError: naming the file and the problem (never a JSON traceback).
     """
     path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling link is refused below, not taken for "no manifest"
         return None
     data = read_capped(path, MANIFEST_MAX_BYTES, "federation manifest", error=DataError)
     try:
@@ -279,7 +279,7 @@ def check_file_hash(path: str | Path, expected: str | None, what: str) -> None:
         return
     if sha256_file(path, PARTITION_MAX_BYTES, what, error=DataError) != expected:
         raise DataError(
-            f"{path}: contents differ from the sha256 in {MANIFEST_FILE}: the {what} was changed or corrupted; "
+            f"{path}: contents differ from the manifest's sha256 ({MANIFEST_FILE}): the {what} was changed or corrupted; "
             "copy it again from the federation written by split_data.py"
         )
 

@@ -494,7 +494,7 @@ def test_swapped_test_set_hash_mismatch_is_refused(swapped_test_set, small_feder
 
     # Execute / Assert: the federation's own test set passes, the swapped one is refused by name
     assert checked_test_file(small_federation / "test.npz") == small_federation / "test.npz"
-    with pytest.raises(DataError, match=r"test\.npz: contents differ from the sha256 in particion\.json"):
+    with pytest.raises(DataError, match=r"test\.npz: contents differ from the manifest's sha256 \(particion\.json\)"):
         checked_test_file(swapped_test_set / "test.npz")
 
 
@@ -531,7 +531,7 @@ def test_swapped_test_set_hash_mismatch_stops_aggregate_and_train_before_any_out
     out_dir = tmp_path / "salida"
 
     # Execute
-    with pytest.raises(DataError, match=r"test\.npz: contents differ from the sha256") as excinfo:
+    with pytest.raises(DataError, match=r"test\.npz: contents differ from the manifest's sha256") as excinfo:
         if entry == "aggregate":
             from fedmnist.aggregation import aggregate_directory
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist.config import DEFAULT_METHODS, DEFAULT_SEED
+from fedmnist.config import DEFAULT_METHODS, DEFAULT_SEED, check_seed
 from fedmnist.data import common_test_file, load_partition
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate, intervals_overlap
@@ -459,6 +459,7 @@ def aggregate_directory(
     updates' round is looked for beside them, and for round 0 the server rebuilds ``build_model(seed)``
     (what ``--init`` and the notebook's ``GLOBAL_WEIGHTS = None`` start from).
     """
+    check_seed(seed, "--seed")
     check_writable_dir(out_dir, "--out directory")
     test_path = checked_test_file(common_test_file(data_dir))
     updates = load_updates(weights_dir)

@@ -352,17 +352,22 @@ def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys, mnist_path, c
     assert out_file.read_text() == "not a directory"
 
 
-@pytest.mark.parametrize("command", ["split", "init", "train"])
+@pytest.mark.parametrize("command", ["split", "init", "train", "simulate", "aggregation-script"])
 def test_negative_seed_is_one_line(tmp_path, capsys, mnist_path, small_federation, command):
-    from fedmnist.cli import main
+    from fedmnist.cli import main, main_aggregation
 
     # Prepare
     out_dir = tmp_path / "salida"
     extra = {"split": ["--data", str(mnist_path)], "init": [],
-             "train": ["--client", "1", "--data-dir", str(small_federation), "--epochs", "1"]}[command]
+             "train": ["--client", "1", "--data-dir", str(small_federation), "--epochs", "1"],
+             "simulate": ["--clients", "3", "--rounds", "1", "--data", str(mnist_path)],
+             "aggregation-script": ["--weights-dir", str(tmp_path), "--data-dir", str(small_federation)]}[command]
 
     # Execute
-    code = main([command, *extra, "--seed", "-1", "--out", str(out_dir)])
+    if command == "aggregation-script":  # global_aggregation.py: --seed rebuilds round 0's weights
+        code = main_aggregation([*extra, "--seed", "-1", "--out", str(out_dir)])
+    else:
+        code = main([command, *extra, "--seed", "-1", "--out", str(out_dir)])
 
     # Assert
     assert_one_line_error(code, capsys.readouterr().err, "seed must be an integer >= 0 (got -1)")

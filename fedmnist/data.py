@@ -310,7 +310,7 @@ def load_raw_mnist(path: str | os.PathLike | None = None) -> Mnist:
         def missing_message(missing: list[str], found: list[str]) -> str:
             return (
                 f"{source}: missing key(s) {', '.join(missing)}; expected the keras layout "
-                f"{', '.join(MNIST_KEYS)} (found: {', '.join(found) or 'none'})"
+                f"{', '.join(MNIST_KEYS)} (found: {quote(', '.join(found), 200) or 'none'})"
             )
 
         arrays = _read_pairs(source, "MNIST file", [("x_train", "y_train"), ("x_test", "y_test")],

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist.config import DEFAULT_METHODS, DEFAULT_SEED
+from fedmnist.config import DEFAULT_METHODS, DEFAULT_SEED, check_seed
 from fedmnist.data import common_test_file, load_partition
-from fedmnist.errors import ConfigError, DataError, ValidationError
+from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate, intervals_overlap
 from fedmnist.exchange import (
     ClientUpdate,
@@ -36,9 +36,9 @@ from fedmnist.exchange import (
     make_global,
     save_global,
 )
+from fedmnist.federation_files import checked_test_file, read_manifest
 from fedmnist.federation_files import manifest_counts as partition_counts
-from fedmnist.federation_files import read_manifest
-from fedmnist.io import OutputSet, check_writable_dir
+from fedmnist.io import OutputSet, check_writable_dir, read_text_capped
 from fedmnist.labels import method_name
 from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods, with_privacy
 from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
@@ -430,11 +430,10 @@ _OUTPUT_NAME = re.compile(r"(modelo_global|matriz_confusion)_[a-z]+\.(h5|png)")
 def _previous_outputs(out_dir: Path) -> set[str]:
     """The per-method files the previous set in ``out_dir`` listed (only names this writer makes)."""
     previous = out_dir / RESULTS_JSON
-    try:
-        if previous.stat().st_size > 1 << 20:
-            return set()
-        listed = json.loads(previous.read_text(encoding="utf-8")).get("files", {})
-    except (OSError, ValueError, AttributeError):
+    try:  # a stale FIFO or device in its place is ignored unread (read_text_capped refuses it)
+        listed = json.loads(read_text_capped(previous, 1 << 20, "previous results", error=FedMnistError)
+                            ).get("files", {})
+    except (FedMnistError, ValueError, AttributeError, RecursionError):
         return set()
     if not isinstance(listed, dict):
         return set()
@@ -462,10 +461,9 @@ def aggregate_directory(
     updates' round is looked for beside them, and for round 0 the server rebuilds ``build_model(seed)``
     (what ``--init`` and the notebook's ``GLOBAL_WEIGHTS = None`` start from).
     """
+    check_seed(seed, "--seed")
     check_writable_dir(out_dir, "--out directory")
-    test_path = common_test_file(data_dir)
-    if not test_path.exists():
-        raise DataError(f"{test_path}: common test set not found (the --data-dir written by split_data.py)")
+    test_path = checked_test_file(common_test_file(data_dir))
     updates = load_updates(weights_dir)
     prox_updates = load_updates(prox_dir) if prox_dir else None
     start = find_start(weights_dir, updates, global_weights)

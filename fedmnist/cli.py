@@ -34,16 +34,14 @@ def add_split_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from fedmnist.data import load_raw_mnist
-    from fedmnist.federation_files import write_federation
+    from fedmnist.federation_files import read_manifest, write_federation
     from fedmnist.partition import PartitionConfig
 
     config = PartitionConfig(args.partition, args.clients, args.alpha, args.shards_per_client, args.seed)
     mnist = load_raw_mnist(args.data)
     config.validate(mnist.y_train.size)
-    manifest = write_federation(mnist, config, args.out)
-    import json
-
-    info = json.loads(manifest.read_text())
+    write_federation(mnist, config, args.out)
+    info = read_manifest(args.out)
     for client in info["clients"]:
         print(f"cliente_{client['client_id']}.npz: {client['num_examples']} images, "
               f"classes {client['class_counts']}")
@@ -101,9 +99,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from fedmnist.config import check_seed
     from fedmnist.exchange import global_path, make_global, save_global
+    from fedmnist.io import check_writable_dir
     from fedmnist.model import initial_weights
 
+    check_seed(args.seed, "--seed")
+    check_writable_dir(args.out, "--out directory")
     gw = make_global(initial_weights(args.seed), 0, "init", args.seed)
     path = global_path(args.out, 0)
     save_global(path, gw)
@@ -408,11 +410,26 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     try:
         return func(args)
     except FedMnistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write the package did not wrap (a library saving a file): still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {one_line(where)}{one_line(exc.strerror or type(exc).__name__)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+MAX_ERROR_CHARS = 2000
+"""Longest error line printed: a message is one line, however long the names or values it quotes."""
+
+
+def one_line(message: object) -> str:
+    """``message`` as one printable line of at most ``MAX_ERROR_CHARS`` (control characters escaped)."""
+    from fedmnist.io import quote
+
+    return quote(message, MAX_ERROR_CHARS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

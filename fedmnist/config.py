@@ -28,6 +28,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_seed(seed, what: str = "seed") -> None:
+    """Raise ConfigError unless ``seed`` is an integer >= 0 (numpy's and Keras's seeds cannot be negative)."""
+    _need(_is_int(seed) and seed >= 0, f"{what} must be an integer >= 0 (got {seed!r})")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """A client's local training, the one default of every mode (notebook, train, demo, simulation, Flower).

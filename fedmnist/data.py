@@ -17,13 +17,14 @@ import io
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedmnist.errors import DataError
-from fedmnist.io import atomic_write_bytes
+from fedmnist.io import atomic_write_bytes, open_regular, quote
 
 DATA_ENV = "FEDMNIST_DATA"
 NUM_CLASSES = 10
@@ -106,22 +107,18 @@ class _NpzReader:
 
     def __init__(self, path: Path, what: str, max_bytes: int) -> None:
         self.path, self.what = path, what
-        if not path.exists():
+        if not os.path.lexists(path):
             raise DataError(f"{path}: {what} not found")
-        if not path.is_file():
-            raise DataError(f"{path}: {what} is not a file")
-        self._handle = open(path, "rb")  # closed by __exit__
+        # a regular file of at most max_bytes, never a FIFO or a device; reads stop at the limit
+        self._handle = open_regular(path, max_bytes, what, error=DataError)  # closed by __exit__
         try:
-            self._open(max_bytes)
+            self._open()
         except BaseException:
             self._handle.close()
             raise
 
-    def _open(self, max_bytes: int) -> None:
+    def _open(self) -> None:
         path, what = self.path, self.what
-        size = os.fstat(self._handle.fileno()).st_size
-        if size > max_bytes:
-            raise DataError(f"{path}: {what} of {size:,} bytes exceeds the {max_bytes:,}-byte limit")
         with self._errors():
             if self._handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
                 raise DataError(f"{path}: {what} is a single .npy array, not an npz archive with named arrays")
@@ -153,7 +150,7 @@ class _NpzReader:
             raise
         except Exception as exc:  # zipfile, zlib and numpy raise many types on damaged archives
             raise DataError(
-                f"{self.path}: cannot read {self.what} as an npz archive ({type(exc).__name__}: {exc})"
+                f"{self.path}: cannot read {self.what} as an npz archive ({_why(exc)})"
             ) from None
 
     def _member(self, key: str):
@@ -209,6 +206,18 @@ class _NpzReader:
         return array.reshape(header.shape, order="F" if header.fortran else "C")
 
 
+def _why(exc: Exception) -> str:
+    """What went wrong reading an archive, without echoing its bytes.
+
+    zipfile's and zlib's messages are fixed sentences (with at most a member name, escaped here);
+    numpy's header errors quote the header itself, and a file's contents must never reach a message
+    (a link to ``/proc/self/environ`` would print the environment), so only their type is named.
+    """
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error, EOFError)):
+        return f"{type(exc).__name__}: {quote(exc, 120)}"
+    return f"{type(exc).__name__}: malformed contents"
+
+
 def _image_header(path: Path, key: str, header: _Header) -> None:
     shape = header.shape
     if len(shape) != 3 or shape[1:] != IMAGE_SHAPE:
@@ -233,6 +242,10 @@ def _npz_limit(pairs: int) -> int:
     """Largest npz holding ``pairs`` (images, labels) pairs of at most MAX_IMAGES each."""
     per_pair = MAX_IMAGES * (IMAGE_SHAPE[0] * IMAGE_SHAPE[1] + _MAX_LABEL_ITEMSIZE)
     return pairs * per_pair + _NPZ_SLACK
+
+
+PARTITION_MAX_BYTES = _npz_limit(1)
+"""Largest partition file (``cliente_N.npz``, ``test.npz``) read or hashed: one pair of MAX_IMAGES images."""
 
 
 def _read_pairs(path: Path, what: str, pairs: list[tuple[str, str]], missing_message) -> dict[str, np.ndarray]:
@@ -297,7 +310,7 @@ def load_raw_mnist(path: str | os.PathLike | None = None) -> Mnist:
         def missing_message(missing: list[str], found: list[str]) -> str:
             return (
                 f"{source}: missing key(s) {', '.join(missing)}; expected the keras layout "
-                f"{', '.join(MNIST_KEYS)} (found: {', '.join(found) or 'none'})"
+                f"{', '.join(MNIST_KEYS)} (found: {quote(', '.join(found), 200) or 'none'})"
             )
 
         arrays = _read_pairs(source, "MNIST file", [("x_train", "y_train"), ("x_test", "y_test")],

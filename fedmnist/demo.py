@@ -23,10 +23,10 @@ from fedmnist.aggregation import (
     write_outputs,
 )
 from fedmnist.data import common_test_file, load_partition, load_raw_mnist
-from fedmnist.errors import ConfigError
+from fedmnist.errors import ConfigError, FedMnistError
 from fedmnist.exchange import global_path, make_global, save_global
-from fedmnist.federation_files import write_federation
-from fedmnist.io import atomic_write_text
+from fedmnist.federation_files import checked_test_file, write_federation
+from fedmnist.io import atomic_write_text, read_text_capped
 from fedmnist.local import run_local_training
 from fedmnist.model import DEFAULT_SEED, initial_weights
 from fedmnist.partition import PartitionConfig
@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
                 f"test accuracy {out.test.accuracy:.4f}, {time.perf_counter() - t0:.1f} s")
 
     say("[4/4] aggregating with " + ", ".join(DEFAULT_METHODS))
-    x_test, y_test = load_partition(common_test_file(data_dir))
+    x_test, y_test = load_partition(checked_test_file(common_test_file(data_dir)))
     plain_updates = [outputs[("mu=0", k)].update for k in range(1, config.num_clients + 1)]
     prox_updates = [outputs[(f"FedProx mu={config.mu:g}", k)].update for k in range(1, config.num_clients + 1)]
     report = run_aggregation(plain_updates, x_test, y_test, DEFAULT_METHODS, prox_updates=prox_updates,
@@ -103,4 +103,5 @@ def run_demo(config: DemoConfig, data: str | None, out_dir: str | Path) -> dict:
     for note in report.notes:
         say(f"note: {note}")
     say(f"done in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")
-    return json.loads((out_dir / "resultados_agregacion.json").read_text())
+    return json.loads(read_text_capped(out_dir / "resultados_agregacion.json", 16 << 20, "aggregation results",
+                                       error=FedMnistError))

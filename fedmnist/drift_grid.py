@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmnist.errors import ConfigError
+from fedmnist.errors import ConfigError, FedMnistError
+from fedmnist.io import read_text_capped
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,19 @@ def _fingerprint(grid: DriftGrid, mnist) -> str:
     return digest.hexdigest()
 
 
+CACHE_MAX_BYTES = 64 << 20
+"""Largest drift cache read back: a grid's blocks of numbers take a few hundred kilobytes."""
+
+
 class _Cache:
     """Finished blocks of the grid, by key, saved as JSON after every block (atomically)."""
 
     def __init__(self, path: Path | None, fingerprint: str) -> None:
         self.path, self.fingerprint, self.blocks = path, fingerprint, {}
         if path is not None and path.exists():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+            try:  # a FIFO or a device in its place is ignored unread
+                saved = json.loads(read_text_capped(path, CACHE_MAX_BYTES, "drift cache", error=FedMnistError))
+            except (FedMnistError, ValueError, RecursionError) as exc:
                 log.warning("ignoring the drift cache %s: %s", path, exc)
                 return
             if (

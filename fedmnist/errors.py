@@ -19,3 +19,7 @@ class ValidationError(FedMnistError):
 
 class ConfigError(FedMnistError):
     """Invalid arguments or configuration values."""
+
+
+class WriteError(FedMnistError):
+    """An output could not be written (a full disk, a read-only destination); nothing partial is left."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.errors import FedMnistError, UpdateFileError, ValidationError
-from fedmnist.io import atomic_write_bytes
+from fedmnist.io import atomic_write_bytes, quote
 from fedmnist.safe_pickle import PickleLimits, load_pickle
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ GLOBAL_FORMAT = "fedmnist-global-weights"
 FORMAT_VERSION = 1
 CONTROL_FORMAT = "fedmnist-scaffold-control"
 UPDATE_PATTERN = "pesos_cliente_*.pkl"
-_CLIENT_ID_RE = re.compile(r"pesos_cliente_(\d{1,9})\.pkl")
+_CLIENT_ID_RE = re.compile(r"pesos_cliente_([1-9][0-9]{0,8})\.pkl")  # ASCII digits, no leading zero
 
 MODEL_PARAMS = 390_410
 """Parameters of the shared CNN (``fedmnist.model.build_model``); a test keeps this equal to the model."""
@@ -346,9 +346,20 @@ def load_update(path: str | Path, limits: PickleLimits = UPDATE_LIMITS) -> Clien
 
 
 def find_updates(weights_dir: str | Path) -> list[Path]:
-    """Every ``pesos_cliente_*.pkl`` in a directory, sorted by client number."""
+    """Every ``pesos_cliente_N.pkl`` in a directory, sorted by client number.
+
+    A file that matches ``pesos_cliente_*.pkl`` but whose N is not a client id (``pesos_cliente_1234567890.pkl``,
+    ``pesos_cliente_1 (copia).pkl``, a newline in the name) is left out with a warning naming it, so a
+    member's misnamed update is never dropped silently.
+    """
     weights_dir = Path(weights_dir)
-    paths = [p for p in weights_dir.glob(UPDATE_PATTERN) if client_id_from_name(p) is not None]
+    paths = []
+    for path in weights_dir.glob(UPDATE_PATTERN):
+        if client_id_from_name(path) is None:
+            log.warning("%s: ignored: its name does not parse as a client update (pesos_cliente_N.pkl with N "
+                        "a client id of at most 9 digits); rename it if it is one", quote(path, 300))
+        else:
+            paths.append(path)
     return sorted(paths, key=client_id_from_name)
 
 

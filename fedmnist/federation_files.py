@@ -8,6 +8,7 @@ bounded and checked, for the members and the server.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 from dataclasses import asdict
@@ -17,10 +18,10 @@ import numpy as np
 
 from fedmnist import __version__
 from fedmnist.config import check_int
-from fedmnist.data import NUM_CLASSES, Mnist, client_file, common_test_file, save_arrays
+from fedmnist.data import NUM_CLASSES, PARTITION_MAX_BYTES, Mnist, client_file, common_test_file, save_arrays
 from fedmnist.errors import DataError
 from fedmnist.exchange import check_num_examples
-from fedmnist.io import atomic_write_text, read_capped, sha256_file
+from fedmnist.io import atomic_write_text, check_writable_dir, read_capped, sha256_file
 from fedmnist.partition import PartitionConfig, class_counts, partition
 
 MANIFEST_FILE = "particion.json"
@@ -39,7 +40,7 @@ def write_federation(mnist: Mnist, config: PartitionConfig, out_dir: str | Path)
     """
     from fedmnist.plots import plot_class_distribution
 
-    out_dir = Path(out_dir)
+    out_dir = check_writable_dir(out_dir, "output directory")
     parts = partition(mnist.y_train, config)
     counts = class_counts(mnist.y_train, parts)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def read_manifest(data_dir: str | Path) -> dict | None:
         DataError: naming the file and the problem (never a JSON traceback).
     """
     path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling link is refused below, not taken for "no manifest"
         return None
     data = read_capped(path, MANIFEST_MAX_BYTES, "federation manifest", error=DataError)
     try:
@@ -119,6 +120,51 @@ def _check_manifest(path: Path, manifest) -> None:
         digest = entry.get("sha256")
         if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise DataError(f"{path}: client {client_id} has a malformed sha256")
+    test = manifest.get("test")
+    if test is not None:
+        if not isinstance(test, dict):
+            raise DataError(f"{path}: 'test' is not an object")
+        digest = test.get("sha256")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise DataError(f"{path}: the test set has a malformed sha256")
+
+
+def check_file_hash(path: str | Path, expected: str | None, what: str) -> None:
+    """Refuse ``path`` if its sha256 differs from ``expected``, the hash ``particion.json`` recorded for it.
+
+    The hash catches an accident or a careless edit (a file copied from another federation, truncated,
+    swapped for a few images); whoever can rewrite the manifest can rewrite the hash too. The file is
+    hashed through ``fedmnist.io.sha256_file``: a FIFO or a device in its place is refused unread.
+
+    Raises:
+        DataError: naming the file; nothing is read when ``expected`` is None.
+    """
+    if not expected:
+        return
+    if sha256_file(path, PARTITION_MAX_BYTES, what, error=DataError) != expected:
+        raise DataError(
+            f"{path}: contents differ from the manifest's sha256 ({MANIFEST_FILE}): the {what} was changed or corrupted; "
+            "copy it again from the federation written by split_data.py"
+        )
+
+
+def checked_test_file(test_path: str | Path) -> Path:
+    """``test_path``, the common test set, checked against the sha256 that ``particion.json`` beside it gives.
+
+    Without a manifest in its directory (a Flower ``test-file`` elsewhere) only its existence is checked;
+    the npz reader checks its contents either way.
+
+    Raises:
+        DataError: missing, not a regular file, or different from the manifest's hash.
+    """
+    test_path = Path(test_path)
+    if not os.path.lexists(test_path):
+        raise DataError(f"{test_path}: common test set not found; run split_data.py first")
+    manifest = read_manifest(test_path.parent)
+    entry = manifest.get("test") if manifest else None
+    if isinstance(entry, dict) and entry.get("file") == test_path.name:
+        check_file_hash(test_path, entry.get("sha256"), "common test set")
+    return test_path
 
 
 def manifest_counts(manifest: dict | None) -> dict[int, int] | None:

@@ -28,6 +28,13 @@ ClientApp's updated Context before handing its reply on; a SuperNode keeps it in
 NodeState for the run, saved when the ClientApp process exits just after sending its reply, and a
 restarted SuperNode starts again from ``c_i = 0``.
 
+A reply's client id is bound to the node that sent it (``NodeIdentities``): the first time a node's
+reply names a client id no other node holds, that node speaks for that client for as long as it stays
+connected; a reply naming a client bound to another node, or a node switching clients, is refused, so
+a node cannot take over another member's id whatever the order of the replies. The node id is what the
+SuperLink knows of the sender (with node authentication, the id its public key registered), the one
+identity a reply cannot forge.
+
 A round with fewer than ``min-train-nodes`` accepted replies stops the run with a ``RoundFailedError``
 whose message Flower shows as the run's status details (``flwr ls``); the files of earlier rounds stay
 as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.toml``, overridden by
@@ -540,11 +547,71 @@ def parse_reply(node_id: int, reply: Message, with_control: bool = False) -> Rep
         weights=weights,
         num_examples=metrics["num-examples"],
         source=f"node {node_id}",
+        node_id=int(node_id),
         start_sha256=start_sha,
         train_loss=float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None,
         metrics={"unclipped": bool(metrics["unclipped"])} if "unclipped" in metrics else {},
         control_delta=control_delta,
     )
+
+
+@dataclass
+class NodeIdentities:
+    """Which node speaks for which client id, bound from what the SuperLink knows: the sending node's id.
+
+    The first time a node's reply names a (valid) client id held by no other node, the two are bound.
+    Afterwards a reply naming a client bound to another node is an impostor's, and a node naming another
+    client than its own is refused too, whatever order the replies come in. When several unbound nodes
+    claim the same unbound id in one round none is bound and all are refused (which is genuine cannot be
+    told). A binding ends when its node leaves the SuperLink (a restarted SuperNode gets a new node id).
+    """
+
+    client_of: dict[int, int] = field(default_factory=dict)
+    """Node id -> the client id it speaks for."""
+
+    def admit(self, replies: list[Reply], connected: list[int] | None = None) -> tuple[list[Reply], dict[str, str]]:
+        """The replies whose node may speak for their client id, and the refused ones (``node N`` -> reason).
+
+        ``connected``: the node ids the SuperLink lists now; bindings of nodes no longer there are dropped.
+        Replies whose client id is not a positive integer pass unbound: ``Server.step`` refuses them.
+        """
+        if connected is not None:
+            alive = set(connected)
+            self.client_of = {n: c for n, c in self.client_of.items() if n in alive}
+        node_of = {c: n for n, c in self.client_of.items()}
+        claims: dict[int, set[int]] = {}
+        for reply in replies:
+            if _client_id(reply) is not None:
+                claims.setdefault(_client_id(reply), set()).add(reply.node_id)
+        admitted, refused = [], {}
+        for reply in replies:
+            client, node = _client_id(reply), reply.node_id
+            why = None
+            if client is None:
+                pass
+            elif node in self.client_of and self.client_of[node] != client:
+                why = f"speaks for client {self.client_of[node]}, but this reply claims client {client}"
+            elif client in node_of and node_of[client] != node:
+                why = f"claims client {client}, which node {node_of[client]} speaks for: refused as an impostor"
+            elif client not in node_of and len(claims[client]) > 1:
+                why = (f"claims client {client}, as do nodes {sorted(n for n in claims[client] if n != node)} "
+                       "in the same round, and none of them is bound to it yet: all are refused")
+            if why:
+                refused[f"node {node}"] = f"node {node}: {why}"
+            else:
+                admitted.append(reply)
+        for reply in admitted:
+            if _client_id(reply) is not None and reply.node_id not in self.client_of:
+                self.client_of[reply.node_id] = _client_id(reply)
+        return admitted, refused
+
+
+def _client_id(reply: Reply) -> int | None:
+    """The reply's client id if it is a positive integer (else None: ``Server.step`` refuses it)."""
+    value = reply.client_id
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 10**9:
+        return None
+    return int(value)
 
 
 # --- the ServerApp: talking to the Grid --------------------------------------------------------
@@ -620,6 +687,7 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     from fedmnist.data import load_partition
     from fedmnist.evaluation import evaluate
     from fedmnist.exchange import global_path, make_global, save_global
+    from fedmnist.federation_files import checked_test_file
     from fedmnist.io import OutputSet, check_writable_dir
     from fedmnist.model import initial_weights, weights_sha256
     from fedmnist.plots import method_label
@@ -628,7 +696,7 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     config.check_server()
     out = Path(config.output_dir)
     check_writable_dir(out, "output-dir")
-    x_test, y_test = load_partition(config.test_file)
+    x_test, y_test = load_partition(checked_test_file(config.test_file))
     evaluator = ClientTrainer(config.optimizer, config.learning_rate, config.momentum, model_seed=config.seed)
     method = build_method(config.method, config.method_config)
     weights = initial_weights(config.seed)
@@ -648,6 +716,7 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         "software": outputs.software(),
     })
     save_global(global_path(out, 0), make_global(weights, 0, "init", config.seed))
+    identities = NodeIdentities()
     title = (f"Flower, {method_label(config.method)}: E={config.local_epochs}, B={config.batch_size}, "
              f"C={config.fraction_train:g}")
 
@@ -685,10 +754,11 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
         t0 = time.perf_counter()
         replies = collect_replies(grid, messages, config.round_timeout, with_control=control is not None)
         train_seconds = time.perf_counter() - t0
-        failures = replies.failures(config.round_timeout)
+        admitted, impostors = identities.admit(replies.ok, node_ids)
+        failures = {**replies.failures(config.round_timeout), **impostors}
         for node, why in failures.items():
             log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
-        ok = sorted(replies.ok, key=lambda r: int(r.source.split()[1]))
+        ok = sorted(admitted, key=lambda r: r.node_id)
         step = server.step(round_, method.name, ok, sampled_nodes=sampled, failed=failures,
                            min_replies=config.min_train_nodes, train_seconds=train_seconds, round_started=started)
         for why in step.rejected.values():

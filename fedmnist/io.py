@@ -12,13 +12,18 @@
   process id is in the name; this process's own files are told apart by a registry of live ones).
 * ``check_writable_dir``: a clear error, before any computation, for an output path that is a file,
   cannot be created or cannot be written.
-* ``read_capped``: a regular file's bytes, refused beyond a size limit before reading.
+* ``open_regular``: the one door every reader goes through: a path is opened only if it names a regular
+  file (checked before opening, so a FIFO or a link to a device is never opened; checked again on the
+  descriptor), and the handle it returns reads at most a size limit. ``read_capped``, ``read_text_capped``
+  and ``sha256_file`` are built on it.
+* ``quote``: a piece of text (a file name, a name read from a file) for a one-line, bounded error message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -30,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from fedmnist.errors import ConfigError, FedMnistError
+from fedmnist.errors import ConfigError, FedMnistError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,18 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` (a full disk, a read-only destination) into a one-line
+    ``WriteError`` naming it; the writers below have already removed their temporary files."""
+    try:
+        yield
+    except FedMnistError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write the file ({_reason(exc)}); nothing was written") from exc
+
+
 # --- single files -------------------------------------------------------------------------------
 
 
@@ -129,21 +146,22 @@ def _fsync_file(path: str | Path) -> None:
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp, token = _create_temp(path, ".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        _release(token)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp, token = _create_temp(path, ".tmp")
+        try:
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            _release(token)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -161,28 +179,134 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path for libraries that insist on writing by name (Keras, matplotlib)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp, token = _create_temp(path, suffix or path.suffix)
-    os.close(fd)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp, token = _create_temp(path, suffix or path.suffix)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            _release(token)
+
+
+def quote(text: object, limit: int = 80) -> str:
+    """``text`` for an error message: one line (control and unprintable characters escaped), at most ``limit`` long."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text)[:limit + 1])
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+class _CappedReader(io.RawIOBase):
+    """A read-only binary stream over a descriptor that never reads past offset ``limit``.
+
+    The file's size was checked against ``limit`` before; reading past it means the file grew meanwhile,
+    which raises ``fail()``, so a file that keeps growing cannot make a reader run for ever.
+    """
+
+    def __init__(self, fd: int, limit: int, fail: Callable[[], FedMnistError]) -> None:
+        self._fd, self._limit, self._fail = fd, limit, fail
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        position = os.lseek(self._fd, 0, os.SEEK_CUR)
+        want = min(len(view), self._limit + 1 - position)
+        if want <= 0:
+            raise self._fail()
+        data = os.read(self._fd, want)
+        if position + len(data) > self._limit:
+            raise self._fail()
+        view[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self._fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def open_regular(path: str | Path, max_bytes: int, what: str, *, error: type[FedMnistError]) -> IO[bytes]:
+    """A binary handle on the regular file ``path``, refused with ``error`` unless it is one of at most ``max_bytes``.
+
+    The path is checked with ``stat`` before it is opened, so a FIFO, a socket or a (link to a) device is
+    refused without opening it (opening a FIFO blocks, a device may be endless); the descriptor is opened
+    non-blocking and checked again with ``fstat`` (a file swapped in between), and the handle refuses to read
+    beyond ``max_bytes`` even if the file grows. Messages name the file and the problem, never its contents.
+    """
+    path = Path(path)
     try:
-        yield Path(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: cannot read the {what} ({_reason(exc)})") from None
+    _require_regular(path, info, max_bytes, what, error)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({_reason(exc)})") from None
+    try:
+        _require_regular(path, os.fstat(fd), max_bytes, what, error)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return io.BufferedReader(_CappedReader(fd, max_bytes, lambda: error(
+            f"{path}: the {what} grew past the {max_bytes:,} bytes allowed while being read")))
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(fd)
         raise
-    finally:
-        _release(token)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+def _reason(exc: BaseException) -> str:
+    return quote(getattr(exc, "strerror", None) or type(exc).__name__)
+
+
+def _require_regular(path: Path, info: os.stat_result, max_bytes: int, what: str,
+                     error: type[FedMnistError]) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{path}: the {what} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if (
+            stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)) else "a socket" if stat.S_ISSOCK(
+            info.st_mode) else "not a regular file"
+        raise error(f"{path}: the {what} is {kind}, not a regular file; refusing to read it")
+    if info.st_size > max_bytes:
+        raise error(f"{path}: the {what} has {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
+
+
+HASH_MAX_BYTES = 1 << 30
+"""Largest file ``sha256_file`` hashes unless told otherwise (1 GiB: MNIST's npz is 11 MB)."""
+
+
+def sha256_file(path: str | Path, max_bytes: int = HASH_MAX_BYTES, what: str = "file", *,
+                error: type[FedMnistError] = FedMnistError) -> str:
+    """Hex sha256 of a regular file's bytes, read through ``open_regular`` (so never a FIFO or a device)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    with open_regular(path, max_bytes, what, error=error) as handle:
+        try:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        except OSError as exc:
+            raise error(f"{path}: cannot read the {what} ({_reason(exc)})") from None
     return digest.hexdigest()
 
 
@@ -190,37 +314,22 @@ def read_capped(path: str | Path, max_bytes: int, what: str, *, error: type[FedM
     """The bytes of the regular file ``path``, refused with ``error`` if it holds more than ``max_bytes``.
 
     The size is checked before reading, and the read stops one byte past the limit in case the file
-    grows meanwhile. FIFOs and devices (``/dev/zero``) are refused without blocking on them.
+    grows meanwhile. FIFOs and devices (``/dev/zero``) are refused without opening them (``open_regular``).
     """
-    path = Path(path)
+    with open_regular(path, max_bytes, what, error=error) as handle:
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise error(f"{path}: cannot read the {what} ({_reason(exc)})") from None
+
+
+def read_text_capped(path: str | Path, max_bytes: int, what: str, *, error: type[FedMnistError]) -> str:
+    """The UTF-8 text of the regular file ``path`` (``read_capped``), refused with ``error`` if not UTF-8."""
+    data = read_capped(path, max_bytes, what, error=error)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise error(f"{path}: the {what} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{path}: the {what} is not a regular file")
-        if info.st_size > max_bytes:
-            raise error(f"{path}: the {what} has {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_bytes:
-            raise error(f"{path}: the {what} grew past the {max_bytes:,} bytes allowed while being read")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: the {what} is not UTF-8 text") from None
 
 
 # --- output directories ---------------------------------------------------------------------------
@@ -372,27 +481,29 @@ class OutputSet:
     @contextlib.contextmanager
     def open_file(self, name: str, mode: str = "wb") -> Iterator[IO]:
         """A handle on output ``name``'s temporary file (dropped from the set if the block fails)."""
-        fd, _ = self._new_temp(name)
-        try:
-            with os.fdopen(fd, mode) as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            self._drop(_check_name(name))
-            raise
+        with _writing(self.path(name)):
+            fd, _ = self._new_temp(name)
+            try:
+                with os.fdopen(fd, mode) as handle:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except BaseException:
+                self._drop(_check_name(name))
+                raise
         self._written()
 
     @contextlib.contextmanager
     def temp_path(self, name: str) -> Iterator[Path]:
         """A temporary path, with ``name``'s suffix, for libraries that write by name (Keras, matplotlib)."""
-        fd, tmp = self._new_temp(name)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-        except BaseException:
-            self._drop(_check_name(name))
-            raise
+        with _writing(self.path(name)):
+            fd, tmp = self._new_temp(name)
+            os.close(fd)
+            try:
+                yield Path(tmp)
+            except BaseException:
+                self._drop(_check_name(name))
+                raise
         self._written()
 
     def discard(self, name: str) -> None:
@@ -414,7 +525,8 @@ class OutputSet:
             self._finish("committed")
             return {}
         try:
-            journal_path, journal = self._write_journal()
+            with _writing(self.out_dir / "fedmnist-journal"):
+                journal_path, journal = self._write_journal()
         except BaseException:
             self.abort()
             raise

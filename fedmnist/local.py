@@ -8,6 +8,7 @@ same four files (``modelo_local_cliente_N.h5``, ``pesos_cliente_N.pkl``,
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from fedmnist.exchange import (
     save_update,
     update_path,
 )
-from fedmnist.federation_files import read_manifest
-from fedmnist.io import OutputSet, check_writable_dir, sha256_file
+from fedmnist.federation_files import check_file_hash, checked_test_file, read_manifest
+from fedmnist.io import OutputSet, check_writable_dir
 from fedmnist.model import DEFAULT_SEED, initial_weights, model_fingerprint, save_keras_model
 from fedmnist.seeds import training_seed, validation_seed
 from fedmnist.training import (
@@ -92,7 +93,7 @@ def starting_point(global_weights: str | Path | None, round_: int | None, seed: 
 def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
     """Path of the client's partition, checked against the federation manifest when there is one."""
     path = client_file(data_dir, client_id)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise DataError(
             f"{path}: partition file not found; run split_data.py first or check CLIENT_ID/--client "
             f"({client_id}) and DATA_DIR/--data-dir ({data_dir})"
@@ -106,8 +107,7 @@ def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
                 f"{path}: client {client_id} is not in the federation manifest "
                 f"({len(entries)} clients: 1..{len(entries)})"
             )
-        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-            raise DataError(f"{path}: contents differ from the manifest's sha256: the file was changed or corrupted")
+        check_file_hash(path, entry.get("sha256"), "partition file")
     return path
 
 
@@ -267,10 +267,7 @@ def run_local_training(
     check_writable_dir(out_dir, "--out directory")
     started = time.perf_counter()
     x, y = load_partition(check_partition_file(data_dir, client_id))
-    test_path = common_test_file(data_dir)
-    if not test_path.exists():
-        raise DataError(f"{test_path}: common test set not found; run split_data.py first")
-    x_test, y_test = load_partition(test_path)
+    x_test, y_test = load_partition(checked_test_file(common_test_file(data_dir)))
     start = starting_point(global_weights, round_, config.seed)
     controls = member_controls(start, client_id, config, control_path(out_dir, client_id), scaffold, dp_clip)
 

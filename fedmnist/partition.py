@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmnist.config import DEFAULT_SEED, check_int
+from fedmnist.config import DEFAULT_SEED, check_int, check_seed
 from fedmnist.data import NUM_CLASSES
 from fedmnist.errors import ConfigError
 from fedmnist.settings import SETTINGS, default
@@ -32,6 +32,7 @@ class PartitionConfig:
 
     def validate(self, num_examples: int) -> None:
         """Raise ConfigError for arguments that cannot give a valid partition of ``num_examples``."""
+        check_seed(self.seed, "the partition seed")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown partition scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
         check_int(self.num_clients, "the number of clients", 1)

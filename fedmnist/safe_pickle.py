@@ -17,8 +17,14 @@ whose dispatch table can be checked opcode by opcode) under ``PickleLimits``:
 * only numpy's array/dtype/scalar constructors and latin-1 ``_codecs.encode`` can be called, each
   wrapped so that a declared size is compared with the remaining byte budget (``max_bytes`` again)
   *before* anything is allocated; object and structured dtypes are refused;
-* at most ``max_nodes`` opcodes run (every object the file creates costs at least one); dict keys and
-  set members must be flat values (no tuples), and integers are at most ``MAX_INT_BITS`` long;
+* at most ``max_nodes`` opcodes run (every object the file creates costs at least one), and integers
+  are at most ``MAX_INT_BITS`` long;
+* hashing stays linear: dict keys must be strings (whose hash Python randomises per process) or integers
+  below ``MAX_KEY_INT`` in size (which hash to themselves, so no two collide), memo indices are bounded
+  alike, and sets are refused (the project's files hold none): integers chosen to share one hash, as set
+  members or dict keys, would otherwise cost quadratic time before any limit is reached;
+* every array built by numpy's reconstructor must receive its data (its state) before the end: an array
+  left without it would be uninitialised memory, bytes of the reader's own heap;
 * the result is walked once per distinct object (a visited-id map), refusing cycles, nesting deeper
   than ``max_depth`` and trees whose size with every shared reference expanded exceeds ``max_nodes``,
   so code that later treats the data as a tree (``json.dumps``, recursion over metrics) is bounded too.
@@ -39,10 +45,13 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.errors import UpdateFileError
-from fedmnist.io import read_capped
+from fedmnist.io import quote, read_capped
 
 MAX_INT_BITS = 4096
 """Longest integer a weights file may hold (about 1,233 digits): longer ones only serve to slow hashing."""
+MAX_KEY_INT = 1 << 31
+"""Integer dict keys (a checkpoint's client ids) and memo indices must be below this in absolute value:
+such integers hash to themselves (-1 aside), so no crafted set of them can share a hash."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,6 @@ class RefusedPickle(pickle.UnpicklingError):
 # --- the restricted unpickler ---------------------------------------------------------------------
 
 _DTYPE_KINDS = frozenset("biufcSUmM")  # numbers, bytes/str and dates: never objects ('O') or records ('V')
-_ATOMS = (str, bytes, int, float, complex, bool, type(None))
 _LATIN1 = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
 _ORDERS = frozenset({"C", "F", "A", "K"})
 
@@ -191,8 +199,8 @@ class _Unpickler(pickle._Unpickler):
             return self._globals[(module, name)]
         except KeyError:
             raise RefusedPickle(
-                f"refusing to load '{module}.{name}': only numpy arrays and builtin containers are "
-                "allowed in a weights file"
+                f"refusing to load '{quote(module, 60)}.{quote(name, 60)}': only numpy arrays and builtin "
+                "containers are allowed in a weights file"
             ) from None
 
     def persistent_load(self, pid):
@@ -283,15 +291,39 @@ class _Unpickler(pickle._Unpickler):
         super().load_long4()
         self._check_int()
 
-    # containers: only lists grow by APPEND, dicts by SETITEM, sets by ADDITEMS; keys must be flat ----
+    # the memo: indices bounded, so a crafted set of colliding integers cannot slow its dict ---------
+
+    @staticmethod
+    def _memo_index(line: bytes) -> int:
+        if len(line) > 12:
+            raise RefusedPickle(f"memo index outside 0..{MAX_KEY_INT - 1} (more than 11 digits)")
+        index = int(line)
+        if not 0 <= index < MAX_KEY_INT:
+            raise RefusedPickle(f"memo index outside 0..{MAX_KEY_INT - 1}")
+        return index
+
+    def load_put(self) -> None:
+        self.memo[self._memo_index(self.readline()[:-1])] = self.stack[-1]
+
+    def load_get(self) -> None:
+        index = self._memo_index(self.readline()[:-1])
+        try:
+            self.append(self.memo[index])
+        except KeyError:
+            raise pickle.UnpicklingError(f"memo value not found at index {index}") from None
+
+    # containers: lists grow by APPEND, dicts by SETITEM; keys are strings or small integers; no sets ---
 
     @staticmethod
     def _keys(items) -> None:
         for key in items:
-            if not isinstance(key, _ATOMS):
-                raise RefusedPickle(
-                    f"dict keys and set members must be numbers or strings, found {type(key).__name__}"
-                )
+            if type(key) is str:
+                continue
+            if type(key) is int and -MAX_KEY_INT < key < MAX_KEY_INT:
+                continue
+            if isinstance(key, int) and not isinstance(key, bool):
+                raise RefusedPickle(f"dict keys that are integers must be smaller than {MAX_KEY_INT:,} in size")
+            raise RefusedPickle(f"dict keys must be strings or small integers, found {type(key).__name__}")
 
     def _top(self, kind: type):
         obj = self.stack[-1]
@@ -329,15 +361,10 @@ class _Unpickler(pickle._Unpickler):
         self._keys(items[::2])
         self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
 
-    def load_additems(self) -> None:
-        items = self.pop_mark()
-        self._keys(items)
-        self._top(set).update(items)
+    def _refuse_set(self) -> None:
+        raise RefusedPickle("sets are not allowed in a weights file (the project's files hold none)")
 
-    def load_frozenset(self) -> None:
-        items = self.pop_mark()
-        self._keys(items)
-        self.append(frozenset(items))
+    load_empty_set = load_additems = load_frozenset = _refuse_set
 
     # the main loop: as pickle._Unpickler.load, counting opcodes ---------------------------------------
 
@@ -365,6 +392,11 @@ class _Unpickler(pickle._Unpickler):
                     raise pickle.UnpicklingError(f"invalid load key {key!r}")
                 handler(self)
         except pickle._Stop as stop:
+            if self._pending_arrays:
+                raise RefusedPickle(
+                    f"{len(self._pending_arrays)} array(s) built without their data (they would hold "
+                    "uninitialised memory)"
+                ) from None
             return stop.value
 
 
@@ -446,12 +478,7 @@ def load_pickle(path: str | Path, limits: PickleLimits):
     except RefusedPickle as exc:
         raise UpdateFileError(f"{path}: unsafe or invalid pickle: {exc}") from None
     except Exception as exc:  # anything else a hostile or damaged stream raises inside the unpickler
-        raise UpdateFileError(
-            f"{path}: truncated or corrupted pickle ({type(exc).__name__}: {_short(exc)})"
-        ) from None
+        # only the exception's type: its message may quote the file's bytes (int(b'USER=...') on a link
+        # to /proc/self/environ), and a file's contents never reach an error message
+        raise UpdateFileError(f"{path}: truncated or corrupted pickle ({type(exc).__name__})") from None
     return obj
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc)
-    return text if len(text) <= 200 else text[:200] + "…"

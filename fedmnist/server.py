@@ -52,7 +52,8 @@ class Reply:
     ``source`` names where it came from (a file path, ``node 123``, ``client 4``) for messages.
     ``start_sha256`` is the hash of the global weights the client says it trained from; None only for
     bare legacy files, which cannot say (accepted with a warning). ``control_delta`` is SCAFFOLD's
-    ``Δc_i`` (None for the other methods), checked like the weights.
+    ``Δc_i`` (None for the other methods), checked like the weights. ``node_id`` is the Flower node that
+    sent it, as the SuperLink knows it (None in the other modes): what a client id is bound to.
     """
 
     client_id: int
@@ -64,6 +65,7 @@ class Reply:
     mu: float = 0.0
     metrics: dict = field(default_factory=dict)
     control_delta: list[np.ndarray] | None = None
+    node_id: int | None = None
 
     @property
     def label(self) -> str:
@@ -281,10 +283,12 @@ class Server:
     def validate(self, replies: Sequence[Reply], start_sha256: str) -> tuple[list[Reply], dict[str, str], list[str]]:
         """Split ``replies`` into accepted and rejected (label -> reason), with warnings.
 
-        A reply shared by several methods with the same start is checked once per round.
+        A reply shared by several methods with the same start is checked once per round. A client id
+        claimed by several valid replies is refused in all of them: which one is genuine cannot be told
+        here, and keeping the first would let whoever sorts first win (Flower binds ids to nodes first).
         """
         accepted, rejected, warnings = [], {}, []
-        seen: dict[int, str] = {}
+        valid: list[tuple[Reply, list[str]]] = []
         for reply in replies:
             key = (id(reply), start_sha256)  # the cache holds the reply, so its id cannot be reused
             if key not in self._checked:
@@ -295,12 +299,18 @@ class Server:
             outcome = self._checked[key][1]
             if isinstance(outcome, str):
                 rejected[reply.label] = outcome
+            else:
+                valid.append((reply, outcome))
+        sources: dict[int, list[str]] = {}
+        for reply, _ in valid:
+            sources.setdefault(int(reply.client_id), []).append(reply.source)
+        for reply, outcome in valid:
+            claimants = sources[int(reply.client_id)]
+            if len(claimants) > 1:
+                others = ", ".join(s for s in claimants if s != reply.source) or reply.source
+                rejected[reply.label] = (f"{reply.label}: client id {reply.client_id} appears twice (also in "
+                                         f"{others}); every reply claiming it is refused")
                 continue
-            if reply.client_id in seen:
-                rejected[reply.label] = (f"{reply.label}: client id {reply.client_id} appears twice "
-                                         f"(also in {seen[reply.client_id]})")
-                continue
-            seen[reply.client_id] = reply.source
             accepted.append(reply)
             warnings.extend(outcome)
         return accepted, rejected, warnings

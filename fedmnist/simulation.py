@@ -34,8 +34,9 @@ import numpy as np
 
 from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_malicious
 from fedmnist.config import DEFAULT_SEED, TrainingConfig, _is_int, _need
+from fedmnist.errors import FedMnistError
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
-from fedmnist.io import OutputSet
+from fedmnist.io import OutputSet, read_text_capped
 from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods, with_privacy
 from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, sample_positions, training_seed
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
@@ -653,12 +654,10 @@ SUMMARY_MAX_BYTES = 1 << 20
 def _previous_summary(path: Path) -> dict | None:
     """``resumed_from_round`` and ``seconds`` of the summary an earlier run of this directory wrote,
     or None when it is missing or not one (then the resumed run's own values are written)."""
-    try:
-        if path.stat().st_size > SUMMARY_MAX_BYTES:
-            return None
-        summary = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a FIFO or a device left in its place is ignored unread (read_text_capped refuses it)
+        summary = json.loads(read_text_capped(path, SUMMARY_MAX_BYTES, "previous summary", error=FedMnistError))
         fields = {"resumed_from_round": summary["resumed_from_round"], "seconds": summary["seconds"]}
-    except (OSError, ValueError, TypeError, KeyError):
+    except (FedMnistError, ValueError, TypeError, KeyError, RecursionError):
         return None
     if not (isinstance(fields["resumed_from_round"], int) and not isinstance(fields["resumed_from_round"], bool)
             and isinstance(fields["seconds"], (int, float)) and not isinstance(fields["seconds"], bool)):

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fedmnist.config import OPTIMIZERS, TrainingConfig
+from fedmnist.config import OPTIMIZERS, TrainingConfig, check_seed
 from fedmnist.errors import ConfigError
 from fedmnist.model import DEFAULT_SEED, Weights, build_model, weights_mismatch
 from fedmnist.settings import MEMBER_PROXIMAL_MU, default
@@ -47,6 +47,7 @@ class TrainConfig(TrainingConfig):
     def validate(self) -> None:
         """Raise ConfigError for values training cannot use (the shared fields via ``TrainingConfig``)."""
         super().validate()
+        check_seed(self.seed)
         if not (isinstance(self.mu, (int, float)) and self.mu >= 0 and np.isfinite(self.mu)):
             raise ConfigError(f"the FedProx coefficient mu must be >= 0 (got {self.mu})")
         if not 0 <= self.validation_split < 1:

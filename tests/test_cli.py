@@ -306,3 +306,146 @@ def test_train_scaffold_with_the_default_adam_is_refused_clearly(small_federatio
     assert "SCAFFOLD needs plain SGD as the local optimizer, not 'adam'" in err
     assert "Traceback" not in err
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+# --- the CLI boundary: one line, exit 2, nothing written ----------------------------------------------
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2 and exactly one ``error:`` line on stderr naming what went wrong, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def test_special_file_in_place_of_the_partition_does_not_hang_train(tmp_path, small_federation):
+    import shutil
+
+    # Prepare: a FIFO where the member's cliente_1.npz should be (hashing it used to block for ever)
+    data_dir, out_dir = tmp_path / "datos", tmp_path / "salida"
+    shutil.copytree(small_federation, data_dir)
+    (data_dir / "cliente_1.npz").unlink()
+    os.mkfifo(data_dir / "cliente_1.npz")
+
+    # Execute
+    proc = run_cli("-m", "fedmnist.cli", "train", "--client", "1", "--data-dir", data_dir, "--epochs", "1",
+                   "--out", out_dir)
+
+    # Assert
+    assert_one_line_error(proc.returncode, proc.stderr, str(data_dir / "cliente_1.npz"), "is a FIFO")
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["split", "init"])
+def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys, mnist_path, command):
+    from fedmnist.cli import main
+
+    # Prepare
+    out_file = tmp_path / "salida"
+    out_file.write_text("not a directory")
+    extra = ["--data", str(mnist_path)] if command == "split" else []
+
+    # Execute
+    code = main([command, *extra, "--out", str(out_file)])
+
+    # Assert
+    assert_one_line_error(code, capsys.readouterr().err, str(out_file), "is a file, not a directory")
+    assert out_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("command", ["split", "init", "train", "simulate", "aggregation-script"])
+def test_negative_seed_is_one_line(tmp_path, capsys, mnist_path, small_federation, command):
+    from fedmnist.cli import main, main_aggregation
+
+    # Prepare
+    out_dir = tmp_path / "salida"
+    extra = {"split": ["--data", str(mnist_path)], "init": [],
+             "train": ["--client", "1", "--data-dir", str(small_federation), "--epochs", "1"],
+             "simulate": ["--clients", "3", "--rounds", "1", "--data", str(mnist_path)],
+             "aggregation-script": ["--weights-dir", str(tmp_path), "--data-dir", str(small_federation)]}[command]
+
+    # Execute
+    if command == "aggregation-script":  # global_aggregation.py: --seed rebuilds round 0's weights
+        code = main_aggregation([*extra, "--seed", "-1", "--out", str(out_dir)])
+    else:
+        code = main([command, *extra, "--seed", "-1", "--out", str(out_dir)])
+
+    # Assert
+    assert_one_line_error(code, capsys.readouterr().err, "seed must be an integer >= 0 (got -1)")
+    assert not out_dir.exists()
+
+
+def disk_full(monkeypatch) -> None:
+    """Every new output file fails with ENOSPC, as on a full disk (the write probe of ``check_writable_dir``
+    still succeeds: the disk fills up during the run)."""
+    import errno
+
+    from fedmnist import io
+
+    real = io._create_temp
+
+    def create_temp(path, suffix, directory=None):
+        if Path(path).name == "probe":
+            return real(path, suffix, directory)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(io, "_create_temp", create_temp)
+
+
+@pytest.mark.parametrize("command", ["aggregate", "train", "simulate"])
+def test_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, small_federation, mnist_path,
+                                                  command):
+    from fedmnist.cli import main
+
+    # Prepare
+    out_dir = tmp_path / "salida"
+    out_dir.mkdir()
+    if command == "aggregate":
+        weights_dir = tmp_path / "pesos"
+        start = make_global(initial_weights(), 0, "init", 42)
+        save_global(global_path(weights_dir, 0), start)
+        members_updates(weights_dir, small_federation, start)
+        args = ["aggregate", "--weights-dir", str(weights_dir), "--data-dir", str(small_federation),
+                "--methods", "fedavg"]
+    elif command == "train":
+        args = ["train", "--client", "1", "--data-dir", str(small_federation), "--epochs", "1"]
+    else:
+        args = ["simulate", "--clients", "3", "--rounds", "1", "--methods", "fedavg", "--local-epochs", "1",
+                "--train-subset", "300", "--test-subset", "100", "--quiet", "--data", str(mnist_path)]
+    disk_full(monkeypatch)
+
+    # Execute
+    code = main([*args, "--out", str(out_dir)])
+
+    # Assert
+    assert_one_line_error(code, capsys.readouterr().err, str(out_dir), "No space left on device")
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["init", "split"])
+def test_read_only_destination_is_one_line(tmp_path, capsys, monkeypatch, mnist_path, command):
+    import errno
+
+    from fedmnist import io
+    from fedmnist.cli import main
+
+    # Prepare: every file created in the destination fails as on a read-only mount (chmod cannot
+    # show it to root)
+    out_dir = tmp_path / "salida"
+    out_dir.mkdir()
+
+    def read_only(path, suffix, directory=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(io, "_create_temp", read_only)
+    extra = ["--data", str(mnist_path)] if command == "split" else []
+
+    # Execute
+    code = main([command, *extra, "--out", str(out_dir)])
+
+    # Assert
+    assert_one_line_error(code, capsys.readouterr().err, str(out_dir), "not writable (Read-only file system)")
+    assert list(out_dir.iterdir()) == []

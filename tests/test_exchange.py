@@ -418,6 +418,25 @@ def test_find_updates_sorts_numerically(tmp_path):
                                        "pesos_cliente_3.pkl", "pesos_cliente_10.pkl"]
 
 
+def test_find_updates_names_files_whose_names_do_not_parse_as_a_client(tmp_path, caplog):
+    # Prepare: a ten-digit id, a newline in the name, a leading zero, a non-ASCII digit
+    odd = ["pesos_cliente_1234567890.pkl", "pesos_cliente_2\n.pkl", "pesos_cliente_03.pkl", "pesos_cliente_\u0664.pkl"]
+    for name in ["pesos_cliente_1.pkl", *odd]:
+        (tmp_path / name).write_bytes(b"")
+
+    # Execute
+    with caplog.at_level("WARNING", logger="fedmnist.exchange"):
+        found = find_updates(tmp_path)
+
+    # Assert: only the well-named update is read; every other one is named, one escaped line each
+    assert [p.name for p in found] == ["pesos_cliente_1.pkl"]
+    warnings = [r.getMessage() for r in caplog.records if "does not parse as a client update" in r.getMessage()]
+    assert len(warnings) == len(odd) and all("\n" not in w for w in warnings)
+    for name in ["pesos_cliente_1234567890.pkl", "pesos_cliente_2\\n.pkl", "pesos_cliente_03.pkl",
+                 "pesos_cliente_\u0664.pkl"]:
+        assert any(name in w for w in warnings), (name, warnings)
+
+
 def test_find_updates_empty_directory(tmp_path):
     # Execute / Assert
     assert find_updates(tmp_path) == []

@@ -543,6 +543,8 @@ def _spoiled(answer, spoil: str):
             metrics["num-examples"] = 1e300
         elif spoil == "count-lie":
             metrics["num-examples"] = 10**12
+        elif spoil == "claim-client-1":
+            metrics["client-id"] = 1
         elif spoil == "delta-missing":
             delta = None
         elif spoil == "delta-nan":
@@ -578,6 +580,79 @@ def test_a_bad_reply_fails_its_node_and_the_round_goes_on(spoil, small_federatio
     assert np.isfinite(row.test_loss)
     saved = json.loads((tmp_path / "metricas_por_ronda.json").read_text())["rounds"][0]
     assert saved["failed"] == row.failed
+
+
+# --- identity: a client id is bound to the node that first spoke for it ------------------------------
+
+
+def _claim(node_id: int, client_id) -> object:
+    from fedmnist.server import Reply
+
+    return Reply(client_id, [np.zeros(1, np.float32)], 10, f"node {node_id}", "x", node_id=node_id)
+
+
+@pytest.mark.parametrize("order", ["honest-first", "impostor-first"])
+def test_node_claiming_another_nodes_client_id_is_refused_in_any_order(order):
+    from fedmnist.flower_app import NodeIdentities
+
+    # Prepare: nodes 10 and 20 speak for clients 1 and 2 in round 1
+    identities = NodeIdentities()
+    admitted, refused = identities.admit([_claim(10, 1), _claim(20, 2)], [10, 20, 5])
+    assert [r.node_id for r in admitted] == [10, 20] and refused == {}
+
+    # Execute: round 2, node 5 (a lower id: it sorts first) claims client 1 too
+    replies = [_claim(10, 1), _claim(20, 2), _claim(5, 1)]
+    admitted, refused = identities.admit(replies if order == "honest-first" else replies[::-1], [10, 20, 5])
+
+    # Assert: the honest node's reply is kept, the impostor's refused by name
+    assert sorted(r.node_id for r in admitted) == [10, 20]
+    assert list(refused) == ["node 5"] and "node 10 speaks for" in refused["node 5"]
+
+
+def test_node_switching_client_and_simultaneous_first_claims_are_refused():
+    from fedmnist.flower_app import NodeIdentities
+
+    identities = NodeIdentities()
+    identities.admit([_claim(10, 1)])
+
+    # a bound node claiming another client is refused; two new nodes claiming one new id: both refused
+    admitted, refused = identities.admit([_claim(10, 2), _claim(30, 3), _claim(40, 3)])
+    assert admitted == [] and set(refused) == {"node 10", "node 30", "node 40"}
+    assert "speaks for client 1" in refused["node 10"] and "none of them is bound" in refused["node 30"]
+    assert identities.client_of == {10: 1}
+
+    # once node 10 has left the SuperLink, its client id is free again
+    admitted, refused = identities.admit([_claim(50, 1)], connected=[50])
+    assert [r.node_id for r in admitted] == [50] and identities.client_of == {50: 1}
+
+
+def test_an_impostor_node_is_refused_and_the_honest_reply_kept(small_federation, tmp_path):
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.flower_app import run_server
+
+    # Prepare: nodes 101..103 are clients 1..3; node 50 (sorting first) is lost in round 1, then trains on
+    # client 3's data and claims client 1's id
+    _train_message(initial_weights(SEED), 1, 0.0)  # task identity
+    config = FlowerRunConfig(num_server_rounds=2, local_epochs=1, batch_size=32, optimizer="adam",
+                             learning_rate=1e-3, momentum=0.0, min_train_nodes=2, seed=SEED,
+                             output_dir=str(tmp_path), test_file=str(common_test_file(small_federation)),
+                             round_timeout=30.0, wait_nodes_timeout=5.0)
+    nodes = {100 + k: _client_node(client_file(small_federation, k), config) for k in (1, 2, 3)}
+    impostor, calls = _spoiled(_client_node(client_file(small_federation, 3), config), "claim-client-1"), []
+
+    def lost_then_impostor(message):
+        calls.append(message)
+        return _lost_node(message) if len(calls) == 1 else impostor(message)
+
+    nodes[50] = lost_then_impostor
+
+    # Execute
+    history = run_server(FakeGrid(nodes), config)
+
+    # Assert
+    assert [(h.round, h.replied_clients) for h in history] == [(1, [1, 2, 3]), (2, [1, 2, 3])]
+    assert history[1].failed == ["node 50: node 50: claims client 1, which node 101 speaks for: refused as an "
+                                 "impostor"]
 
 
 def _scaffold_config(**overrides) -> FlowerRunConfig:

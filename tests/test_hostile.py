@@ -39,8 +39,8 @@ exec(warm, scope)
 
 def run():
     try:
-        eval(expression, scope)
-        return "loaded", ""
+        value = eval(expression, scope)
+        return "loaded", repr(value)[:200]
     except FedMnistError as exc:
         return "refused", str(exc)
 
@@ -65,13 +65,16 @@ LOAD_MNIST = "fedmnist.data.load_raw_mnist(path)"
 READ_MANIFEST = "fedmnist.federation_files.read_manifest(path)"
 
 
-def probe(expression: str, path, warm: str = "pass", timeout: float = 60, traced: bool = True) -> dict:
+def probe(expression: str, path, warm: str = "pass", timeout: float = 60, traced: bool = True,
+          first_env: dict[str, str] | None = None) -> dict:
     """Run ``expression`` on ``path`` in a fresh process; its outcome, message, seconds and memory.
 
     ``traced=False`` skips the second run under ``tracemalloc`` (``peak`` is then None) for loads of
     millions of operations, which tracemalloc slows down several times; ``rss_growth`` still bounds them.
+    ``first_env`` opens the process's environment (what ``/proc/self/environ`` starts with).
     """
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(first_env or {})
+    env.update(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", PROBE, expression, str(path), warm, "1" if traced else "0"], check=False,
                           capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO)
@@ -164,10 +167,53 @@ def encode_amplification() -> bytes:
     return pickle.dumps([Reduce(codecs.encode, (text, "latin1")) for _ in range(1000)], protocol=4)
 
 
+MERSENNE_61 = 2**61 - 1
+"""Python hashes an integer modulo this prime: k * MERSENNE_61 hashes to 0 for every k."""
+
+
+def long1(value: int) -> bytes:
+    """The LONG1 opcode pushing ``value``."""
+    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
+def colliding_ints(count: int) -> list[int]:
+    """``count`` distinct integers with one hash: as set members or dict keys, each insertion compares
+    with every earlier one, so the container costs count**2 / 2 comparisons."""
+    return [k * MERSENNE_61 for k in range(1, count + 1)]
+
+
+def colliding_dict(count: int) -> bytes:
+    """{k * (2**61 - 1): None, ...} written opcode by opcode (EMPTY_DICT, MARK, key/value pairs, SETITEMS)."""
+    return b"\x80\x04}(" + b"".join(long1(k) + b"N" for k in colliding_ints(count)) + b"u."
+
+
+def colliding_set(count: int, frozen: bool = False) -> bytes:
+    """A set (EMPTY_SET, MARK, members, ADDITEMS) or frozenset (MARK, members, FROZENSET) of colliding ints."""
+    members = b"".join(long1(k) for k in colliding_ints(count))
+    return b"\x80\x04(" + members + b"\x91." if frozen else b"\x80\x04\x8f(" + members + b"\x90."
+
+
+def colliding_memo(count: int) -> bytes:
+    """Protocol 0: None stored under ``count`` colliding memo indices (PUT takes any decimal integer)."""
+    return b"N" + b"".join(b"p%d\n" % k for k in colliding_ints(count)) + b"."
+
+
+def array_without_data() -> bytes:
+    """An array made by numpy's reconstructor whose state (its data) never comes: uninitialised memory."""
+    return pickle.dumps([Reduce(RECONSTRUCT, (np.ndarray, (MODEL_PARAMS // 4,), b"f4"))], protocol=4)
+
+
 HOSTILE_PICKLES = {
+    "hash-collision-dict-keys": (lambda: colliding_dict(49_000), ["integers must be smaller than"]),
+    "hash-collision-set": (lambda: colliding_set(90_000), ["sets are not allowed"]),
+    "hash-collision-frozenset": (lambda: colliding_set(90_000, frozen=True), ["sets are not allowed"]),
+    "hash-collision-memo": (lambda: colliding_memo(90_000), ["memo index outside"]),
+    "float-dict-key": (lambda: pickle.dumps({0.5: 1}, protocol=4), ["dict keys must be strings or small integers"]),
+    "array-without-data": (array_without_data, ["built without their data", "uninitialised memory"]),
     "shared-lists": (lambda: shared_lists(24, 10), ["expands to more than 100,000 items"]),
     "shared-dicts": (lambda: shared_dicts(14), ["expands to more than 100,000 items"]),
-    "tuple-key-hash": (lambda: tuple_key_hash_bomb(200), ["dict keys and set members must be"]),
+    "tuple-key-hash": (lambda: tuple_key_hash_bomb(200), ["dict keys must be strings or small integers"]),
     "deep-nesting": (lambda: nested_lists(1000), ["nested more than 32 levels"]),
     "very-deep-nesting": (lambda: nested_lists(300_000), ["more than 100,000 pickle operations"]),
     "cycle": (cycle, ["refers to itself"]),
@@ -235,6 +281,55 @@ def test_every_opcode_has_a_handler_and_the_checked_ones_are_wired():
                    pickle.APPEND, pickle.BYTEARRAY8, pickle.LONG4, pickle.FROZENSET, pickle.EXT1):
         handler = table[opcode[0]]
         assert handler is getattr(_Unpickler, handler.__name__) and handler.__qualname__.startswith("_Unpickler")
+
+
+def test_hash_collision_control_the_integers_share_one_hash():
+    # Control: the crafted keys really are distinct integers with a single hash value
+    keys = colliding_ints(1000)
+    assert len(set(keys)) == 1000 and {hash(k) for k in keys} == {0}
+    assert len(colliding_memo(90_000)) > 2 * MIB  # the size of the update the issue reports
+
+
+def test_legitimate_integer_keys_and_arrays_with_data_load(tmp_path):
+    # Prepare: a checkpoint's client ids are small integer keys; arrays carry their data
+    path = tmp_path / "checkpoint.pkl"
+    path.write_bytes(pickle.dumps({"client_state": {"scaffold": {1: [np.ones(3, np.float32)], 2**31 - 1: []}}},
+                                  protocol=4))
+
+    # Execute
+    result = probe(LOAD_CHECKPOINT, path)
+
+    # Assert
+    assert result["outcome"] == "loaded", result
+
+
+def test_link_to_proc_environ_never_puts_the_environment_in_the_message(tmp_path):
+    # Prepare: /proc/self/environ reports size 0 and starts with "LEAK..." (L: the LONG opcode, whose
+    # int() error would quote the line it read)
+    secret = "s3cr3t-value-that-must-not-be-printed"
+    path = tmp_path / "pesos_cliente_1.pkl"
+    path.symlink_to("/proc/self/environ")
+
+    # Execute
+    result = probe(LOAD_UPDATE, path, first_env={"LEAK_MARKER": secret})
+
+    # Assert
+    assert_refused(result, path, "corrupted pickle")
+    assert secret not in result["message"] and "LEAK" not in result["message"]
+
+
+def test_link_to_proc_environ_as_mnist_never_puts_the_environment_in_the_message(tmp_path):
+    # Prepare
+    secret = "s3cr3t-value-that-must-not-be-printed"
+    path = tmp_path / "mnist.npz"
+    path.symlink_to("/proc/self/environ")
+
+    # Execute
+    result = probe(LOAD_MNIST, path, first_env={"LEAK_MARKER": secret})
+
+    # Assert
+    assert_refused(result, path, "MNIST file")
+    assert secret not in result["message"] and "LEAK" not in result["message"]
 
 
 def test_shared_lists_control_the_old_walk_would_not_finish():
@@ -316,6 +411,78 @@ def test_files_that_are_too_big_or_not_files(tmp_path, kind):
 
     # Assert
     assert_refused(result, path, fragment)
+
+
+# --- special files wherever the project reads: refused (or ignored) unread, never waited on ----------
+
+
+def special_file(path, kind: str) -> None:
+    """Put a FIFO (opening it for reading blocks without a writer) or a link to an endless device at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+SPECIAL_FILE_READERS = {
+    # the member's partition, hashed against particion.json before the npz reader sees it (fedmnist train)
+    "partition-hash": ("cliente_1.npz", "fedmnist.federation_files.check_file_hash(path, 'ab' * 32, 'partition file')",
+                       "import fedmnist.partition"),
+    "test-set-hash": ("test.npz", "fedmnist.federation_files.checked_test_file(path)", "import fedmnist.federation_files"),
+    "global-weights": ("pesos_globales_ronda_0.pkl", "fedmnist.exchange.load_global(path)", "import fedmnist.model"),
+    "control-file": ("control_cliente_1.pkl", "fedmnist.exchange.load_control(path, 1)", "pass"),
+    "checkpoint": ("checkpoint.pkl", LOAD_CHECKPOINT, "pass"),
+    "result-table": ("curso.csv", "fedmnist.experiments.read_csv(path)", "import fedmnist.experiments"),
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("reader", list(SPECIAL_FILE_READERS))
+def test_special_file_is_refused_unread_by_every_reader(tmp_path, reader, kind):
+    # Prepare
+    name, expression, warm = SPECIAL_FILE_READERS[reader]
+    path = tmp_path / name
+    special_file(path, kind)
+    if reader == "test-set-hash":  # a manifest that records the test set's hash
+        (tmp_path / "particion.json").write_text(json.dumps(
+            {"clients": [], "test": {"file": "test.npz", "sha256": "ab" * 32}}))
+
+    # Execute
+    result = probe(expression, path, warm=warm, timeout=60)
+
+    # Assert
+    assert_refused(result, path, "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_stale_special_summary_in_the_output_folder_is_ignored_on_resume(tmp_path, kind):
+    # Prepare: resumen.json of the previous run is a FIFO or a device (stat reports 0 bytes for both)
+    path = tmp_path / "resumen.json"
+    special_file(path, kind)
+
+    # Execute
+    result = probe("fedmnist.simulation._previous_summary(pathlib.Path(path))", path,
+                   warm="import pathlib, fedmnist.simulation", timeout=60)
+
+    # Assert: ignored, as a missing summary is (the run writes its own), quickly and unread
+    assert result["outcome"] == "loaded" and result["message"] == "None", result
+    assert result["seconds"] < 5 and result["rss_growth"] < 64 * MIB, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_stale_special_results_in_the_aggregation_folder_are_ignored(tmp_path, kind):
+    # Prepare: resultados_agregacion.json, read to find the previous run's per-method files
+    path = tmp_path / "resultados_agregacion.json"
+    special_file(path, kind)
+
+    # Execute
+    result = probe("fedmnist.aggregation._previous_outputs(pathlib.Path(path).parent)", path,
+                   warm="import pathlib, fedmnist.aggregation", timeout=120)
+
+    # Assert
+    assert result["outcome"] == "loaded" and result["message"] == "set()", result
+    assert result["seconds"] < 5, result
 
 
 # --- what an update says -----------------------------------------------------------------------------
@@ -503,7 +670,7 @@ def test_oversized_npz_is_refused_before_reading(tmp_path):
     result = probe(LOAD_MNIST, path)
 
     # Assert
-    assert_refused(result, path, "exceeds the", "-byte limit")
+    assert_refused(result, path, "bytes, more than the", "allowed")
 
 
 def test_damaged_member_crc_is_refused(tmp_path):

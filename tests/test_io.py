@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fedmnist.errors import ConfigError, FedMnistError
+from fedmnist.errors import ConfigError, FedMnistError, WriteError
 from fedmnist.io import (
     OutputSet,
     atomic_path,
@@ -20,7 +20,10 @@ from fedmnist.io import (
     atomic_write_text,
     atomic_writer,
     check_writable_dir,
+    open_regular,
+    quote,
     read_capped,
+    read_text_capped,
     recover,
     sha256_file,
 )
@@ -527,3 +530,97 @@ def test_read_capped_reads_up_to_the_limit(tmp_path):
     assert read_capped(path, 5, "file", error=FedMnistError) == b"12345"
     with pytest.raises(FedMnistError, match=r"f\.bin: the file has 5 bytes, more than the 4 allowed"):
         read_capped(path, 4, "file", error=FedMnistError)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "dev-null", "directory"])
+def test_open_regular_refuses_special_files_without_opening_them(tmp_path, monkeypatch, kind):
+    # Prepare: a FIFO (opening it would block), links to devices, a directory
+    path = tmp_path / "entrada"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if kind == "dev-zero" else "/dev/null")
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+
+    # Execute
+    with pytest.raises(FedMnistError) as excinfo:
+        open_regular(path, 1 << 20, "input", error=FedMnistError)
+
+    # Assert: refused by name and kind, and never opened
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: the input is ")
+    assert ("directory" if kind == "directory" else "not a regular file") in message
+    assert opened == []
+
+
+def test_open_regular_stops_a_file_that_grows_past_its_limit(tmp_path):
+    # Prepare: 10 bytes when checked, 30 when read
+    path = tmp_path / "creciente.bin"
+    path.write_bytes(b"x" * 10)
+
+    # Execute / Assert
+    with open_regular(path, 16, "input", error=FedMnistError) as handle:
+        with open(path, "ab") as writer:
+            writer.write(b"y" * 20)
+        with pytest.raises(FedMnistError, match="grew past the 16 bytes allowed"):
+            handle.read()
+
+
+def test_sha256_file_of_a_special_file_is_refused(tmp_path):
+    # Prepare
+    path = tmp_path / "cliente_1.npz"
+    os.mkfifo(path)
+
+    # Execute / Assert: hashing a FIFO would block for ever; it is refused at once
+    with pytest.raises(ConfigError, match="is a FIFO, not a regular file"):
+        sha256_file(path, 1 << 20, "partition file", error=ConfigError)
+
+
+def test_read_text_capped_refuses_text_that_is_not_utf8(tmp_path):
+    # Prepare
+    path = tmp_path / "resumen.json"
+    path.write_bytes(b"\xff\xfe{}")
+
+    # Execute / Assert
+    with pytest.raises(FedMnistError, match=r"resumen\.json: the summary is not UTF-8 text"):
+        read_text_capped(path, 100, "summary", error=FedMnistError)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("plain", "plain"),
+    ("línea\nsegunda\x1b[31m", "línea\\nsegunda\\x1b[31m"),
+    ("x" * 100, "x" * 80 + "..."),
+])
+def test_quote_gives_one_bounded_escaped_line(text, expected):
+    # Execute / Assert
+    assert quote(text) == expected
+
+
+def test_write_error_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    # Prepare: the disk fills up while the output set is written
+    out = tmp_path / "salida"
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    # Execute
+    with pytest.raises(WriteError) as excinfo, OutputSet(out) as outputs:
+        outputs.write_text("a.txt", "a")
+        outputs.write_text("b.txt", "b")
+
+    # Assert
+    assert str(excinfo.value) == f"{out / 'b.txt'}: cannot write the file (No space left on device); nothing was written"
+    assert not out.exists() or list(out.iterdir()) == []

@@ -468,3 +468,79 @@ def test_split_data_script_real_mnist_iid(split_runs, raw_mnist):
     np.testing.assert_array_equal(y_test, raw_mnist.y_test)
     manifest = read_manifest(out)
     assert [c["class_counts"] for c in manifest["clients"]] == counts.tolist()
+
+
+# --- files the project wrote and reads back: test.npz against particion.json's sha256 ------------------
+
+
+@pytest.fixture
+def swapped_test_set(tmp_path, small_federation) -> Path:
+    """A copy of the small federation whose test.npz was replaced by 20 images of one label."""
+    import shutil
+
+    from fedmnist.data import save_arrays
+
+    data_dir = tmp_path / "datos"
+    shutil.copytree(small_federation, data_dir)
+    x, y = load_partition_raw(data_dir / "test.npz")
+    ones = np.flatnonzero(y == 1)[:20]
+    save_arrays(data_dir / "test.npz", x[ones], y[ones])
+    return data_dir
+
+
+def test_swapped_test_set_hash_mismatch_is_refused(swapped_test_set, small_federation):
+    from fedmnist.errors import DataError
+    from fedmnist.federation_files import checked_test_file
+
+    # Execute / Assert: the federation's own test set passes, the swapped one is refused by name
+    assert checked_test_file(small_federation / "test.npz") == small_federation / "test.npz"
+    with pytest.raises(DataError, match=r"test\.npz: contents differ from the manifest's sha256 \(particion\.json\)"):
+        checked_test_file(swapped_test_set / "test.npz")
+
+
+def test_test_set_without_a_manifest_is_only_checked_to_exist(tmp_path, swapped_test_set):
+    from fedmnist.errors import DataError
+    from fedmnist.federation_files import checked_test_file
+
+    # Prepare: a Flower test-file outside any federation directory
+    (swapped_test_set / MANIFEST_FILE).unlink()
+
+    # Execute / Assert
+    assert checked_test_file(swapped_test_set / "test.npz") == swapped_test_set / "test.npz"
+    with pytest.raises(DataError, match="common test set not found"):
+        checked_test_file(tmp_path / "nada" / "test.npz")
+
+
+def test_malformed_test_hash_in_the_manifest_is_refused(tmp_path):
+    from fedmnist.errors import DataError
+
+    # Prepare
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"clients": [], "test": {"file": "test.npz", "sha256": 5}}))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="the test set has a malformed sha256"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["aggregate", "train"])
+def test_swapped_test_set_hash_mismatch_stops_aggregate_and_train_before_any_output(swapped_test_set, tmp_path,
+                                                                                    entry):
+    from fedmnist.errors import DataError
+
+    # Prepare
+    out_dir = tmp_path / "salida"
+
+    # Execute
+    with pytest.raises(DataError, match=r"test\.npz: contents differ from the manifest's sha256") as excinfo:
+        if entry == "aggregate":
+            from fedmnist.aggregation import aggregate_directory
+
+            aggregate_directory(tmp_path / "pesos", swapped_test_set, out_dir)
+        else:
+            from fedmnist.local import run_local_training
+
+            run_local_training(1, swapped_test_set, out_dir)
+
+    # Assert
+    assert str(swapped_test_set / "test.npz") in str(excinfo.value)
+    assert not out_dir.exists()

@@ -246,3 +246,19 @@ def test_scaffold_state_is_checked(start):
     for bad in ({"control": _control(start, 0.0)[:-1]}, {"control": _control(start, 0.0), "x": 1}, {"m": []}):
         with pytest.raises(ServerOptError):
             method.check_state(bad, start)
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["first-kept-before", "last-kept-before"])
+def test_a_client_id_claimed_twice_is_refused_in_every_reply_whatever_the_order(start, order):
+    # Prepare: two valid replies claim client 2; which is genuine cannot be told from the replies
+    server = server_for(start)
+    copy = reply(start, 2, 0.3)
+    copy.source = "copia/pesos_cliente_2.pkl"
+    replies = [reply(start, 1, 0.1), reply(start, 2, 0.2), copy][::order]
+
+    # Execute
+    step = server.step(1, "fedavg", replies)
+
+    # Assert: neither claimant is kept, so the order cannot pick the winner
+    assert step.record.replied_clients == [1]
+    assert len(step.rejected) == 2 and all("appears twice" in why for why in step.rejected.values())

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.config import AGGRESSIVE_TRAINING
-from fedmnist.errors import ConfigError
+from fedmnist.errors import ConfigError, DataError
 from fedmnist.experiments.profiles import Profile
-from fedmnist.io import atomic_write_text
+from fedmnist.io import atomic_write_text, quote, read_text_capped
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,21 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, _csv_text(rows))
 
 
+CSV_MAX_BYTES = 64 << 20
+"""Largest result table read back: the essay's largest CSV holds a few thousand rows."""
+
+
 def read_csv(path: str | Path) -> list[dict]:
-    """Rows of a result CSV as dicts of strings."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """Rows of a result CSV as dicts of strings (a regular file of at most ``CSV_MAX_BYTES``).
+
+    Raises:
+        DataError: not a regular file, too large or not UTF-8; the message names the file.
+    """
+    text = read_text_capped(path, CSV_MAX_BYTES, "result table", error=DataError)
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({quote(exc)})") from None
 
 
 

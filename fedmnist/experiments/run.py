@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist.config import AGGRESSIVE_TRAINING
-from fedmnist.errors import ConfigError
+from fedmnist.errors import ConfigError, FedMnistError
 from fedmnist.experiments.attacks import run_attacks
 from fedmnist.experiments.common import WORKERS
 from fedmnist.experiments.course import run_course
@@ -22,7 +23,9 @@ from fedmnist.experiments.heterogeneity import run_heterogeneity
 from fedmnist.experiments.mcmahan import run_mcmahan
 from fedmnist.experiments.privacy import run_privacy
 from fedmnist.experiments.profiles import PROFILES, Profile
-from fedmnist.io import atomic_write_text
+from fedmnist.io import atomic_write_text, quote, read_text_capped
+
+log = logging.getLogger(__name__)
 
 ENV_FILE = "entorno.json"
 EXPERIMENTS = ("course", "drift", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
@@ -55,6 +58,25 @@ def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> d
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "cpus": os.cpu_count()},
     }
+
+
+def _previous_environment(path: Path) -> dict:
+    """What an earlier run of this directory recorded in ``ENV_FILE``, or {} if absent or unusable.
+
+    The file is this command's own output; a damaged one, or a FIFO or device in its place, is
+    ignored (never read unbounded) and rewritten.
+    """
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        previous = json.loads(read_text_capped(path, 1 << 20, "environment record", error=FedMnistError))
+    except (FedMnistError, ValueError, RecursionError) as exc:
+        log.warning("ignoring %s: %s", quote(path, 200), quote(exc, 200))
+        return {}
+    if not isinstance(previous, dict) or not isinstance(previous.get("profile", {}), dict) \
+            or not isinstance(previous.get("seconds_per_experiment", {}), dict):
+        return {}
+    return previous
 
 
 def run_experiments(
@@ -99,7 +121,7 @@ def run_experiments(
         t0 = time.perf_counter()
         results[name] = runners[name]()
         # merge with what other runs of the same profile (e.g. --only) recorded in this directory
-        previous = json.loads(env_path.read_text()) if env_path.exists() else {}
+        previous = _previous_environment(env_path)
         same = previous.get("profile", {}).get("name") == profile.name
         seconds = dict(previous.get("seconds_per_experiment", {})) if same else {}
         seconds[name] = time.perf_counter() - t0

@@ -9,12 +9,14 @@ and evaluation as the other modes, over the network:
   and the training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower
   run, ``run_simulation`` and the file flow on the same partitions give the same global weights.
 * ``server_app``: a thin adapter over the shared server step (``fedmnist.server.Server``), driven by
-  our own round loop (``@server_app.main()``, push/pull on the Grid). It starts from
-  ``initial_weights(seed)``, sends every round's global weights to a seeded sample of ⌊C·n⌋ of the
-  connected nodes (``fedmnist.seeds``, the simulation's rule), waits up to ``round-timeout`` for their
-  replies and hands them to ``Server.step``, which validates each one (a malformed, non-finite,
-  misshapen or wrong-start reply fails that node, never the ServerApp), aggregates, evaluates on the
-  common test set and records; ``fedmnist.outputs`` writes the files of the other modes, atomically.
+  the round loop the simulation runs too (``fedmnist.rounds``; ``FlowerClients`` is its push/pull on
+  the Grid). It starts from ``initial_weights(seed)`` (or, with ``resume``, from the last round of
+  ``output-dir/checkpoint.pkl``), sends every round's global weights to a sample of the connected
+  nodes (⌊C·n⌋ seeded by (seed, round), the simulation's rule, or Poisson under DP), waits up to
+  ``round-timeout`` for their replies and hands them to ``Server.step``, which validates each one (a
+  malformed, non-finite, misshapen or wrong-start reply fails that node, never the ServerApp),
+  aggregates, evaluates on the common test set and records; ``fedmnist.outputs`` writes the files of
+  the other modes and the checkpoint, atomically, after every round.
 
 SCAFFOLD (``method='scaffold'``, Karimireddy et al. 2020, ``fedmnist.scaffold``): the ServerApp sends the
 server control variate ``c`` beside the weights (ArrayRecord ``control``); each ClientApp trains with

@@ -4,7 +4,8 @@
 then for R rounds samples ``max(1, ⌊C·K⌋)`` clients (``fedmnist.seeds``), trains each of them locally
 from its method's global weights, and hands their replies to the shared server step
 (``fedmnist.server.Server``), which validates, aggregates, evaluates and records them. This module is
-the in-process adapter: it only decides which clients train, from which weights, and runs them.
+the in-process adapter of the shared round loop (``fedmnist.rounds``): ``SimulatedClients`` trains the
+sampled clients from the weights the loop hands it.
 
 Every method keeps its own global model but all share the partition, the initial weights
 (``initial_weights(seed)``), the clients sampled in round r, each client's training seed and the

@@ -83,9 +83,9 @@ class CheckpointSpec:
         """``key: stored -> current`` for every non-resumable setting that differs from ``stored``."""
         if not isinstance(stored, dict):
             return ["the stored settings are unreadable"]
-        keys = sorted((set(stored) | set(self.settings)) - set(self.resumable))
-        return [f"{key}: {_short(stored.get(key))} -> {_short(self.settings.get(key))}" for key in keys
-                if stored.get(key) != self.settings.get(key)]
+        keys = sorted((set(stored) | set(self.settings)) - set(self.resumable), key=repr)
+        return [f"{key if key in self.settings else _short(key)}: {_short(stored.get(key))} -> "
+                f"{_short(self.settings.get(key))}" for key in keys if not _same(stored.get(key), self.settings.get(key))]
 
     def model_copies(self) -> int:
         """Model copies a checkpoint of this run may hold: weights and up to two moment sets per
@@ -97,8 +97,17 @@ class CheckpointSpec:
 
 
 def _short(value) -> str:
-    text = repr(value)
+    """``repr(value)`` on one line of at most 80 characters (values may come from a damaged file)."""
+    text = repr(value).replace("\n", " ")
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _same(stored, current) -> bool:
+    """Whether a stored value equals ours; False for values that do not compare plainly (arrays)."""
+    try:
+        return type(stored) is type(current) and bool(stored == current)
+    except (TypeError, ValueError):
+        return False
 
 
 def state_payload(spec: CheckpointSpec, state: ServerState) -> dict:
@@ -162,11 +171,11 @@ def restore_state(path: Path, payload: dict, spec: CheckpointSpec, hint: str = "
     from fedmnist.exchange import state_sha256
     from fedmnist.methods import DPMethod
 
-    if payload.get("settings_sha256") != spec.settings_sha256():
+    if not _same(payload.get("settings_sha256"), spec.settings_sha256()):
         raise ConfigError(f"{path} was written by a different configuration "
                           f"({'; '.join(spec.differences(payload.get('settings'))) or 'unknown differences'})"
                           + (f"; {hint}" if hint else ""))
-    if payload.get("data_sha256") != spec.data_sha256:
+    if not _same(payload.get("data_sha256"), spec.data_sha256):
         raise ConfigError(f"{path} was written for different {spec.data_label}; use the same data or another "
                           "output directory")
     done = payload.get("completed_rounds")

@@ -115,3 +115,18 @@ def test_the_integrity_hash_does_not_stop_whoever_rewrites_it(tmp_path, weights)
     path.write_bytes(pickle.dumps(payload, protocol=4))
 
     assert not load_checkpoint(path, config, DATA).weights["fedavg"][0].any()
+
+
+def test_damaged_settings_are_named_on_one_line(tmp_path, weights):
+    methods = tuple(build_methods(MethodConfig(("fedavg",))))
+    spec = CheckpointSpec({"seed": SEED}, DATA, methods, 3)
+    path, _ = _written(tmp_path, spec, weights)
+    payload = pickle.loads(path.read_bytes())
+    payload["settings"] = {"seed": np.arange(300).reshape(30, 10), 5: "x\ny"}
+    payload["settings_sha256"] = np.zeros(4)
+    path.write_bytes(pickle.dumps(payload, protocol=4))
+
+    with pytest.raises(ConfigError) as refused:
+        load_state(path, spec)
+    message = str(refused.value)
+    assert "\n" not in message and "5: 'x\\ny' -> None" in message and "seed: array(" in message

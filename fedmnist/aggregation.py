@@ -40,10 +40,11 @@ from fedmnist.federation_files import checked_test_file, read_manifest
 from fedmnist.federation_files import manifest_counts as partition_counts
 from fedmnist.io import OutputSet, check_writable_dir, read_text_capped
 from fedmnist.labels import method_name
-from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods, with_privacy
+from fedmnist.methods import DEFAULT_MU, SCAFFOLD, MethodConfig, build_methods
 from fedmnist.model import initial_weights, model_fingerprint, save_keras_model
 from fedmnist.outputs import json_text
 from fedmnist.plots import plot_confusion_matrix, plot_method_comparison
+from fedmnist.rounds import with_dp
 from fedmnist.server import Reply, RoundRecord, Server, ServerState
 from fedmnist.strategies import DEFAULT_NUM_MALICIOUS
 from fedmnist.training import ClientTrainer
@@ -256,7 +257,7 @@ def run_aggregation(
         # Every member who sent an update took part: nobody was sampled at random, so q = m/K = 1 (a
         # manifest's absent members were not randomly left out and give no amplification).
         seed = (start.seed if start.seed is not None else DEFAULT_SEED) if seeded_noise else None
-        built = [with_privacy(m, privacy, len(replies), len(replies), seed) for m in built]
+        built = with_dp(built, privacy, len(replies), len(replies), seed)
     state = ServerState.initial(built, start.weights, start.round)
     for method in built:
         if start.state is not None and start.method == method.name:

@@ -1,16 +1,29 @@
 """Checkpoints of a multi-round run: the ``ServerState`` after each round, saved and validated strictly.
 
-A checkpoint is plain data (builtins and numpy arrays) read back with the restricted unpickler; before
-a run resumes from it, it is checked as strictly as a client update: the format, the configuration
-and data it was written for, the round count against the history, every method's weights (the CNN's
-float32 shapes, finite) and the records' fields. Anything else is a ``ConfigError`` naming the file.
+One format serves every multi-round mode (the simulation and the Flower ServerApp). A checkpoint is
+plain data (builtins and numpy arrays) read back with the restricted unpickler: the server state
+(every method's global weights and state — server-optimiser moments, SCAFFOLD's ``c``, DP-FedAvg's
+clip and releases —, the simulated clients' state, the history), the run's settings as a flat dict
+(``CheckpointSpec.settings``), the hash of the data it ran on, and an integrity hash of all of it
+(``fedmnist.exchange.state_sha256``, as the round files carry).
+
+Before a run resumes from it, it is checked as strictly as a client update: the format, every
+setting against the run's (a few, ``CheckpointSpec.resumable``, may change — the number of rounds,
+say — the others are named when they differ), the data, the round count against the history,
+every method's weights (the CNN's float32 shapes, finite) and state, the records' fields, and last
+the integrity hash, so a checkpoint whose weights were zeroed or edited is refused. That hash guards
+against accidents and careless edits, not against someone who rewrites the hash as well. Anything
+else is a ``ConfigError`` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import pickle
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,104 +34,193 @@ from fedmnist.io import atomic_write_bytes
 from fedmnist.server import RejectedReply, RoundRecord, ServerState, check_weights
 
 if TYPE_CHECKING:
+    from fedmnist.methods import Method
     from fedmnist.simulation import SimulationConfig
 
-CHECKPOINT_FORMAT = "fedmnist-simulation-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_FORMAT = "fedmnist-checkpoint"
+CHECKPOINT_VERSION = 3
+_SHA_KEY = "state_sha256"
 
 
-def save_checkpoint(path: Path, config: SimulationConfig, data_sha256: str, state: ServerState,
-                    malicious: list[int]) -> None:
-    """Write ``state`` as plain data (builtins and numpy arrays), atomically."""
-    atomic_write_bytes(path, checkpoint_bytes(config, data_sha256, state, malicious))
+def flat_settings(values: Mapping, prefix: str = "") -> dict:
+    """Nested settings as one level of dotted keys (``{"method": {"mu": 0.1}}`` -> ``{"method.mu": 0.1}``)."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flat_settings(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
-def checkpoint_bytes(config: SimulationConfig, data_sha256: str, state: ServerState, malicious: list[int]) -> bytes:
-    """The checkpoint of ``state``: a pickle of plain data (builtins and numpy arrays)."""
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What a checkpoint of one run must match: its settings, its data, its methods and bounds.
+
+    ``settings`` is flat (``flat_settings``), JSON-able; the keys in ``resumable`` may differ on
+    resume (they do not change the rounds already completed). ``max_rounds`` is the rounds the
+    resuming run asks for; ``num_clients`` bounds the client ids of the simulated clients' state
+    (0: the mode keeps none). ``extra`` is stored beside the state, unchecked (e.g. the malicious clients).
+    """
+
+    settings: dict
+    data_sha256: str
+    methods: tuple[Method, ...]
+    max_rounds: int
+    resumable: frozenset[str] = frozenset()
+    num_clients: int = 0
+    extra: dict = field(default_factory=dict)
+    data_label: str = "data"
+
+    def settings_sha256(self) -> str:
+        """Hash of every setting that affects the completed rounds (all but ``resumable``)."""
+        kept = {k: v for k, v in self.settings.items() if k not in self.resumable}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+    def differences(self, stored: object) -> list[str]:
+        """``key: stored -> current`` for every non-resumable setting that differs from ``stored``."""
+        if not isinstance(stored, dict):
+            return ["the stored settings are unreadable"]
+        keys = sorted((set(stored) | set(self.settings)) - set(self.resumable), key=repr)
+        return [f"{key if key in self.settings else _short(key)}: {_short(stored.get(key))} -> "
+                f"{_short(self.settings.get(key))}" for key in keys if not _same(stored.get(key), self.settings.get(key))]
+
+    def model_copies(self) -> int:
+        """Model copies a checkpoint of this run may hold: weights and up to two moment sets per
+        method, SCAFFOLD's server control, and one control per simulated client of a SCAFFOLD method."""
+        from fedmnist.methods import DRIFT_CORRECTED
+
+        scaffold = sum(m.name in DRIFT_CORRECTED for m in self.methods)
+        return 3 * len(self.methods) + 2 + self.num_clients * scaffold
+
+
+def _short(value) -> str:
+    """``repr(value)`` on one line of at most 80 characters (values may come from a damaged file)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _same(stored, current) -> bool:
+    """Whether a stored value equals ours; False for values that do not compare plainly (arrays)."""
+    try:
+        return type(stored) is type(current) and bool(stored == current)
+    except (TypeError, ValueError):
+        return False
+
+
+def state_payload(spec: CheckpointSpec, state: ServerState) -> dict:
+    """The checkpoint's plain data (builtins and numpy arrays), with its integrity hash."""
+    from fedmnist.exchange import state_sha256
+
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "config_sha256": config.sha256(),
-        "config": config.to_dict(),
-        "data_sha256": data_sha256,
+        "settings_sha256": spec.settings_sha256(),
+        "settings": dict(spec.settings),
+        "data_sha256": spec.data_sha256,
         "completed_rounds": int(state.round),
-        "malicious_clients": [int(k) for k in malicious],
+        "extra": dict(spec.extra),
         "weights": {m: [np.ascontiguousarray(w, dtype=np.float32) for w in ws] for m, ws in state.weights.items()},
         "method_state": state.method_state,
         "client_state": {m: {int(k): [np.ascontiguousarray(c) for c in cs] for k, cs in clients.items()}
                          for m, clients in state.client_state.items()},
         "metrics": [asdict(r) for r in state.history],
     }
-    return pickle.dumps(payload, protocol=4)
+    payload[_SHA_KEY] = state_sha256(payload)
+    return payload
 
 
-def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> ServerState:
-    """Read and validate a checkpoint of ``config`` on the data hashed ``data_sha256``.
+def state_bytes(spec: CheckpointSpec, state: ServerState) -> bytes:
+    """The checkpoint of ``state``: a pickle of ``state_payload``."""
+    return pickle.dumps(state_payload(spec, state), protocol=4)
+
+
+def read_checkpoint(path: Path, model_copies: int) -> dict:
+    """The payload of checkpoint ``path``, read with the bounded safe unpickler (format and version checked).
+
+    Its contents are checked by ``restore_state``; read it alone to look at a stored setting first
+    (Flower's DP federation size).
+    """
+    from fedmnist.exchange import checkpoint_limits, safe_load_pickle
+
+    try:
+        payload = safe_load_pickle(path, checkpoint_limits(max(1, model_copies)))
+    except FedMnistError as exc:
+        raise ConfigError(f"cannot resume: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not a fedmnist checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path}: unsupported checkpoint version {_short(payload.get('version'))}")
+    return payload
+
+
+def restore_state(path: Path, payload: dict, spec: CheckpointSpec, hint: str = "") -> ServerState:
+    """The ``ServerState`` a checkpoint's ``payload`` holds, after checking it against ``spec``.
+
+    ``hint`` ends the message refusing another configuration (how to start afresh in this mode).
 
     Raises
     ------
     ConfigError
-        Not a checkpoint, written for another configuration, data or a longer run, or inconsistent
-        (wrong types, non-finite or misshapen weights, round counts that disagree with the history).
+        Written for other settings (naming the keys that differ), other data or a longer run, or
+        inconsistent (wrong types, non-finite or misshapen weights, round counts that disagree with
+        the history, an integrity hash that does not match the contents).
     """
-    from fedmnist.exchange import checkpoint_limits, safe_load_pickle
-    from fedmnist.methods import DRIFT_CORRECTED
+    from fedmnist.exchange import state_sha256
+    from fedmnist.methods import DPMethod
 
-    # weights and up to two moment sets per method, one control per client for SCAFFOLD
-    copies = 3 * len(config.method.methods) + 2 + config.federation.num_clients * sum(
-        m in DRIFT_CORRECTED for m in config.method.methods)
-    try:
-        state = safe_load_pickle(path, checkpoint_limits(copies))
-    except FedMnistError as exc:
-        raise ConfigError(f"cannot resume: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: not a fedmnist simulation checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"{path}: unsupported checkpoint version {state.get('version')!r}")
-    if state.get("config_sha256") != config.sha256():
-        raise ConfigError(
-            f"{path} was written by a different configuration ({_config_diff(state.get('config'), config)}); "
-            "rerun with the same settings, drop --resume to start afresh, or use another --out"
-        )
-    if state.get("data_sha256") != data_sha256:
-        raise ConfigError(f"{path} was written for different MNIST data; use the same --data or another --out")
-    done = state.get("completed_rounds")
+    if not _same(payload.get("settings_sha256"), spec.settings_sha256()):
+        raise ConfigError(f"{path} was written by a different configuration "
+                          f"({'; '.join(spec.differences(payload.get('settings'))) or 'unknown differences'})"
+                          + (f"; {hint}" if hint else ""))
+    if not _same(payload.get("data_sha256"), spec.data_sha256):
+        raise ConfigError(f"{path} was written for different {spec.data_label}; use the same data or another "
+                          "output directory")
+    done = payload.get("completed_rounds")
     if isinstance(done, bool) or not isinstance(done, int) or done < 0:
-        raise ConfigError(f"{path}: completed_rounds must be an integer >= 0 (got {done!r})")
-    if done > config.rounds:
-        raise ConfigError(f"{path} already holds {done} rounds, more than the {config.rounds} requested; "
-                          f"ask for --rounds {done} or more")
-    methods = list(config.method.methods)
-    weights, method_state = state.get("weights"), state.get("method_state")
+        raise ConfigError(f"{path}: completed_rounds must be an integer >= 0 (got {_short(done)})")
+    if done > spec.max_rounds:
+        raise ConfigError(f"{path} already holds {done} rounds, more than the {spec.max_rounds} requested; "
+                          f"ask for {done} rounds or more")
+    methods = [m.name for m in spec.methods]
+    weights, method_state = payload.get("weights"), payload.get("method_state")
     if not isinstance(weights, dict) or sorted(weights) != sorted(methods):
         raise ConfigError(f"{path}: does not hold global weights for exactly {', '.join(methods)}")
     if not isinstance(method_state, dict) or sorted(method_state) != sorted(methods) \
             or not all(isinstance(v, dict) for v in method_state.values()):
         raise ConfigError(f"{path}: does not hold a server state for exactly {', '.join(methods)}")
-    from fedmnist.simulation import run_methods
-
-    built = {m.name: m for m in run_methods(config)}
+    built = {m.name: m for m in spec.methods}
     for method, arrays in weights.items():
         try:
             check_weights(arrays, f"{path}: global weights of {method}")
             built[method].check_state(method_state[method], arrays)
         except (RejectedReply, ValidationError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    client_state = _client_state(path, state.get("client_state", {}), built, weights,
-                                 config.federation.num_clients)
-    history = _records(path, state.get("metrics"), methods)
+    client_state = _client_state(path, payload.get("client_state", {}), built, weights, spec.num_clients)
+    history = _records(path, payload.get("metrics"), methods)
     for method in methods:
         rows = [r for r in history if r.method == method]
         rounds = [r.round for r in rows]
         if rounds != list(range(1, done + 1)):
             raise ConfigError(f"{path}: {method}'s records cover rounds {rounds[:3]}…, not 1..{done}: "
                               "an inconsistent or tampered checkpoint")
-        releases = method_state[method].get("releases") if config.privacy is not None else None
+        releases = method_state[method].get("releases") if isinstance(built[method], DPMethod) else None
         if releases is not None and releases != sum(r.num_replies > 0 for r in rows):
             raise ConfigError(f"{path}: {method}'s privacy state counts {releases!r} noised rounds, but its "
                               "records show another number: an inconsistent or tampered checkpoint")
+    stored = payload.get(_SHA_KEY)
+    if not isinstance(stored, str) or state_sha256({k: v for k, v in payload.items() if k != _SHA_KEY}) != stored:
+        raise ConfigError(f"{path}: the integrity hash does not match the contents (weights, state or history "
+                          "were changed after the run wrote it): a corrupted or edited checkpoint")
     return ServerState(done, {m: list(weights[m]) for m in methods}, {m: method_state[m] for m in methods},
                        history, client_state)
+
+
+def load_state(path: Path, spec: CheckpointSpec, hint: str = "") -> ServerState:
+    """``read_checkpoint`` then ``restore_state``: the checked ``ServerState`` of checkpoint ``path``."""
+    return restore_state(path, read_checkpoint(path, spec.model_copies()), spec, hint)
 
 
 def _client_state(path: Path, stored, methods: dict, weights: dict, num_clients: int) -> dict:
@@ -202,19 +304,38 @@ def _record_problem(record: RoundRecord, methods: list[str]) -> str | None:
     return None
 
 
-def _config_diff(stored, config: SimulationConfig) -> str:
-    from fedmnist.simulation import RESUMABLE_FIELDS
+# --- the simulation's checkpoint ------------------------------------------------------------------
 
-    if not isinstance(stored, dict):
-        return "unknown differences"
-    current = config.to_dict()
-    diff = []
-    for key, value in current.items():
-        if key in RESUMABLE_FIELDS or stored.get(key) == value:
-            continue
-        if isinstance(value, dict) and isinstance(stored.get(key), dict):
-            diff += [f"{key}.{k}: {stored[key].get(k)!r} -> {v!r}" for k, v in value.items()
-                     if stored[key].get(k) != v]
-        else:
-            diff.append(f"{key}: {stored.get(key)!r} -> {value!r}")
-    return "; ".join(diff) or "unknown differences"
+
+def simulation_spec(config: SimulationConfig, data_sha256: str, malicious: Sequence[int] = ()) -> CheckpointSpec:
+    """The ``CheckpointSpec`` of a simulation: its settings (``RESUMABLE_FIELDS`` and the target ε may
+    change on resume), the federation's data hash, its methods and clients."""
+    from fedmnist.simulation import RESUMABLE_FIELDS, run_methods
+
+    return CheckpointSpec(flat_settings(config.to_dict()), data_sha256, tuple(run_methods(config)), config.rounds,
+                          frozenset((*RESUMABLE_FIELDS, "privacy.target_epsilon")), config.federation.num_clients,
+                          {"malicious_clients": [int(k) for k in malicious]}, "MNIST data")
+
+
+def checkpoint_bytes(config: SimulationConfig, data_sha256: str, state: ServerState,
+                     malicious: Sequence[int]) -> bytes:
+    """The checkpoint of a simulation's ``state``."""
+    return state_bytes(simulation_spec(config, data_sha256, malicious), state)
+
+
+def save_checkpoint(path: Path, config: SimulationConfig, data_sha256: str, state: ServerState,
+                    malicious: Sequence[int]) -> None:
+    """Write a simulation's ``state`` as a checkpoint, atomically."""
+    atomic_write_bytes(path, checkpoint_bytes(config, data_sha256, state, malicious))
+
+
+def load_checkpoint(path: Path, config: SimulationConfig, data_sha256: str) -> ServerState:
+    """Read and validate a checkpoint of simulation ``config`` on the data hashed ``data_sha256``.
+
+    Raises
+    ------
+    ConfigError
+        Not a checkpoint, written for another configuration, data or a longer run, inconsistent or edited.
+    """
+    return load_state(Path(path), simulation_spec(config, data_sha256),
+                      "rerun with the same settings, drop --resume to start afresh, or use another --out")

@@ -9,12 +9,14 @@ and evaluation as the other modes, over the network:
   and the training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower
   run, ``run_simulation`` and the file flow on the same partitions give the same global weights.
 * ``server_app``: a thin adapter over the shared server step (``fedmnist.server.Server``), driven by
-  our own round loop (``@server_app.main()``, push/pull on the Grid). It starts from
-  ``initial_weights(seed)``, sends every round's global weights to a seeded sample of ⌊C·n⌋ of the
-  connected nodes (``fedmnist.seeds``, the simulation's rule), waits up to ``round-timeout`` for their
-  replies and hands them to ``Server.step``, which validates each one (a malformed, non-finite,
-  misshapen or wrong-start reply fails that node, never the ServerApp), aggregates, evaluates on the
-  common test set and records; ``fedmnist.outputs`` writes the files of the other modes, atomically.
+  the round loop the simulation runs too (``fedmnist.rounds``; ``FlowerClients`` is its push/pull on
+  the Grid). It starts from ``initial_weights(seed)`` (or, with ``resume``, from the last round of
+  ``output-dir/checkpoint.pkl``), sends every round's global weights to a sample of the connected
+  nodes (⌊C·n⌋ seeded by (seed, round), the simulation's rule, or Poisson under DP), waits up to
+  ``round-timeout`` for their replies and hands them to ``Server.step``, which validates each one (a
+  malformed, non-finite, misshapen or wrong-start reply fails that node, never the ServerApp),
+  aggregates, evaluates on the common test set and records; ``fedmnist.outputs`` writes the files of
+  the other modes and the checkpoint, atomically, after every round.
 
 SCAFFOLD (``method='scaffold'``, Karimireddy et al. 2020, ``fedmnist.scaffold``): the ServerApp sends the
 server control variate ``c`` beside the weights (ArrayRecord ``control``); each ClientApp trains with
@@ -66,9 +68,9 @@ from fedmnist.methods import (
     MethodConfig,
     ScaffoldMethod,
     build_method,
-    with_privacy,
 )
-from fedmnist.seeds import clients_per_round, sample_positions, training_seed
+from fedmnist.rounds import Batch, Gathered
+from fedmnist.seeds import clients_per_round, training_seed
 from fedmnist.server import Reply, RoundFailedError, RoundRecord, Server, ServerState
 from fedmnist.settings import SETTINGS
 
@@ -105,6 +107,10 @@ class FlowerRunConfig:
     DP-FedAvg is on when ``dp-noise`` >= 0 (``dp-clip``, ``dp-adaptive``, ``dp-side``, ``dp-delta`` and
     ``target-epsilon``, negative: the defaults / none); ``dp-clients`` is the federation size K the
     accountant assumes (0: the nodes connected when round 1 starts), with ⌊C·K⌋ sampled per round.
+    ``dp-sampling`` is the accountant's sampling: ``without_replacement`` (⌊C·K⌋ nodes a round) or
+    ``poisson`` (each connected node with probability q = ⌊C·K⌋/K).
+    ``resume``: continue from ``output-dir/checkpoint.pkl`` when there is one (same settings, see
+    ``RESUMABLE_KEYS``); without it an existing checkpoint is replaced by a fresh run's.
     ``method='scaffold'`` needs ``optimizer='sgd'`` and ``momentum=0.0`` (its control variates assume
     plain local SGD) and no DP; ``server-lr`` is its η_g (negative: 1).
     ``output_dir`` and ``test_file`` are needed by the ServerApp only,
@@ -143,7 +149,9 @@ class FlowerRunConfig:
     target_epsilon: float = _key("target-epsilon")
     dp_clients: int = _key("dp-clients")
     dp_seeded_noise: bool = _key("dp-seeded-noise")
+    dp_sampling: str = _key("dp-sampling")
     max_count_ratio: float = _key("max-count-ratio")
+    resume: bool = _key("resume")
 
     def __post_init__(self) -> None:
         for name in ("method", "optimizer"):
@@ -212,6 +220,10 @@ class FlowerRunConfig:
 
             check_dp_method(self.method)
         need(self.dp_clients >= 0, f"dp-clients must be >= 0 (got {self.dp_clients})")
+        from fedmnist.privacy import SAMPLINGS
+
+        need(self.dp_sampling in SAMPLINGS,
+             f"dp-sampling must be one of {', '.join(SAMPLINGS)} (got {self.dp_sampling!r})")
         need(self.max_count_ratio == 0 or (math.isfinite(self.max_count_ratio) and self.max_count_ratio >= 1),
              f"max-count-ratio must be 0 (no cap) or >= 1 (got {self.max_count_ratio})")
         need(self.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {self.num_server_rounds})")
@@ -257,7 +269,8 @@ class FlowerRunConfig:
 
         return DPConfig(self.dp_noise, self.dp_clip, self.dp_adaptive, side=self.dp_side,
                         delta=self.dp_delta if self.dp_delta >= 0 else None,
-                        target_epsilon=self.target_epsilon if self.target_epsilon >= 0 else None)
+                        target_epsilon=self.target_epsilon if self.target_epsilon >= 0 else None,
+                        sampling=self.dp_sampling)
 
     @property
     def client_mu(self) -> float:
@@ -480,13 +493,14 @@ def nodes_needed(min_train_nodes: int, fraction: float) -> int:
     return n
 
 
-def sample_nodes(node_ids: list[int], fraction: float, seed: int | None, round_: int) -> list[int]:
-    """The sorted node ids of ``round_``: ``nodes_to_sample`` of them, drawn with (seed, round)."""
-    ids = sorted(node_ids)
-    if seed is None:  # DP-FedAvg: a sample nobody can predict (the sampling the accountant assumes)
-        chosen = np.random.default_rng().choice(len(ids), size=nodes_to_sample(len(ids), fraction), replace=False)
-        return sorted(ids[int(p)] for p in chosen)
-    return [ids[p] for p in sample_positions(len(ids), fraction, seed, round_)]
+def sample_nodes(node_ids: list[int], fraction: float, seed: int | None, round_: int,
+                 rate: float | None = None) -> list[int]:
+    """The sorted node ids of ``round_``: ``nodes_to_sample`` of them (or, with a Poisson ``rate``, each
+    with that probability), drawn with (seed, round) over the sorted ids, or secretly when ``seed`` is
+    None (``fedmnist.rounds.sample_round``, the simulation's rule)."""
+    from fedmnist.rounds import sample_round
+
+    return sample_round(node_ids, fraction, round_, seed, rate)
 
 
 @dataclass
@@ -669,110 +683,186 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_co
 
 # --- the ServerApp: the round loop -------------------------------------------------------------
 
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "target-epsilon", "resume", "wait-nodes-timeout", "round-timeout",
+                            "min-available-nodes", "min-train-nodes", "output-dir", "test-file"})
+"""Run-config keys a resumed run may change: they decide how long to wait, when to stop or where the
+files are (the test set itself is checked by its hash), not what the completed rounds computed."""
+_ROUND_FILE = re.compile(r"pesos_globales_ronda_(\d+)\.pkl")
+
+
+class FlowerClients:
+    """Flower's side of the shared round loop (``fedmnist.rounds.Clients``): the connected SuperNodes,
+    reached through the Grid, one train message per sampled node and batch."""
+
+    def __init__(self, grid: Grid, config: FlowerRunConfig, server: Server) -> None:
+        self.grid, self.config, self.server = grid, config, server
+        self.first = True
+        self.connected: list[int] = []
+        self.identities = NodeIdentities()
+
+    def candidates(self, round_: int) -> list[int]:
+        """The connected node ids, once enough are (``min-train-nodes``; before this process's first
+        round also ``min-available-nodes``); SCAFFOLD's N becomes their number."""
+        needed = nodes_needed(self.config.min_train_nodes, self.config.fraction_train)
+        if self.first:
+            needed, self.first = max(needed, self.config.nodes_before_start), False
+        node_ids = wait_for_nodes(self.grid, needed, self.config.wait_nodes_timeout, f"round {round_}")
+        for name, method in list(self.server.methods.items()):
+            if isinstance(method, ScaffoldMethod):  # c's update divides by N: the nodes this round samples from
+                self.server.methods[name] = replace(method, num_clients=len(node_ids))
+        self.connected = node_ids
+        return node_ids
+
+    def record_fields(self, sampled: list[int]) -> dict:
+        """Flower samples nodes, not client ids."""
+        return {"sampled_nodes": sampled}
+
+    def exchange(self, round_: int, sampled: list[int], batches: list[Batch]) -> list[Gathered]:
+        """Push every batch's train message to the sampled nodes and pull their replies."""
+        log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(self.connected))
+        gathered = []
+        for batch in batches:
+            if not sampled:  # a Poisson sample can be empty
+                gathered.append(Gathered([]))
+                continue
+            instructions = {"server-round": round_, "proximal-mu": batch.mu}
+            if batch.clip is not None:
+                instructions["dp-clip"] = batch.clip
+            content = RecordDict({"arrays": weights_to_record(batch.start), "config": ConfigRecord(instructions)})
+            if batch.control is not None:  # SCAFFOLD: the server control variate c travels with the weights
+                content[CONTROL_KEY] = weights_to_record(batch.control)
+            messages = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                group_id=str(round_), ttl=self.config.round_timeout) for node in sampled]
+            t0 = time.perf_counter()
+            replies = collect_replies(self.grid, messages, self.config.round_timeout,
+                                      with_control=batch.control is not None)
+            admitted, impostors = self.identities.admit(replies.ok, self.connected)
+            failures = {**replies.failures(self.config.round_timeout), **impostors}
+            for node, why in failures.items():
+                log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
+            ok = sorted(admitted, key=lambda r: r.node_id)
+            gathered.append(Gathered(ok, failures, time.perf_counter() - t0))
+        return gathered
+
+
+def checkpoint_spec(config: FlowerRunConfig, method, data_sha256: str, dp_clients: int | None):
+    """The ``CheckpointSpec`` of a Flower run: its run config (``RESUMABLE_KEYS`` may change) and the
+    federation size K its DP accountant was built for, the test set's hash, its one method."""
+    from fedmnist.checkpoint import CheckpointSpec
+
+    settings = {**config.to_dict(), "dp-num-clients": dp_clients}
+    return CheckpointSpec(settings, data_sha256, (method,), config.num_server_rounds, RESUMABLE_KEYS,
+                          data_label="test data (test-file)")
+
+
+def _stored_dp_clients(payload: dict | None) -> int | None:
+    """K of the DP accountant a checkpoint was written with (checked with the rest of its settings later)."""
+    settings = payload.get("settings") if isinstance(payload, dict) else None
+    value = settings.get("dp-num-clients") if isinstance(settings, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _earlier_round_files(out: Path) -> list[str]:
+    """The round files an earlier run left in ``out`` (a fresh run drops them with its first round)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if (m := _ROUND_FILE.fullmatch(p.name)) and int(m.group(1)) > 0)
+
 
 def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -> list[RoundRecord]:
     """Run ``config.num_server_rounds`` rounds on ``grid`` and write the outputs to ``output-dir``.
 
+    The rounds run in the shared loop (``fedmnist.rounds``); after each one ``checkpoint.pkl`` is
+    written with the round's files. With ``resume`` a checkpoint of the same settings is continued
+    from its last completed round (seeded, the result equals an uninterrupted run's); without it, an
+    existing checkpoint is replaced by this fresh run's.
+
     Raises
     ------
     ConfigError, DataError
-        Bad settings, an unusable output directory or an unreadable test set (before any node is
-        contacted).
+        Bad settings, an unusable output directory, an unreadable test set, or (``resume``) a
+        checkpoint of other settings, another test set or an edited one (before any node is contacted).
     RoundFailedError
         Too few nodes connected, or a round with fewer than ``min-train-nodes`` accepted replies.
     AggregationError
         The method rejects the replies (e.g. Krum with n <= 2f + 2).
     """
+    from fedmnist import checkpoint as ckpt
     from fedmnist import outputs
     from fedmnist.data import load_partition
     from fedmnist.evaluation import evaluate
     from fedmnist.exchange import global_path, make_global, save_global
     from fedmnist.federation_files import checked_test_file
-    from fedmnist.io import OutputSet, check_writable_dir
+    from fedmnist.io import check_writable_dir
+    from fedmnist.labels import method_name
     from fedmnist.model import initial_weights, weights_sha256
-    from fedmnist.plots import method_label
+    from fedmnist.rounds import LoopConfig, RoundWriter, check_privacy_target, run_rounds, with_dp
     from fedmnist.training import ClientTrainer
 
     config.check_server()
     out = Path(config.output_dir)
     check_writable_dir(out, "output-dir")
     x_test, y_test = load_partition(checked_test_file(config.test_file))
+    data_sha256 = weights_sha256([x_test, y_test])
     evaluator = ClientTrainer(config.optimizer, config.learning_rate, config.momentum, model_seed=config.seed)
+    path = out / ckpt.CHECKPOINT_FILE
+    payload = None
+    if config.resume and path.exists():
+        payload = ckpt.read_checkpoint(path, 5)  # the weights, up to two moment sets, SCAFFOLD's c
+    elif path.exists():
+        log(INFO, "[fedmnist] %s exists; starting afresh (resume=true continues it)", path)
     method = build_method(config.method, config.method_config)
     weights = initial_weights(config.seed)
     dp = config.privacy
+    dp_clients = None
     if dp is not None:
-        num_clients = config.dp_clients or len(wait_for_nodes(grid, config.nodes_before_start,
-                                                              config.wait_nodes_timeout, "DP-FedAvg's K"))
-        method = with_privacy(method, dp, num_clients, nodes_to_sample(num_clients, config.fraction_train),
-                              config.seed if config.dp_seeded_noise else None)
-        if dp.target_epsilon is not None:
-            method.accountant.check_target(dp.target_epsilon)
-    server = Server([method], ServerState.initial([method], weights),
-                    lambda w: evaluate(evaluator, w, x_test, y_test),
+        dp_clients = config.dp_clients or _stored_dp_clients(payload) or len(
+            wait_for_nodes(grid, config.nodes_before_start, config.wait_nodes_timeout, "DP-FedAvg's K"))
+        (method,) = with_dp([method], dp, dp_clients, nodes_to_sample(dp_clients, config.fraction_train),
+                            config.seed if config.dp_seeded_noise else None)
+    spec = checkpoint_spec(config, method, data_sha256, dp_clients)
+    if payload is not None:
+        state = ckpt.restore_state(path, payload, spec, "use the same run config, set resume=false to start "
+                                                        "afresh, or choose another output-dir")
+        log(INFO, "[fedmnist] resuming from %s: %d of %d rounds already done", path, state.round,
+            config.num_server_rounds)
+        if isinstance(method, ScaffoldMethod):
+            log(WARNING, "[fedmnist] SCAFFOLD resumed: the server's c continues, but every node's c_i lived in "
+                "the previous run's context.state and starts again from zero")
+    else:
+        if config.resume:
+            log(INFO, "[fedmnist] no checkpoint in %s; starting from round 1", out)
+        state = ServerState.initial([method], weights)
+    check_privacy_target([method], state, dp.target_epsilon if dp is not None else None)
+    server = Server([method], state, lambda w: evaluate(evaluator, w, x_test, y_test),
                     max_count_ratio=config.max_count_ratio or None)
     outputs.dump_json(out / outputs.CONFIG_FILE, {
         "flower": config.to_dict(), "run_id": run_id, "initial_sha256": weights_sha256(weights),
-        "software": outputs.software(),
+        "resumed_from_round": state.round, "software": outputs.software(),
     })
     save_global(global_path(out, 0), make_global(weights, 0, "init", config.seed))
-    identities = NodeIdentities()
-    title = (f"Flower, {method_label(config.method)}: E={config.local_epochs}, B={config.batch_size}, "
+    title = (f"Flower, {method_name(config.method)}: E={config.local_epochs}, B={config.batch_size}, "
              f"C={config.fraction_train:g}")
 
-    for round_ in range(1, config.num_server_rounds + 1):
-        started = time.perf_counter()
-        if dp is not None and dp.target_epsilon is not None and method.accountant.would_exceed(
-                dp.target_epsilon, int(server.state.method_state[method.name]["releases"])):
-            log(INFO, "[fedmnist] round %d would exceed target epsilon %g: stopping", round_, dp.target_epsilon)
-            break
-        needed = nodes_needed(config.min_train_nodes, config.fraction_train)
-        if round_ == 1:
-            needed = max(needed, config.nodes_before_start)
-        node_ids = wait_for_nodes(grid, needed, config.wait_nodes_timeout, f"round {round_}")
-        if isinstance(method, ScaffoldMethod):  # c's update divides by N: the nodes this round samples from
-            method = server.methods[method.name] = replace(method, num_clients=len(node_ids))
-        secret = dp is not None and not config.dp_seeded_noise  # the accountant's sampling must be secret
-        sampled = sample_nodes(node_ids, config.fraction_train, None if secret else config.seed, round_)
-        log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(node_ids))
-        instructions = {"server-round": round_, "proximal-mu": method.client_mu}
-        clip = method.client_clip(server.state.method_state[method.name])
-        if clip is not None:
-            instructions["dp-clip"] = clip
-        content = RecordDict({
-            "arrays": weights_to_record(server.weights(method.name)),
-            "config": ConfigRecord(instructions),
-        })
-        control = method.client_control(server.state.method_state[method.name], server.weights(method.name))
-        if control is not None:  # SCAFFOLD: the server control variate c travels with the weights
-            content[CONTROL_KEY] = weights_to_record(control)
-        messages = [
-            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
-                    group_id=str(round_), ttl=config.round_timeout)
-            for node in sampled
-        ]
-        t0 = time.perf_counter()
-        replies = collect_replies(grid, messages, config.round_timeout, with_control=control is not None)
-        train_seconds = time.perf_counter() - t0
-        admitted, impostors = identities.admit(replies.ok, node_ids)
-        failures = {**replies.failures(config.round_timeout), **impostors}
-        for node, why in failures.items():
-            log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
-        ok = sorted(admitted, key=lambda r: r.node_id)
-        step = server.step(round_, method.name, ok, sampled_nodes=sampled, failed=failures,
-                           min_replies=config.min_train_nodes, train_seconds=train_seconds, round_started=started)
-        for why in step.rejected.values():
-            log(WARNING, "[fedmnist] round %d: refused %s", round_, why)
-        record = server.end_round(round_, time.perf_counter() - started)[0]
-        with OutputSet(out, "output-dir") as staged:  # a round's files appear together or not at all
-            with staged.temp_path(global_path(".", round_).name) as tmp:
-                save_global(tmp, make_global(step.weights, round_, config.method, config.seed))
-            outputs.write_global(staged, f"pesos_globales_{config.method}", step.weights, round_, config.method,
-                                 config.seed)
-            outputs.write_accuracy_plot(staged, server.state.history, title)
-            outputs.write_metrics(staged, server.state.history)
+    def round_files(staged, state: ServerState, rows: list[RoundRecord]) -> None:
+        final = state.weights[config.method]
+        with staged.temp_path(global_path(".", state.round).name) as tmp:
+            save_global(tmp, make_global(final, state.round, config.method, config.seed))
+        outputs.write_global(staged, f"pesos_globales_{config.method}", final, state.round, config.method,
+                             config.seed)
+        outputs.write_accuracy_plot(staged, state.history, title)
+
+    def report(round_: int, rows: list[RoundRecord]) -> None:
+        record = rows[0]
         log(INFO, "[fedmnist] round %d: %d replies, test accuracy %.4f, loss %.4f (%.1f s)", round_,
             record.num_replies, record.test_accuracy, record.test_loss, record.round_seconds)
+
+    stale = [] if state.round else _earlier_round_files(out)
+    writer = RoundWriter(out, "output-dir", lambda s: ckpt.state_bytes(spec, s), round_files, discard=stale)
+    loop = LoopConfig(config.num_server_rounds, config.fraction_train, config.seed,
+                      secret_sampling=dp is not None and not config.dp_seeded_noise,
+                      min_replies=config.min_train_nodes, target_epsilon=dp.target_epsilon if dp is not None else None)
+    run_rounds(server, FlowerClients(grid, config, server), loop, writer, report)
     return server.state.history
 
 

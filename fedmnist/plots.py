@@ -15,12 +15,6 @@ from fedmnist.io import atomic_path
 from fedmnist.labels import method_name
 
 
-def method_label(name: str) -> str:
-    """Display name of an aggregation method: an old name of ``fedmnist.labels.method_name``, kept until
-    ``simulation`` and ``flower_app`` call that instead."""
-    return method_name(name)
-
-
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:

@@ -4,7 +4,8 @@
 then for R rounds samples ``max(1, ⌊C·K⌋)`` clients (``fedmnist.seeds``), trains each of them locally
 from its method's global weights, and hands their replies to the shared server step
 (``fedmnist.server.Server``), which validates, aggregates, evaluates and records them. This module is
-the in-process adapter: it only decides which clients train, from which weights, and runs them.
+the in-process adapter of the shared round loop (``fedmnist.rounds``): ``SimulatedClients`` trains the
+sampled clients from the weights the loop hands it.
 
 Every method keeps its own global model but all share the partition, the initial weights
 (``initial_weights(seed)``), the clients sampled in round r, each client's training seed and the
@@ -33,12 +34,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_malicious
+from fedmnist.checkpoint import CHECKPOINT_FILE
 from fedmnist.config import DEFAULT_SEED, TrainingConfig, _is_int, _need
 from fedmnist.errors import FedMnistError
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
 from fedmnist.io import OutputSet, read_text_capped
-from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods, with_privacy
-from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, sample_positions, training_seed
+from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods
+from fedmnist.rounds import Batch, Gathered, LoopConfig, check_privacy_target, with_dp
+from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, training_seed
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
 from fedmnist.settings import default
 from fedmnist.workers import (
@@ -57,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pkl"
 RESUMABLE_FIELDS = ("rounds", "target_accuracy", "stop_at_target")
 """Config fields a resumed run may change: they do not alter the rounds already completed (nor does
 ``privacy.target_epsilon``)."""
@@ -255,25 +257,20 @@ def sample_clients(config: SimulationConfig, round_: int) -> list[int]:
     """Ids (1..K, sorted) of the clients of ``round_``: drawn from a generator seeded by (seed, round).
 
     ⌊C·K⌋ without replacement, or, under DP-FedAvg with Poisson sampling, each client independently
-    with probability q = ⌊C·K⌋/K (the event the accountant composes).
+    with probability q = ⌊C·K⌋/K (the event the accountant composes): ``fedmnist.rounds.sample_round``.
     """
-    num_clients = config.federation.num_clients
-    if config.privacy is not None and config.privacy.sampling == "poisson":
-        from fedmnist.privacy import poisson_sample
-        from fedmnist.seeds import SAMPLING
+    from fedmnist.rounds import sample_round
 
-        rng = np.random.default_rng([config.seed, SAMPLING, round_])
-        return [p + 1 for p in poisson_sample(num_clients, config.clients_per_round / num_clients, rng)]
-    return [p + 1 for p in sample_positions(num_clients, config.fraction, config.seed, round_)]
+    num_clients = config.federation.num_clients
+    poisson = config.privacy is not None and config.privacy.sampling == "poisson"
+    return sample_round(range(1, num_clients + 1), config.fraction, round_, config.seed,
+                        config.clients_per_round / num_clients if poisson else None)
 
 
 def run_methods(config: SimulationConfig) -> list[Method]:
-    """The run's methods, each wrapped in DP-FedAvg when ``config.privacy`` is set."""
+    """The run's methods, each wrapped in DP-FedAvg when ``config.privacy`` is set (``fedmnist.rounds.with_dp``)."""
     methods = build_methods(config.method, krum_f=config.krum_f, num_clients=config.federation.num_clients)
-    if config.privacy is None:
-        return methods
-    return [with_privacy(m, config.privacy, config.federation.num_clients, config.clients_per_round, config.seed)
-            for m in methods]
+    return with_dp(methods, config.privacy, config.federation.num_clients, config.clients_per_round, config.seed)
 
 
 def malicious_clients(config: SimulationConfig) -> list[int]:
@@ -366,69 +363,59 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
     return replies, failed
 
 
-def _run_round(server: Server, round_: int, config: SimulationConfig, executor: ClientExecutor,
-               malicious: set[int], progress: bool) -> list[RoundRecord]:
-    """Train the sampled clients once per group of methods with identical starts, then one server step each.
+class SimulatedClients:
+    """The simulation's side of the round loop (``fedmnist.rounds.Clients``): clients 1..K trained by an
+    executor, each batch's tasks submitted before any is awaited (a worker pool trains them all at once).
 
-    Every group's tasks are submitted before any is awaited, so a worker pool trains them all in parallel.
+    Malicious clients attack their replies; SCAFFOLD's client controls ``c_i`` live in the server
+    state's ``client_state`` (so checkpoints carry them).
     """
-    from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    sampled = sample_clients(config, round_)
-    bad_sampled = [k for k in sampled if k in malicious]
-    groups: dict[tuple[str, float, float | None, str | None], list[str]] = {}
-    controls: dict[str, ClientControls] = {}
-    for name, method in server.methods.items():
-        state = server.state.method_state[name]
-        clip = method.client_clip(state)
-        server_control = method.client_control(state, server.weights(name))
-        if server_control is not None:  # SCAFFOLD: corrected training, never shared with another method
-            controls[name] = ClientControls(server_control, server.state.client_state.setdefault(name, {}),
-                                            config.training.learning_rate)
-        groups.setdefault((server.start_sha256(name), method.client_mu, clip,
-                           name if name in controls else None), []).append(name)
-    evaluate_now = round_ % config.eval_every == 0 or round_ == config.rounds
-    bar = tqdm(total=len(groups), desc=f"ronda {round_}", unit="grupo", leave=False, disable=not progress)
-    try:
-        pending = {key: (time.perf_counter(), executor.submit(client_tasks(
-            config, round_, sampled, server.weights(members[0]), key[1], malicious, controls.get(key[3]))))
-            for key, members in groups.items()}
-        for (start_sha, mu, clip, owner), members in groups.items():
-            t0, batch = pending[(start_sha, mu, clip, owner)]
-            replies, failed = collect_replies(batch.result(), config, round_, server.weights(members[0]),
-                                              start_sha, mu, malicious, clip, controls.get(owner))
-            train_seconds = time.perf_counter() - t0
-            bar.update()
-            for name in members:
-                server.step(round_, name, replies, sampled_clients=sampled, failed=failed,
-                            malicious_sampled=bad_sampled, min_replies=0, evaluate=evaluate_now,
-                            train_seconds=train_seconds, round_started=started)
-    finally:
-        bar.close()
-    return server.end_round(round_, time.perf_counter() - started)
+    def __init__(self, config: SimulationConfig, executor: ClientExecutor, state: ServerState,
+                 malicious: set[int], progress: bool) -> None:
+        self.config, self.executor, self.state = config, executor, state
+        self.malicious, self.progress = malicious, progress
 
+    def candidates(self, round_: int) -> list[int]:
+        """Every client of the federation."""
+        del round_
+        return list(range(1, self.config.federation.num_clients + 1))
 
-def _every_method_reached(server: Server, config: SimulationConfig) -> bool:
-    return all(rounds_to_target(server.history(m), config.target_accuracy) is not None for m in server.methods)
+    def record_fields(self, sampled: list[int]) -> dict:
+        """The sampled client ids and the malicious ones among them."""
+        return {"sampled_clients": sampled, "malicious_sampled": [k for k in sampled if k in self.malicious]}
 
+    def _controls(self, batch: Batch) -> ClientControls | None:
+        if batch.control is None:
+            return None
+        return ClientControls(batch.control, self.state.client_state.setdefault(batch.methods[0], {}),
+                              self.config.training.learning_rate)
 
-def _finished(state: ServerState, methods: list[Method], config: SimulationConfig) -> bool:
-    """Whether a resumed run has no round left to train (it then needs no worker processes)."""
-    if state.round >= config.rounds:
-        return True
-    return config.stop_at_target and all(
-        rounds_to_target([r for r in state.history if r.method == m.name], config.target_accuracy) is not None
-        for m in methods)
+    def exchange(self, round_: int, sampled: list[int], batches: list[Batch]) -> list[Gathered]:
+        """Train the sampled clients once per batch and collect their replies."""
+        from tqdm.auto import tqdm
+
+        controls = [self._controls(batch) for batch in batches]
+        pending = [(time.perf_counter(), self.executor.submit(client_tasks(
+            self.config, round_, sampled, batch.start, batch.mu, self.malicious, control)))
+            for batch, control in zip(batches, controls)]
+        gathered = []
+        with tqdm(total=len(batches), desc=f"ronda {round_}", unit="grupo", leave=False,
+                  disable=not self.progress) as bar:
+            for batch, control, (t0, tasks) in zip(batches, controls, pending):
+                replies, failed = collect_replies(tasks.result(), self.config, round_, batch.start,
+                                                  batch.start_sha256, batch.mu, self.malicious, batch.clip, control)
+                gathered.append(Gathered(replies, failed, time.perf_counter() - t0))
+                bar.update()
+        return gathered
 
 
-def _privacy_budget_spent(server: Server, config: SimulationConfig) -> bool:
-    """Whether one more round would take some method's ε above ``--target-epsilon``."""
-    target = config.privacy.target_epsilon if config.privacy is not None else None
-    if target is None:
-        return False
-    return any(m.accountant.would_exceed(target, int(server.state.method_state[name]["releases"]))
-               for name, m in server.methods.items())
+def loop_config(config: SimulationConfig) -> LoopConfig:
+    """The shared loop's settings for a simulation: every round evaluated every ``eval_every``, a
+    round without replies keeps the weights, the target accuracy stops it only with ``stop_at_target``."""
+    return LoopConfig(config.rounds, config.fraction, config.seed, min_replies=0, eval_every=config.eval_every,
+                      target_accuracy=config.target_accuracy if config.stop_at_target else None,
+                      target_epsilon=config.privacy.target_epsilon if config.privacy is not None else None)
 
 
 def run_simulation(
@@ -477,9 +464,10 @@ def run_simulation(
         Invalid settings, an unusable output directory, or a checkpoint from another configuration or data.
     """
 
-    from fedmnist import checkpoint as ckpt
+    from fedmnist.checkpoint import load_checkpoint
     from fedmnist.io import check_writable_dir
     from fedmnist.model import initial_weights
+    from fedmnist.rounds import finished
 
     started = time.perf_counter()
     config.validate()
@@ -492,17 +480,16 @@ def run_simulation(
     state = ServerState.initial(methods, init)
     checkpoint = out / CHECKPOINT_FILE
     if resume and checkpoint.exists():
-        state = ckpt.load_checkpoint(checkpoint, config, fed.sha256)
+        state = load_checkpoint(checkpoint, config, fed.sha256)
         log.info("resuming from %s: %d of %d rounds already done", checkpoint, state.round, config.rounds)
     elif resume:
         log.info("no checkpoint in %s; starting from round 1", out)
     elif checkpoint.exists():
         log.info("%s exists; starting afresh (use --resume to continue it)", checkpoint)
-    if config.privacy is not None and config.privacy.target_epsilon is not None:
-        for m in methods:
-            m.accountant.check_target(config.privacy.target_epsilon, int(state.method_state[m.name]["releases"]))
+    loop = loop_config(config)
+    check_privacy_target(methods, state, loop.target_epsilon)
     data = WorkerData.from_federation(fed)
-    if workers is not None and not _finished(state, methods, config):
+    if workers is not None and not finished(methods, state, loop):
         executor = WorkerPool(workers, data, config.training, model_seed=config.seed)
     else:
         if trainer is None:
@@ -513,48 +500,41 @@ def run_simulation(
             check_trainer(trainer, config.training)
         executor = InProcessExecutor(data, config.training, model_seed=config.seed, trainer=trainer)
     with executor:
-        return _run(config, out, fed, malicious, methods, state, executor, data_path, progress, callback,
+        return _run(config, loop, out, fed, malicious, methods, state, executor, data_path, progress, callback,
                     started, init)
 
 
-def _run(config: SimulationConfig, out: Path, fed: Federation, malicious: list[int], methods: list[Method],
-         state: ServerState, executor: ClientExecutor, data_path, progress: bool, callback, started: float,
-         init: list[np.ndarray]) -> SimulationResult:
-    """The round loop of ``run_simulation`` around an open executor, then the final outputs."""
+def _run(config: SimulationConfig, loop: LoopConfig, out: Path, fed: Federation, malicious: list[int],
+         methods: list[Method], state: ServerState, executor: ClientExecutor, data_path, progress: bool, callback,
+         started: float, init: list[np.ndarray]) -> SimulationResult:
+    """The shared round loop (``fedmnist.rounds``) over an open executor, then the final outputs."""
     from tqdm.auto import tqdm
 
     from fedmnist import checkpoint as ckpt
     from fedmnist import outputs
     from fedmnist.model import weights_sha256
+    from fedmnist.rounds import RoundWriter, run_rounds
 
     done = state.round
     server = Server(methods, state, executor.evaluate, fed.expected_counts)
-
+    clients = SimulatedClients(config, executor, server.state, set(malicious), progress)
     config_text = outputs.json_text(_config_payload(config, fed, malicious, data_path))
-    stale = [] if done else _previous_run_files(out)
+    spec = ckpt.simulation_spec(config, fed.sha256, malicious)
+    writer = RoundWriter(out, "--out directory", lambda s: ckpt.state_bytes(spec, s),
+                         lambda staged, s, rows: staged.write_text(outputs.CONFIG_FILE, config_text),
+                         _metrics_extra(config, malicious),
+                         # a fresh run never leaves an earlier run's final files beside its own
+                         [] if done else _previous_run_files(out))
     bar = tqdm(total=config.rounds, initial=done, desc="rondas", unit="ronda", disable=not progress)
+
+    def on_round(round_: int, rows: list[RoundRecord]) -> None:
+        bar.set_postfix({r.method: f"{r.test_accuracy:.3f}" for r in rows if r.test_accuracy is not None})
+        bar.update()
+        if callback is not None:
+            callback(round_, rows)
+
     try:
-        for round_ in range(done + 1, config.rounds + 1):
-            if config.stop_at_target and _every_method_reached(server, config):
-                log.info("every method reached %.4f by round %d: stopping early", config.target_accuracy, round_ - 1)
-                break
-            if _privacy_budget_spent(server, config):
-                log.info("round %d would exceed the target epsilon %g: stopping", round_,
-                         config.privacy.target_epsilon)
-                break
-            rows = _run_round(server, round_, config, executor, set(malicious), progress)
-            with OutputSet(out, "--out directory") as staged:  # the checkpoint and its metrics, together
-                staged.write_text(outputs.CONFIG_FILE, config_text)
-                staged.write_bytes(CHECKPOINT_FILE, ckpt.checkpoint_bytes(config, fed.sha256, server.state,
-                                                                           malicious))
-                outputs.write_metrics(staged, server.state.history, _metrics_extra(config, malicious))
-                for name in stale:  # a fresh run never leaves an earlier run's final files beside its own
-                    staged.discard(name)
-                stale = []
-            bar.set_postfix({r.method: f"{r.test_accuracy:.3f}" for r in rows if r.test_accuracy is not None})
-            bar.update()
-            if callback is not None:
-                callback(round_, rows)
+        run_rounds(server, clients, loop, writer, on_round)
     finally:
         bar.close()
 
@@ -702,7 +682,7 @@ def _privacy_summary(result: SimulationResult) -> dict | None:
 
 def format_summary(result: SimulationResult) -> str:
     """A plain-text table: final accuracy and rounds to target per method."""
-    from fedmnist.plots import method_label
+    from fedmnist.labels import method_name
 
     target = result.config.target_accuracy
     lines = [f"{'method':<16}{'final accuracy':>16}{f'rounds to {target:.0%}':>18}{'seconds':>10}"]
@@ -710,7 +690,7 @@ def format_summary(result: SimulationResult) -> str:
         accuracy = result.final_accuracy[method]
         reached = result.rounds_to_target[method]
         lines.append(
-            f"{method_label(method):<16}{'-' if accuracy is None else f'{accuracy:.4f}':>16}"
+            f"{method_name(method):<16}{'-' if accuracy is None else f'{accuracy:.4f}':>16}"
             f"{'not reached' if reached is None else str(reached):>18}{sum(r.seconds for r in rows):>10.1f}"
         )
     return "\n".join(lines)

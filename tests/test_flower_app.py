@@ -289,10 +289,10 @@ def test_client_app_refuses_a_control_that_does_not_fit(small_federation):
     start = initial_weights(SEED)
     context = Context(run_id=1, node_id=7, node_config={"data-file": str(client_file(small_federation, 1))},
                       state=RecordDict(), run_config=config.to_dict())
-    with pytest.raises(ScaffoldError, match=r"server's SCAFFOLD control variate.*layer 0"):
+    with pytest.raises(ScaffoldError, match=r"server's SCAFFOLD control variate.*weight 0"):
         client_app(_train_message(start, 1, 0.0, control=[np.zeros(3, np.float32), *start[1:]]), context)
     context.state[STATE_CONTROL_KEY] = ArrayRecord([np.zeros(2, np.float32)])
-    with pytest.raises(ScaffoldError, match=r"this node's SCAFFOLD control variate.*1 arrays"):
+    with pytest.raises(ScaffoldError, match=r"this node's SCAFFOLD control variate.*got 1$"):
         client_app(_train_message(start, 1, 0.0, control=zero_controls(start)), context)
 
 

@@ -41,7 +41,8 @@ def _config(out: Path, test_file: Path, **overrides) -> FlowerRunConfig:
     """Seeded DP-FedAvg over the echo nodes, K = 5, resumable."""
     values = {"num_server_rounds": 3, "min_train_nodes": 1, "seed": SEED, "output_dir": str(out),
               "test_file": str(test_file), "round_timeout": 30.0, "wait_nodes_timeout": 5.0, "dp_noise": 1.0,
-              "dp_clip": 1.0, "dp_seeded_noise": True, "fraction_train": 0.4, "dp_clients": 5, "resume": True}
+              "dp_clip": 1.0, "dp_seeded_noise": True, "fraction_train": 0.4, "dp_clients": 5, "resume": True,
+              "learning_rate": 0.05}
     return FlowerRunConfig(**{**values, **overrides})
 
 

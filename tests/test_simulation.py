@@ -305,7 +305,7 @@ def test_robust_rules_run_under_sign_flipping(raw_mnist, trainer, tmp_path):
         ({"attack": "gaussian"}, "no malicious clients"),
         ({"num_malicious": 1, "attack": "labelflip", "attack_strength": 2.0}, "takes no strength"),
         ({"methods": ("krum",), "num_clients": 4, "krum_f": 1}, "krum with f=1"),
-        ({"train_subset": 3}, "fewer images"),
+        ({"train_subset": 3}, "one image or more for each"),
         ({"rounds": 0}, "rounds"),
         ({"batch_size": 2.5}, "integer"),
     ],

@@ -24,7 +24,7 @@ vectors. It talks to the nodes through an injected ``exchange(stage, payloads) -
 missing from the replies have vanished. Below t live neighbours for any node the round is aborted
 with ``SecureAggregationAborted`` and no sum. Payloads, replies and the node's state are plain dicts
 whose values a Flower ``ConfigRecord`` holds (int, float, str, bytes, lists of one of them); the
-masked vector travels as little-endian int64 bytes (never pickled).
+masked vector travels as little-endian uint32 bytes (int64 when M > 2^32; never pickled).
 
 Limits inherited from Flower's primitives: ``pseudo_rand_gen`` seeds NumPy's Mersenne Twister with a
 32-bit fold of the key, so each mask has 32 bits of seed (recovering one masked vector means guessing
@@ -100,16 +100,21 @@ def _pairwise_seed(private_key: bytes, public_key: bytes) -> bytes:
     return generate_shared_key(bytes_to_private_key(private_key), bytes_to_public_key(public_key))
 
 
-def vector_to_bytes(vector: np.ndarray) -> bytes:
-    """An int64 vector as little-endian bytes (how masked vectors travel)."""
-    return np.ascontiguousarray(vector, dtype="<i8").tobytes()
+def _wire_dtype(modulus: int) -> str:
+    return "<u4" if modulus <= 2**32 else "<i8"
+
+
+def vector_to_bytes(vector: np.ndarray, modulus: int) -> bytes:
+    """Residues mod ``modulus`` as little-endian bytes: uint32 when M <= 2^32 (the default), else int64."""
+    return np.ascontiguousarray(vector, dtype=_wire_dtype(modulus)).tobytes()
 
 
 def bytes_to_vector(data: bytes, length: int, modulus: int) -> np.ndarray:
-    """The vector of ``length`` residues mod ``modulus`` in ``data``; SecureAggregationError otherwise."""
-    if not isinstance(data, bytes) or len(data) != 8 * length:
-        _fail(f"a masked vector must be {8 * length} bytes ({length} int64 values)")
-    vector = np.frombuffer(data, dtype="<i8").astype(np.int64)
+    """The int64 vector of ``length`` residues mod ``modulus`` in ``data``; SecureAggregationError otherwise."""
+    dtype = np.dtype(_wire_dtype(modulus))
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize * length:
+        _fail(f"a masked vector must be {dtype.itemsize * length} bytes ({length} values)")
+    vector = np.frombuffer(data, dtype=dtype).astype(np.int64)
     if vector.min(initial=0) < 0 or vector.max(initial=0) >= modulus:
         _fail(f"a masked vector has values outside [0, {modulus})")
     return vector
@@ -225,7 +230,7 @@ def client_collect_masked_vectors(inbound: Mapping, state: Mapping, encoded: np.
     new_state = {**state, "stage": Stage.COLLECT_MASKED_VECTORS, "seed_share_nids": seed_nids,
                  "seed_shares": seed_shares, "key_share_nids": key_nids, "key_shares": key_shares}
     del new_state["rd_seed"]  # the seed is no longer needed; its shares rebuild it if asked
-    return {MASKED: vector_to_bytes(masked)}, new_state
+    return {MASKED: vector_to_bytes(masked, modulus)}, new_state
 
 
 def client_unmask(inbound: Mapping, state: Mapping) -> tuple[dict, dict]:

@@ -47,7 +47,7 @@ sensitivity S still holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +106,25 @@ def _need(ok: bool, message: str) -> None:
 
 
 # --- settings ------------------------------------------------------------------------------------
+
+SETTINGS = (
+    ("secure-aggregation", "enabled", bool, False, "mask the round's replies with SecAgg+: the server "
+                                                   "learns only their sum"),
+    ("secagg-num-shares", "num_shares", int, 0, "nodes holding shares of each node's secrets, itself "
+                                                "included; odd, or 0 for every sampled node"),
+    ("secagg-threshold", "threshold", int, 0, "shares needed to rebuild a secret (> half of them); 0 for a "
+                                              "majority"),
+    ("secagg-clip-range", "clip_range", float, DEFAULT_CLIP_RANGE, "R: update coordinates are clipped to "
+                                                                   "[-R, R] before quantisation"),
+    ("secagg-control-range", "control_range", float, DEFAULT_CONTROL_RANGE, "R_c: the same for SCAFFOLD's "
+                                                                            "control-variate deltas"),
+    ("secagg-bits", "bits", int, DEFAULT_BITS, "quantisation bits per coordinate"),
+    ("secagg-modulus", "modulus", int, DEFAULT_MODULUS, "M: the masks' field, a power of two"),
+    ("secagg-weight-bound", "weight_bound", int, DEFAULT_WEIGHT_BOUND, "W: the largest example count a "
+                                                                       "member may weigh with"),
+)
+"""Every setting once: (run-config key, ``SecAggConfig`` field, type, default, help). 0 stands for
+"unset" where the run config cannot hold None (shares, threshold)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +187,20 @@ class SecAggConfig:
         object.__setattr__(self, "enabled", bool(self.enabled))
         object.__setattr__(self, "clip_range", float(self.clip_range))
         object.__setattr__(self, "control_range", float(self.control_range))
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, object]) -> SecAggConfig:
+        """The config from kebab-case settings (a Flower run config, parsed flags); keys not in ``SETTINGS``
+        are ignored, missing ones take their defaults, and 0 shares or threshold means unset."""
+        given = {}
+        for key, name, kind, _, _ in SETTINGS:
+            if key not in values:
+                continue
+            value = values[key]
+            if kind is float and _integer(value):
+                value = float(value)
+            given[name] = None if name in ("num_shares", "threshold") and value == 0 else value
+        return cls(**given)
 
     @staticmethod
     def _check_threshold(num_shares: int, threshold: int) -> None:

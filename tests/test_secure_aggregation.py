@@ -3,6 +3,8 @@ Flower's primitives (fedmnist.flower_secagg), run in process with a fake exchang
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -10,6 +12,7 @@ from scipy import stats
 from fedmnist.errors import ConfigError
 from fedmnist.flower_secagg import (
     MASKED,
+    bytes_to_vector,
     client_stage,
     neighbour_graph,
     run_server,
@@ -17,6 +20,7 @@ from fedmnist.flower_secagg import (
 from fedmnist.privacy import DPConfig
 from fedmnist.secure_aggregation import (
     ROBUST_RULES,
+    SETTINGS,
     Composition,
     Contribution,
     SecAggConfig,
@@ -145,7 +149,7 @@ def test_secure_aggregation_masked_vectors_look_uniform_and_uncorrelated_with_th
     vectors = encoded(contribs, layout, config)
     result, fake, node_ids = run(vectors, config, layout)
     for nid, vector in zip(node_ids, vectors):
-        masked = np.frombuffer(fake.received[COLLECT][nid][MASKED], dtype="<i8")
+        masked = bytes_to_vector(fake.received[COLLECT][nid][MASKED], layout.size, config.modulus)
         counts = np.bincount((masked * 64) // config.modulus, minlength=64)
         assert stats.chisquare(counts).pvalue > 1e-6
         assert stats.kstest(masked / config.modulus, "uniform").pvalue > 1e-6
@@ -276,6 +280,19 @@ def test_secure_aggregation_settings_inconsistent_with_the_sample(settings, samp
 def test_secure_aggregation_settings_rejected_on_creation(settings, message):
     with pytest.raises(ConfigError, match=message):
         SecAggConfig(**settings)
+
+
+def test_secure_aggregation_settings_from_run_config():
+    config = SecAggConfig.from_settings({"secure-aggregation": True, "secagg-num-shares": 0, "secagg-threshold": 3,
+                                         "secagg-clip-range": 2, "num-server-rounds": 5})
+    assert config == SecAggConfig(enabled=True, threshold=3, clip_range=2.0)
+    assert SecAggConfig.from_settings({}) == SecAggConfig()
+    assert {name for _, name, *_ in SETTINGS} == {f.name for f in dataclasses.fields(SecAggConfig)}
+    defaults = SecAggConfig()  # the declaration's defaults are the dataclass's (0 = unset)
+    assert {name: (None if d == 0 and name in ("num_shares", "threshold") else d) for _, name, _, d, _ in SETTINGS} \
+        == {name: getattr(defaults, name) for _, name, *_ in SETTINGS}
+    with pytest.raises(ConfigError, match="secagg-bits"):
+        SecAggConfig.from_settings({"secagg-bits": "22"})
 
 
 def test_secure_aggregation_default_threshold_is_a_majority_of_the_shares():

@@ -407,4 +407,5 @@ def run_server(node_ids: Sequence[int], exchange: Exchange, params: ProtocolPara
         for nbr in sorted(v for v in u3 if any(src == owner for src, _ in forwarded[v])):  # masked with owner
             pairwise = _mask(_pairwise_seed(secret, keys[nbr][0]), modulus, vector_length)
             total = (total - pairwise if nbr > owner else total + pairwise) % modulus
+    log.info("secure aggregation: unmasked the sum of %d of %d sampled nodes", len(u3), m)
     return SecureSum(total=total, contributors=tuple(sorted(u3)), dropped=tuple(sorted(set(ids) - u3)))

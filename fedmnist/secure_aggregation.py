@@ -40,8 +40,9 @@ gives the number for a round. Clipping is not an error the bound covers: a coord
 ±R is sent as ±R (and Δc beyond ±R_c as ±R_c), so an update that exceeds the range is aggregated with
 its large coordinates saturated, biased towards zero and turned in direction; ``saturated`` counts
 them so that R can be raised. Under client-side DP clipping with S ≤ R nothing saturates (each
-coordinate of a clipped update is at most ‖u‖ ≤ S), and saturating never lengthens an update, so the
-sensitivity S still holds.
+coordinate of a clipped update is at most ‖u‖ ≤ S), and saturating never lengthens an update; the
+rounding may, by less than Δ·√d over d coordinates (3·10⁻⁴ for the course's CNN at the defaults), so a
+strict DP-FedAvg accounts S + Δ·√d or clips to S − Δ·√d (``rounding_slack``).
 """
 
 from __future__ import annotations
@@ -385,6 +386,12 @@ def encode_contribution(contribution: Contribution, layout: VectorLayout, config
                                      "an unclipped bit was given, but the method does not use one")
     header = np.array([weight, int(bool(bit)), saturated], dtype=np.int64)
     return np.concatenate([header, *blocks])
+
+
+def rounding_slack(layout: VectorLayout, config: SecAggConfig) -> float:
+    """Δ·√d: the most stochastic rounding can lengthen one member's update block (L2 norm, d coordinates)."""
+    d = layout.num_values // (2 if layout.composition.control else 1)
+    return config.step(config.clip_range) * math.sqrt(d)
 
 
 def sum_vectors(vectors: Sequence[np.ndarray], modulus: int) -> np.ndarray:

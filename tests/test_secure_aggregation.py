@@ -32,6 +32,7 @@ from fedmnist.secure_aggregation import (
     decode_sum,
     encode_contribution,
     quantize,
+    rounding_slack,
     sum_vectors,
 )
 from fedmnist.seeds import quantization_rng, secagg_graph_rng
@@ -206,6 +207,11 @@ def test_secure_aggregation_equal_weights_scaffold_and_bits_ride_along():
     members = [Contribution([rng.normal(0, 0.1, s) for s in SHAPES], 30 + i, unclipped=i != 1) for i in range(3)]
     agg = aggregate_in_clear(members, [quantization_rng(SEED, 1, i) for i in range(3)], dp_layout, config)
     assert agg.total_weight == 3 and agg.unclipped_count == 2  # counts do not weigh; the bits are summed
+    for i, member in enumerate(members):  # rounding moves one member's update by less than Δ·√d in L2
+        alone = decode_sum(encode_contribution(member, dp_layout, config, quantization_rng(SEED, 1, i)), 1,
+                           dp_layout, config)
+        moved = np.sqrt(sum(np.sum((a - u) ** 2) for a, u in zip(alone.update_sum, member.update)))
+        assert 0 < moved < rounding_slack(dp_layout, config) == pytest.approx(config.step(1.0) * 3)
     for j in range(2):
         want = sum(m.update[j] for m in members)
         assert np.max(np.abs(agg.update_sum[j] - want)) <= 3 * config.step(1.0) + 1e-12

@@ -179,7 +179,7 @@ class SecAggConfig:
         m = self.modulus
         _need(_integer(m) and 2**8 <= m <= MAX_MODULUS and (m & (m - 1)) == 0,
               f"secagg-modulus must be a power of two between 2^8 and 2^62 (got {m!r})")
-        _need(_integer(self.bits) and 1 <= self.bits and 2 * self.levels < m,
+        _need(_integer(self.bits) and 1 <= self.bits <= 61 and 2 * self.levels < m,
               f"secagg-bits must be an integer >= 1 with 2·(2^bits − 1) < secagg-modulus, so that two "
               f"members' sum cannot wrap (got {self.bits!r} with modulus {m})")
         w = self.weight_bound

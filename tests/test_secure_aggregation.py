@@ -44,13 +44,15 @@ SHAPES = [(2, 3), (3,)]
 
 class FakeExchange:
     """In-process transport: every node keeps its state dict; ``vanish[nid] = stage`` drops the node from
-    that stage on (it never answers again); ``received`` records what the server got, per stage."""
+    that stage on (it never answers again); a node whose handler raises answers nothing (an error reply);
+``received`` records what the server got, per stage."""
 
     def __init__(self, vectors: dict[int, np.ndarray], vanish: dict[int, str] | None = None):
         self.vectors, self.vanish = vectors, vanish or {}
         self.states: dict[int, dict] = {nid: {} for nid in vectors}
         self.received: dict[str, dict[int, dict]] = {}
         self.stages: list[str] = []
+        self.errors: dict[int, str] = {}
 
     def __call__(self, stage: str, payloads: dict[int, dict]) -> dict[int, dict]:
         order = [SETUP, SHARE, COLLECT, UNMASK]
@@ -59,7 +61,11 @@ class FakeExchange:
         for nid, payload in payloads.items():
             if nid in self.vanish and order.index(stage) >= order.index(self.vanish[nid]):
                 continue
-            reply, self.states[nid] = client_stage(payload, self.states[nid], nid, self.vectors[nid])
+            try:
+                reply, self.states[nid] = client_stage(payload, self.states[nid], nid, self.vectors[nid])
+            except SecureAggregationError as exc:  # the node answers with an error: a dropout to the server
+                self.errors[nid] = str(exc)
+                continue
             replies[nid] = reply
         self.received[stage] = replies
         return replies
@@ -120,6 +126,24 @@ def test_secure_aggregation_tolerates_a_dropout_after_the_key_exchange(stage):
     assert (node_ids[2] in result.contributors) == (stage == UNMASK)
     decoded = decode_sum(result.total, len(result.contributors), LAYOUT, config)
     assert decoded.total_weight == sum(int(v[0]) for v in kept)
+
+
+def test_secure_aggregation_node_refuses_forged_shares_and_counts_as_a_dropout():
+    config = SecAggConfig(enabled=True)
+    vectors = encoded(contributions(3, 6), LAYOUT, config)
+    fake = FakeExchange(dict(zip([1, 2, 3], vectors)))
+
+    def tampering(stage, payloads):
+        if stage == COLLECT:  # the server alters one ciphertext forwarded to node 3
+            ciphertexts = list(payloads[3]["ctxts"])
+            ciphertexts[0] = ciphertexts[0][:-2] + b"AA"
+            payloads = {**payloads, 3: {**payloads[3], "ctxts": ciphertexts}}
+        return fake(stage, payloads)
+
+    result = run_server([1, 2, 3], tampering, config.for_sample(3, LAYOUT), LAYOUT.size, secagg_graph_rng(SEED, 1))
+    assert "do not decrypt" in fake.errors[3]
+    assert result.contributors == (1, 2)
+    np.testing.assert_array_equal(result.total, sum_vectors(vectors[:2], config.modulus))
 
 
 def test_secure_aggregation_below_the_threshold_fails_cleanly():

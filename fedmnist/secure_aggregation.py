@@ -41,8 +41,9 @@ gives the number for a round. Clipping is not an error the bound covers: a coord
 its large coordinates saturated, biased towards zero and turned in direction; ``saturated`` counts
 them so that R can be raised. Under client-side DP clipping with S ≤ R nothing saturates (each
 coordinate of a clipped update is at most ‖u‖ ≤ S), and saturating never lengthens an update; the
-rounding may, by less than Δ·√d over d coordinates (3·10⁻⁴ for the course's CNN at the defaults), so a
-strict DP-FedAvg accounts S + Δ·√d or clips to S − Δ·√d (``rounding_slack``).
+rounding may, by less than Δ·√d over d coordinates (3·10⁻⁴ for the course's CNN at the defaults), so
+DP-FedAvg calibrates its noise to S + Δ·√d (``SecureAggregate.rounding_slack``, used by
+``privacy.dp_fedavg_sum_step``), which keeps the accountant's z.
 """
 
 from __future__ import annotations
@@ -415,7 +416,9 @@ class SecureAggregate:
     ``total_weight``: Σ n_k (equal weights: the contributors); ``control_delta_sum``: Σ Δc_k (SCAFFOLD);
     ``unclipped_count``: Σ b_k (adaptive clipping); ``saturated``: coordinates clipped to the range, all
     members together; ``error_bound``/``control_error_bound``: per coordinate, of ``mean_update`` and
-    of ``control_delta_sum``, against the same quantities computed in floating point.
+    of ``control_delta_sum``, against the same quantities computed in floating point; ``rounding_slack``:
+    W·Δ·√d, the most the rounding can lengthen one member's term of ``update_sum`` (L2 norm; Δ·√d for
+    equal weights, what client-side DP-FedAvg adds to the clip norm S).
     """
 
     update_sum: list[np.ndarray]
@@ -426,6 +429,7 @@ class SecureAggregate:
     saturated: int
     error_bound: float
     control_error_bound: float | None
+    rounding_slack: float
 
     @property
     def mean_update(self) -> list[np.ndarray]:
@@ -479,6 +483,7 @@ def decode_sum(total: np.ndarray, num_contributors: int, layout: VectorLayout,
         update_sum=_unflatten(update_sum, layout.shapes), total_weight=weight, num_contributors=c,
         control_delta_sum=control_sum, unclipped_count=unclipped if comp.unclipped_bit else None,
         saturated=saturated, error_bound=c * step * bound / weight, control_error_bound=control_bound,
+        rounding_slack=rounding_slack(layout, config) * bound,
     )
 
 

@@ -4,6 +4,7 @@ Flower's primitives (fedmnist.flower_secagg), run in process with a fake exchang
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -365,3 +366,297 @@ def test_secure_aggregation_arithmetic_imports_no_flower():
     code = ("import sys, fedmnist.secure_aggregation, fedmnist.seeds; "
             "sys.exit(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+
+# --- the server step on a securely aggregated sum (Server.step_secure, Method.aggregate_sum) ---------
+
+ROUND = 1
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def cnn_start():
+    from fedmnist.model import initial_weights
+
+    return initial_weights(3)
+
+
+def _members(start, scales, seed=11):
+    """Members' trained weights: the global weights plus a Gaussian update of each scale (float32)."""
+    rng = np.random.default_rng(seed)
+    return [[(w + rng.normal(0, s, w.shape)).astype(np.float32) for w in start] for s in scales]
+
+
+def _server(method, start, **kwargs):
+    from fedmnist.server import Server, ServerState
+
+    return Server([method], ServerState.initial([method], start), **kwargs)
+
+
+def _secure_aggregate(method, start, trained, counts, *, controls=None, bits=None, config=None):
+    """``aggregate_in_clear`` of the members, encoded with ``method``'s composition."""
+    layout = VectorLayout.of(start, method.secure_composition())
+    contribs = [Contribution.from_weights(w, start, n, None if controls is None else controls[i],
+                                          None if bits is None else bits[i])
+                for i, (w, n) in enumerate(zip(trained, counts))]
+    rngs = [quantization_rng(SEED, ROUND, k) for k in range(1, len(trained) + 1)]
+    return aggregate_in_clear(contribs, rngs, layout, config or SecAggConfig(weight_bound=100))
+
+
+def _plain_and_secure(method, start, trained, counts, *, controls=None, bits=None, config=None):
+    """The same round on two fresh servers, ``Server.step`` over the replies and ``Server.step_secure``
+    over their secure aggregate: (plain result, secure result, aggregate, plain server, secure server)."""
+    from fedmnist.model import weights_sha256
+    from fedmnist.server import Reply
+
+    ids = list(range(1, len(trained) + 1))
+    replies = [Reply(k, w, n, f"client {k}", weights_sha256(start), 0.5,
+                     metrics={} if bits is None else {"unclipped": bits[i]},
+                     control_delta=None if controls is None else controls[i])
+               for i, (k, w, n) in enumerate(zip(ids, trained, counts))]
+    agg = _secure_aggregate(method, start, trained, counts, controls=controls, bits=bits, config=config)
+    plain_server, secure_server = _server(method, start), _server(method, start)
+    plain = plain_server.step(ROUND, method.name, replies, sampled_clients=ids)
+    secure = secure_server.step_secure(ROUND, method.name, agg, sampled_clients=ids, replied_clients=ids,
+                                       train_loss=0.5)
+    return plain, secure, agg, plain_server, secure_server
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b))
+
+
+def _f32_slack(weights) -> float:
+    """A few float32 roundings of the largest weight: what two float32 computations of one value may differ by."""
+    return 4 * EPS32 * max(1.0, *(float(np.max(np.abs(w))) for w in weights))
+
+
+def _same_record(plain, secure):
+    for name in ("round", "method", "num_sampled", "num_replies", "sampled_clients", "replied_clients",
+                 "malicious_sampled", "sampled_nodes", "mu", "start_sha256", "epsilon", "delta", "train_loss"):
+        assert getattr(secure.record, name) == getattr(plain.record, name), name
+    assert secure.accepted == [] and secure.rejected == {}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam"])
+def test_secure_aggregation_round_equals_the_plain_round_for_the_weighted_methods(name, cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    method = build_methods(MethodConfig((name,), mu=0.1))[0]
+    counts = [40, 7, 25]
+    plain, secure, agg, plain_server, secure_server = _plain_and_secure(
+        method, cnn_start, _members(cnn_start, [0.01, 0.02, 0.005]), counts)
+    assert agg.total_weight == sum(counts) and agg.num_contributors == 3 and agg.saturated == 0
+    assert agg.error_bound < 1e-3 * 0.005  # far below the smallest update's scale
+    # e: how far the decoded average may be from the plain one; the step multiplies it by at most its
+    # slope L: 1 for FedAvg/FedProx, η for FedAvgM's first step (m = Δ), η_t·(1−β₁)/τ for FedAdam's
+    # first step x + η_t·(1−β₁)Δ/(√(1−β₂)·|Δ| + τ)
+    slack = _f32_slack(cnn_start)
+    e = agg.error_bound + slack
+    opt = getattr(method, "optimizer", None)
+    slope = 1.0
+    if name == "fedavgm":
+        slope = opt.server_lr
+    elif name == "fedadam":
+        slope = opt.server_lr * math.sqrt(1 - opt.beta_2 ** 2) / (1 - opt.beta_1 ** 2) * (1 - opt.beta_1) / opt.tau
+    assert _max_diff(secure.weights, plain.weights) <= slope * e + slack
+    assert _max_diff(secure.weights, cnn_start) > 1e-3  # the round moved the model
+    assert secure_server.weights(name) is secure.weights and secure_server.state.history == [secure.record]
+    _same_record(plain, secure)
+    plain_state, secure_state = plain_server.state.method_state[name], secure_server.state.method_state[name]
+    if opt is None:
+        assert plain_state == secure_state == {}
+        return
+    assert secure_state["t"] == plain_state["t"] == 1 and secure_state["method"] == plain_state["method"]
+    momentum_scale = 1.0 if name == "fedavgm" else 1 - opt.beta_1  # m = Δ (FedAvgM: −Δ), m = (1−β₁)Δ
+    assert _max_diff(secure_state["m"], plain_state["m"]) <= momentum_scale * e + slack
+    if name == "fedadam":  # v = (1−β₂)Δ², within (1−β₂)(2|Δ| + e)e
+        delta = max(float(np.max(np.abs(m))) for m in plain_state["m"]) / momentum_scale
+        assert _max_diff(secure_state["v"], plain_state["v"]) <= (1 - opt.beta_2) * (2 * delta + e) * e + slack
+
+
+@pytest.mark.parametrize("num_clients", [None, 5])
+def test_secure_aggregation_scaffold_round_divides_the_control_sum_by_the_federation(num_clients, cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    method = build_methods(MethodConfig(("scaffold",), server_lr=0.8), num_clients=num_clients)[0]
+    rng = np.random.default_rng(5)
+    controls = [[rng.normal(0, 0.5, w.shape).astype(np.float32) for w in cnn_start] for _ in range(3)]
+    plain, secure, agg, plain_server, secure_server = _plain_and_secure(
+        method, cnn_start, _members(cnn_start, [0.01, 0.02, 0.005]), [40, 7, 25], controls=controls)
+    slack = _f32_slack(cnn_start)
+    assert _max_diff(secure.weights, plain.weights) <= 0.8 * (agg.error_bound + slack) + slack
+    n = num_clients or 3  # the federation, never the one pseudo-reply
+    want = [sum(c[j].astype(np.float64) for c in controls) / n for j in range(len(cnn_start))]
+    plain_c = plain_server.state.method_state["scaffold"]["control"]
+    secure_c = secure_server.state.method_state["scaffold"]["control"]
+    assert _max_diff(plain_c, want) <= slack
+    assert _max_diff(secure_c, plain_c) <= agg.control_error_bound / n + slack
+    assert agg.control_error_bound / n < 1e-4 * 0.5
+    _same_record(plain, secure)
+
+
+def _dp_method(adaptive: bool, num_clients: int = 6, per_round: int = 3):
+    from fedmnist.methods import MethodConfig, build_methods, with_privacy
+
+    dp = DPConfig(0.5, 0.6, adaptive=adaptive, side="client", clipped_count_stddev=1.0 if adaptive else None)
+    return with_privacy(build_methods(MethodConfig(("fedavg",)))[0], dp, num_clients, per_round, seed=3)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_secure_aggregation_dp_fedavg_round_equals_the_plain_round(adaptive, cnn_start):
+    from fedmnist.privacy import clip_client_weights
+    from fedmnist.seeds import server_rng
+
+    method = _dp_method(adaptive, per_round=4)  # 4 sampled, 3 reply: both divide by m = 4
+    clip = method.client_clip(method.initial_state())
+    # update norms about 0.25, 0.5 and 1.0 (d = 390,410 coordinates) against S = 0.6: two fit, one is clipped
+    clipped = [clip_client_weights(w, cnn_start, clip) for w in _members(cnn_start, [0.0004, 0.0008, 0.0016])]
+    bits = [c.unclipped for c in clipped] if adaptive else None
+    assert [c.unclipped for c in clipped] == [True, True, False]
+    plain, secure, agg, plain_server, secure_server = _plain_and_secure(
+        method, cnn_start, [c.weights for c in clipped], [600, 20, 75], bits=bits)
+    assert agg.total_weight == agg.num_contributors == 3  # equal weights: the counts never enter
+    assert agg.unclipped_count == (2 if adaptive else None)
+    # plain: w + (Σ clip(Δ) + z_Δ·S·ξ)/m; secure: w + (Σ q + z_Δ·(S + slack)·ξ)/m with the same ξ
+    m = method.accountant.clients_per_round
+    rng = server_rng(method.seed, ROUND)
+    if adaptive:
+        rng.standard_normal()  # the count's noise is drawn first
+    xis = [rng.standard_normal(w.shape) for w in cnn_start]
+    xi = max(float(np.max(np.abs(x))) for x in xis)
+    z_delta = method.dp.noise_params(m)[0]
+    slack = _f32_slack(cnn_start)
+    bound = (agg.error_bound * agg.total_weight + z_delta * agg.rounding_slack * xi) / m + slack
+    assert 0 < agg.rounding_slack < 1e-3 * clip
+    assert _max_diff(secure.weights, plain.weights) <= bound
+    want = [g + (u + z_delta * (clip + agg.rounding_slack) * x) / m for g, u, x in zip(cnn_start, agg.update_sum, xis)]
+    assert _max_diff(secure.weights, want) <= slack
+    assert _max_diff(secure.weights, cnn_start) > 1e-3
+    # the same DP state (S's adaptive update saw the same count and the same count noise) and the same ε
+    assert secure_server.state.method_state["fedavg"] == plain_server.state.method_state["fedavg"]
+    assert (secure_server.state.method_state["fedavg"]["clip"] != clip) == adaptive
+    assert secure.record.epsilon == plain.record.epsilon and math.isfinite(secure.record.epsilon) \
+        and secure.record.epsilon > 0
+    _same_record(plain, secure)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_secure_aggregation_dp_sum_step_is_the_reply_step_on_the_summed_updates(adaptive):
+    from fedmnist.errors import ValidationError
+    from fedmnist.privacy import DPState, client_update, dp_fedavg_step, dp_fedavg_sum_step
+
+    start = [np.zeros((2, 3), np.float32), np.ones(3, np.float32)]
+    dp = DPConfig(0.5, 1.0, adaptive=adaptive, side="client", clipped_count_stddev=1.0 if adaptive else None)
+    trained = [[start[0] + np.float32(0.1), start[1] - np.float32(0.2)],
+               [start[0] - np.float32(0.3), start[1] + np.float32(0.1)]]
+    updates = [client_update(w, start) for w in trained]
+    total = [np.sum([u[j].astype(np.float64) for u in updates], axis=0) for j in range(2)]
+    noise = [np.full((2, 3), 0.5), np.array([1.0, -2.0, 0.0])]
+    kwargs = {"num_sampled": 4, "noise": noise, "count_noise": -0.7 if adaptive else None}
+    plain = dp_fedavg_step(start, trained, dp, DPState(1.0, 2), unclipped=[True, False] if adaptive else None,
+                           **kwargs)
+    exact = dp_fedavg_sum_step(start, total, 2, dp, DPState(1.0, 2), num_unclipped=1 if adaptive else None, **kwargs)
+    assert _max_diff(exact.weights, plain.weights) == 0 and exact.state == plain.state
+    assert exact.noise_std == plain.noise_std and exact.unclipped_fraction == plain.unclipped_fraction
+    # a rounding slack s raises only the noise: z_Δ·(S + s) on the sum, m = 4, one release more
+    slacked = dp_fedavg_sum_step(start, total, 2, dp, DPState(1.0, 2), slack=0.25,
+                                 num_unclipped=1 if adaptive else None, **kwargs)
+    z_delta = dp.noise_params(4)[0]
+    for j in range(2):
+        want = start[j] + (total[j] + z_delta * 1.25 * noise[j]) / 4
+        np.testing.assert_allclose(slacked.weights[j], want.astype(np.float32), rtol=0, atol=1e-6)
+    assert slacked.noise_std == pytest.approx(z_delta * 1.25 / 4) and slacked.state == DPState(plain.state.clip, 3)
+    with pytest.raises(ConfigError, match="needs client-side clipping"):
+        dp_fedavg_sum_step(start, total, 2, dataclasses.replace(dp, side="server"), DPState(1.0, 2), **kwargs)
+    if adaptive:
+        with pytest.raises(ValidationError, match="number of unclipped updates, an integer in \\[0, 2\\]"):
+            dp_fedavg_sum_step(start, total, 2, dp, DPState(1.0, 2), num_unclipped=3, **kwargs)
+
+
+def test_secure_aggregation_dp_refuses_a_sum_of_unclipped_updates(cnn_start):
+    from fedmnist.errors import ValidationError
+
+    method = _dp_method(adaptive=False)
+    agg = _secure_aggregate(method, cnn_start, _members(cnn_start, [0.004, 0.004, 0.004]), [1, 1, 1])
+    server = _server(method, cnn_start)
+    with pytest.raises(ValidationError, match=r"the members did not clip their updates to S = 0\.6"):
+        server.step_secure(ROUND, "fedavg", agg)
+    assert server.state.history == [] and server.state.method_state["fedavg"]["releases"] == 0
+
+
+def _refused(name):
+    from fedmnist.methods import MethodConfig, build_methods, with_privacy
+
+    if name == "server-side dp":
+        dp = DPConfig(0.5, 0.6, side="server")
+        return with_privacy(build_methods(MethodConfig(("fedavg",)))[0], dp, 6, 3, seed=3), "server-side DP clipping"
+    return build_methods(MethodConfig((name,), krum_f=0))[0], f"{name} cannot run on a sum: {ROBUST_RULES[name]}"
+
+
+@pytest.mark.parametrize("name", [*sorted(ROBUST_RULES), "server-side dp", "max-count-ratio"])
+def test_secure_aggregation_step_refuses_methods_that_must_see_every_update(name, cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    fedavg = build_methods(MethodConfig(("fedavg",)))[0]
+    agg = _secure_aggregate(fedavg, cnn_start, _members(cnn_start, [0.01, 0.01]), [5, 9])
+    if name == "max-count-ratio":
+        method, reason = fedavg, "max-count-ratio"
+        server = _server(method, cnn_start, max_count_ratio=3.0)
+    else:
+        method, reason = _refused(name)
+        server = _server(method, cnn_start)
+    with pytest.raises(ConfigError, match=f"^secure aggregation gives the server only the sum of the updates.*{reason}"):
+        server.step_secure(ROUND, method.name, agg)
+    if name != "max-count-ratio":
+        with pytest.raises(ConfigError, match=reason):
+            method.aggregate_sum(cnn_start, agg, method.initial_state())
+    assert server.state.history == [] and server.weights(method.name) == list(cnn_start)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("spoil", ["nan update", "inf control", "overflowing step"])
+def test_secure_aggregation_step_never_adopts_a_non_finite_aggregate(spoil, cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    name = "scaffold" if spoil == "inf control" else "fedavg"
+    method = build_methods(MethodConfig((name,)))[0]
+    controls = [[np.zeros(w.shape, np.float32) for w in cnn_start]] * 2 if name == "scaffold" else None
+    agg = _secure_aggregate(method, cnn_start, _members(cnn_start, [0.01, 0.01]), [5, 9], controls=controls)
+    if spoil == "nan update":
+        agg = dataclasses.replace(agg, update_sum=[u.copy() for u in agg.update_sum])
+        agg.update_sum[2][0, 0, 0, 0] = np.nan
+    elif spoil == "inf control":
+        agg = dataclasses.replace(agg, control_delta_sum=[c.copy() for c in agg.control_delta_sum])
+        agg.control_delta_sum[-1][0] = np.inf
+    else:  # finite float64 sums whose average overflows float32 weights
+        agg = dataclasses.replace(agg, update_sum=[u + 1e300 for u in agg.update_sum])
+    server = _server(method, cnn_start, evaluate=lambda w: pytest.fail("must not evaluate here"))
+    result = server.step_secure(ROUND, name, agg, evaluate=False)
+    assert result.weights is server.weights(name) and _max_diff(result.weights, cnn_start) == 0
+    assert server.state.method_state[name] == {}
+    assert any("is not finite" in n for n in result.record.notes) and result.record.num_replies == 2
+
+
+def test_secure_aggregation_step_without_an_aggregate_fails_or_keeps_the_model(cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+    from fedmnist.server import RoundFailedError
+
+    method = build_methods(MethodConfig(("fedavg",)))[0]
+    server = _server(method, cnn_start)
+    with pytest.raises(RoundFailedError, match=r"only 0 members in the secure aggregate, 1 needed; failed: node 7: "
+                                               "too few members left"):
+        server.step_secure(ROUND, "fedavg", None, failed={"node 7": "too few members left"})
+    assert server.state.history == []
+    result = server.step_secure(ROUND, "fedavg", None, min_replies=0, sampled_nodes=[7, 8, 9])
+    assert result.record.num_replies == 0 and result.record.num_sampled == 3 and result.weights is server.weights("fedavg")
+    assert _max_diff(result.weights, cnn_start) == 0 and "no secure aggregate" in result.record.notes[0]
+    agg = _secure_aggregate(method, cnn_start, _members(cnn_start, [0.01, 0.01]), [5, 9])
+    with pytest.raises(SecureAggregationError, match="3 replied clients for 2 contributors"):
+        server.step_secure(2, "fedavg", agg, replied_clients=[1, 2, 3])
+    with pytest.raises(SecureAggregationError, match="the secure aggregate has layers"):
+        server.step_secure(2, "fedavg", dataclasses.replace(agg, update_sum=agg.update_sum[:-1]))
+    with pytest.raises(RoundFailedError, match="only 2 members"):
+        server.step_secure(2, "fedavg", agg, min_replies=3)
+    assert len(server.state.history) == 1

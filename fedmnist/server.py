@@ -421,8 +421,9 @@ class Server:
         accepted replies. ``replied_clients``: the contributors' client ids when the mode knows them
         (empty, or exactly ``agg.num_contributors`` of them). ``train_loss``: the round's mean training loss
         as the mode aggregated it, or None. The record has ``step``'s fields, ``num_replies`` = the
-        contributors and nothing about any one update; the result's ``accepted`` and ``rejected`` are
-        empty. A non-finite aggregate, or one whose step is not finite, is not adopted.
+        contributors and nothing about any one update (a note counts the coordinates saturated at the
+        quantisation range, all members together); the result's ``accepted`` and ``rejected`` are empty. A
+        non-finite aggregate, or one whose step is not finite, is not adopted.
 
         Raises
         ------
@@ -454,6 +455,11 @@ class Server:
                 "needed" + (f"; failed: {'; '.join(failures)}" if failures else "")
             )
         warnings: list[str] = []
+        if agg is not None and agg.saturated:
+            warnings.append(f"{agg.saturated} coordinates of the members' updates (or control-variate deltas) lay "
+                            "beyond the quantisation range and were aggregated saturated: raise secagg-clip-range "
+                            "(or secagg-control-range)")
+            log.warning("round %d, %s: %s", round_, method, warnings[-1])
         t0 = time.perf_counter()
         num_sampled = len(sampled_clients) or len(sampled_nodes) or contributors
         aggregated = None

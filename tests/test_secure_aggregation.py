@@ -448,6 +448,7 @@ def test_secure_aggregation_round_equals_the_plain_round_for_the_weighted_method
     plain, secure, agg, plain_server, secure_server = _plain_and_secure(
         method, cnn_start, _members(cnn_start, [0.01, 0.02, 0.005]), counts)
     assert agg.total_weight == sum(counts) and agg.num_contributors == 3 and agg.saturated == 0
+    assert secure.record.notes == []
     assert agg.error_bound < 1e-3 * 0.005  # far below the smallest update's scale
     # e: how far the decoded average may be from the plain one; the step multiplies it by at most its
     # slope L: 1 for FedAvg/FedProx, η for FedAvgM's first step (m = Δ), η_t·(1−β₁)/τ for FedAdam's
@@ -704,3 +705,18 @@ def test_secure_aggregation_on_real_mnist_keeps_the_plain_rounds_accuracy(small_
         assert abs(secure.record.test_accuracy - plain.record.test_accuracy) <= 0.001, round_
     assert plain.record.test_accuracy > 0.4  # the rounds trained the model (chance: 0.1)
     assert _max_diff(secure.weights, plain.weights) <= agg.error_bound + _f32_slack(start)  # no error carries over
+
+
+def test_secure_aggregation_step_notes_saturated_coordinates(cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    method = build_methods(MethodConfig(("fedavg",)))[0]
+    trained = _members(cnn_start, [0.01, 0.01])
+    trained[1][3][:4] += np.float32(1.5)  # four coordinates of one member beyond R = 1
+    agg = _secure_aggregate(method, cnn_start, trained, [5, 9])
+    result = _server(method, cnn_start).step_secure(ROUND, "fedavg", agg)
+    assert agg.saturated == 4 and result.record.notes == [
+        "4 coordinates of the members' updates (or control-variate deltas) lay beyond the quantisation range and "
+        "were aggregated saturated: raise secagg-clip-range (or secagg-control-range)"]
+    assert result.weights[3][0] == pytest.approx(cnn_start[3][0] + (5 * (trained[0][3][0] - cnn_start[3][0]) + 9) / 14,
+                                                 abs=agg.error_bound + _f32_slack(cnn_start))

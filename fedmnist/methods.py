@@ -196,8 +196,18 @@ class Method:
         their total count. FedAvg, FedProx and the server optimisers need nothing else, so the step equals
         the plain round's within ``agg.error_bound`` per coordinate of the average (before the optimiser).
         """
-        self.secure_composition()
+        self.check_secure(agg)
         return self.aggregate(global_weights, [(agg.apply(global_weights), agg.total_weight)], state, context)
+
+    def check_secure(self, agg: SecureAggregate) -> None:
+        """ConfigError if this method cannot run on a sum; SecureAggregationError if ``agg`` was encoded with
+        another composition (an equal-weights sum would silently drop FedAvg's example weights)."""
+        from fedmnist.secure_aggregation import SecureAggregationError
+
+        want = self.secure_composition()
+        if agg.composition != want:
+            raise SecureAggregationError(f"{self.name} needs a secure aggregate encoded as {want}, this one was "
+                                         f"encoded as {agg.composition}: encode with the method's secure_composition()")
 
     def client_clip(self, state: dict) -> float | None:
         """The L2 bound clients must clip their update to before sending it (client-side DP), else None."""
@@ -315,13 +325,8 @@ class DPMethod(Method):
         (``privacy.dp_fedavg_sum_step``): the same generator, m and accountant as ``aggregate``, the noise
         calibrated to S + ``agg.rounding_slack``, and S's adaptive update from ``agg.unclipped_count``."""
         from fedmnist.privacy import DPState, dp_fedavg_sum_step
-        from fedmnist.secure_aggregation import SecureAggregationError
 
-        self.secure_composition()
-        if agg.total_weight != agg.num_contributors:
-            raise SecureAggregationError(f"DP-FedAvg averages clipped updates with equal weights, but the secure "
-                                         f"aggregate weighs {agg.num_contributors} members as {agg.total_weight} "
-                                         "examples: encode with the method's composition")
+        self.check_secure(agg)  # equal weights, and the unclipped bits when S is adaptive
         context = context or RoundContext(0, agg.num_contributors)
         step = dp_fedavg_sum_step(global_weights, agg.update_sum, agg.num_contributors, self.dp,
                                   DPState.from_dict(state), self._noise_rng(context.round),
@@ -414,13 +419,10 @@ class ScaffoldMethod(Method):
     ) -> tuple[list[np.ndarray], dict]:
         """SCAFFOLD's step from a secure round: ``x + η_g·(mean update)`` and ``c + Σ Δc_i / N``, with N the
         federation's size from the contributors (the sum is one pseudo-reply, never a federation of one)."""
-        from fedmnist.scaffold import ScaffoldError, server_update
+        from fedmnist.scaffold import server_update
 
         del context
-        self.secure_composition()
-        if agg.control_delta_sum is None:
-            raise ScaffoldError("SCAFFOLD needs the sum of the control-variate deltas, and the secure aggregate "
-                                "has none: encode with the method's composition")
+        self.check_secure(agg)  # Σ Δc_i rides along
         weights, control = server_update(global_weights, self.client_control(state, global_weights),
                                          [agg.apply(global_weights)], [agg.control_delta_sum],
                                          self._federation_size(agg.num_contributors), self.server_lr)

@@ -418,7 +418,8 @@ class SecureAggregate:
     members together; ``error_bound``/``control_error_bound``: per coordinate, of ``mean_update`` and
     of ``control_delta_sum``, against the same quantities computed in floating point; ``rounding_slack``:
     W·Δ·√d, the most the rounding can lengthen one member's term of ``update_sum`` (L2 norm; Δ·√d for
-    equal weights, what client-side DP-FedAvg adds to the clip norm S).
+    equal weights, what client-side DP-FedAvg adds to the clip norm S); ``composition``: what the vectors
+    carried, so that a method can check the aggregate was encoded for it.
     """
 
     update_sum: list[np.ndarray]
@@ -430,6 +431,7 @@ class SecureAggregate:
     error_bound: float
     control_error_bound: float | None
     rounding_slack: float
+    composition: Composition
 
     @property
     def mean_update(self) -> list[np.ndarray]:
@@ -483,7 +485,7 @@ def decode_sum(total: np.ndarray, num_contributors: int, layout: VectorLayout,
         update_sum=_unflatten(update_sum, layout.shapes), total_weight=weight, num_contributors=c,
         control_delta_sum=control_sum, unclipped_count=unclipped if comp.unclipped_bit else None,
         saturated=saturated, error_bound=c * step * bound / weight, control_error_bound=control_bound,
-        rounding_slack=rounding_slack(layout, config) * bound,
+        rounding_slack=rounding_slack(layout, config) * bound, composition=comp,
     )
 
 

@@ -720,3 +720,21 @@ def test_secure_aggregation_step_notes_saturated_coordinates(cnn_start):
         "were aggregated saturated: raise secagg-clip-range (or secagg-control-range)"]
     assert result.weights[3][0] == pytest.approx(cnn_start[3][0] + (5 * (trained[0][3][0] - cnn_start[3][0]) + 9) / 14,
                                                  abs=agg.error_bound + _f32_slack(cnn_start))
+
+
+@pytest.mark.parametrize("encoded_for, used_by", [("dp", "fedavg"), ("fedavg", "scaffold"), ("fedavg", "dp"),
+                                                  ("dp", "adaptive dp")])
+def test_secure_aggregation_step_refuses_an_aggregate_encoded_for_another_method(encoded_for, used_by, cnn_start):
+    from fedmnist.methods import MethodConfig, build_methods
+
+    def method(name):
+        if name in ("dp", "adaptive dp"):
+            return _dp_method(adaptive=name == "adaptive dp")
+        return build_methods(MethodConfig((name,)))[0]
+
+    agg = _secure_aggregate(method(encoded_for), cnn_start, _members(cnn_start, [0.0001, 0.0001]), [5, 9])
+    server = _server(method(used_by), cnn_start)
+    with pytest.raises(SecureAggregationError, match=r"needs a secure aggregate encoded as Composition\(.*this one "
+                                                     r"was encoded as Composition\("):
+        server.step_secure(ROUND, next(iter(server.methods)), agg)
+    assert server.state.history == []

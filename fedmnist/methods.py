@@ -10,7 +10,10 @@ what the rest of a round needs to know about it:
   optimisers FedAvgM, FedAdam, FedYogi and FedAdagrad keep their moments here, see
   ``fedmnist.server_opt``; SCAFFOLD its control variate). ``ServerState`` checkpoints it;
   ``check_state`` validates a loaded one;
-* ``client_control(state, weights)``: what its clients need beside the weights (SCAFFOLD's ``c``).
+* ``client_control(state, weights)``: what its clients need beside the weights (SCAFFOLD's ``c``);
+* ``aggregate_sum(global_weights, agg, state)``: the same server step from a secure round's
+  ``SecureAggregate`` (only the sum of the updates), for the methods that compose with secure
+  aggregation (``secure_composition`` says what the masked vectors carry, or refuses the others).
 
 ``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
 ``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +35,9 @@ from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptErr
 from fedmnist.server_opt import check_state as check_optimizer_state
 from fedmnist.settings import default
 from fedmnist.strategies import AGGREGATORS, DEFAULT_TRIM_BETA, Aggregator, Results
+
+if TYPE_CHECKING:
+    from fedmnist.secure_aggregation import Composition, SecureAggregate
 
 DEFAULT_MU: float = default("proximal-mu")
 """FedProx's default proximal coefficient."""
@@ -172,6 +179,37 @@ class Method:
         del global_weights, context  # the plain rules combine the clients' weights alone
         return self.rule.fn(results, **self.params), dict(state)
 
+    def secure_composition(self, max_count_ratio: float | None = None) -> Composition:
+        """What a secure round's masked vectors must carry for this method
+        (``secure_aggregation.check_method_compatible``); ConfigError, with why, for a method that must see
+        individual replies or with the count-ratio cap ``max_count_ratio``."""
+        from fedmnist.secure_aggregation import check_method_compatible
+
+        return check_method_compatible(self.name, None, max_count_ratio)
+
+    def aggregate_sum(
+        self, global_weights: Sequence[np.ndarray], agg: SecureAggregate, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """The new global weights and state from a secure round, where the server holds only the sum.
+
+        ``aggregate`` over one pseudo-reply: the members' weighted average w + ``agg.mean_update``, with
+        their total count. FedAvg, FedProx and the server optimisers need nothing else, so the step equals
+        the plain round's within ``agg.error_bound`` per coordinate of the average (before the optimiser).
+        """
+        self.check_secure(agg)
+        return self.aggregate(global_weights, [(agg.apply(global_weights), agg.total_weight)], state, context)
+
+    def check_secure(self, agg: SecureAggregate) -> None:
+        """ConfigError if this method cannot run on a sum; SecureAggregationError if ``agg`` was encoded with
+        another composition (an equal-weights sum would silently drop FedAvg's example weights)."""
+        from fedmnist.secure_aggregation import SecureAggregationError
+
+        want = self.secure_composition()
+        if agg.composition != want:
+            raise SecureAggregationError(f"{self.name} needs a secure aggregate encoded as {want}, this one was "
+                                         f"encoded as {agg.composition}: encode with the method's secure_composition()")
+
     def client_clip(self, state: dict) -> float | None:
         """The L2 bound clients must clip their update to before sending it (client-side DP), else None."""
         del state
@@ -259,14 +297,42 @@ class DPMethod(Method):
         replies, which under Poisson sampling is itself private.
         """
         from fedmnist.privacy import DPState, dp_fedavg_step
-        from fedmnist.seeds import server_rng
 
         context = context or RoundContext(0, len(results))
         unclipped = context.unclipped if (self.dp.side == "client" and self.dp.adaptive) else None
-        rng = server_rng(self.seed, context.round) if self.seed is not None else np.random.default_rng()
+        rng = self._noise_rng(context.round)
         step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, DPState.from_dict(state), rng,
                               unclipped=unclipped, num_sampled=max(self.accountant.clients_per_round, len(results)),
                               labels=list(context.labels) or None)
+        return step.weights, step.state.to_dict()
+
+    def _noise_rng(self, round_: int) -> np.random.Generator:
+        """The round's noise generator: seeded by (seed, round) when ``seed`` is set, else the OS's entropy."""
+        from fedmnist.seeds import server_rng
+
+        return server_rng(self.seed, round_) if self.seed is not None else np.random.default_rng()
+
+    def secure_composition(self, max_count_ratio: float | None = None) -> Composition:
+        """Equal weights and, when S is adaptive, the unclipped bits; server-side clipping is refused."""
+        from fedmnist.secure_aggregation import check_method_compatible
+
+        return check_method_compatible(self.name, self.dp, max_count_ratio)
+
+    def aggregate_sum(
+        self, global_weights: Sequence[np.ndarray], agg: SecureAggregate, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """One DP-FedAvg step from the sum of the members' client-clipped updates
+        (``privacy.dp_fedavg_sum_step``): the same generator, m and accountant as ``aggregate``, the noise
+        calibrated to S + ``agg.rounding_slack``, and S's adaptive update from ``agg.unclipped_count``."""
+        from fedmnist.privacy import DPState, dp_fedavg_sum_step
+
+        self.check_secure(agg)  # equal weights, and the unclipped bits when S is adaptive
+        context = context or RoundContext(0, agg.num_contributors)
+        step = dp_fedavg_sum_step(global_weights, agg.update_sum, agg.num_contributors, self.dp,
+                                  DPState.from_dict(state), self._noise_rng(context.round),
+                                  num_unclipped=agg.unclipped_count, slack=agg.rounding_slack,
+                                  num_sampled=max(self.accountant.clients_per_round, agg.num_contributors))
         return step.weights, step.state.to_dict()
 
     def client_clip(self, state: dict) -> float | None:
@@ -338,10 +404,29 @@ class ScaffoldMethod(Method):
         deltas = context.control_deltas if context is not None else None
         if deltas is None or len(deltas) != len(results) or any(d is None for d in deltas):
             raise ScaffoldError("SCAFFOLD needs every reply's control-variate delta")
-        num_clients = max(self.num_clients or 0, len(results))
+        num_clients = self._federation_size(len(results))
         weights, control = server_update(global_weights, self.client_control(state, global_weights),
                                          [w for w, _ in results], list(deltas), num_clients, self.server_lr,
                                          [n for _, n in results])
+        return weights, {"control": control}
+
+    def _federation_size(self, num_contributors: int) -> int:
+        """N, which Σ Δc_i is divided by: ``num_clients``, or the round's contributors when larger or unknown."""
+        return max(self.num_clients or 0, num_contributors)
+
+    def aggregate_sum(
+        self, global_weights: Sequence[np.ndarray], agg: SecureAggregate, state: dict,
+        context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """SCAFFOLD's step from a secure round: ``x + η_g·(mean update)`` and ``c + Σ Δc_i / N``, with N the
+        federation's size from the contributors (the sum is one pseudo-reply, never a federation of one)."""
+        from fedmnist.scaffold import server_update
+
+        del context
+        self.check_secure(agg)  # Σ Δc_i rides along
+        weights, control = server_update(global_weights, self.client_control(state, global_weights),
+                                         [agg.apply(global_weights)], [agg.control_delta_sum],
+                                         self._federation_size(agg.num_contributors), self.server_lr)
         return weights, {"control": control}
 
     def refuse(self, reply, global_weights: Sequence[np.ndarray], state: dict) -> str | None:

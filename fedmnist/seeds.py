@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 SAMPLING, TRAINING, MALICIOUS, ATTACK, VALIDATION, SERVER_NOISE = 1, 2, 3, 4, 5, 6
+QUANTIZATION, SECAGG_GRAPH = 7, 8
 """Stream numbers, one per purpose."""
 
 
@@ -43,6 +44,17 @@ def attack_rng(seed: int, round_: int, client_id: int) -> np.random.Generator:
 def server_rng(seed: int, round_: int) -> np.random.Generator:
     """Generator of the server's own randomness in ``round_`` (e.g. differential-privacy noise)."""
     return np.random.default_rng([seed, SERVER_NOISE, round_])
+
+
+def quantization_rng(seed: int, round_: int, client_id: int) -> np.random.Generator:
+    """Generator of the stochastic rounding of ``client_id``'s secure-aggregation encoding in ``round_``
+    (the simulation and Flower draw the same integers from it)."""
+    return np.random.default_rng([seed, QUANTIZATION, round_, client_id])
+
+
+def secagg_graph_rng(seed: int, round_: int) -> np.random.Generator:
+    """Generator of the server's SecAgg+ neighbour graph in ``round_`` (which nodes hold whose shares)."""
+    return np.random.default_rng([seed, SECAGG_GRAPH, round_])
 
 
 def clients_per_round(num_available: int, fraction: float) -> int:

@@ -11,6 +11,10 @@ server does the same four things with them, here and only here:
 3. **evaluate** the new global model on the common test set;
 4. **record** the round (``RoundRecord``) in the ``ServerState``, which is what checkpoints save.
 
+A secure round (``fedmnist.secure_aggregation``) has no individual replies: the mode unmasks their sum
+and calls ``Server.step_secure`` with the one ``SecureAggregate``, which the method turns into its step
+(``Method.aggregate_sum``); evaluation, recording and the refusal of a non-finite aggregate are ``step``'s.
+
 The modes are thin adapters: they gather ``Reply`` objects and call ``Server.step``. A rejected reply
 is refused with a message naming the client and its file or node; a multi-round mode counts it as a
 failed client of that round, the file flow (``strict=True``) stops before writing anything.
@@ -23,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +35,9 @@ from fedmnist.config import check_int
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.exchange import MAX_NUM_EXAMPLES
 from fedmnist.methods import Method, RoundContext
+
+if TYPE_CHECKING:
+    from fedmnist.secure_aggregation import SecureAggregate
 
 log = logging.getLogger(__name__)
 
@@ -379,46 +387,159 @@ class Server:
             log.warning("round %d, %s: %s", round_, method, warning)
         t0 = time.perf_counter()
         num_sampled = len(sampled_clients) or len(sampled_nodes) or len(replies)
+        aggregated = None
         if accepted:
             context = RoundContext(round_, num_sampled, tuple(r.label for r in accepted),
                                    tuple(r.metrics.get("unclipped") for r in accepted),
                                    tuple(r.control_delta for r in accepted))
-            weights, state = rule.aggregate(self.state.weights[method],
-                                            [(r.weights, n) for r, n in zip(accepted, counts)],
-                                            self.state.method_state[method], context)
+            aggregated = self._finite_or_none(round_, method, rule.aggregate(
+                self.state.weights[method], [(r.weights, n) for r, n in zip(accepted, counts)],
+                self.state.method_state[method], context), warnings)
         else:  # min_replies == 0: nothing usable came back, the global model stays as it was
-            weights, state = self.state.weights[method], self.state.method_state[method]
             warnings.append(f"no accepted reply: {method}'s global weights are unchanged")
-        if accepted and not _finite(weights, state):
-            # finite replies can still overflow (a huge update, a server optimiser's moments): the server
-            # never adopts a model or a state it could not resume from
-            weights, state = self.state.weights[method], self.state.method_state[method]
-            warnings.append(f"the aggregate of round {round_} is not finite: {method}'s global weights and "
-                            "state are unchanged")
+        losses = [r.train_loss for r in accepted if r.train_loss is not None]
+        record, weights, evaluation = self._conclude(
+            round_, method, start_sha, aggregated, t0, warnings, num_sampled=num_sampled,
+            replied_clients=[int(r.client_id) for r in accepted],
+            train_loss=float(np.mean(losses)) if losses else None, failures=failures,
+            sampled_clients=sampled_clients, sampled_nodes=sampled_nodes, malicious_sampled=malicious_sampled,
+            evaluate=evaluate, train_seconds=train_seconds, round_started=round_started)
+        return StepResult(record, weights, evaluation, accepted, rejected, warnings)
+
+    def step_secure(
+        self,
+        round_: int,
+        method: str,
+        agg: SecureAggregate | None,
+        *,
+        replied_clients: Sequence[int] = (),
+        sampled_clients: Sequence[int] = (),
+        sampled_nodes: Sequence[int] = (),
+        failed: Mapping[str, str] | None = None,
+        malicious_sampled: Sequence[int] = (),
+        min_replies: int = 1,
+        evaluate: bool = True,
+        train_loss: float | None = None,
+        train_seconds: float = 0.0,
+        round_started: float | None = None,
+    ) -> StepResult:
+        """``step`` for a secure round: aggregate, evaluate and record ``method``'s round from the one
+        ``SecureAggregate`` that unmasking gave (``secure_aggregation``), never from individual replies.
+
+        ``agg`` None: nothing was unmasked (too few members survived), which counts as a round without
+        accepted replies. ``replied_clients``: the contributors' client ids when the mode knows them
+        (empty, or exactly ``agg.num_contributors`` of them). ``train_loss``: the round's mean training loss
+        as the mode aggregated it, or None. The record has ``step``'s fields, ``num_replies`` = the
+        contributors and nothing about any one update (a note counts the coordinates saturated at the
+        quantisation range, all members together); the result's ``accepted`` and ``rejected`` are empty. A
+        non-finite aggregate, or one whose step is not finite, is not adopted.
+
+        Raises
+        ------
+        ConfigError
+            ``method`` must see individual replies, or the server caps counts (``max_count_ratio``).
+        SecureAggregationError
+            ``agg`` does not fit the global model, or ``replied_clients`` does not match its contributors.
+        RoundFailedError
+            Fewer than ``min_replies`` contributors (the state is left unchanged).
+        """
+        from fedmnist.secure_aggregation import SecureAggregationError
+
+        rule = self.methods[method]
+        rule.secure_composition(self.max_count_ratio)
+        start_sha = self.start_sha256(method)
+        current = self.state.weights[method]
+        contributors = 0 if agg is None else agg.num_contributors
+        if agg is not None and [np.shape(u) for u in agg.update_sum] != [np.shape(w) for w in current]:
+            raise SecureAggregationError(f"round {round_} ({method}): the secure aggregate has layers "
+                                         f"{[np.shape(u) for u in agg.update_sum]}, the global model "
+                                         f"{[np.shape(w) for w in current]}")
+        if replied_clients and len(replied_clients) != contributors:
+            raise SecureAggregationError(f"round {round_} ({method}): {len(replied_clients)} replied clients for "
+                                         f"{contributors} contributors to the secure aggregate")
+        failures = [f"{k}: {v}" for k, v in (failed or {}).items()]
+        if contributors < min_replies:
+            raise RoundFailedError(
+                f"round {round_} ({method}): only {contributors} members in the secure aggregate, {min_replies} "
+                "needed" + (f"; failed: {'; '.join(failures)}" if failures else "")
+            )
+        warnings: list[str] = []
+        if agg is not None and agg.saturated:
+            warnings.append(f"{agg.saturated} coordinates of the members' updates (or control-variate deltas) lay "
+                            "beyond the quantisation range and were aggregated saturated: raise secagg-clip-range "
+                            "(or secagg-control-range)")
             log.warning("round %d, %s: %s", round_, method, warnings[-1])
-        aggregate_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        num_sampled = len(sampled_clients) or len(sampled_nodes) or contributors
+        aggregated = None
+        if agg is None:  # min_replies == 0: nothing was unmasked, the global model stays as it was
+            warnings.append(f"no secure aggregate: {method}'s global weights are unchanged")
+        elif not _finite(agg.update_sum, agg.control_delta_sum):
+            self._not_adopted(round_, method, warnings)
+        else:
+            context = RoundContext(round_, num_sampled)
+            aggregated = self._finite_or_none(round_, method, rule.aggregate_sum(
+                current, agg, self.state.method_state[method], context), warnings)
+        record, weights, evaluation = self._conclude(
+            round_, method, start_sha, aggregated, t0, warnings, num_sampled=num_sampled,
+            replied_clients=[int(k) for k in replied_clients], train_loss=train_loss, failures=failures,
+            sampled_clients=sampled_clients, sampled_nodes=sampled_nodes, malicious_sampled=malicious_sampled,
+            evaluate=evaluate, train_seconds=train_seconds, round_started=round_started,
+            num_replies=contributors)
+        return StepResult(record, weights, evaluation, [], {}, warnings)
+
+    @staticmethod
+    def _not_adopted(round_: int, method: str, warnings: list[str]) -> None:
+        warnings.append(f"the aggregate of round {round_} is not finite: {method}'s global weights and "
+                        "state are unchanged")
+        log.warning("round %d, %s: %s", round_, method, warnings[-1])
+
+    def _finite_or_none(self, round_: int, method: str, aggregated: tuple[list[np.ndarray], dict],
+                        warnings: list[str]) -> tuple[list[np.ndarray], dict] | None:
+        """The method's (weights, state) when finite, else None with a warning: finite replies can still
+        overflow (a huge update, a server optimiser's moments), and the server never adopts a model or a
+        state it could not resume from."""
+        if _finite(*aggregated):
+            return aggregated
+        self._not_adopted(round_, method, warnings)
+        return None
+
+    def _conclude(
+        self, round_: int, method: str, start_sha: str, aggregated: tuple[list[np.ndarray], dict] | None,
+        started: float, warnings: list[str], *, num_sampled: int, replied_clients: list[int],
+        train_loss: float | None, failures: list[str], sampled_clients: Sequence[int],
+        sampled_nodes: Sequence[int], malicious_sampled: Sequence[int], evaluate: bool, train_seconds: float,
+        round_started: float | None, num_replies: int | None = None,
+    ) -> tuple[RoundRecord, list[np.ndarray], object | None]:
+        """The tail every round shares: adopt ``aggregated`` (None: keep the current weights and state),
+        evaluate, record. ``started``: when aggregation began; ``num_replies`` defaults to the replied clients."""
+        rule = self.methods[method]
+        if aggregated is None:
+            weights, state = self.state.weights[method], self.state.method_state[method]
+        else:
+            weights, state = aggregated
+        aggregate_seconds = time.perf_counter() - started
         evaluation = None
         t0 = time.perf_counter()
         if evaluate and self.evaluate is not None:
             evaluation = self.evaluate(weights)
         eval_seconds = time.perf_counter() - t0
-        losses = [r.train_loss for r in accepted if r.train_loss is not None]
         privacy = rule.privacy(state)
         record = RoundRecord(
             round=round_,
             method=method,
             test_accuracy=None if evaluation is None else float(evaluation.accuracy),
             test_loss=None if evaluation is None else float(evaluation.loss),
-            train_loss=float(np.mean(losses)) if losses else None,
+            train_loss=train_loss,
             seconds=train_seconds + aggregate_seconds + eval_seconds,
             train_seconds=train_seconds,
             eval_seconds=eval_seconds,
             round_seconds=(time.perf_counter() - round_started) if round_started is not None else 0.0,
             mu=rule.client_mu,
             num_sampled=num_sampled,
-            num_replies=len(accepted),
+            num_replies=len(replied_clients) if num_replies is None else num_replies,
             sampled_clients=[int(k) for k in sampled_clients],
-            replied_clients=[int(r.client_id) for r in accepted],
+            replied_clients=replied_clients,
             malicious_sampled=[int(k) for k in malicious_sampled],
             sampled_nodes=[int(n) for n in sampled_nodes],
             failed=failures,
@@ -430,7 +551,7 @@ class Server:
         self.state.weights[method] = weights
         self.state.method_state[method] = state
         self.state.history.append(record)
-        return StepResult(record, weights, evaluation, accepted, rejected, warnings)
+        return record, weights, evaluation
 
     def end_round(self, round_: int, round_seconds: float | None = None) -> list[RoundRecord]:
         """Close ``round_``: stamp the whole round's duration on its records and count it as completed."""

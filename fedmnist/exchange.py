@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import FedMnistError, UpdateFileError, ValidationError
 from fedmnist.io import atomic_write_bytes, quote
 from fedmnist.safe_pickle import PickleLimits, load_pickle
@@ -57,8 +58,7 @@ def checkpoint_limits(model_copies: int) -> PickleLimits:
     moments, SCAFFOLD's server control and one control per client): e.g. ``3 * len(methods) +
     num_clients``. Each copy gets 10% slack, and 16 MiB are added for the history and configuration.
     """
-    if isinstance(model_copies, bool) or not isinstance(model_copies, int) or model_copies < 1:
-        raise ValueError(f"model_copies must be a positive integer (got {model_copies!r})")
+    check_int(model_copies, "model_copies", 1, error=ValueError)
     return PickleLimits(model_copies * MODEL_BYTES * 11 // 10 + (16 << 20), CHECKPOINT_MAX_NODES,
                         what="checkpoint")
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.config import check_int
 from fedmnist.errors import UpdateFileError
 from fedmnist.io import quote, read_capped
 
@@ -70,9 +71,7 @@ class PickleLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_nodes", "max_depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PickleLimits.{name} must be a positive integer (got {value!r})")
+            check_int(getattr(self, name), f"PickleLimits.{name}", 1, error=ValueError)
 
 
 class RefusedPickle(pickle.UnpicklingError):

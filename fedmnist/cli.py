@@ -400,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="resultados", help="output directory (default resultados)")
     p.set_defaults(func=cmd_experiments)
 
+    p = sub.add_parser("essay", help="rewrite the essay's tables from the result files")
+    from fedmnist import essay
+
+    essay.add_arguments(p)
+    p.set_defaults(func=essay.command)
+
     return parser
 
 

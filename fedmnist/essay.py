@@ -148,20 +148,26 @@ def update_essay(essay: str | Path, results_dir: str | Path) -> list[str]:
     return changed
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fedmnist essay`` (and ``python -m fedmnist.essay``)."""
+    parser.add_argument("--results", default="resultados", help="result directory (default resultados)")
+    parser.add_argument("--essay", default=ESSAY_FILE, help=f"the essay to update (default {ESSAY_FILE})")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Rewrite the essay's tables from ``args.results`` and say which changed."""
+    changed = update_essay(args.essay, args.results)
+    print(f"{args.essay}: {len(changed)} table(s) updated" + (f" ({', '.join(changed)})" if changed else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedmnist.essay``: write the tables of the result files into the essay."""
+    """``python -m fedmnist.essay``, the same as ``fedmnist essay``."""
     from fedmnist.cli import run
 
     parser = argparse.ArgumentParser(prog="python -m fedmnist.essay",
                                      description="Rewrite the essay's tables from the result files.")
-    parser.add_argument("--results", default="resultados", help="result directory (default resultados)")
-    parser.add_argument("--essay", default=ESSAY_FILE, help=f"the essay to update (default {ESSAY_FILE})")
-
-    def command(args: argparse.Namespace) -> int:
-        changed = update_essay(args.essay, args.results)
-        print(f"{args.essay}: {len(changed)} table(s) updated" + (f" ({', '.join(changed)})" if changed else ""))
-        return 0
-
+    add_arguments(parser)
     return run(command, parser.parse_args(argv))
 
 

@@ -125,6 +125,20 @@ def test_essay_command_updates_the_essay_and_reports_a_missing_one_in_one_line(t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'missing.md'}: essay not found"]
 
+
+def test_fedmnist_essay_is_the_same_command(tmp_path, capsys):
+    from fedmnist.cli import main
+
+    essay = tmp_path / "ensayo.md"
+    text = ESSAY.read_text(encoding="utf-8")
+    stale = re.sub(r"(<!-- tabla:[^>]+ -->\n)\|[^\n]*\n", r"\1| vieja |\n", text, count=1)
+    assert stale != text
+    essay.write_text(stale, encoding="utf-8")
+
+    assert main(["essay", "--essay", str(essay), "--results", str(RESULTS)]) == 0
+    assert "1 table(s) updated" in capsys.readouterr().out
+    assert essay.read_text(encoding="utf-8") == text
+
 TWO_DECIMALS = re.compile(r"(?<![\d.])\d+\.\d{2}(?![\d.])")
 
 

@@ -10,7 +10,9 @@ what the rest of a round needs to know about it:
   optimisers FedAvgM, FedAdam, FedYogi and FedAdagrad keep their moments here, see
   ``fedmnist.server_opt``; SCAFFOLD its control variate). ``ServerState`` checkpoints it;
   ``check_state`` validates a loaded one;
-* ``client_control(state, weights)``: what its clients need beside the weights (SCAFFOLD's ``c``).
+* ``client_control(state, weights)``: what its clients need beside the weights (SCAFFOLD's ``c``);
+* ``instructions(state, weights, round)``: the three above as the ``fedmnist.client.Instructions``
+  every mode sends its clients (the one place they are assembled).
 
 ``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
 ``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedmnist.client import Instructions
 from fedmnist.config import DEFAULT_METHODS
 from fedmnist.errors import ConfigError
 from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptError, server_step
@@ -190,6 +193,10 @@ class Method:
         """(ε, δ) spent after the rounds ``state`` records, for private methods; None otherwise."""
         del state
         return None
+
+    def instructions(self, state: dict, global_weights: Sequence[np.ndarray], round_: int) -> Instructions:
+        """What this method's clients are told for ``round_``: μ, the clip norm and SCAFFOLD's ``c``."""
+        return Instructions(round_, self.client_mu, self.client_clip(state), self.client_control(state, global_weights))
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ and evaluation as the other modes, over the network:
 
 * ``client_app``: each SuperNode (one team member) trains the shared CNN on its own partition file,
   named by the SuperNode's ``--node-config "data-file='/abs/cliente_N.npz'"`` (in Flower's simulation
-  engine: ``cliente_{partition-id + 1}.npz`` of the run's ``data-dir``), with ``fedmnist.client.client_step``
-  (the member's job's and the simulation's client step) and the training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower
-  run, ``run_simulation`` and the file flow on the same partitions give the same global weights.
+  engine: ``cliente_{partition-id + 1}.npz`` of the run's ``data-dir``) with
+  ``fedmnist.client.client_step``, the client step of the member's job and of the simulation, and the
+  training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower run,
+  ``run_simulation`` and the file flow on the same partitions give the same global weights.
 * ``server_app``: a thin adapter over the shared server step (``fedmnist.server.Server``), driven by
   our own round loop (``@server_app.main()``, push/pull on the Grid). It starts from
   ``initial_weights(seed)``, sends every round's global weights to a seeded sample of ⌊C·n⌋ of the
@@ -51,7 +52,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmnist.client import ClientState, Instructions, client_step
+from fedmnist.client import ClientState, DivergedError, Instructions, client_step
 from fedmnist.config import DEFAULT_SEED, TrainingConfig
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.methods import (
@@ -430,9 +431,12 @@ def train(msg: Message, context: Context) -> Message:
     start = record_to_weights(msg.content["arrays"])
     instructions = read_instructions(msg.content, start)
     state = ClientState(node_control(context.state, start) if instructions.scaffold else None)
-    reply, new_state = client_step(_trainer(config), start, x, y, instructions, state, epochs=config.local_epochs,
-                                   batch_size=config.batch_size,
-                                   seed=training_seed(config.seed, instructions.round, client_id))
+    try:
+        reply, new_state = client_step(_trainer(config), start, x, y, instructions, state,
+                                       epochs=config.local_epochs, batch_size=config.batch_size,
+                                       seed=training_seed(config.seed, instructions.round, client_id))
+    except DivergedError as exc:  # this node's round fails; its context.state is left as it was
+        raise DivergedError(f"client {client_id}: {exc}") from None
     values = {
         "num-examples": int(reply.num_examples),
         "train-loss": reply.train_loss,

@@ -296,3 +296,25 @@ def test_every_mode_goes_through_client_step(monkeypatch, small_federation, smal
     run_server(FakeGrid({10 * k: _client_node(client_file(small_federation, k), config) for k in (1, 2)}), config)
 
     assert calls == [("local", 1), ("workers", 1), ("workers", 1), ("flower_app", 1), ("flower_app", 1)]
+
+
+def test_a_diverged_flower_node_fails_its_round_and_keeps_its_control(small_federation):
+    from flwr.app import Context, RecordDict
+    from test_flower_app import _train_message
+
+    from fedmnist.data import client_file
+    from fedmnist.flower_app import STATE_CONTROL_KEY, FlowerRunConfig, client_app, weights_to_record
+    from fedmnist.model import initial_weights
+
+    config = FlowerRunConfig(local_epochs=1, batch_size=32, optimizer="sgd", learning_rate=1e30, momentum=0.0,
+                             method="scaffold", seed=SEED)
+    start = initial_weights(SEED)
+    own = [np.full_like(w, 0.01) for w in start]
+    context = Context(run_id=1, node_id=7, node_config={"data-file": str(client_file(small_federation, 2))},
+                      state=RecordDict({STATE_CONTROL_KEY: weights_to_record(own)}), run_config=config.to_dict())
+
+    with pytest.raises(DivergedError, match="client 2: the local training diverged"):
+        client_app(_train_message(start, 1, 0.0, control=[np.zeros_like(w) for w in start]), context)
+
+    kept = [context.state[STATE_CONTROL_KEY][str(i)].numpy() for i in range(len(own))]
+    assert all(np.array_equal(a, b) for a, b in zip(kept, own))

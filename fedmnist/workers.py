@@ -1,6 +1,6 @@
 """Client executors: a round's local trainings (and evaluations) in this process or in N worker processes.
 
-The server decides *what* to run (which clients, from which weights, with which seed and ``mu``) and
+The server decides *what* to run (which clients, from which weights, with which seed and instructions) and
 hands the executor a list of tasks; the executor decides *where* they run and returns one outcome per
 task, **in task order** whatever the order they finish in, so the server aggregates in the same order
 for any number of workers.
@@ -23,7 +23,8 @@ machine (on a 2-core machine, 1 and 2 threads already differ by up to 3e-8 after
 
 Data. The training images (raw uint8), labels, every client's index array and the test set are
 copied ONCE into a ``multiprocessing.shared_memory`` segment that the workers map read-only; a task
-carries only the client id, the start weights and the training settings. Images are normalised as
+carries only the client id, the start weights, the round's instructions, the client's state and the
+training settings. Images are normalised as
 ``fedmnist.data.normalize_images`` does, and label flipping (``fedmnist.attacks.flip_labels``) happens
 in the worker. Model-poisoning attacks stay with the server: they transform a returned update.
 
@@ -38,8 +39,8 @@ or the interpreter exits.
 Tasks are frozen dataclasses sent whole to the workers. A client task carries the round's
 ``fedmnist.client.Instructions`` and the client's ``ClientState``; ``execute_task`` runs the whole
 ``fedmnist.client.client_step`` on them and its ``ClientResult`` carries the reply and the client's new
-state back, so a new client-side rule needs no change here. Messages between the parent and its own workers are pickled by ``multiprocessing``;
-nothing read from a file is unpickled here.
+state back, so a new client-side rule needs no change here. Messages between the parent and its own
+workers are pickled by ``multiprocessing``; nothing read from a file is unpickled here.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ def sha256(weights) -> str:
 
 def run_rounds(executor, start, args: argparse.Namespace, overlap: bool) -> dict:
     """``args.rounds`` FedAvg rounds through ``executor``; wall seconds, accuracies and the final hash."""
+    from fedmnist.client import Instructions
     from fedmnist.strategies import aggregate
     from fedmnist.workers import ClientResult, ClientTask
 
@@ -85,7 +86,7 @@ def run_rounds(executor, start, args: argparse.Namespace, overlap: bool) -> dict
     t0 = time.perf_counter()
     for round_ in range(1, args.rounds + 1):
         tasks = [
-            ClientTask(k, start, 0.0, seed=args.seed * 10_000 + round_ * 100 + k, epochs=args.epochs,
+            ClientTask(k, start, Instructions(round_), seed=args.seed * 10_000 + round_ * 100 + k, epochs=args.epochs,
                        batch_size=args.batch_size)
             for k in range(1, args.clients + 1)
         ]

@@ -228,6 +228,7 @@ def _run_block(
     ``chosen`` maps epochs to μ; empty for the first seed, whose block tries every μ on validation
     (``validation_accuracy(weights)``).
     """
+    from fedmnist.client import Instructions
     from fedmnist.drift import barrier, segment, update_cosines, update_norms
     from fedmnist.experiments.common import task_outcomes
     from fedmnist.model import initial_weights
@@ -242,7 +243,8 @@ def _run_block(
     def batch(epochs: int, mu: float):
         return executor.submit(
             [
-                ClientTask(ids[label, seed, k], start, mu, training_seed(seed, 1, k), epochs, grid.batch_size)
+                ClientTask(ids[label, seed, k], start, Instructions(1, mu), training_seed(seed, 1, k), epochs,
+                           grid.batch_size)
                 for k in ks
             ]
         )

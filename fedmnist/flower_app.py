@@ -5,9 +5,10 @@ and evaluation as the other modes, over the network:
 
 * ``client_app``: each SuperNode (one team member) trains the shared CNN on its own partition file,
   named by the SuperNode's ``--node-config "data-file='/abs/cliente_N.npz'"`` (in Flower's simulation
-  engine: ``cliente_{partition-id + 1}.npz`` of the run's ``data-dir``), with ``ClientTrainer.train``
-  and the training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower
-  run, ``run_simulation`` and the file flow on the same partitions give the same global weights.
+  engine: ``cliente_{partition-id + 1}.npz`` of the run's ``data-dir``) with
+  ``fedmnist.client.client_step``, the client step of the member's job and of the simulation, and the
+  training seed ``fedmnist.seeds.training_seed`` gives client N in that round, so a Flower run,
+  ``run_simulation`` and the file flow on the same partitions give the same global weights.
 * ``server_app``: a thin adapter over the shared server step (``fedmnist.server.Server``), driven by
   the round loop the simulation runs too (``fedmnist.rounds``; ``FlowerClients`` is its push/pull on
   the Grid). It starts from ``initial_weights(seed)`` (or, with ``resume``, from the last round of
@@ -60,6 +61,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedmnist.client import ClientState, DivergedError, Instructions, client_step
 from fedmnist.config import TrainingConfig
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.methods import (
@@ -414,66 +416,67 @@ def _trainer(config: FlowerRunConfig) -> ClientTrainer:
     return _TRAINERS[key]
 
 
+def instructions_content(weights: list[np.ndarray], instructions: Instructions) -> RecordDict:
+    """A train message's content: the weights (``arrays``), the instructions' ``config`` ConfigRecord
+    (``server-round``, ``proximal-mu``, ``dp-clip`` under client-side clipping) and SCAFFOLD's ``c``
+    (ArrayRecord ``control``)."""
+    values = {"server-round": instructions.round, "proximal-mu": instructions.mu}
+    if instructions.clip is not None:
+        values["dp-clip"] = instructions.clip
+    content = RecordDict({"arrays": weights_to_record(weights), "config": ConfigRecord(values)})
+    if instructions.control is not None:
+        content[CONTROL_KEY] = weights_to_record(instructions.control)
+    return content
+
+
+def read_instructions(content: RecordDict, start: list[np.ndarray]) -> Instructions:
+    """The ``Instructions`` of a train message's content (``instructions_content``); ``c`` checked against
+    ``start`` (ScaffoldError naming the record)."""
+    values = content["config"]
+    control = None
+    if CONTROL_KEY in content.array_records:
+        control = _read_control(content.array_records[CONTROL_KEY], start,
+                                f"the server's SCAFFOLD control variate (message record '{CONTROL_KEY}')")
+    clip = float(values["dp-clip"]) if "dp-clip" in values else None
+    return Instructions(int(values["server-round"]), float(values["proximal-mu"]), clip, control)
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global weights on this node's partition; reply with weights and metrics.
+    """Run ``fedmnist.client.client_step`` on this node's partition as the message says; reply with its result.
 
-    With a SCAFFOLD control ``c`` in the message, train with the correction ``c − c_i`` (``c_i`` from
-    ``context.state``), keep ``c_i⁺`` there and reply with ``Δc_i`` too (option II, from this training).
+    Under SCAFFOLD the node's ``c_i`` is read from ``context.state`` and its ``c_i⁺`` kept there; the reply
+    carries ``Δc_i`` (ArrayRecord ``control-delta``) and, under client-side clipping, the unclipped bit.
     """
     from fedmnist.data import load_partition
-    from fedmnist.scaffold import client_control_update
-    from fedmnist.scaffold import correction as scaffold_correction
+    from fedmnist.model import weights_sha256
 
     config = FlowerRunConfig.from_run_config(context.run_config)
     path, client_id = client_partition(context.node_config, config.data_dir)
     x, y = load_partition(path)
-    instructions = msg.content["config"]
-    round_ = int(instructions["server-round"])
-    mu = float(instructions["proximal-mu"])
     start = record_to_weights(msg.content["arrays"])
-    server_control = own_control = None
-    if CONTROL_KEY in msg.content.array_records:
-        server_control = _read_control(msg.content.array_records[CONTROL_KEY], start,
-                                       f"the server's SCAFFOLD control variate (message record '{CONTROL_KEY}')")
-        own_control = node_control(context.state, start)
-    result = _trainer(config).train(
-        start,
-        x,
-        y,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        mu=mu,
-        seed=training_seed(config.seed, round_, client_id),
-        correction=None if server_control is None else scaffold_correction(server_control, own_control),
-    )
-    from fedmnist.model import weights_sha256
-
+    instructions = read_instructions(msg.content, start)
+    state = ClientState(node_control(context.state, start) if instructions.scaffold else None)
+    try:
+        reply, new_state = client_step(_trainer(config), start, x, y, instructions, state,
+                                       epochs=config.local_epochs, batch_size=config.batch_size,
+                                       seed=training_seed(config.seed, instructions.round, client_id))
+    except DivergedError as exc:  # this node's round fails; its context.state is left as it was
+        raise DivergedError(f"client {client_id}: {exc}") from None
     values = {
-        "num-examples": int(result.num_examples),
-        "train-loss": float(result.history["loss"][-1]),
-        "train-accuracy": float(result.history["accuracy"][-1]),
+        "num-examples": int(reply.num_examples),
+        "train-loss": reply.train_loss,
+        "train-accuracy": reply.train_accuracy,
         "client-id": int(client_id),
-        "server-round": round_,
+        "server-round": instructions.round,
     }
-    weights = result.weights
-    if "dp-clip" in instructions:  # client-side DP-FedAvg: clip before anything leaves this node
-        from fedmnist.privacy import clip_client_weights
-
-        clipped = clip_client_weights(weights, start, float(instructions["dp-clip"]))
-        weights, values["unclipped"] = clipped.weights, int(clipped.unclipped)
-    reply = ConfigRecord({"start-sha256": weights_sha256(start)})
-    content = RecordDict({"arrays": weights_to_record(weights), "metrics": MetricRecord(values), "reply": reply})
-    if server_control is not None:  # SCAFFOLD: c_i⁺ from the honest training, kept for this node's next round
-        from fedmnist.scaffold import ScaffoldError, all_finite
-
-        new_control, delta = client_control_update(start, result.weights, server_control, own_control,
-                                                   result.num_steps, config.learning_rate)
-        if not all_finite(new_control, delta):  # diverged: keep c_i, fail this node's round
-            raise ScaffoldError(f"client {client_id}: the local training diverged (non-finite SCAFFOLD control "
-                                "variate); this node keeps its previous c_i")
-        content[CONTROL_DELTA_KEY] = weights_to_record(delta)
-        context.state[STATE_CONTROL_KEY] = weights_to_record(new_control)
+    if reply.unclipped is not None:
+        values["unclipped"] = int(reply.unclipped)
+    content = RecordDict({"arrays": weights_to_record(reply.weights), "metrics": MetricRecord(values),
+                          "reply": ConfigRecord({"start-sha256": weights_sha256(start)})})
+    if reply.control_delta is not None:  # SCAFFOLD: Δc_i to the server, c_i⁺ kept for this node's next round
+        content[CONTROL_DELTA_KEY] = weights_to_record(reply.control_delta)
+        context.state[STATE_CONTROL_KEY] = weights_to_record(new_state.control)
     return Message(content=content, reply_to=msg)
 
 
@@ -725,17 +728,12 @@ class FlowerClients:
             if not sampled:  # a Poisson sample can be empty
                 gathered.append(Gathered([]))
                 continue
-            instructions = {"server-round": round_, "proximal-mu": batch.mu}
-            if batch.clip is not None:
-                instructions["dp-clip"] = batch.clip
-            content = RecordDict({"arrays": weights_to_record(batch.start), "config": ConfigRecord(instructions)})
-            if batch.control is not None:  # SCAFFOLD: the server control variate c travels with the weights
-                content[CONTROL_KEY] = weights_to_record(batch.control)
+            content = instructions_content(batch.start, batch.instructions)
             messages = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
                                 group_id=str(round_), ttl=self.config.round_timeout) for node in sampled]
             t0 = time.perf_counter()
             replies = collect_replies(self.grid, messages, self.config.round_timeout,
-                                      with_control=batch.control is not None)
+                                      with_control=batch.instructions.scaffold)
             admitted, impostors = self.identities.admit(replies.ok, self.connected)
             failures = {**replies.failures(self.config.round_timeout), **impostors}
             for node, why in failures.items():

@@ -2,7 +2,9 @@
 
 Used by ``local_training.ipynb`` and ``fedmnist train``: both call ``run_local_training`` and get the
 same four files (``modelo_local_cliente_N.h5``, ``pesos_cliente_N.pkl``,
-``curvas_aprendizaje_cliente_N.png``, ``matriz_confusion_cliente_N.png``).
+``curvas_aprendizaje_cliente_N.png``, ``matriz_confusion_cliente_N.png``). The round itself is
+``fedmnist.client.client_step``, as in the simulation and Flower; this module reads its inputs from files
+(the global weights, the member's partition and SCAFFOLD control file) and writes its outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmnist.client import ClientState, DivergedError, Instructions, client_step
 from fedmnist.data import client_file, common_test_file, load_partition
 from fedmnist.errors import ConfigError, DataError, UpdateFileError, ValidationError
 from fedmnist.evaluation import EvalResult, evaluate
@@ -111,25 +114,27 @@ def check_partition_file(data_dir: str | Path, client_id: int) -> Path:
     return path
 
 
-def train_member(
-    trainer: ClientTrainer, start: GlobalWeights, x: np.ndarray, y: np.ndarray, config: TrainConfig, client_id: int,
-    correction: list[np.ndarray] | None = None,
-) -> TrainResult:
-    """A member's local training as the notebook does it: hold out validation data, train from ``start``.
-
-    The shuffling/dropout seed is ``fedmnist.seeds.training_seed(seed, round, client id)`` with
-    round = ``start.round + 1`` (the training round that starts from those weights), the seed the
-    simulation and Flower give the same client, so the three modes train it identically.
-    ``correction`` is SCAFFOLD's ``c − c_i`` (None: plain training).
-    """
+def hold_out(x: np.ndarray, y: np.ndarray, config: TrainConfig, client_id: int
+             ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """The member's training rows and its validation hold-out (None: none), seeded by ``validation_seed``."""
     x_fit, y_fit, x_val, y_val = validation_split(x, y, config.validation_split,
                                                   validation_seed(config.seed, client_id))
-    seed = training_seed(config.seed, start.round + 1, client_id)
-    return trainer.train(
-        start.weights, x_fit, y_fit, epochs=config.epochs, batch_size=config.batch_size,
-        mu=config.mu, seed=seed, x_val=x_val, y_val=y_val,
-        **({} if correction is None else {"correction": correction}),
-    )
+    return x_fit, y_fit, None if x_val is None else (x_val, y_val)
+
+
+def member_instructions(start: GlobalWeights, config: TrainConfig, dp_clip: float | None,
+                        controls: MemberControls | None) -> tuple[Instructions, ClientState]:
+    """The round's instructions and the member's state, from its flags, the global weights and its control file.
+
+    The training round is ``start.round + 1`` (the round that starts from those weights): its seed is
+    ``fedmnist.seeds.training_seed(seed, round, client id)``, the one the simulation and Flower give the same
+    client, so the three modes train it identically. μ is ``--mu``, the clip norm ``--dp-clip``, SCAFFOLD's
+    ``c`` and ``c_i`` come from the global-weights file and the control file (``member_controls``).
+    """
+    server = own = None
+    if controls is not None:
+        server, own = controls.server, controls.own
+    return Instructions(start.round + 1, config.mu, dp_clip, server), ClientState(own)
 
 
 def make_update(result: TrainResult, start: GlobalWeights, config: TrainConfig, client_id: int,
@@ -163,26 +168,9 @@ class MemberControls:
     path: Path
     round: int
 
-    @property
-    def correction(self) -> list[np.ndarray]:
-        """``c − c_i``, added to every local gradient."""
-        from fedmnist.scaffold import correction
-
-        return correction(self.server, self.own)
-
-    def advance(self, start: GlobalWeights, result: TrainResult, learning_rate: float
-                ) -> tuple[ClientControl, list[np.ndarray]]:
-        """Option II's ``(c_i⁺, Δc_i)`` after the training ``result``; ``c_i⁺`` wrapped for the control file."""
-        from fedmnist.scaffold import all_finite, client_control_update
-
-        new, delta = client_control_update(start.weights, result.weights, self.server, self.own,
-                                           result.num_steps, learning_rate)
-        if not all_finite(new, delta):
-            raise ValidationError(
-                f"client {self.client_id}: the local training diverged (non-finite SCAFFOLD control variate); "
-                f"nothing was written and {self.path} keeps its previous c_i: lower --learning-rate and train again"
-            )
-        return ClientControl(self.client_id, self.round, new, self.own), delta
+    def record(self, new_own: list[np.ndarray]) -> ClientControl:
+        """The control file's contents after this round: ``c_i⁺``, with the ``c_i`` the round started from."""
+        return ClientControl(self.client_id, self.round, new_own, self.own)
 
 
 def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, path: str | Path,
@@ -270,13 +258,22 @@ def run_local_training(
     x_test, y_test = load_partition(checked_test_file(common_test_file(data_dir)))
     start = starting_point(global_weights, round_, config.seed)
     controls = member_controls(start, client_id, config, control_path(out_dir, client_id), scaffold, dp_clip)
+    instructions, state = member_instructions(start, config, dp_clip, controls)
 
     if trainer is None:
         trainer = make_trainer(config)
     else:
         check_trainer(trainer, config)
-    result = train_member(trainer, start, x, y, config, client_id,
-                          None if controls is None else controls.correction)
+    x_fit, y_fit, validation = hold_out(x, y, config, client_id)
+    try:
+        reply, new_state = client_step(trainer, start.weights, x_fit, y_fit, instructions, state,
+                                       epochs=config.epochs, batch_size=config.batch_size,
+                                       seed=training_seed(config.seed, instructions.round, client_id),
+                                       validation=validation)
+    except DivergedError as exc:
+        raise DivergedError(f"client {client_id}: {exc}; nothing was written to {out_dir}: lower --learning-rate and train "
+                            "again") from None
+    result = TrainResult(reply.local_weights, len(x_fit), reply.history, reply.num_steps)
     test = evaluate(trainer, result.weights, x_test, y_test)
 
     metrics = {
@@ -286,16 +283,11 @@ def run_local_training(
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "validation_examples": len(x) - result.num_examples,
+        **reply.metrics,
     }
-    update = make_update(result, start, config, client_id, metrics, num_examples=len(x))
-    if dp_clip is not None:
-        from fedmnist.privacy import clip_client_weights
-
-        clipped = clip_client_weights(result.weights, start.weights, dp_clip)
-        update.weights, update.metrics["unclipped"] = clipped.weights, bool(clipped.unclipped)
-    new_control = None
-    if controls is not None:
-        new_control, update.control_delta = controls.advance(start, result, config.learning_rate)
+    update = make_update(result, start, config, client_id, metrics, num_examples=reply.num_examples)
+    update.weights, update.control_delta = reply.weights, reply.control_delta
+    new_control = None if controls is None else controls.record(new_state.control)
     from fedmnist.plots import plot_confusion_matrix, plot_learning_curves
 
     files = output_paths(out_dir, client_id)

@@ -14,6 +14,8 @@ what the rest of a round needs to know about it:
 * ``aggregate_sum(global_weights, agg, state)``: the same server step from a secure round's
   ``SecureAggregate`` (only the sum of the updates), for the methods that compose with secure
   aggregation (``secure_composition`` says what the masked vectors carry, or refuses the others).
+* ``instructions(state, weights, round)``: the three above as the ``fedmnist.client.Instructions``
+  every mode sends its clients (the one place they are assembled).
 
 ``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
 ``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedmnist.client import Instructions
 from fedmnist.config import DEFAULT_METHODS
 from fedmnist.errors import ConfigError
 from fedmnist.server_opt import SERVER_OPTIMIZERS, ServerOptConfig, ServerOptError, server_step
@@ -229,6 +232,10 @@ class Method:
         """(ε, δ) spent after the rounds ``state`` records, for private methods; None otherwise."""
         del state
         return None
+
+    def instructions(self, state: dict, global_weights: Sequence[np.ndarray], round_: int) -> Instructions:
+        """What this method's clients are told for ``round_``: μ, the clip norm and SCAFFOLD's ``c``."""
+        return Instructions(round_, self.client_mu, self.client_clip(state), self.client_control(state, global_weights))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from fedmnist.seeds import SAMPLING, sample_positions
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
 
 if TYPE_CHECKING:
+    from fedmnist.client import Instructions
     from fedmnist.privacy import DPConfig
 
 log = logging.getLogger(__name__)
@@ -120,15 +121,14 @@ def sample_round(candidates: Sequence[int], fraction: float, round_: int, seed: 
 class Batch:
     """One set of instructions for the round's clients, and the methods whose step takes the replies.
 
-    ``control`` is SCAFFOLD's server control variate ``c`` (its batch then serves that method alone).
+    ``instructions`` come from the methods' ``Method.instructions`` (identical for every method of the
+    batch); a SCAFFOLD batch serves its method alone, as its clients keep a state of that method.
     """
 
     methods: tuple[str, ...]
     start: list[np.ndarray]
     start_sha256: str
-    mu: float
-    clip: float | None
-    control: list[np.ndarray] | None = None
+    instructions: Instructions
 
 
 @dataclass
@@ -153,18 +153,16 @@ class Clients(Protocol):
         """The ``Server.step`` keywords naming the sample (``sampled_clients``… or ``sampled_nodes``)."""
 
 
-def instruction_batches(server: Server) -> list[Batch]:
+def instruction_batches(server: Server, round_: int) -> list[Batch]:
     """The round's instructions, one ``Batch`` per distinct (start, μ, clip), SCAFFOLD's alone."""
     batches: dict[tuple, Batch] = {}
     for name, method in server.methods.items():
-        state = server.state.method_state[name]
-        control = method.client_control(state, server.weights(name))
-        key = (server.start_sha256(name), method.client_mu, method.client_clip(state),
-               name if control is not None else None)
+        told = method.instructions(server.state.method_state[name], server.weights(name), round_)
+        key = (server.start_sha256(name), told.mu, told.clip, name if told.scaffold else None)
         if key in batches:
             batches[key] = replace(batches[key], methods=(*batches[key].methods, name))
         else:
-            batches[key] = Batch((name,), server.weights(name), key[0], key[1], key[2], control)
+            batches[key] = Batch((name,), server.weights(name), key[0], told)
     return list(batches.values())
 
 
@@ -243,7 +241,7 @@ def run_round(server: Server, clients: Clients, config: LoopConfig, round_: int)
     rate = poisson_rate(list(server.methods.values()))
     sampled = sample_round(clients.candidates(round_), config.fraction, round_,
                            None if config.secret_sampling else config.seed, rate)
-    batches = instruction_batches(server)
+    batches = instruction_batches(server, round_)
     gathered = clients.exchange(round_, sampled, batches)
     evaluate_now = round_ % config.eval_every == 0 or round_ == config.rounds
     # a Poisson sample may hold fewer clients than the minimum (or none): its round still counts

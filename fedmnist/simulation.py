@@ -35,6 +35,7 @@ import numpy as np
 
 from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_malicious
 from fedmnist.checkpoint import CHECKPOINT_FILE
+from fedmnist.client import ClientState, Instructions
 from fedmnist.config import DEFAULT_SEED, TrainingConfig, _is_int, _need
 from fedmnist.errors import FedMnistError
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
@@ -281,85 +282,48 @@ def malicious_clients(config: SimulationConfig) -> list[int]:
 # --- the in-process clients ----------------------------------------------------------------------
 
 
-@dataclass
-class ClientControls:
-    """SCAFFOLD's control variates of one method's round: the server's ``c`` and the simulated clients'
-    own ``c_i`` (client id -> arrays, absent = zeros), which ``collect_replies`` advances in place.
+def client_tasks(config: SimulationConfig, round_: int, clients: list[int], start: list[np.ndarray],
+                 instructions: Instructions, malicious: set[int],
+                 states: Mapping[int, list[np.ndarray]] | None = None) -> list[ClientTask]:
+    """One ``client_step`` task per client, seeded by (seed, round, client), with the method's ``instructions``.
 
+    ``states`` (SCAFFOLD: client id -> its ``c_i``, absent = never trained) gives each client its own state.
     Memory: one model copy (1.56 MB for the course's CNN) per client that has trained so far, so up to
     ~156 MB for 100 clients and ~1.56 GB for 1,000, all saved in every round's checkpoint.
     """
-
-    server: list[np.ndarray]
-    clients: dict[int, list[np.ndarray]]
-    learning_rate: float
-
-    def own(self, client_id: int) -> list[np.ndarray]:
-        """``c_i`` of ``client_id`` (zeros before its first round)."""
-        from fedmnist.scaffold import zero_controls
-
-        return self.clients.get(client_id) or zero_controls(self.server)
-
-    def correction(self, client_id: int) -> list[np.ndarray]:
-        """``c − c_i``, the client's gradient correction."""
-        from fedmnist.scaffold import correction
-
-        return correction(self.server, self.own(client_id))
-
-
-def client_tasks(config: SimulationConfig, round_: int, clients: list[int], start: list[np.ndarray], mu: float,
-                 malicious: set[int], controls: ClientControls | None = None) -> list[ClientTask]:
-    """One training task per client, seeded by (seed, round, client); SCAFFOLD-corrected with ``controls``."""
     flip = config.threat.attack in DATA_ATTACKS
-    return [ClientTask(k, start, mu, training_seed(config.seed, round_, k), config.training.epochs,
+    return [ClientTask(k, start, instructions, training_seed(config.seed, round_, k), config.training.epochs,
                        config.training.batch_size, flip_labels=flip and k in malicious,
-                       correction=None if controls is None else controls.correction(k)) for k in clients]
+                       state=None if states is None else ClientState(states.get(k))) for k in clients]
 
 
 def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start: list[np.ndarray],
-                    start_sha256: str, mu: float, malicious: set[int], clip: float | None,
-                    controls: ClientControls | None = None) -> tuple[list[Reply], dict[str, str]]:
-    """The replies the clients send for their training outcomes, and the clients whose training failed.
+                    start_sha256: str, mu: float, malicious: set[int],
+                    states: dict[int, list[np.ndarray]] | None = None) -> tuple[list[Reply], dict[str, str]]:
+    """The replies the clients send for their ``client_step`` outcomes, and the clients whose step failed.
 
-    With ``clip`` (client-side DP-FedAvg) an honest client clips its update to that L2 norm and reports
-    whether it was within it (Andrew et al.'s bit); model-poisoning attackers then replace their
-    update. With ``controls`` (SCAFFOLD) each client computes its new ``c_i`` from its honest training
-    (option II), keeps it in ``controls.clients`` and sends ``Δc_i``, whether or not the server then
-    accepts the reply (a real client cannot know); model-poisoning attackers replace their weights but
-    send the honest ``Δc_i``. A client whose training failed (its worker died, or SCAFFOLD's control
-    variate came out non-finite) is returned in the failures, named, and keeps its ``c_i``.
+    Every client that completed its step keeps its new state in ``states`` (SCAFFOLD's ``c_i⁺``), whether or
+    not the server then accepts the reply (a real client cannot know). A model-poisoning attacker then
+    replaces its reply with its attack on the model it trained (before any clipping), sent without the
+    unclipped bit and with its honest ``Δc_i``. A client whose step failed (its worker died, or its training
+    diverged) is returned in the failures, named, and keeps its state.
     """
-    from fedmnist.scaffold import all_finite, client_control_update
-
     threat = config.threat
     replies, failed = [], {}
     for outcome in outcomes:
         if isinstance(outcome, TaskFailure):
             failed[f"client {outcome.client_id}"] = outcome.message
             continue
-        client_id, weights, metrics = outcome.client_id, outcome.weights, {}
-        control_delta = None
-        if controls is not None:
-            new_control, control_delta = client_control_update(
-                start, weights, controls.server, controls.own(client_id), outcome.num_steps, controls.learning_rate)
-            if not all_finite(new_control, control_delta):
-                # a diverged training: the client keeps its c_i and sends nothing (a real client would not
-                # overwrite its state with NaN either)
-                failed[f"client {client_id}"] = ("its training diverged: non-finite SCAFFOLD control variate; "
-                                                 "it keeps its previous c_i")
-                continue
-            controls.clients[client_id] = new_control
-        attacked = client_id in malicious
-        if clip is not None and not attacked:
-            from fedmnist.privacy import clip_client_weights
-
-            clipped = clip_client_weights(weights, start, clip)
-            weights, metrics = clipped.weights, {"unclipped": clipped.unclipped}
-        if attacked:
-            weights = attack_update(threat.attack, weights, start, attack_rng(config.seed, round_, client_id),
-                                    threat.strength)
-        replies.append(Reply(client_id, weights, outcome.num_examples, f"client {client_id}", start_sha256,
-                             float(outcome.train_loss), mu, metrics, control_delta))
+        client_id, reply = outcome.client_id, outcome.reply
+        if states is not None and outcome.state is not None and outcome.state.control is not None:
+            states[client_id] = outcome.state.control
+        weights, metrics = reply.weights, reply.metrics
+        if client_id in malicious:
+            weights = attack_update(threat.attack, reply.local_weights, start,
+                                    attack_rng(config.seed, round_, client_id), threat.strength)
+            metrics = {}
+        replies.append(Reply(client_id, weights, reply.num_examples, f"client {client_id}", start_sha256,
+                             reply.train_loss, mu, metrics, reply.control_delta))
     return replies, failed
 
 
@@ -385,26 +349,26 @@ class SimulatedClients:
         """The sampled client ids and the malicious ones among them."""
         return {"sampled_clients": sampled, "malicious_sampled": [k for k in sampled if k in self.malicious]}
 
-    def _controls(self, batch: Batch) -> ClientControls | None:
-        if batch.control is None:
+    def _states(self, batch: Batch) -> dict[int, list[np.ndarray]] | None:
+        """The clients' own states for a SCAFFOLD batch (client id -> c_i, kept in the server state), else None."""
+        if not batch.instructions.scaffold:
             return None
-        return ClientControls(batch.control, self.state.client_state.setdefault(batch.methods[0], {}),
-                              self.config.training.learning_rate)
+        return self.state.client_state.setdefault(batch.methods[0], {})
 
     def exchange(self, round_: int, sampled: list[int], batches: list[Batch]) -> list[Gathered]:
-        """Train the sampled clients once per batch and collect their replies."""
+        """Train the sampled clients once per batch (every batch submitted before any is awaited)."""
         from tqdm.auto import tqdm
 
-        controls = [self._controls(batch) for batch in batches]
+        states = [self._states(batch) for batch in batches]
         pending = [(time.perf_counter(), self.executor.submit(client_tasks(
-            self.config, round_, sampled, batch.start, batch.mu, self.malicious, control)))
-            for batch, control in zip(batches, controls)]
+            self.config, round_, sampled, batch.start, batch.instructions, self.malicious, state)))
+            for batch, state in zip(batches, states)]
         gathered = []
         with tqdm(total=len(batches), desc=f"ronda {round_}", unit="grupo", leave=False,
                   disable=not self.progress) as bar:
-            for batch, control, (t0, tasks) in zip(batches, controls, pending):
+            for batch, state, (t0, tasks) in zip(batches, states, pending):
                 replies, failed = collect_replies(tasks.result(), self.config, round_, batch.start,
-                                                  batch.start_sha256, batch.mu, self.malicious, batch.clip, control)
+                                                  batch.start_sha256, batch.instructions.mu, self.malicious, state)
                 gathered.append(Gathered(replies, failed, time.perf_counter() - t0))
                 bar.update()
         return gathered

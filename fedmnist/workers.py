@@ -1,6 +1,6 @@
 """Client executors: a round's local trainings (and evaluations) in this process or in N worker processes.
 
-The server decides *what* to run (which clients, from which weights, with which seed and ``mu``) and
+The server decides *what* to run (which clients, from which weights, with which seed and instructions) and
 hands the executor a list of tasks; the executor decides *where* they run and returns one outcome per
 task, **in task order** whatever the order they finish in, so the server aggregates in the same order
 for any number of workers.
@@ -23,7 +23,8 @@ machine (on a 2-core machine, 1 and 2 threads already differ by up to 3e-8 after
 
 Data. The training images (raw uint8), labels, every client's index array and the test set are
 copied ONCE into a ``multiprocessing.shared_memory`` segment that the workers map read-only; a task
-carries only the client id, the start weights and the training settings. Images are normalised as
+carries only the client id, the start weights, the round's instructions, the client's state and the
+training settings. Images are normalised as
 ``fedmnist.data.normalize_images`` does, and label flipping (``fedmnist.attacks.flip_labels``) happens
 in the worker. Model-poisoning attacks stay with the server: they transform a returned update.
 
@@ -35,10 +36,11 @@ as the parent process is gone (they watch a pipe only the parent holds), and are
 any exception (KeyboardInterrupt included) while waiting for workers, and when the pool is collected
 or the interpreter exits.
 
-Tasks are frozen dataclasses sent whole to the workers, so a later feature (say SCAFFOLD's control
-variates) adds an optional field to ``ClientTask`` and ``ClientResult`` and reads it in
-``execute_task``. Messages between the parent and its own workers are pickled by ``multiprocessing``;
-nothing read from a file is unpickled here.
+Tasks are frozen dataclasses sent whole to the workers. A client task carries the round's
+``fedmnist.client.Instructions`` and the client's ``ClientState``; ``execute_task`` runs the whole
+``fedmnist.client.client_step`` on them and its ``ClientResult`` carries the reply and the client's new
+state back, so a new client-side rule needs no change here. Messages between the parent and its own
+workers are pickled by ``multiprocessing``; nothing read from a file is unpickled here.
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmnist import attacks
+from fedmnist.client import ClientReply, ClientState, Instructions, client_step
 from fedmnist.config import DEFAULT_SEED, TrainingConfig
 from fedmnist.data import IMAGE_SHAPE, NUM_CLASSES, normalize_images
 from fedmnist.errors import ConfigError, DataError, FedMnistError
@@ -181,25 +184,28 @@ def _check_weights(weights) -> None:
 
 @dataclass(frozen=True, eq=False)
 class ClientTask:
-    """Train client ``client_id`` from ``weights`` for ``epochs`` epochs (FedProx term ``mu``).
+    """Client ``client_id``'s round: ``client_step`` from ``weights`` as ``instructions`` say, for ``epochs`` epochs.
 
     ``seed`` fixes the shuffling and dropout; ``flip_labels`` trains on ``9 − y`` (label flipping);
-    ``correction`` is SCAFFOLD's ``c − c_i`` added to every step's gradient (None: no correction).
+    ``state`` is the client's own state (SCAFFOLD's ``c_i``; None: a client that never trained).
     """
 
     client_id: int
     weights: Weights
-    mu: float
+    instructions: Instructions
     seed: int
     epochs: int
     batch_size: int
     flip_labels: bool = False
-    correction: Weights | None = None
+    state: ClientState | None = None
 
     def __post_init__(self) -> None:
         _check_weights(self.weights)
-        if self.correction is not None:
-            _check_weights(self.correction)
+        if not isinstance(self.instructions, Instructions):
+            raise ConfigError(f"{self.describe()}: instructions must be a fedmnist.client.Instructions "
+                              f"(got {type(self.instructions).__name__})")
+        if self.state is not None and not isinstance(self.state, ClientState):
+            raise ConfigError(f"{self.describe()}: state must be a fedmnist.client.ClientState or None")
         for name in ("client_id", "seed", "epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -210,8 +216,6 @@ class ClientTask:
             raise ConfigError(f"{self.describe()}: epochs and batch size must be at least 1")
         if self.seed < 0:
             raise ConfigError(f"{self.describe()}: the seed must be >= 0 (got {self.seed})")
-        if not (self.mu >= 0 and np.isfinite(self.mu)):
-            raise ConfigError(f"{self.describe()}: the FedProx coefficient mu must be >= 0 (got {self.mu})")
 
     def describe(self) -> str:
         """What the task is, for messages."""
@@ -238,19 +242,37 @@ class EvalTask:
 
 @dataclass(eq=False)
 class ClientResult:
-    """What a client's training returned: weights, example count, per-epoch loss and accuracy, steps taken."""
+    """What a client's round returned: its reply (``fedmnist.client.ClientReply``) and its new state."""
 
     client_id: int
-    weights: Weights
-    num_examples: int
-    history: dict[str, list[float]] = field(default_factory=dict)
-    num_steps: int = 0
+    reply: ClientReply
+    state: ClientState | None = None
     seconds: float = 0.0
+
+    @property
+    def weights(self) -> Weights:
+        """The weights the client sends."""
+        return self.reply.weights
+
+    @property
+    def num_examples(self) -> int:
+        """FedAvg's n_k."""
+        return self.reply.num_examples
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-epoch loss and accuracy."""
+        return self.reply.history
+
+    @property
+    def num_steps(self) -> int:
+        """The optimizer steps taken."""
+        return self.reply.num_steps
 
     @property
     def train_loss(self) -> float:
         """The last local epoch's mean training loss."""
-        return self.history["loss"][-1]
+        return self.reply.train_loss
 
 
 @dataclass(eq=False)
@@ -284,15 +306,9 @@ def execute_task(trainer: ClientTrainer, data: WorkerData, task: Task) -> Client
         x, y = data.client_data(task.client_id)
         if task.flip_labels:
             y = attacks.flip_labels(y)
-        extra = {} if task.correction is None else {"correction": task.correction}
-        trained = trainer.train(
-            task.weights, x, y, epochs=task.epochs, batch_size=task.batch_size, mu=task.mu, seed=task.seed,
-            **extra,
-        )
-        return ClientResult(
-            task.client_id, trained.weights, trained.num_examples, trained.history,
-            getattr(trained, "num_steps", 0), time.perf_counter() - t0,
-        )
+        reply, state = client_step(trainer, task.weights, x, y, task.instructions, task.state,
+                                   epochs=task.epochs, batch_size=task.batch_size, seed=task.seed)
+        return ClientResult(task.client_id, reply, state, time.perf_counter() - t0)
     if isinstance(task, EvalTask):
         stop = data.num_test if task.stop is None else min(task.stop, data.num_test)
         x, y = data.test_data(task.start, stop)

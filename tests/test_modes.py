@@ -277,3 +277,128 @@ def test_scaffold_switched_on_by_the_round_file_names_it_when_the_optimizer_does
 
     err = capsys.readouterr().err
     assert code != 0 and "pesos_globales_ronda_1.pkl comes from a SCAFFOLD aggregation" in err and "--optimizer sgd" in err
+
+
+# --- SCAFFOLD and client-side DP through the one client step, in every mode ------------------------
+
+CLIENT_STEP_CASES = {
+    # SCAFFOLD on a non-IID split: plain SGD, the members' c_i in control files, the nodes' in context.state
+    "scaffold": {"partition": "shards", "momentum": 0.0, "method": "scaffold", "member": [], "first": ["--scaffold"],
+                 "server": ["--methods", "scaffold"], "simulation": {}, "flower": {}},
+    # client-side DP-FedAvg: every client clips its update to S before it leaves, seeded noise on the server
+    "client-dp": {"partition": "iid", "momentum": 0.9, "method": "fedavg", "member": ["--dp-clip", "0.4"], "first": [],
+                  "server": ["--methods", "fedavg", "--dp-noise", "0.5", "--dp-clip", "0.4", "--dp-side", "client",
+                             "--dp-seeded-noise"],
+                  "simulation": {"dp_noise": 0.5, "dp_clip": 0.4, "dp_side": "client"},
+                  "flower": {"dp-noise": 0.5, "dp-clip": 0.4, "dp-side": "client", "dp-seeded-noise": True}},
+}
+
+
+def run_file_flow(name: str, mnist_file, root) -> list[np.ndarray]:
+    """Case ``name``'s two rounds by the file flow (``fedmnist train`` per member, then
+    ``global_aggregation``) under ``root``: the final global weights."""
+    from pathlib import Path
+
+    from fedmnist.cli import main, main_aggregation, main_split
+    from fedmnist.exchange import load_global
+
+    case, root = CLIENT_STEP_CASES[name], Path(root)
+    data, pesos, members = root / "datos", root / "pesos", root / "miembros"
+    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+                "--momentum", str(case["momentum"]), "--seed", str(SEED), "--validation-split", "0"]
+    assert main_split(["--clients", "3", "--partition", case["partition"], "--seed", str(SEED),
+                       "--data", str(mnist_file), "--out", str(data)]) == 0
+    assert main_aggregation(["--init", "--seed", str(SEED), "--out", str(pesos / "ronda_0")]) == 0
+    for round_ in (0, 1):
+        start = pesos / f"ronda_{round_}" / f"pesos_globales_ronda_{round_}.pkl"
+        for k in (1, 2, 3):
+            assert main(["train", "--client", str(k), "--data-dir", str(data), "--global-weights", str(start),
+                         *training, *case["member"], *(case["first"] if round_ == 0 else []),
+                         "--out", str(members)]) == 0  # SCAFFOLD: each member's control file stays there
+        assert main_aggregation(["--weights-dir", str(members), "--data-dir", str(data),
+                                 "--global-weights", str(start), *case["server"],
+                                 "--out", str(pesos / f"ronda_{round_ + 1}")]) == 0
+    final = load_global(pesos / "ronda_2" / "pesos_globales_ronda_2.pkl")
+    assert final.round == 2 and final.method == case["method"]
+    return final.weights
+
+
+PINNED_FILE_FLOW = """
+import sys
+sys.path.insert(0, {tests!r})
+from fedmnist.workers import pin_threads
+pin_threads(1)  # the worker processes' thread setting, before TensorFlow runs anything
+import numpy as np
+import test_modes
+np.savez({out!r}, *test_modes.run_file_flow({name!r}, {mnist!r}, {root!r}))
+"""
+
+
+def pinned_file_flow(name: str, mnist_file, root) -> list[np.ndarray]:
+    """``run_file_flow`` in a fresh process whose TensorFlow runs on one thread, as every worker does: the
+    file flow a ``--workers`` simulation reproduces (TensorFlow's sums depend on its thread count)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(root) / "pinned.npz"
+    script = PINNED_FILE_FLOW.format(tests=str(Path(__file__).parent), out=str(out), name=name,
+                                     mnist=str(mnist_file), root=str(Path(root) / "pinned"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_NUM_", "OMP_NUM_"))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out) as npz:
+        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
+
+
+@pytest.fixture(scope="module", params=sorted(CLIENT_STEP_CASES))
+def file_flow_two_rounds(request, small_mnist_file, tmp_path_factory):
+    """The case's name, its file flow's federation directory and final global weights."""
+    root = tmp_path_factory.mktemp(f"file_flow_{request.param}")
+    return request.param, root / "datos", run_file_flow(request.param, small_mnist_file, root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["simulation", "simulation-workers-2", "flower"])
+def test_scaffold_and_client_dp_same_weights_in_every_mode(mode, file_flow_two_rounds, small_mnist_file, tmp_path):
+    """SCAFFOLD and client-side DP clipping over two rounds: the file flow, the simulation (in process and
+    with two worker processes) and Flower (its ServerApp's loop, the real ClientApp on every node) all run
+    ``fedmnist.client.client_step`` and end with the same global weights. The worker processes run
+    TensorFlow on one thread each, so their run is compared with the file flow on one thread."""
+    from test_flower_app import FakeGrid, _client_node, _train_message
+
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.exchange import load_global
+    from fedmnist.flower_app import FlowerRunConfig, run_server
+    from fedmnist.model import initial_weights
+    from fedmnist.simulation import SimulationConfig, run_simulation
+
+    name, data, file_flow = file_flow_two_rounds
+    case = CLIENT_STEP_CASES[name]
+    method = case["method"]
+    if mode == "flower":
+        _train_message(initial_weights(SEED), 1, 0.0)  # task identity
+        config = FlowerRunConfig.from_run_config({
+            "num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.05,
+            "momentum": case["momentum"], "method": method, "min-train-nodes": 3, "seed": SEED,
+            "output-dir": str(tmp_path / "flower"), "test-file": str(common_test_file(data)), **case["flower"]})
+        nodes = {10 * k: _client_node(client_file(data, k), config) for k in (1, 2, 3)}
+        history = run_server(FakeGrid(nodes), config)
+        assert [h.replied_clients for h in history] == [[1, 2, 3]] * 2
+        final = load_global(tmp_path / "flower" / "pesos_globales_ronda_2.pkl").weights
+    else:
+        config = SimulationConfig.create(
+            num_clients=3, fraction=1.0, rounds=2, local_epochs=1, batch_size=32, optimizer="sgd",
+            learning_rate=0.05, momentum=case["momentum"], partition=case["partition"], methods=(method,),
+            seed=SEED, **case["simulation"])
+        workers = 2 if mode == "simulation-workers-2" else None
+        result = run_simulation(config, small_mnist_file, tmp_path / "sim", progress=False, workers=workers)
+        assert [r.replied_clients for r in result.metrics[method]] == [[1, 2, 3]] * 2
+        final = result.final_weights[method]
+        if workers:
+            file_flow = pinned_file_flow(name, small_mnist_file, tmp_path)
+
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(file_flow, final)) <= 1e-6
+    assert not all(np.array_equal(a, b) for a, b in zip(final, initial_weights(SEED)))

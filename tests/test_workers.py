@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmnist.client import Instructions
 from fedmnist.config import TrainingConfig
 from fedmnist.data import Mnist, normalize_images
 from fedmnist.errors import ConfigError, DataError
@@ -57,7 +58,8 @@ def round_tasks(round_: int, start: list[np.ndarray]) -> list[ClientTask]:
     """Round ``round_``'s tasks: round 2 with the FedProx term, the attacker flipping its labels."""
     mu = 0.0 if round_ == 1 else 0.01
     return [
-        ClientTask(k, start, mu, seed=1000 * round_ + k, epochs=1, batch_size=10, flip_labels=k == ATTACKER)
+        ClientTask(k, start, Instructions(round_, mu), seed=1000 * round_ + k, epochs=1, batch_size=10,
+                   flip_labels=k == ATTACKER)
         for k in ROUNDS[round_ - 1]
     ]
 
@@ -136,13 +138,13 @@ def wait_until(condition, seconds: float) -> bool:
 def test_tasks_and_settings_reject_bad_values():
     w = [np.zeros(2, np.float32)]
     with pytest.raises(ConfigError, match="client ids start at 1"):
-        ClientTask(0, w, 0.0, 1, 1, 10)
+        ClientTask(0, w, Instructions(1), 1, 1, 10)
     with pytest.raises(ConfigError, match="client 3: epochs"):
-        ClientTask(3, w, 0.0, 1, 0, 10)
+        ClientTask(3, w, Instructions(1), 1, 0, 10)
     with pytest.raises(ConfigError, match="mu must be >= 0"):
-        ClientTask(3, w, -1.0, 1, 1, 10)
+        ClientTask(3, w, Instructions(1, -1.0), 1, 1, 10)
     with pytest.raises(ConfigError, match="list of numpy arrays"):
-        ClientTask(3, "weights", 0.0, 1, 1, 10)
+        ClientTask(3, "weights", Instructions(1), 1, 1, 10)
     with pytest.raises(ConfigError, match="empty or negative test range"):
         EvalTask(w, 5, 5)
     with pytest.raises(ConfigError, match="unknown optimizer"):
@@ -301,8 +303,8 @@ def test_killed_worker_fails_its_client_and_is_replaced(data, one_worker):
     from fedmnist.model import initial_weights
 
     start = initial_weights(42)
-    bad = ClientTask(3, [w[:1] for w in start], 0.0, seed=1, epochs=1, batch_size=10)
-    slow = ClientTask(4, start, 0.0, seed=1, epochs=50, batch_size=10)
+    bad = ClientTask(3, [w[:1] for w in start], Instructions(1), seed=1, epochs=1, batch_size=10)
+    slow = ClientTask(4, start, Instructions(1), seed=1, epochs=50, batch_size=10)
     pool = WorkerPool(1, data, SETTINGS, eval_shard=SHARD)
     try:
         first = pool.pids[0]
@@ -343,6 +345,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from fedmnist.data import load_raw_mnist
+from fedmnist.client import Instructions
 from fedmnist.workers import ClientTask, WorkerPool
 import test_workers as t
 
@@ -351,7 +354,7 @@ if __name__ == "__main__":
     print(json.dumps({{"pids": pool.pids, "shm": pool.shared_memory_name}}), flush=True)
     with np.load({weights!r}) as npz:
         start = [npz[f"w{{i}}"] for i in range(len(npz.files))]
-    pool.run([ClientTask(k, start, 0.0, seed=k, epochs=500, batch_size=10) for k in (1, 2, 3)])
+    pool.run([ClientTask(k, start, Instructions(1), seed=k, epochs=500, batch_size=10) for k in (1, 2, 3)])
     print("finished", flush=True)
 """
 
@@ -398,13 +401,13 @@ def test_no_worker_survives_its_parent(how, mnist_path, tmp_path):
 @pytest.mark.slow
 def test_in_process_failures_name_the_client(data):
     executor = InProcessExecutor(data, SETTINGS)
-    outcome = executor.run([ClientTask(1, [np.zeros(3, np.float32)], 0.0, 1, 1, 10)])[0]
+    outcome = executor.run([ClientTask(1, [np.zeros(3, np.float32)], Instructions(1), 1, 1, 10)])[0]
     assert isinstance(outcome, TaskFailure) and outcome.client_id == 1
     assert outcome.message.startswith("client 1 failed: ConfigError")
     # a SCAFFOLD correction reaches the trainer, which refuses it with momentum
     start = executor.trainer.get_weights()
-    corrected = ClientTask(1, start, 0.0, 1, 1, 10, correction=[np.zeros_like(w) for w in start])
+    corrected = ClientTask(1, start, Instructions(1, control=[np.zeros_like(w) for w in start]), 1, 1, 10)
     outcome = executor.run([corrected])[0]
     assert isinstance(outcome, TaskFailure) and "SCAFFOLD needs local SGD without momentum" in outcome.message
     with pytest.raises(ConfigError, match="client 9 does not exist"):
-        executor.run([ClientTask(9, [np.zeros(3, np.float32)], 0.0, 1, 1, 10)])
+        executor.run([ClientTask(9, [np.zeros(3, np.float32)], Instructions(1), 1, 1, 10)])

@@ -22,7 +22,7 @@ INIT_CSV = "inicializacion.csv"
 
 
 def _fit_part(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """The rows of ``indices`` a member trains on after the validation hold-out of ``train_member``."""
+    """The rows of ``indices`` a member trains on after the validation hold-out of ``fedmnist.local.hold_out``."""
     from fedmnist.training import validation_split as hold_out
 
     return hold_out(indices, indices, fraction, seed)[0]
@@ -31,7 +31,7 @@ def _fit_part(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dict]:
     """One round of the course (5 IID clients) per seed: locals, FedAvg/FedProx/FedMed, central model.
 
-    Every member trains as ``train_member`` does (the member job's optimiser, its 10 % validation
+    Every member trains as ``fedmnist.local.run_local_training`` does (the member job's optimiser, its 10 % validation
     hold-out, the same seeds), from the seed's shared start; the central model trains as long on all
     the data. FedProx's μ is chosen once, on ``profile.validation_size`` training images held out from
     5 members of the rest (first seed). Also averages the clients trained from *independent* random
@@ -39,6 +39,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     The trainings run in the ``WORKERS`` processes (all of a seed's at once).
     """
     from fedmnist.aggregation import run_aggregation
+    from fedmnist.client import Instructions
     from fedmnist.data import Mnist, normalize_images
     from fedmnist.evaluation import evaluate
     from fedmnist.exchange import make_global
@@ -86,8 +87,8 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     settings = plain  # its optimizer, rate and momentum build the executor's trainers
 
     def tasks(seed: int, owner, starts: dict[int, list[np.ndarray]], mu: float, ks=range(1, 6)) -> list:
-        return [ClientTask(members[owner, k], starts[k], mu, training_seed(seed, 1, k), plain.epochs,
-                           plain.batch_size) for k in ks]
+        return [ClientTask(members[owner, k], starts[k], Instructions(1, mu), training_seed(seed, 1, k),
+                           plain.epochs, plain.batch_size) for k in ks]
 
     rows, init_rows, tuning_rows = [], [], []
     with make_executor(data, settings) as executor:

@@ -233,7 +233,7 @@ def test_fedmnist_train_with_a_learning_rate_that_diverges_exits_non_zero_and_wr
     from fedmnist.cli import main
 
     out = tmp_path / "miembro"
-    code = main(["train", "--client", "1", "--data-dir", str(small_federation), "--epochs", "1", "--learning-rate", "1e30",
+    code = main(["train", "--client", "1", "--data-dir", str(small_federation), "--local-epochs", "1", "--learning-rate", "1e30",
                  "--out", str(out)])
 
     err = capsys.readouterr().err

@@ -53,7 +53,7 @@ def build_data(args: argparse.Namespace):
     """The first clients × per-client training images split IID (seeded), and the first test images."""
     from fedmnist.data import load_raw_mnist
     from fedmnist.partition import PartitionConfig, partition
-    from fedmnist.workers import WorkerData
+    from fedmnist.tasks import WorkerData
 
     mnist = load_raw_mnist(args.data)
     n = args.clients * args.per_client
@@ -80,7 +80,7 @@ def run_rounds(executor, start, args: argparse.Namespace, overlap: bool) -> dict
     """``args.rounds`` FedAvg rounds through ``executor``; wall seconds, accuracies and the final hash."""
     from fedmnist.client import Instructions
     from fedmnist.strategies import aggregate
-    from fedmnist.workers import ClientResult, ClientTask
+    from fedmnist.tasks import ClientResult, ClientTask
 
     accuracies, evaluation = [], None
     t0 = time.perf_counter()
@@ -111,7 +111,8 @@ def in_process_child(args: argparse.Namespace) -> dict:
     """Measure the in-process executor in this (fresh) process; ``--child-threads 0`` keeps TF's default."""
     t0 = time.perf_counter()
     from fedmnist.model import initial_weights
-    from fedmnist.workers import EVAL_SHARD, InProcessExecutor, warm_up
+    from fedmnist.tasks import EVAL_SHARD
+    from fedmnist.workers import InProcessExecutor, warm_up
 
     threads = args.child_threads or None
     executor = InProcessExecutor(

@@ -145,8 +145,8 @@ def run_drift_grid(
     from fedmnist.labels import partition_settings
     from fedmnist.partition import PartitionConfig, partition
     from fedmnist.settings import default
+    from fedmnist.tasks import WorkerData
     from fedmnist.tuning import validation_split
-    from fedmnist.workers import WorkerData
 
     tuning = validation_split(mnist, grid.validation_size, grid.seeds[0])
     if grid.train_subset > tuning.y_train.size:
@@ -234,7 +234,7 @@ def _run_block(
     from fedmnist.model import initial_weights
     from fedmnist.seeds import training_seed
     from fedmnist.strategies import weighted_average
-    from fedmnist.workers import ClientTask, EvalTask
+    from fedmnist.tasks import ClientTask, EvalTask
 
     start = initial_weights(seed)
     ks = range(1, grid.clients + 1)

@@ -23,3 +23,6 @@ class ConfigError(FedMnistError):
 
 class WriteError(FedMnistError):
     """An output could not be written (a full disk, a read-only destination); nothing partial is left."""
+
+class WorkerError(FedMnistError):
+    """The worker pool cannot go on: a worker could not start, the pool is closed, or an evaluation failed."""

@@ -45,14 +45,8 @@ from fedmnist.rounds import Batch, Gathered, LoopConfig, check_privacy_target, w
 from fedmnist.seeds import attack_rng, clients_per_round, malicious_rng, training_seed
 from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_target
 from fedmnist.settings import default
-from fedmnist.workers import (
-    ClientExecutor,
-    ClientTask,
-    InProcessExecutor,
-    TaskFailure,
-    WorkerData,
-    WorkerPool,
-)
+from fedmnist.tasks import ClientTask, TaskFailure, WorkerData
+from fedmnist.workers import ClientExecutor, InProcessExecutor, WorkerPool
 
 if TYPE_CHECKING:
     from fedmnist.data import Mnist

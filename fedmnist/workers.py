@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import threading
 import time
@@ -63,11 +62,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmnist import attacks
-from fedmnist.client import ClientReply, ClientState, Instructions, client_step
 from fedmnist.config import DEFAULT_SEED, TrainingConfig
-from fedmnist.data import IMAGE_SHAPE, NUM_CLASSES, normalize_images
-from fedmnist.errors import ConfigError, DataError, FedMnistError
+from fedmnist.data import IMAGE_SHAPE
+from fedmnist.errors import ConfigError, WorkerError
+from fedmnist.shared_data import SharedSpec, pack, share, unpack
+from fedmnist.tasks import (
+    EVAL_SHARD,
+    Outcome,
+    Task,
+    TaskFailure,
+    WorkerData,
+    check_tasks,
+    combine_eval,
+    eval_tasks,
+    execute_task,
+)
 
 if TYPE_CHECKING:
     from fedmnist.evaluation import EvalResult
@@ -77,288 +86,11 @@ Weights = list[np.ndarray]
 
 DEFAULT_THREADS = 1
 """Intra-op threads per worker; fixed whatever the number of workers, so results do not depend on N."""
-EVAL_SHARD = 2500
-"""Test images per evaluation task of a pool (a multiple of ``fedmnist.training.EVAL_BATCH``)."""
 START_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 10.0
 _ENV_LOCK = threading.Lock()
 
 
-class WorkerError(FedMnistError):
-    """The worker pool cannot go on: a worker could not start, the pool is closed, or an evaluation failed."""
-
-
-# --- configuration and data -------------------------------------------------------------------
-
-
-def _check_images(name: str, x: np.ndarray) -> None:
-    raw = x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == IMAGE_SHAPE
-    normalised = x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == (*IMAGE_SHAPE, 1)
-    if not (raw or normalised):
-        raise DataError(
-            f"{name} has dtype {x.dtype} and shape {x.shape}; expected uint8 (n, 28, 28) images or "
-            "float32 (n, 28, 28, 1) ones from fedmnist.data.normalize_images"
-        )
-
-
-def _check_labels(name: str, y: np.ndarray, n: int) -> None:
-    if y.ndim != 1 or y.shape[0] != n or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{name} has dtype {y.dtype} and shape {y.shape}; expected ({n},) integer labels")
-    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise DataError(f"{name} holds labels outside 0-{NUM_CLASSES - 1}")
-
-
-@dataclass(frozen=True, eq=False)
-class WorkerData:
-    """What the workers train and evaluate on: the training set, each client's indices, the test set.
-
-    ``client_indices[k - 1]`` are client ``k``'s rows of ``x_train``/``y_train`` (ids start at 1, as
-    in the simulation). Training images are raw uint8; the test images may be raw or normalised.
-    """
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    client_indices: tuple[np.ndarray, ...]
-    x_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.x_train.dtype != np.uint8 or self.x_train.ndim != 3 or self.x_train.shape[1:] != IMAGE_SHAPE:
-            raise DataError(
-                f"x_train has dtype {self.x_train.dtype} and shape {self.x_train.shape}; "
-                "expected raw uint8 (n, 28, 28) images"
-            )
-        _check_labels("y_train", self.y_train, len(self.x_train))
-        indices = tuple(np.asarray(idx) for idx in self.client_indices)
-        if not indices:
-            raise DataError("no clients: client_indices is empty")
-        for k, idx in enumerate(indices, start=1):
-            if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-                raise DataError(
-                    f"client {k}'s indices must be a non-empty 1-D integer array (got {idx.shape})"
-                )
-            if idx.min() < 0 or idx.max() >= len(self.x_train):
-                raise DataError(f"client {k}'s indices fall outside the {len(self.x_train)} training images")
-        object.__setattr__(self, "client_indices", indices)
-        if (self.x_test is None) != (self.y_test is None):
-            raise DataError("give both x_test and y_test, or neither")
-        if self.x_test is not None:
-            _check_images("x_test", self.x_test)
-            _check_labels("y_test", self.y_test, len(self.x_test))
-
-    @classmethod
-    def from_federation(cls, federation) -> WorkerData:
-        """From anything with the simulation's ``Federation`` fields (x/y_train, client_indices, x/y_test)."""
-        return cls(
-            federation.x_train, federation.y_train, tuple(federation.client_indices),
-            federation.x_test, federation.y_test,
-        )
-
-    @property
-    def num_clients(self) -> int:
-        """Number of clients K."""
-        return len(self.client_indices)
-
-    @property
-    def num_test(self) -> int:
-        """Number of test images (0 without a test set)."""
-        return 0 if self.y_test is None else len(self.y_test)
-
-    def client_data(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Client ``client_id``'s (1-based) images, normalised, and labels."""
-        idx = self.client_indices[client_id - 1]
-        return normalize_images(self.x_train[idx]), self.y_train[idx]
-
-    def test_data(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Test images ``start:stop``, normalised, and their labels."""
-        return normalize_images(self.x_test[start:stop]), self.y_test[start:stop]
-
-
-# --- tasks and outcomes -----------------------------------------------------------------------
-
-
-def _check_weights(weights) -> None:
-    if not isinstance(weights, (list, tuple)) or not all(isinstance(w, np.ndarray) for w in weights):
-        raise ConfigError("task weights must be a list of numpy arrays (model.get_weights() order)")
-
-
-@dataclass(frozen=True, eq=False)
-class ClientTask:
-    """Client ``client_id``'s round: ``client_step`` from ``weights`` as ``instructions`` say, for ``epochs`` epochs.
-
-    ``seed`` fixes the shuffling and dropout; ``flip_labels`` trains on ``9 − y`` (label flipping);
-    ``state`` is the client's own state (SCAFFOLD's ``c_i``; None: a client that never trained).
-    """
-
-    client_id: int
-    weights: Weights
-    instructions: Instructions
-    seed: int
-    epochs: int
-    batch_size: int
-    flip_labels: bool = False
-    state: ClientState | None = None
-
-    def __post_init__(self) -> None:
-        _check_weights(self.weights)
-        if not isinstance(self.instructions, Instructions):
-            raise ConfigError(f"{self.describe()}: instructions must be a fedmnist.client.Instructions "
-                              f"(got {type(self.instructions).__name__})")
-        if self.state is not None and not isinstance(self.state, ClientState):
-            raise ConfigError(f"{self.describe()}: state must be a fedmnist.client.ClientState or None")
-        for name in ("client_id", "seed", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ConfigError(f"{self.describe()}: {name} must be an integer (got {value!r})")
-        if self.client_id < 1:
-            raise ConfigError(f"client ids start at 1 (got {self.client_id})")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"{self.describe()}: epochs and batch size must be at least 1")
-        if self.seed < 0:
-            raise ConfigError(f"{self.describe()}: the seed must be >= 0 (got {self.seed})")
-
-    def describe(self) -> str:
-        """What the task is, for messages."""
-        return f"client {self.client_id}"
-
-
-@dataclass(frozen=True, eq=False)
-class EvalTask:
-    """Evaluate ``weights`` on the executor's test images ``start:stop`` (None: to the end)."""
-
-    weights: Weights
-    start: int = 0
-    stop: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_weights(self.weights)
-        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
-            raise ConfigError(f"empty or negative test range {self.start}:{self.stop}")
-
-    def describe(self) -> str:
-        """What the task is, for messages."""
-        return f"evaluation of test images {self.start}:{'' if self.stop is None else self.stop}"
-
-
-@dataclass(eq=False)
-class ClientResult:
-    """What a client's round returned: its reply (``fedmnist.client.ClientReply``) and its new state."""
-
-    client_id: int
-    reply: ClientReply
-    state: ClientState | None = None
-    seconds: float = 0.0
-
-    @property
-    def weights(self) -> Weights:
-        """The weights the client sends."""
-        return self.reply.weights
-
-    @property
-    def num_examples(self) -> int:
-        """FedAvg's n_k."""
-        return self.reply.num_examples
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        """Per-epoch loss and accuracy."""
-        return self.reply.history
-
-    @property
-    def num_steps(self) -> int:
-        """The optimizer steps taken."""
-        return self.reply.num_steps
-
-    @property
-    def train_loss(self) -> float:
-        """The last local epoch's mean training loss."""
-        return self.reply.train_loss
-
-
-@dataclass(eq=False)
-class EvalPart:
-    """Mean loss and predicted labels of one ``EvalTask``."""
-
-    start: int
-    stop: int
-    loss: float
-    predictions: np.ndarray
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class TaskFailure:
-    """Task ``index`` of a batch did not complete; ``client_id`` is None for an evaluation."""
-
-    index: int
-    client_id: int | None
-    message: str
-
-
-Task = ClientTask | EvalTask
-Outcome = ClientResult | EvalPart | TaskFailure
-
-
-def execute_task(trainer: ClientTrainer, data: WorkerData, task: Task) -> ClientResult | EvalPart:
-    """Run one task with ``trainer`` on ``data``: the one code path of every executor."""
-    t0 = time.perf_counter()
-    if isinstance(task, ClientTask):
-        x, y = data.client_data(task.client_id)
-        if task.flip_labels:
-            y = attacks.flip_labels(y)
-        reply, state = client_step(trainer, task.weights, x, y, task.instructions, task.state,
-                                   epochs=task.epochs, batch_size=task.batch_size, seed=task.seed)
-        return ClientResult(task.client_id, reply, state, time.perf_counter() - t0)
-    if isinstance(task, EvalTask):
-        stop = data.num_test if task.stop is None else min(task.stop, data.num_test)
-        x, y = data.test_data(task.start, stop)
-        loss, predicted = trainer.predict(task.weights, x, y)
-        return EvalPart(task.start, stop, loss, predicted, time.perf_counter() - t0)
-    raise ConfigError(f"unknown task type {type(task).__name__}")
-
-
-def _check_tasks(tasks: Sequence[Task], data: WorkerData) -> None:
-    for task in tasks:
-        if isinstance(task, ClientTask):
-            if task.client_id > data.num_clients:
-                raise ConfigError(
-                    f"client {task.client_id} does not exist: there are {data.num_clients} clients"
-                )
-        elif isinstance(task, EvalTask):
-            if data.num_test == 0:
-                raise ConfigError("an evaluation task needs a test set: give WorkerData x_test and y_test")
-            if task.start >= data.num_test:
-                raise ConfigError(f"{task.describe()}: the test set has only {data.num_test} images")
-        else:
-            raise ConfigError(f"unknown task type {type(task).__name__}")
-
-
-def eval_tasks(weights: Weights, num_test: int, shard: int | None) -> list[EvalTask]:
-    """Tasks evaluating ``weights`` on ``num_test`` test images in shards of ``shard`` (None: one task)."""
-    if shard is None or shard >= num_test:
-        return [EvalTask(weights)]
-    if shard < 1:
-        raise ConfigError(f"the evaluation shard must hold at least one image (got {shard})")
-    return [EvalTask(weights, start, min(start + shard, num_test)) for start in range(0, num_test, shard)]
-
-
-def combine_eval(parts: Sequence[Outcome], y_test: np.ndarray) -> EvalResult:
-    """One ``EvalResult`` from the parts of ``eval_tasks`` (the loss is their example-weighted mean).
-
-    Raises:
-        WorkerError: a part failed.
-    """
-    from fedmnist.evaluation import summarize
-
-    failed = [p for p in parts if isinstance(p, TaskFailure)]
-    if failed:
-        raise WorkerError(f"evaluation failed: {failed[0].message}")
-    if len(parts) == 1:
-        return summarize(y_test[parts[0].start: parts[0].stop], parts[0].predictions, parts[0].loss)
-    sizes = np.array([p.stop - p.start for p in parts], dtype=np.float64)
-    loss = float(np.dot(sizes, [p.loss for p in parts]) / sizes.sum())
-    predicted = np.concatenate([p.predictions for p in parts])
-    return summarize(y_test[parts[0].start: parts[-1].stop], predicted, loss)
 
 
 # --- executors --------------------------------------------------------------------------------
@@ -506,7 +238,7 @@ class InProcessExecutor(ClientExecutor):
 
     def submit(self, tasks: Sequence[Task]) -> PendingTasks:
         """Run ``tasks`` now, in order; a task that raises gives a ``TaskFailure``."""
-        _check_tasks(tasks, self.data)
+        check_tasks(tasks, self.data)
         pending = PendingTasks(len(tasks))
         for index, task in enumerate(tasks):
             try:
@@ -516,92 +248,6 @@ class InProcessExecutor(ClientExecutor):
                                       f"{task.describe()} failed: {type(exc).__name__}: {exc}")
             pending._set(index, outcome)
         return pending
-
-
-# --- shared memory ----------------------------------------------------------------------------
-
-
-def _compact_test_images(x: np.ndarray) -> np.ndarray:
-    """Normalised test images back to uint8 when that is lossless (4× less shared memory)."""
-    if x.dtype == np.uint8:
-        return x
-    raw = np.rint(x[..., 0] * np.float32(255.0))
-    if raw.min() < 0 or raw.max() > 255:
-        return x
-    raw = raw.astype(np.uint8)
-    return raw if np.array_equal(normalize_images(raw), x) else x
-
-
-def _pack(data: WorkerData) -> dict[str, np.ndarray]:
-    sizes = np.array([idx.size for idx in data.client_indices], dtype=np.int64)
-    arrays = {
-        "x_train": data.x_train,
-        "y_train": data.y_train,
-        "indices": np.concatenate([idx.astype(np.int64) for idx in data.client_indices]),
-        "offsets": np.concatenate([[0], np.cumsum(sizes)]),
-    }
-    if data.x_test is not None:
-        arrays["x_test"], arrays["y_test"] = _compact_test_images(data.x_test), data.y_test
-    return arrays
-
-
-def _unpack(arrays: dict[str, np.ndarray]) -> WorkerData:
-    offsets = arrays["offsets"]
-    indices = tuple(arrays["indices"][offsets[k]: offsets[k + 1]] for k in range(len(offsets) - 1))
-    return WorkerData(
-        arrays["x_train"], arrays["y_train"], indices, arrays.get("x_test"), arrays.get("y_test")
-    )
-
-
-@dataclass(frozen=True)
-class _SharedSpec:
-    """How a worker finds the arrays: a shared-memory segment's name and layout, or the arrays inline."""
-
-    name: str | None
-    layout: tuple[tuple[str, str, tuple[int, ...], int], ...] = ()
-    inline: dict | None = None
-
-    def attach(self) -> tuple[shared_memory.SharedMemory | None, dict[str, np.ndarray]]:
-        """Map the arrays read-only (or return the inline copy)."""
-        if self.name is None:
-            return None, self.inline
-        block = shared_memory.SharedMemory(name=self.name)
-        arrays = {}
-        for key, dtype, shape, offset in self.layout:
-            array = np.ndarray(shape, dtype=np.dtype(dtype), buffer=block.buf, offset=offset)
-            array.flags.writeable = False
-            arrays[key] = array
-        return block, arrays
-
-
-def _shm_free_bytes() -> int | None:
-    try:
-        return shutil.disk_usage("/dev/shm").free
-    except OSError:
-        return None
-
-
-def _share(arrays: dict[str, np.ndarray]) -> tuple[_SharedSpec, shared_memory.SharedMemory | None]:
-    """Copy ``arrays`` into one new shared-memory segment (or, if /dev/shm is too small, keep them inline)."""
-    layout, offset = [], 0
-    for key, array in arrays.items():
-        offset = -(-offset // 64) * 64
-        layout.append((key, array.dtype.str, tuple(array.shape), offset))
-        offset += array.nbytes
-    size = max(offset, 1)
-    free = _shm_free_bytes()
-    if free is not None and free < size + (16 << 20):
-        # Writing past a full tmpfs kills the process with SIGBUS: send each worker a copy instead.
-        return _SharedSpec(None, inline={k: np.ascontiguousarray(a) for k, a in arrays.items()}), None
-    block = shared_memory.SharedMemory(create=True, size=size)
-    try:
-        for (key, dtype, shape, start) in layout:
-            np.ndarray(shape, dtype=np.dtype(dtype), buffer=block.buf, offset=start)[...] = arrays[key]
-    except BaseException:
-        block.close()
-        block.unlink()
-        raise
-    return _SharedSpec(block.name, tuple(layout)), block
 
 
 # --- the worker process -----------------------------------------------------------------------
@@ -647,14 +293,14 @@ def _limit_gpu_memory() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def _worker_main(conn, lifeline, spec: _SharedSpec, settings: TrainingConfig, model_seed: int, threads: int) -> None:
+def _worker_main(conn, lifeline, spec: SharedSpec, settings: TrainingConfig, model_seed: int, threads: int) -> None:
     """A worker: build one trainer, then run tasks from ``conn`` until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     try:
         os.environ.update(_thread_env(threads))
         _block, arrays = spec.attach()
-        data = _unpack(arrays)
+        data = unpack(arrays)
         pin_threads(threads)
         _limit_gpu_memory()
         trainer = settings.build_trainer(model_seed)
@@ -791,7 +437,7 @@ class WorkerPool(ClientExecutor):
         self._workers: list[_Worker] = []
         self._queue: deque[tuple[PendingTasks, int, Task]] = deque()
         self._closed = False
-        self._spec, self._block = _share(_pack(data))
+        self._spec, self._block = share(pack(data))
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._block, CLOSE_TIMEOUT)
         try:
             for _ in range(self.num_workers):
@@ -821,7 +467,7 @@ class WorkerPool(ClientExecutor):
         """Queue ``tasks``; idle workers start at once. Later batches queue behind earlier ones."""
         if self._closed:
             raise WorkerError("the worker pool is closed")
-        _check_tasks(tasks, self.data)
+        check_tasks(tasks, self.data)
         pending = PendingTasks(len(tasks), self._wait_one)
         self._queue.extend((pending, index, task) for index, task in enumerate(tasks))
         self._guarded(self._dispatch)
@@ -940,3 +586,4 @@ class WorkerPool(ClientExecutor):
                     worker.job = None
                     self._queue.appendleft(job)
                     self._bury(worker)
+

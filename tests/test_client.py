@@ -250,9 +250,10 @@ def test_no_mode_keeps_a_copy_of_the_client_logic():
     import fedmnist.flower_app
     import fedmnist.local
     import fedmnist.simulation
+    import fedmnist.tasks
     import fedmnist.workers
 
-    for module in (fedmnist.local, fedmnist.simulation, fedmnist.workers, fedmnist.flower_app):
+    for module in (fedmnist.local, fedmnist.simulation, fedmnist.tasks, fedmnist.workers, fedmnist.flower_app):
         source = inspect.getsource(module)
         for copy in ("client_control_update", "clip_client_weights", "all_finite", "correction("):
             assert copy not in source, f"{module.__name__} still calls {copy}"
@@ -267,7 +268,7 @@ def test_every_mode_goes_through_client_step(monkeypatch, small_federation, smal
     import fedmnist.client
     import fedmnist.flower_app
     import fedmnist.local
-    import fedmnist.workers
+    import fedmnist.tasks
     from fedmnist.data import client_file, common_test_file
     from fedmnist.flower_app import FlowerRunConfig, run_server
     from fedmnist.local import run_local_training
@@ -283,7 +284,7 @@ def test_every_mode_goes_through_client_step(monkeypatch, small_federation, smal
             return fedmnist.client.client_step(trainer, start, x, y, instructions, state, **kwargs)
         return step
 
-    for module in (fedmnist.local, fedmnist.workers, fedmnist.flower_app):
+    for module in (fedmnist.local, fedmnist.tasks, fedmnist.flower_app):
         monkeypatch.setattr(module, "client_step", spy(module.__name__.split(".")[-1]))
 
     run_local_training(1, small_federation, tmp_path / "local", TrainConfig(epochs=1, validation_split=0))
@@ -295,7 +296,7 @@ def test_every_mode_goes_through_client_step(monkeypatch, small_federation, smal
                              output_dir=str(tmp_path / "flower"), test_file=str(common_test_file(small_federation)))
     run_server(FakeGrid({10 * k: _client_node(client_file(small_federation, k), config) for k in (1, 2)}), config)
 
-    assert calls == [("local", 1), ("workers", 1), ("workers", 1), ("flower_app", 1), ("flower_app", 1)]
+    assert calls == [("local", 1), ("tasks", 1), ("tasks", 1), ("flower_app", 1), ("flower_app", 1)]
 
 
 def test_a_diverged_flower_node_fails_its_round_and_keeps_its_control(small_federation):

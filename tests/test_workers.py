@@ -16,28 +16,20 @@ import pytest
 from fedmnist.client import Instructions
 from fedmnist.config import TrainingConfig
 from fedmnist.data import Mnist, normalize_images
-from fedmnist.errors import ConfigError, DataError
+from fedmnist.errors import ConfigError, DataError, WorkerError
 from fedmnist.evaluation import summarize
-from fedmnist.workers import (
+from fedmnist.shared_data import compact_test_images, pack, share, unpack
+from fedmnist.tasks import (
     ClientResult,
     ClientTask,
     EvalPart,
     EvalTask,
-    InProcessExecutor,
     TaskFailure,
     WorkerData,
-    WorkerError,
-    WorkerPool,
-    _compact_test_images,
-    _pack,
-    _share,
-    _unpack,
     combine_eval,
-    describe_exit,
     eval_tasks,
-    resolve_workers,
-    usable_cores,
 )
+from fedmnist.workers import InProcessExecutor, WorkerPool, describe_exit, resolve_workers, usable_cores
 
 TESTS_DIR = Path(__file__).resolve().parent
 NUM_CLIENTS, PER_CLIENT, NUM_TEST, SHARD = 5, 40, 200, 80
@@ -177,11 +169,11 @@ def test_shared_memory_round_trip_and_unlink(small_mnist):
         small_mnist.x_train, small_mnist.y_train, [np.arange(0, 600, 2), np.arange(1, 600, 2)],
         normalize_images(small_mnist.x_test), small_mnist.y_test,
     )
-    spec, block = _share(_pack(data))
+    spec, block = share(pack(data))
     try:
         assert spec.name is not None and Path("/dev/shm", spec.name).exists()
         view, arrays = spec.attach()
-        copy = _unpack(arrays)
+        copy = unpack(arrays)
         assert copy.x_test.dtype == np.uint8  # normalised test images are stored losslessly as uint8
         assert np.array_equal(copy.test_data(0, 200)[0], data.test_data(0, 200)[0])
         for k in (1, 2):
@@ -196,17 +188,17 @@ def test_shared_memory_round_trip_and_unlink(small_mnist):
 
 
 def test_data_goes_inline_when_shared_memory_is_short(small_mnist, monkeypatch):
-    import fedmnist.workers as workers
+    import fedmnist.shared_data as shared_data
 
-    monkeypatch.setattr(workers, "_shm_free_bytes", lambda: 1000)
-    spec, block = _share({"y": small_mnist.y_train})
+    monkeypatch.setattr(shared_data, "shm_free_bytes", lambda: 1000)
+    spec, block = share({"y": small_mnist.y_train})
     assert block is None and spec.name is None
     assert np.array_equal(spec.attach()[1]["y"], small_mnist.y_train)
 
 
 def test_test_images_stay_float_when_not_from_uint8():
     x = np.full((2, 28, 28, 1), 0.3, np.float32)
-    assert _compact_test_images(x) is x
+    assert compact_test_images(x) is x
 
 
 def test_sharded_evaluation_combines_like_one():

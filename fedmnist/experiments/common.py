@@ -69,7 +69,8 @@ def make_executor(data, settings):
 
 def task_outcomes(pending) -> list:
     """The outcomes of a submitted batch of tasks; a failed task (its worker died) stops the run, named."""
-    from fedmnist.workers import TaskFailure, WorkerError
+    from fedmnist.errors import WorkerError
+    from fedmnist.tasks import TaskFailure
 
     outcomes = pending.result()
     failed = [o.message for o in outcomes if isinstance(o, TaskFailure)]

@@ -48,9 +48,9 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
     from fedmnist.partition import PartitionConfig, partition
     from fedmnist.seeds import training_seed, validation_seed
     from fedmnist.strategies import weighted_average
+    from fedmnist.tasks import ClientTask, WorkerData
     from fedmnist.training import TrainConfig, TrainResult
     from fedmnist.tuning import Trial, best, validation_split
-    from fedmnist.workers import ClientTask, WorkerData
 
     del trainer  # the trainings run in the executor, with the course's optimiser
     n_train = profile.course_train_subset or mnist.y_train.size

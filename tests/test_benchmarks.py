@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from fedmnist.data import normalize_images
@@ -66,6 +67,7 @@ def test_the_demo_benchmark_fails_any_global_model_below_the_bar():
     assert bench.below_threshold(demo_summary(0.84, 0.97, 0.80), 0.95) == ["fedavg", "fedmed"]
 
 
+@pytest.mark.slow
 def test_the_demo_benchmark_runs_the_command_on_a_small_file(raw_mnist, tmp_path, capsys):
     """The benchmark drives ``fedmnist demo`` through its parser: flags it forwards must reach the demo."""
     bench = load_bench_demo()

@@ -68,6 +68,7 @@ def _chosen(rows, **match) -> float:
     return float(winner["mu"])
 
 
+@pytest.mark.slow
 def test_course_rows_cover_every_model_and_seed(tiny_results):
     rows = read_csv(tiny_results / experiments.COURSE_CSV)
 
@@ -80,6 +81,7 @@ def test_course_rows_cover_every_model_and_seed(tiny_results):
         assert (r["optimizer"], r["test_images"], r["train_images"]) == ("adam", str(TEST_IMAGES), "1000")
 
 
+@pytest.mark.slow
 def test_course_fedprox_mu_is_the_validation_winner(tiny_results):
     tuning = read_csv(tiny_results / experiments.COURSE_TUNING_CSV)
     rows = read_csv(tiny_results / experiments.COURSE_CSV)
@@ -91,6 +93,7 @@ def test_course_fedprox_mu_is_the_validation_winner(tiny_results):
     assert {float(r["mu"]) for r in rows if r["model"] != "fedprox"} == {0.0}
 
 
+@pytest.mark.slow
 def test_shared_init_beats_independent_init(tiny_results):
     rows = read_csv(tiny_results / experiments.INIT_CSV)
 
@@ -100,6 +103,7 @@ def test_shared_init_beats_independent_init(tiny_results):
     assert mean["compartida"] > mean["independiente"]
 
 
+@pytest.mark.slow
 def test_drift_grid_measures_every_setting(tiny_results):
     rows = read_csv(tiny_results / experiments.DRIFT_CSV)
 
@@ -117,6 +121,7 @@ def test_drift_grid_measures_every_setting(tiny_results):
         assert float(r["update_norm"]) > float(one["update_norm"])  # twice the local work walks further
 
 
+@pytest.mark.slow
 def test_drift_mu_is_chosen_on_validation_per_setting(tiny_results):
     rows = read_csv(tiny_results / experiments.DRIFT_CSV)
     tuning = read_csv(tiny_results / experiments.DRIFT_TUNING_CSV)
@@ -127,6 +132,7 @@ def test_drift_mu_is_chosen_on_validation_per_setting(tiny_results):
         assert float(r["mu"]) == _chosen(tuning, **setting)
 
 
+@pytest.mark.slow
 def test_drift_continues_from_its_cache(tiny_results, small_npz, monkeypatch):
     # Prepare: no executor may be built, since every block of the grid is in the cache
     from fedmnist.data import load_raw_mnist
@@ -149,6 +155,7 @@ def _last_round(run_dir, method: str) -> dict:
     return rows[-1]
 
 
+@pytest.mark.slow
 def test_multi_round_tables_equal_the_last_round_on_the_whole_test_set(tiny_results):
     rows = read_csv(tiny_results / experiments.HETERO_CSV)
 
@@ -163,6 +170,7 @@ def test_multi_round_tables_equal_the_last_round_on_the_whole_test_set(tiny_resu
         assert r["diverged"] == "False" and float(r["run_seconds"]) > 0
 
 
+@pytest.mark.slow
 def test_heterogeneity_fedprox_mu_is_chosen_on_a_validation_split(tiny_results):
     rows = read_csv(tiny_results / experiments.HETERO_CSV)
     tuning = read_csv(tiny_results / experiments.HETERO_TUNING_CSV)
@@ -177,6 +185,7 @@ def test_heterogeneity_fedprox_mu_is_chosen_on_a_validation_split(tiny_results):
         assert (data["train_images"], data["test_images"]) == (TINY.train_subset, TINY.validation_size)
 
 
+@pytest.mark.slow
 def test_fedprox_mu_table_runs_every_mu_and_seed(tiny_results):
     rows = read_csv(tiny_results / experiments.PROX_CSV)
 
@@ -184,6 +193,7 @@ def test_fedprox_mu_table_runs_every_mu_and_seed(tiny_results):
     assert (tiny_results / "simulaciones" / "fedprox_mu_0_s3" / "resumen.json").exists()
 
 
+@pytest.mark.slow
 def test_attacks_run_fedprox_and_bulyan_and_record_divergence(tiny_results):
     rows = read_csv(tiny_results / experiments.ATTACK_CSV)
     tuning = read_csv(tiny_results / experiments.ATTACK_TUNING_CSV)
@@ -213,6 +223,7 @@ def test_earlier_score_is_the_latest_evaluated_round_before_the_window():
     assert attack_runs._earlier_score(records[:12], 10) == {"earlier_round": "", "earlier_accuracy": ""}
 
 
+@pytest.mark.slow
 def test_attack_convergence_reads_the_run_curve(tiny_results):
     rows = read_csv(tiny_results / experiments.ATTACK_CSV)
     curve = read_csv(tiny_results / "simulaciones" / "ataques_iid_none_0_s3" / "metricas_por_ronda.csv")
@@ -229,6 +240,7 @@ def test_diverged_means_a_non_finite_or_exploded_test_loss():
     assert not common.diverged(2.31) and not common.diverged(None)
 
 
+@pytest.mark.slow
 def test_tables_are_rendered_from_the_files(tiny_results):
     # Execute
     tables = render_tables(tiny_results)
@@ -258,6 +270,7 @@ def test_stale_result_files_are_skipped_not_fatal(tmp_path):
     assert render_tables(tmp_path) == {}
 
 
+@pytest.mark.slow
 def test_environment_records_command_seeds_and_costs(tiny_results):
     env = json.loads((tiny_results / experiments.ENV_FILE).read_text())
 
@@ -301,6 +314,7 @@ def test_profiles_refuse_settings_the_experiments_cannot_run(changes, message):
         dataclasses.replace(TINY, **changes)
 
 
+@pytest.mark.slow
 def test_multi_round_experiments_continue_their_checkpoints(tmp_path, small_npz, tiny_results, monkeypatch):
     # Prepare: part of the tiny profile, first cut at one round, then raised to the profile's two
     part = dataclasses.replace(TINY, partitions=("shards_2",), prox_mus=(0.1,),
@@ -331,6 +345,7 @@ def test_multi_round_experiments_continue_their_checkpoints(tmp_path, small_npz,
         assert numbers(tmp_path / name, keep) == numbers(tiny_results / name, keep), name
 
 
+@pytest.mark.slow
 def test_drift_grid_gives_the_same_numbers_in_a_worker_pool(small_npz, monkeypatch):
     # Prepare: one small block, run in this process and in one worker process
     from fedmnist.data import load_raw_mnist
@@ -381,6 +396,7 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
     return run
 
 
+@pytest.mark.slow
 def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan,
                                                                                           monkeypatch):
     # Execute: tuning + one round per method, then a cap of two rounds, and a fresh two-round run
@@ -417,6 +433,7 @@ def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap
     assert "mcmahan_meseta" not in table and "mcmahan" in table
 
 
+@pytest.mark.slow
 def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):
     run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={})
     rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={"fedavg": {"learning_rate": (0.2,)}})
@@ -437,6 +454,7 @@ def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
     assert order == ["fedavgm", "fedavg", "fedadam", "fedmed", "scaffold"]
 
 
+@pytest.mark.slow
 def test_mcmahan_table_keeps_the_listed_order_and_is_written_after_each_final(tmp_path, run_tiny_mcmahan,
                                                                              monkeypatch):
     written = []

@@ -518,6 +518,7 @@ def test_lying_update_is_refused(tmp_path, overrides, fragments):
     assert_refused(result, path, *fragments)
 
 
+@pytest.mark.slow
 def test_global_weights_with_nan_are_refused(tmp_path):
     # Prepare
     from fedmnist.exchange import GLOBAL_FORMAT

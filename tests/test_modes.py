@@ -110,6 +110,7 @@ def test_flower_and_the_simulation_agree_on_stateful_and_private_methods(setting
     assert [h.epsilon for h in history] == [r.epsilon for r in result.metrics[settings["method"]]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedadam", "dp"])
 def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(method, small_mnist_file,
                                                                                 tmp_path):
@@ -148,6 +149,7 @@ def test_the_manual_flow_carries_server_state_across_rounds_like_the_simulation(
         assert np.max(np.abs(a - b)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_the_manual_flow_runs_scaffold_with_member_control_files_like_the_simulation(small_mnist_file, tmp_path):
     from fedmnist.cli import main, main_aggregation, main_split
     from fedmnist.exchange import control_path, load_control, load_global, load_update

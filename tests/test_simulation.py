@@ -575,6 +575,7 @@ def test_bad_privacy_settings_are_refused(changes, message):
 # --- parallel clients ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_weights_for_any_n_and_resume_across_n(raw_mnist, tmp_path):
     from fedmnist.workers import usable_cores
 

@@ -116,20 +116,6 @@ def test_flower_resume_on_an_in_process_grid_continues_the_checkpoint(small_fede
 # --- loopback deployments ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def flower(tmp_path):
-    """A SuperLink and two SuperNodes (clients 1 and 2 of the 3-client federation); stopped afterwards."""
-    from flower_harness import FlowerDeployment, alive
-
-    deployment = FlowerDeployment(tmp_path / "deployment")
-    try:
-        deployment.start_superlink()
-        yield deployment
-    finally:
-        deployment.close()
-    assert not [pid for pid in deployment.known if alive(pid)]
-
-
 def _completed_rounds(out: Path) -> int:
     try:
         return len(json.loads((out / "metricas_por_ronda.json").read_text())["rounds"])
@@ -176,37 +162,50 @@ def _uninterrupted(small_federation, out: Path, **settings) -> list:
     return run_server(FakeGrid(nodes), config)
 
 
+DP_SETTINGS = {"method": "fedavg", "dp-noise": 1.0, "dp-clip": 0.01, "dp-seeded-noise": True, "dp-clients": 2}
+"""Seeded DP-FedAvg: the restart must carry the weights, the clip and the releases the accountant counts
+(a server optimiser's moments crossing a restart are checked in process, tests/test_rounds.py)."""
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, small_federation):
+    """One loopback deployment whose ServerApp is SIGKILLed after round 1 or later and resumed, and the
+    same 4 rounds uninterrupted on an in-process Grid: (output dir, rounds done when killed, reference)."""
+    from flower_harness import FlowerDeployment, alive
+
+    root = tmp_path_factory.mktemp("reanudar")
+    deployment = FlowerDeployment(root / "deployment")
+    try:
+        deployment.start_superlink()
+        killed_at, _ = _run_killed_and_resumed(deployment, small_federation, root / "salida", **DP_SETTINGS)
+    finally:
+        deployment.close()
+    assert not [pid for pid in deployment.known if alive(pid)]
+    reference = _uninterrupted(small_federation, root / "referencia", **DP_SETTINGS)
+    return root / "salida", killed_at, reference, root / "referencia"
+
+
 @pytest.mark.slow
-def test_flower_resume_after_the_serverapp_is_killed_equals_an_uninterrupted_run(flower, small_federation, tmp_path):
+def test_flower_resume_after_the_serverapp_is_killed_equals_an_uninterrupted_run(killed_and_resumed):
     from fedmnist.exchange import load_global
 
-    settings = {"method": "fedadam"}  # a server optimiser: its moments must survive the restart
-    killed_at, _ = _run_killed_and_resumed(flower, small_federation, tmp_path / "salida", **settings)
-    reference = _uninterrupted(small_federation, tmp_path / "referencia", **settings)
-
-    out = tmp_path / "salida"
+    out, killed_at, reference, reference_dir = killed_and_resumed
     rows = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert json.loads((out / "configuracion.json").read_text())["resumed_from_round"] == killed_at
     final = load_global(out / "pesos_globales_ronda_4.pkl").weights
-    expected = load_global(tmp_path / "referencia" / "pesos_globales_ronda_4.pkl").weights
+    expected = load_global(reference_dir / "pesos_globales_ronda_4.pkl").weights
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(final, expected)) <= 1e-6
     assert [r["test_accuracy"] for r in rows] == pytest.approx([r.test_accuracy for r in reference], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_flower_resume_keeps_counting_epsilon_across_the_restart(flower, small_federation, tmp_path):
+def test_flower_resume_keeps_counting_epsilon_across_the_restart(killed_and_resumed):
     from fedmnist.privacy import PrivacyAccountant
 
-    settings = {"method": "fedavg", "dp-noise": 1.0, "dp-clip": 0.01, "dp-seeded-noise": True, "dp-clients": 2}
-    _run_killed_and_resumed(flower, small_federation, tmp_path / "salida", **settings)
-    reference = _uninterrupted(small_federation, tmp_path / "referencia", **settings)
-
-    rows = json.loads((tmp_path / "salida" / "metricas_por_ronda.json").read_text())["rounds"]
+    out, killed_at, reference, _ = killed_and_resumed
+    rows = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
     accountant = PrivacyAccountant(1.0, 2, 2, rows[0]["delta"])
-    assert [r["epsilon"] for r in rows] == [r.epsilon for r in reference] == [accountant.epsilon(t) for t in range(1, 5)]
-    from fedmnist.exchange import load_global
-
-    final = load_global(tmp_path / "salida" / "pesos_globales_ronda_4.pkl").weights
-    expected = load_global(tmp_path / "referencia" / "pesos_globales_ronda_4.pkl").weights
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(final, expected)) <= 1e-6
+    expected = [accountant.epsilon(t) for t in range(1, 5)]
+    assert [r["epsilon"] for r in rows] == [r.epsilon for r in reference] == expected
+    assert rows[killed_at]["epsilon"] > rows[killed_at - 1]["epsilon"]  # the first round after the restart adds to ε

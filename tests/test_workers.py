@@ -338,7 +338,8 @@ sys.path.insert(0, {tests!r})
 import numpy as np
 from fedmnist.data import load_raw_mnist
 from fedmnist.client import Instructions
-from fedmnist.workers import ClientTask, WorkerPool
+from fedmnist.tasks import ClientTask
+from fedmnist.workers import WorkerPool
 import test_workers as t
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ SECAGG_KEY = "secagg"
 """The ConfigRecord of a secure round's stage messages and replies (``fedmnist.flower_secagg`` payloads)."""
 SECAGG_STATE_KEY = "secagg-state"
 """The ConfigRecord of ``context.state`` holding the node's SecAgg+ state between stages (keys, shares)."""
+TRAFFIC_LOG = "message contents:"
+"""Marks the ServerApp's per-round log line of its traffic (``Traffic``), which benchmarks read."""
 SECAGG_SEED = "secagg-seed"
 SECAGG_COMPOSITION = ("secagg-weighted", "secagg-control", "secagg-unclipped-bit")
 """Train-message config keys of a secure round's encoding: the run's seed and the method's ``Composition``."""
@@ -500,7 +502,22 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, what: str) -> list[i
         time.sleep(1.0)
 
 
-def push_and_pull(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+def content_bytes(content: RecordDict) -> int:
+    """The bytes a message's records hold (Flower's ``count_bytes`` of every record): what crosses the network,
+    framing aside."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+@dataclass
+class Traffic:
+    """Bytes of the message contents the ServerApp pushed and pulled (``content_bytes``), per round."""
+
+    sent: int = 0
+    received: int = 0
+
+
+def push_and_pull(grid: Grid, messages: list[Message], timeout: float,
+                  traffic: Traffic | None = None) -> tuple[dict[int, Message], dict[int, str]]:
     """Push ``messages``, then pull their replies every ``POLL_SECONDS`` until all came or ``timeout``.
 
     Returns the replies by node (in arrival order) and the nodes that failed (a push the SuperLink refused,
@@ -510,6 +527,8 @@ def push_and_pull(grid: Grid, messages: list[Message], timeout: float) -> tuple[
     """
     answered: dict[int, Message] = {}
     failed: dict[int, str] = {}
+    if traffic is not None:
+        traffic.sent += sum(content_bytes(m.content) for m in messages)
     message_ids = list(grid.push_messages(messages))
     message_ids += [None] * (len(messages) - len(message_ids))  # a rejected push returns fewer ids
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages) if mid}
@@ -529,18 +548,21 @@ def push_and_pull(grid: Grid, messages: list[Message], timeout: float) -> tuple[
                 failed[node] = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 answered[node] = reply
+                if traffic is not None:
+                    traffic.received += content_bytes(reply.content)
         if pending:
             time.sleep(POLL_SECONDS)
     return answered, failed
 
 
-def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_control: bool = False) -> RoundReplies:
+def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_control: bool = False,
+                    traffic: Traffic | None = None) -> RoundReplies:
     """Push ``messages`` and pull their replies (``push_and_pull``), each parsed into a ``Reply``.
 
     ``with_control``: read the replies' SCAFFOLD ``control-delta`` (``parse_reply``).
     """
     replies = RoundReplies(sent=[m.metadata.dst_node_id for m in messages])
-    answered, replies.failed = push_and_pull(grid, messages, timeout)
+    answered, replies.failed = push_and_pull(grid, messages, timeout, traffic)
     for node, reply in answered.items():
         try:
             replies.ok.append(parse_reply(node, reply, with_control))
@@ -550,7 +572,7 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_co
 
 
 def secure_round(grid: Grid, sampled: list[int], content: RecordDict, encoding, graph_rng: np.random.Generator,
-                 timeout: float, round_: int) -> Gathered:
+                 timeout: float, round_: int, traffic: Traffic | None = None) -> Gathered:
     """Drive a secure round's four SecAgg+ stages over the Grid (``flower_secagg.run_server``) and decode the
     one aggregate the ServerApp may learn (``secure_aggregation.decode_sum``).
 
@@ -581,7 +603,7 @@ def secure_round(grid: Grid, sampled: list[int], content: RecordDict, encoding, 
                     records[key] = record
             messages.append(Message(content=records, dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(round_), ttl=timeout))
-        answered, why = push_and_pull(grid, messages, timeout)
+        answered, why = push_and_pull(grid, messages, timeout, traffic)
         out = {}
         for node in payloads:
             reply = answered.get(node)
@@ -615,6 +637,7 @@ class FlowerClients:
         self.first = True
         self.connected: list[int] = []
         self.identities = NodeIdentities()
+        self.traffic = Traffic()
 
     def candidates(self, round_: int) -> list[int]:
         """The connected node ids, once enough are (``min-train-nodes``; before this process's first
@@ -638,6 +661,7 @@ class FlowerClients:
         log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(self.connected))
         from fedmnist.seeds import secagg_graph_rng
 
+        self.traffic = Traffic()
         gathered = []
         for batch in batches:
             if not sampled:  # a Poisson sample can be empty
@@ -646,7 +670,8 @@ class FlowerClients:
             content = instructions_content(batch.start, batch.instructions)
             if batch.instructions.secure is not None:
                 got = secure_round(self.grid, sampled, content, batch.instructions.secure,
-                                   secagg_graph_rng(self.config.seed, round_), self.config.round_timeout, round_)
+                                   secagg_graph_rng(self.config.seed, round_), self.config.round_timeout, round_,
+                                   self.traffic)
                 for node, why in got.failed.items():
                     log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
                 gathered.append(got)
@@ -655,13 +680,15 @@ class FlowerClients:
                                 group_id=str(round_), ttl=self.config.round_timeout) for node in sampled]
             t0 = time.perf_counter()
             replies = collect_replies(self.grid, messages, self.config.round_timeout,
-                                      with_control=batch.instructions.scaffold)
+                                      with_control=batch.instructions.scaffold, traffic=self.traffic)
             admitted, impostors = self.identities.admit(replies.ok, self.connected)
             failures = {**replies.failures(self.config.round_timeout), **impostors}
             for node, why in failures.items():
                 log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
             ok = sorted(admitted, key=lambda r: r.node_id)
             gathered.append(Gathered(ok, failures, time.perf_counter() - t0))
+        log(INFO, "[fedmnist] round %d: %s %d bytes sent, %d bytes received", round_, TRAFFIC_LOG,
+            self.traffic.sent, self.traffic.received)
         return gathered
 
 

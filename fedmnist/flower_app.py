@@ -504,8 +504,14 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, what: str) -> list[i
 
 def content_bytes(content: RecordDict) -> int:
     """The bytes a message's records hold (Flower's ``count_bytes`` of every record): what crosses the network,
-    framing aside."""
-    return sum(record.count_bytes() for record in content.values())
+    framing aside. An empty list in a ConfigRecord counts its key only (Flower's ``count_bytes`` fails on it)."""
+    def record_bytes(record) -> int:
+        if isinstance(record, ConfigRecord):
+            return sum(len(k) if isinstance(v, list) and not v else ConfigRecord({k: v}).count_bytes()
+                       for k, v in record.items())
+        return record.count_bytes()
+
+    return sum(record_bytes(record) for record in content.values())
 
 
 @dataclass

@@ -235,3 +235,63 @@ def test_secure_aggregation_flags_reach_both_modes_with_the_declared_defaults():
     assert plain.secure is None and "secure" not in plain.to_dict()  # a plain run's settings hash is unchanged
     assert FlowerRunConfig().secure is None
     assert FlowerRunConfig(secure_aggregation=True).secure == SecAggConfig(enabled=True)
+
+
+# --- a loopback deployment ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower(tmp_path, small_federation):
+    """A SuperLink and three SuperNodes (one per client of the 3-client federation); stopped afterwards."""
+    from flower_harness import FlowerDeployment, alive
+
+    from fedmnist.data import client_file
+
+    deployment = FlowerDeployment(tmp_path / "deployment")
+    try:
+        deployment.start_superlink()
+        deployment.start_supernodes({f"nodo{k}": {"data-file": str(client_file(small_federation, k))}
+                                     for k in (1, 2, 3)}, wait=False)
+        yield deployment
+    finally:
+        deployment.close()
+    assert not [pid for pid in deployment.known if alive(pid)]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_loopback_deployment_equals_the_simulation_twin(flower, tmp_path, small_mnist,
+                                                                          small_federation):
+    """Three SuperNodes on 127.0.0.1, two secure FedAvg rounds: the global weights of every round equal the
+    simulation twin's to 1e-6 (the same integers) and, in round 1, the plain round's within the bound."""
+    from test_flower_app import RUN_TIMEOUT, _run_config
+
+    from fedmnist.data import common_test_file
+    from fedmnist.exchange import load_global
+
+    out = tmp_path / "salida"
+    run_id = flower.submit(_run_config(out, common_test_file(small_federation), **{
+        "batch-size": 32, "min-train-nodes": 3, "secure-aggregation": True, "secagg-weight-bound": WEIGHT_BOUND}))
+    flower.wait_supernodes()
+    twins = [_simulation(small_mnist, tmp_path / f"sim{r}", r, secure=True) for r in (1, 2)]
+    plain = _simulation(small_mnist, tmp_path / "plain", 1, secure=False)
+    run = flower.wait_finished(run_id, RUN_TIMEOUT)
+
+    assert run["status"] == "finished:completed", flower.server_log(run_id)
+    rounds = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
+    assert [(r["num_sampled"], r["num_replies"], r["failed"]) for r in rounds] == [(3, 3, []), (3, 3, [])]
+    for round_, twin in zip((1, 2), twins):
+        weights = load_global(out / f"pesos_globales_ronda_{round_}.pkl").weights
+        assert _max_diff(weights, twin.final_weights["fedavg"]) <= 1e-6
+    first = load_global(out / "pesos_globales_ronda_1.pkl").weights
+    assert _max_diff(first, plain.final_weights["fedavg"]) <= _bound(small_federation, (1, 2, 3)) + 1e-6
+
+
+def test_secure_aggregation_traffic_counts_every_record_even_empty_lists():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmnist.flower_app import content_bytes, weights_to_record
+
+    content = RecordDict({"secagg": ConfigRecord({"dead": [], "ids": [1, 2], "blob": b"abc"}),
+                          "arrays": weights_to_record([np.zeros((2, 3), np.float32)])})
+    assert content_bytes(content) == len("dead") + (len("ids") + 16) + (len("blob") + 3) + \
+        content["arrays"].count_bytes()

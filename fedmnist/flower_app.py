@@ -31,6 +31,16 @@ ClientApp's updated Context before handing its reply on; a SuperNode keeps it in
 NodeState for the run, saved when the ClientApp process exits just after sending its reply, and a
 restarted SuperNode starts again from ``c_i = 0``.
 
+Secure aggregation (``secure-aggregation=true``, issue 26): a round's training runs as SecAgg+'s four
+stages (``fedmnist.flower_secagg``), each a TRAIN message whose ``secagg`` ConfigRecord carries the stage's
+payload. The ClientApp answers a stage with ``client_stage`` and keeps its keys and shares in
+``context.state`` (``secagg-state``); in the masking stage, which also carries the train message's
+records, it trains through ``client_step`` (which encodes the clipped update) and replies with the masked
+vector alone. ``secure_round`` drives the stages over the Grid, a node silent or failing at a stage drops
+out, and the one decoded ``SecureAggregate`` goes to ``Server.step_secure`` (``fedmnist.rounds``); below
+the threshold the round has no aggregate and ``min-train-nodes`` stops the run. Every round the ServerApp
+logs the bytes of the records it pushed and pulled (``Traffic``).
+
 A reply's client id is bound to the node that sent it (``NodeIdentities``): the first time a node's
 reply names a client id no other node holds, that node speaks for that client for as long as it stays
 connected; a reply naming a client bound to another node, or a node switching clients, is refused, so
@@ -702,8 +712,11 @@ def checkpoint_spec(config: FlowerRunConfig, method, data_sha256: str, dp_client
     """The ``CheckpointSpec`` of a Flower run: its run config (``RESUMABLE_KEYS`` may change) and the
     federation size K its DP accountant was built for, the test set's hash, its one method."""
     from fedmnist.checkpoint import CheckpointSpec
+    from fedmnist.secure_aggregation import FIELDS
 
     settings = {**config.to_dict(), "dp-num-clients": dp_clients}
+    if not config.secure_aggregation:  # a plain run's settings, and so its checkpoints' hash, stay as they were
+        settings = {k: v for k, v in settings.items() if k not in FIELDS}
     return CheckpointSpec(settings, data_sha256, (method,), config.num_server_rounds, RESUMABLE_KEYS,
                           data_label="test data (test-file)")
 

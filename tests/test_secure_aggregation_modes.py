@@ -295,3 +295,14 @@ def test_secure_aggregation_traffic_counts_every_record_even_empty_lists():
                           "arrays": weights_to_record([np.zeros((2, 3), np.float32)])})
     assert content_bytes(content) == len("dead") + (len("ids") + 16) + (len("blob") + 3) + \
         content["arrays"].count_bytes()
+
+
+def test_secure_aggregation_settings_leave_a_plain_flower_checkpoint_unchanged():
+    from fedmnist.flower_app import checkpoint_spec
+    from fedmnist.methods import build_method
+
+    method = build_method("fedavg", FlowerRunConfig().method_config)
+    plain = checkpoint_spec(FlowerRunConfig(), method, "0" * 64, None)
+    secure = checkpoint_spec(FlowerRunConfig(secure_aggregation=True), method, "0" * 64, None)
+    assert not any(key.startswith("secagg") or key == "secure-aggregation" for key in plain.settings)
+    assert secure.settings["secure-aggregation"] is True and secure.settings_sha256() != plain.settings_sha256()

@@ -96,6 +96,8 @@ SECAGG_KEY = "secagg"
 """The ConfigRecord of a secure round's stage messages and replies (``fedmnist.flower_secagg`` payloads)."""
 SECAGG_STATE_KEY = "secagg-state"
 """The ConfigRecord of ``context.state`` holding the node's SecAgg+ state between stages (keys, shares)."""
+TEST_DROP_AT = "test-drop-at-stage"
+"""Node-config key for tests only: the ClientApp fails at the named SecAgg+ stage (a dropout on loopback)."""
 TRAFFIC_LOG = "message contents:"
 """Marks the ServerApp's per-round log line of its traffic (``Traffic``), which benchmarks read."""
 SECAGG_SEED = "secagg-seed"
@@ -328,6 +330,9 @@ def secure_stage(msg: Message, context: Context) -> Message:
     from fedmnist.flower_secagg import client_stage
 
     inbound = dict(msg.content.config_records[SECAGG_KEY])
+    if context.node_config.get(TEST_DROP_AT) == inbound.get(Key.STAGE):
+        raise RuntimeError(f"this SuperNode drops out at secure-aggregation stage '{inbound.get(Key.STAGE)}' "
+                           f"(node config {TEST_DROP_AT}: fault injection for tests)")
     record = context.state.config_records.get(SECAGG_STATE_KEY)
     state = {} if record is None else dict(record)
     encoded, new_client_state = None, None

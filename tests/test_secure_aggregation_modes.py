@@ -306,3 +306,37 @@ def test_secure_aggregation_settings_leave_a_plain_flower_checkpoint_unchanged()
     secure = checkpoint_spec(FlowerRunConfig(secure_aggregation=True), method, "0" * 64, None)
     assert not any(key.startswith("secagg") or key == "secure-aggregation" for key in plain.settings)
     assert secure.settings["secure-aggregation"] is True and secure.settings_sha256() != plain.settings_sha256()
+
+
+@pytest.mark.slow
+def test_secure_aggregation_loopback_tolerates_a_supernode_dropping_out_after_the_key_exchange(tmp_path, small_mnist):
+    """Four SuperNodes, threshold 3: the fourth fails at the masking stage (node config ``test-drop-at-stage``,
+    after sharing its keys); the round is the secure aggregate of the other three."""
+    from flower_harness import FlowerDeployment, alive
+    from test_flower_app import RUN_TIMEOUT, _run_config
+
+    from fedmnist.data import client_file, common_test_file
+    from fedmnist.federation_files import write_federation
+    from fedmnist.flower_app import TEST_DROP_AT
+    from fedmnist.partition import PartitionConfig
+
+    federation, out = tmp_path / "fed4", tmp_path / "salida"
+    write_federation(small_mnist, PartitionConfig("iid", 4, seed=SEED), federation)
+    flower = FlowerDeployment(tmp_path / "deployment")
+    try:
+        flower.start_superlink()
+        nodes = {f"nodo{k}": {"data-file": str(client_file(federation, k))} for k in (1, 2, 3, 4)}
+        nodes["nodo4"][TEST_DROP_AT] = "collect_masked_vectors"
+        flower.start_supernodes(nodes, wait=False)
+        run_id = flower.submit(_run_config(out, common_test_file(federation), **{
+            "num-server-rounds": 1, "batch-size": 32, "min-train-nodes": 3, "min-available-nodes": 4,
+            "secure-aggregation": True, "secagg-threshold": 3, "secagg-weight-bound": WEIGHT_BOUND}))
+        flower.wait_supernodes()
+        run = flower.wait_finished(run_id, RUN_TIMEOUT)
+        assert run["status"] == "finished:completed", flower.server_log(run_id)
+    finally:
+        flower.close()
+    assert not [pid for pid in flower.known if alive(pid)]
+    (row,) = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
+    assert (row["num_sampled"], row["num_replies"], len(row["failed"])) == (4, 3, 1)
+    assert "stage 'collect_masked_vectors'" in row["failed"][0] and row["test_accuracy"] > 0.1

@@ -188,6 +188,10 @@ from fedmnist.experiments import EXPERIMENTS as EXPERIMENT_NAMES  # noqa: E402  
 
 # --- fedmnist simulate -----------------------------------------------------------------------------
 
+SECURE_AGGREGATION_FLAGS = ("secure-aggregation", "secagg-num-shares", "secagg-threshold", "secagg-clip-range",
+                            "secagg-control-range", "secagg-bits", "secagg-modulus", "secagg-weight-bound")
+"""Secure aggregation's flags (``fedmnist.secure_aggregation.SETTINGS``), the Flower run config's keys."""
+
 _SIMULATE_FLAGS = {
     "clients": "num_clients", "fraction-train": "fraction", "rounds": "rounds", "local-epochs": "local_epochs",
     "batch-size": "batch_size", "optimizer": "optimizer", "learning-rate": "learning_rate", "momentum": "momentum",
@@ -199,7 +203,7 @@ _SIMULATE_FLAGS = {
     "server-momentum": "server_momentum", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau",
     "dp-noise": "dp_noise", "dp-clip": "dp_clip", "dp-adaptive": "dp_adaptive", "dp-side": "dp_side",
     "dp-delta": "dp_delta", "target-epsilon": "target_epsilon", "dp-sampling": "dp_sampling",
-    "dp-accountant": "dp_accountant",
+    "dp-accountant": "dp_accountant", **{key: key.replace("-", "_") for key in SECURE_AGGREGATION_FLAGS},
 }
 """``fedmnist simulate``'s settings (``fedmnist.settings`` names) -> flat simulation setting (besides ``methods``)."""
 
@@ -300,6 +304,8 @@ def register_simulate(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     setting("proximal-mu", method.mu)
     add_server_optimizer_args(p)
     add_privacy_args(p)
+    for name in SECURE_AGGREGATION_FLAGS:
+        setting(name, SETTINGS[name].default)
     setting("malicious", d.threat.num_malicious)
     setting("attack", None, choices=ATTACKS)
     setting("attack-strength", None, note="defaults: " + ", ".join(

@@ -17,8 +17,11 @@ so the three give the same numbers by construction (fedjax's ``client_init`` →
 3. computes SCAFFOLD's option-II control update ``(c_i⁺, Δc_i)`` from the honest training;
 4. clips the update to the clip norm S for client-side DP-FedAvg, recording Andrew et al.'s
    "unclipped" bit;
-5. transforms what leaves the client (the place for secure aggregation's quantising and masking,
-   issue 26, which act on the clipped update);
+5. in a secure round (``Instructions.secure``), encodes the clipped update, its example count and, as
+   the method needs, ``Δc_i`` and the unclipped bit into one integer vector
+   (``secure_aggregation.SecureEncoding.encode``, quantised with the (seed, round, client) generator):
+   ``ClientReply.encoded``, which the mode masks (Flower, ``fedmnist.flower_secagg``) or sums in the
+   clear (the simulation twin), instead of sending the weights;
 
 and returns the reply (``ClientReply``) and the client's new state.
 """
@@ -35,6 +38,7 @@ import numpy as np
 from fedmnist.errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
+    from fedmnist.secure_aggregation import SecureEncoding
     from fedmnist.training import ClientTrainer
 
 Weights = list[np.ndarray]
@@ -50,15 +54,16 @@ class Instructions:
 
     ``round`` is the training round (1-based); ``mu`` FedProx's proximal coefficient (0: none);
     ``clip`` the L2 norm S of client-side DP-FedAvg (None: the client does not clip); ``control``
-    SCAFFOLD's server control variate ``c`` (None: no SCAFFOLD). A new client-side rule is a new
-    optional field here, read in ``client_step`` (secure aggregation's masking, issue 26, after the
-    clipping). Checked once, on creation (ConfigError).
+    SCAFFOLD's server control variate ``c`` (None: no SCAFFOLD); ``secure`` how to encode the reply for
+    secure aggregation (``secure_aggregation.SecureEncoding``; None: a plain round). A new client-side
+    rule is a new optional field here, read in ``client_step``. Checked once, on creation (ConfigError).
     """
 
     round: int
     mu: float = 0.0
     clip: float | None = None
     control: Weights | None = None
+    secure: SecureEncoding | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.round, bool) or not isinstance(self.round, (int, np.integer)) or self.round < 1:
@@ -72,6 +77,11 @@ class Instructions:
         if self.control is not None and (not isinstance(self.control, (list, tuple))
                                          or not all(isinstance(c, np.ndarray) for c in self.control)):
             raise ConfigError("SCAFFOLD's server control variate must be a list of numpy arrays")
+        if self.secure is not None:
+            from fedmnist.secure_aggregation import SecureEncoding
+
+            if not isinstance(self.secure, SecureEncoding):
+                raise ConfigError("the secure-aggregation encoding must be a secure_aggregation.SecureEncoding")
 
     @property
     def scaffold(self) -> bool:
@@ -94,7 +104,8 @@ class ClientReply:
     before clipping, which stays on the client (the member's job saves and evaluates it; the same list
     as ``weights`` when nothing was clipped). ``num_examples`` is FedAvg's n_k, the client's partition
     (a validation hold-out included); ``num_steps`` the optimizer steps K; ``control_delta`` SCAFFOLD's
-    ``Δc_i`` (None without SCAFFOLD); ``unclipped`` whether ‖Δ‖ ≤ S (None without clipping).
+    ``Δc_i`` (None without SCAFFOLD); ``unclipped`` whether ‖Δ‖ ≤ S (None without clipping); ``encoded``
+    the secure round's integer vector (None in a plain round), the only thing a secure round sends.
     """
 
     weights: Weights
@@ -104,6 +115,7 @@ class ClientReply:
     control_delta: Weights | None = None
     unclipped: bool | None = None
     local_weights: Weights | None = None
+    encoded: np.ndarray | None = None
 
     @property
     def train_loss(self) -> float:
@@ -133,12 +145,14 @@ def client_step(
     batch_size: int,
     seed: int,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    client_id: int | None = None,
 ) -> tuple[ClientReply, ClientState]:
     """One client's round: train from ``start_weights`` on (x, y) as ``instructions`` say; reply and new state.
 
     ``seed`` fixes shuffling and dropout (``fedmnist.seeds.training_seed``); ``validation`` (x, y) held
     out of the partition gives the history its validation curves and counts in ``num_examples``.
     SCAFFOLD's local rate ``η_l`` is the trainer's. ``state`` None is a client that never trained.
+    ``client_id`` picks the quantisation generator of a secure round (required then, unused otherwise).
     Inputs are not modified. Without SCAFFOLD the state comes back as it was given.
 
     Raises
@@ -177,6 +191,9 @@ def client_step(
 
         clipped = clip_client_weights(result.weights, start, instructions.clip)
         reply.weights, reply.unclipped = clipped.weights, bool(clipped.unclipped)
-    # Transformations of what leaves the client come here, after clipping and in this order
-    # (issue 26: secure aggregation quantises and masks the clipped update).
+    if instructions.secure is not None:  # secure aggregation: the clipped update, encoded (masked by the mode)
+        if client_id is None:
+            raise ConfigError("a secure round's client step needs the client id (its quantisation generator)")
+        reply.encoded = instructions.secure.encode(reply.weights, start, reply.num_examples, instructions.round,
+                                                   client_id, reply.control_delta, reply.unclipped)
     return reply, new_state

@@ -31,6 +31,16 @@ ClientApp's updated Context before handing its reply on; a SuperNode keeps it in
 NodeState for the run, saved when the ClientApp process exits just after sending its reply, and a
 restarted SuperNode starts again from ``c_i = 0``.
 
+Secure aggregation (``secure-aggregation=true``, issue 26): a round's training runs as SecAgg+'s four
+stages (``fedmnist.flower_secagg``), each a TRAIN message whose ``secagg`` ConfigRecord carries the stage's
+payload. The ClientApp answers a stage with ``client_stage`` and keeps its keys and shares in
+``context.state`` (``secagg-state``); in the masking stage, which also carries the train message's
+records, it trains through ``client_step`` (which encodes the clipped update) and replies with the masked
+vector alone. ``secure_round`` drives the stages over the Grid, a node silent or failing at a stage drops
+out, and the one decoded ``SecureAggregate`` goes to ``Server.step_secure`` (``fedmnist.rounds``); below
+the threshold the round has no aggregate and ``min-train-nodes`` stops the run. Every round the ServerApp
+logs the bytes of the records it pushed and pulled (``Traffic``).
+
 A reply's client id is bound to the node that sent it (``NodeIdentities``): the first time a node's
 reply names a client id no other node holds, that node speaks for that client for as long as it stays
 connected; a reply naming a client bound to another node, or a node switching clients, is refused, so
@@ -82,6 +92,17 @@ CONTROL_DELTA_KEY = "control-delta"
 """The reply's ArrayRecord holding the node's ``Δc_i = c_i⁺ − c_i``."""
 STATE_CONTROL_KEY = "scaffold-control"
 """The ArrayRecord of ``context.state`` holding the node's own control variate ``c_i``."""
+SECAGG_KEY = "secagg"
+"""The ConfigRecord of a secure round's stage messages and replies (``fedmnist.flower_secagg`` payloads)."""
+SECAGG_STATE_KEY = "secagg-state"
+"""The ConfigRecord of ``context.state`` holding the node's SecAgg+ state between stages (keys, shares)."""
+TEST_DROP_AT = "test-drop-at-stage"
+"""Node-config key for tests only: the ClientApp fails at the named SecAgg+ stage (a dropout on loopback)."""
+TRAFFIC_LOG = "message contents:"
+"""Marks the ServerApp's per-round log line of its traffic (``Traffic``), which benchmarks read."""
+SECAGG_SEED = "secagg-seed"
+SECAGG_COMPOSITION = ("secagg-weighted", "secagg-control", "secagg-unclipped-bit")
+"""Train-message config keys of a secure round's encoding: the run's seed and the method's ``Composition``."""
 _CLIENT_FILE = re.compile(r"cliente_(\d+)\.npz$")
 __all__ = ["RoundFailedError", "client_app", "server_app"]
 
@@ -201,11 +222,20 @@ def _trainer(config: FlowerRunConfig) -> ClientTrainer:
 
 def instructions_content(weights: list[np.ndarray], instructions: Instructions) -> RecordDict:
     """A train message's content: the weights (``arrays``), the instructions' ``config`` ConfigRecord
-    (``server-round``, ``proximal-mu``, ``dp-clip`` under client-side clipping) and SCAFFOLD's ``c``
-    (ArrayRecord ``control``)."""
+    (``server-round``, ``proximal-mu``, ``dp-clip`` under client-side clipping; in a secure round the
+    ``secagg-*`` settings, the seed and the composition) and SCAFFOLD's ``c`` (ArrayRecord ``control``)."""
+    from fedmnist.secure_aggregation import FIELDS
+
     values = {"server-round": instructions.round, "proximal-mu": instructions.mu}
     if instructions.clip is not None:
         values["dp-clip"] = instructions.clip
+    if instructions.secure is not None:
+        secure = instructions.secure
+        values.update({key: 0 if getattr(secure.config, name) is None else getattr(secure.config, name)
+                       for key, name in FIELDS.items()})
+        comp = secure.layout.composition
+        values.update(zip(SECAGG_COMPOSITION, (comp.weighted, comp.control, comp.unclipped_bit)))
+        values[SECAGG_SEED] = secure.seed
     content = RecordDict({"arrays": weights_to_record(weights), "config": ConfigRecord(values)})
     if instructions.control is not None:
         content[CONTROL_KEY] = weights_to_record(instructions.control)
@@ -221,18 +251,20 @@ def read_instructions(content: RecordDict, start: list[np.ndarray]) -> Instructi
         control = _read_control(content.array_records[CONTROL_KEY], start,
                                 f"the server's SCAFFOLD control variate (message record '{CONTROL_KEY}')")
     clip = float(values["dp-clip"]) if "dp-clip" in values else None
-    return Instructions(int(values["server-round"]), float(values["proximal-mu"]), clip, control)
+    secure = None
+    if values.get("secure-aggregation"):
+        from fedmnist.secure_aggregation import Composition, SecAggConfig, SecureEncoding
+
+        composition = Composition(*(bool(values[key]) for key in SECAGG_COMPOSITION))
+        secure = SecureEncoding.for_method(SecAggConfig.from_settings(dict(values)), composition, start,
+                                           int(values[SECAGG_SEED]))
+    return Instructions(int(values["server-round"]), float(values["proximal-mu"]), clip, control, secure)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Run ``fedmnist.client.client_step`` on this node's partition as the message says; reply with its result.
-
-    Under SCAFFOLD the node's ``c_i`` is read from ``context.state`` and its ``c_i⁺`` kept there; the reply
-    carries ``Δc_i`` (ArrayRecord ``control-delta``) and, under client-side clipping, the unclipped bit.
-    """
+def _client_round(msg: Message, context: Context):
+    """``client_step`` on this node's partition as the message says: (reply, new state, client id, start,
+    instructions). Nothing is stored in ``context.state`` here."""
     from fedmnist.data import load_partition
-    from fedmnist.model import weights_sha256
 
     config = FlowerRunConfig.from_run_config(context.run_config)
     path, client_id = client_partition(context.node_config, config.data_dir)
@@ -243,9 +275,32 @@ def train(msg: Message, context: Context) -> Message:
     try:
         reply, new_state = client_step(_trainer(config), start, x, y, instructions, state,
                                        epochs=config.local_epochs, batch_size=config.batch_size,
-                                       seed=training_seed(config.seed, instructions.round, client_id))
+                                       seed=training_seed(config.seed, instructions.round, client_id),
+                                       client_id=client_id)
     except DivergedError as exc:  # this node's round fails; its context.state is left as it was
         raise DivergedError(f"client {client_id}: {exc}") from None
+    return reply, new_state, client_id, start, instructions
+
+
+def _keep_control(context: Context, new_state: ClientState) -> None:
+    """SCAFFOLD: keep ``c_i⁺`` in ``context.state`` for this node's next round."""
+    if new_state.control is not None:
+        context.state[STATE_CONTROL_KEY] = weights_to_record(new_state.control)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run ``fedmnist.client.client_step`` on this node's partition as the message says; reply with its result.
+
+    Under SCAFFOLD the node's ``c_i`` is read from ``context.state`` and its ``c_i⁺`` kept there; the reply
+    carries ``Δc_i`` (ArrayRecord ``control-delta``) and, under client-side clipping, the unclipped bit.
+    A message with a ``secagg`` ConfigRecord is a stage of a secure round (``secure_stage``).
+    """
+    from fedmnist.model import weights_sha256
+
+    if SECAGG_KEY in msg.content.config_records:
+        return secure_stage(msg, context)
+    reply, new_state, client_id, start, instructions = _client_round(msg, context)
     values = {
         "num-examples": int(reply.num_examples),
         "train-loss": reply.train_loss,
@@ -259,8 +314,38 @@ def train(msg: Message, context: Context) -> Message:
                           "reply": ConfigRecord({"start-sha256": weights_sha256(start)})})
     if reply.control_delta is not None:  # SCAFFOLD: Δc_i to the server, c_i⁺ kept for this node's next round
         content[CONTROL_DELTA_KEY] = weights_to_record(reply.control_delta)
-        context.state[STATE_CONTROL_KEY] = weights_to_record(new_state.control)
+        _keep_control(context, new_state)
     return Message(content=content, reply_to=msg)
+
+
+def secure_stage(msg: Message, context: Context) -> Message:
+    """One SecAgg+ stage on this node (``flower_secagg.client_stage``), its state kept in ``context.state``.
+
+    In the masking stage the node trains through ``client_step``, which encodes its clipped update, and
+    replies with that vector masked: the reply holds the masked bytes only (no weights, example count or
+    metric in the clear). A stage the protocol refuses raises, which the ServerApp counts as a dropout.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedmnist.flower_secagg import client_stage
+
+    inbound = dict(msg.content.config_records[SECAGG_KEY])
+    if context.node_config.get(TEST_DROP_AT) == inbound.get(Key.STAGE):
+        raise RuntimeError(f"this SuperNode drops out at secure-aggregation stage '{inbound.get(Key.STAGE)}' "
+                           f"(node config {TEST_DROP_AT}: fault injection for tests)")
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    state = {} if record is None else dict(record)
+    encoded, new_client_state = None, None
+    if inbound.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+        reply, new_client_state, _, _, instructions = _client_round(msg, context)
+        if instructions.secure is None:
+            raise ConfigError("the masking stage of a secure round came without secure-aggregation instructions")
+        encoded = reply.encoded
+    out, new_state = client_stage(inbound, state, int(context.node_id), encoded)
+    context.state[SECAGG_STATE_KEY] = ConfigRecord(new_state)
+    if new_client_state is not None:
+        _keep_control(context, new_client_state)
+    return Message(content=RecordDict({SECAGG_KEY: ConfigRecord(out)}), reply_to=msg)
 
 
 # --- the ServerApp: pure pieces ----------------------------------------------------------------
@@ -432,20 +517,45 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, what: str) -> list[i
         time.sleep(1.0)
 
 
-def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_control: bool = False) -> RoundReplies:
+def content_bytes(content: RecordDict) -> int:
+    """The bytes a message's records hold (Flower's ``count_bytes`` of every record): what crosses the network,
+    framing aside. An empty list in a ConfigRecord counts its key only (Flower's ``count_bytes`` fails on it)."""
+    def record_bytes(record) -> int:
+        if isinstance(record, ConfigRecord):
+            return sum(len(k) if isinstance(v, list) and not v else ConfigRecord({k: v}).count_bytes()
+                       for k, v in record.items())
+        return record.count_bytes()
+
+    return sum(record_bytes(record) for record in content.values())
+
+
+@dataclass
+class Traffic:
+    """Bytes of the message contents the ServerApp pushed and pulled (``content_bytes``), per round."""
+
+    sent: int = 0
+    received: int = 0
+
+
+def push_and_pull(grid: Grid, messages: list[Message], timeout: float,
+                  traffic: Traffic | None = None) -> tuple[dict[int, Message], dict[int, str]]:
     """Push ``messages``, then pull their replies every ``POLL_SECONDS`` until all came or ``timeout``.
 
-    Replies are matched to nodes through ``reply_to_message_id`` (error replies the SuperLink makes
-    for a vanished node carry the SuperLink's id as their source). ``with_control``: read the
-    replies' SCAFFOLD ``control-delta`` (``parse_reply``).
+    Returns the replies by node (in arrival order) and the nodes that failed (a push the SuperLink refused,
+    an error reply), with why; a node in neither gave no reply in time. Replies are matched to nodes
+    through ``reply_to_message_id`` (error replies the SuperLink makes for a vanished node carry the
+    SuperLink's id as their source).
     """
-    replies = RoundReplies(sent=[m.metadata.dst_node_id for m in messages])
+    answered: dict[int, Message] = {}
+    failed: dict[int, str] = {}
+    if traffic is not None:
+        traffic.sent += sum(content_bytes(m.content) for m in messages)
     message_ids = list(grid.push_messages(messages))
     message_ids += [None] * (len(messages) - len(message_ids))  # a rejected push returns fewer ids
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages) if mid}
     for m, mid in zip(messages, message_ids):
         if not mid:
-            replies.failed[m.metadata.dst_node_id] = "the SuperLink did not accept the message"
+            failed[m.metadata.dst_node_id] = "the SuperLink did not accept the message"
     pending = set(node_of)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -456,15 +566,82 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_co
             pending.discard(mid)
             node = node_of[mid]
             if reply.has_error():
-                replies.failed[node] = f"error {reply.error.code}: {reply.error.reason}"
-                continue
-            try:
-                replies.ok.append(parse_reply(node, reply, with_control))
-            except ValueError as exc:
-                replies.failed[node] = str(exc)
+                failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+            else:
+                answered[node] = reply
+                if traffic is not None:
+                    traffic.received += content_bytes(reply.content)
         if pending:
             time.sleep(POLL_SECONDS)
+    return answered, failed
+
+
+def collect_replies(grid: Grid, messages: list[Message], timeout: float, with_control: bool = False,
+                    traffic: Traffic | None = None) -> RoundReplies:
+    """Push ``messages`` and pull their replies (``push_and_pull``), each parsed into a ``Reply``.
+
+    ``with_control``: read the replies' SCAFFOLD ``control-delta`` (``parse_reply``).
+    """
+    replies = RoundReplies(sent=[m.metadata.dst_node_id for m in messages])
+    answered, replies.failed = push_and_pull(grid, messages, timeout, traffic)
+    for node, reply in answered.items():
+        try:
+            replies.ok.append(parse_reply(node, reply, with_control))
+        except ValueError as exc:
+            replies.failed[node] = str(exc)
     return replies
+
+
+def secure_round(grid: Grid, sampled: list[int], content: RecordDict, encoding, graph_rng: np.random.Generator,
+                 timeout: float, round_: int, traffic: Traffic | None = None) -> Gathered:
+    """Drive a secure round's four SecAgg+ stages over the Grid (``flower_secagg.run_server``) and decode the
+    one aggregate the ServerApp may learn (``secure_aggregation.decode_sum``).
+
+    ``content``: the train message's (``instructions_content``), sent with the masking stage, in which the
+    nodes train; ``encoding``: the batch's ``SecureEncoding``. A node that fails or is silent at a stage
+    drops out (named in ``failed``); below the threshold the round has no aggregate (``failed`` says why).
+
+    Raises
+    ------
+    ConfigError
+        The settings cannot work with this many sampled nodes (``SecAggConfig.for_sample``).
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from fedmnist import flower_secagg
+    from fedmnist.secure_aggregation import SecureAggregationAborted, SecureAggregationError, decode_sum
+
+    params = encoding.config.for_sample(len(sampled), encoding.layout)
+    failed: dict[str, str] = {}
+    t0 = time.perf_counter()
+
+    def exchange(stage: str, payloads: dict[int, dict]) -> dict[int, dict]:
+        messages = []
+        for node, payload in payloads.items():
+            records = RecordDict({SECAGG_KEY: ConfigRecord(payload)})
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                for key, record in content.items():
+                    records[key] = record
+            messages.append(Message(content=records, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(round_), ttl=timeout))
+        answered, why = push_and_pull(grid, messages, timeout, traffic)
+        out = {}
+        for node in payloads:
+            reply = answered.get(node)
+            if reply is not None and SECAGG_KEY in reply.content.config_records:
+                out[node] = dict(reply.content.config_records[SECAGG_KEY])
+            else:
+                reason = why.get(node, "no reply" if reply is None else f"no '{SECAGG_KEY}' record in the reply")
+                failed[f"node {node}"] = f"secure aggregation, stage '{stage}': {reason}"
+        return out
+
+    try:
+        result = flower_secagg.run_server(sampled, exchange, params, encoding.layout.size, graph_rng)
+        agg = decode_sum(result.total, len(result.contributors), encoding.layout, encoding.config)
+    except (SecureAggregationAborted, SecureAggregationError) as exc:
+        failed["secure aggregation"] = str(exc)
+        return Gathered([], failed, time.perf_counter() - t0)
+    return Gathered([], failed, time.perf_counter() - t0, secure_aggregate=agg)
 
 
 # --- the ServerApp: the round loop -------------------------------------------------------------
@@ -481,6 +658,7 @@ class FlowerClients:
         self.first = True
         self.connected: list[int] = []
         self.identities = NodeIdentities()
+        self.traffic = Traffic()
 
     def candidates(self, round_: int) -> list[int]:
         """The connected node ids, once enough are (``min-train-nodes``; before this process's first
@@ -502,23 +680,36 @@ class FlowerClients:
     def exchange(self, round_: int, sampled: list[int], batches: list[Batch]) -> list[Gathered]:
         """Push every batch's train message to the sampled nodes and pull their replies."""
         log(INFO, "[fedmnist] round %d: training on %d of %d nodes", round_, len(sampled), len(self.connected))
+        from fedmnist.seeds import secagg_graph_rng
+
+        self.traffic = Traffic()
         gathered = []
         for batch in batches:
             if not sampled:  # a Poisson sample can be empty
                 gathered.append(Gathered([]))
                 continue
             content = instructions_content(batch.start, batch.instructions)
+            if batch.instructions.secure is not None:
+                got = secure_round(self.grid, sampled, content, batch.instructions.secure,
+                                   secagg_graph_rng(self.config.seed, round_), self.config.round_timeout, round_,
+                                   self.traffic)
+                for node, why in got.failed.items():
+                    log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
+                gathered.append(got)
+                continue
             messages = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
                                 group_id=str(round_), ttl=self.config.round_timeout) for node in sampled]
             t0 = time.perf_counter()
             replies = collect_replies(self.grid, messages, self.config.round_timeout,
-                                      with_control=batch.instructions.scaffold)
+                                      with_control=batch.instructions.scaffold, traffic=self.traffic)
             admitted, impostors = self.identities.admit(replies.ok, self.connected)
             failures = {**replies.failures(self.config.round_timeout), **impostors}
             for node, why in failures.items():
                 log(WARNING, "[fedmnist] round %d: %s failed: %s", round_, node, why)
             ok = sorted(admitted, key=lambda r: r.node_id)
             gathered.append(Gathered(ok, failures, time.perf_counter() - t0))
+        log(INFO, "[fedmnist] round %d: %s %d bytes sent, %d bytes received", round_, TRAFFIC_LOG,
+            self.traffic.sent, self.traffic.received)
         return gathered
 
 
@@ -526,8 +717,11 @@ def checkpoint_spec(config: FlowerRunConfig, method, data_sha256: str, dp_client
     """The ``CheckpointSpec`` of a Flower run: its run config (``RESUMABLE_KEYS`` may change) and the
     federation size K its DP accountant was built for, the test set's hash, its one method."""
     from fedmnist.checkpoint import CheckpointSpec
+    from fedmnist.secure_aggregation import FIELDS
 
     settings = {**config.to_dict(), "dp-num-clients": dp_clients}
+    if not config.secure_aggregation:  # a plain run's settings, and so its checkpoints' hash, stay as they were
+        settings = {k: v for k, v in settings.items() if k not in FIELDS}
     return CheckpointSpec(settings, data_sha256, (method,), config.num_server_rounds, RESUMABLE_KEYS,
                           data_label="test data (test-file)")
 
@@ -573,7 +767,14 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     from fedmnist.io import check_writable_dir
     from fedmnist.labels import method_name
     from fedmnist.model import initial_weights, weights_sha256
-    from fedmnist.rounds import LoopConfig, RoundWriter, check_privacy_target, run_rounds, with_dp
+    from fedmnist.rounds import (
+        LoopConfig,
+        RoundWriter,
+        check_privacy_target,
+        check_secure_aggregation,
+        run_rounds,
+        with_dp,
+    )
     from fedmnist.training import ClientTrainer
 
     config.check_server()
@@ -613,6 +814,7 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     check_privacy_target([method], state, dp.target_epsilon if dp is not None else None)
     server = Server([method], state, lambda w: evaluate(evaluator, w, x_test, y_test),
                     max_count_ratio=config.max_count_ratio or None)
+    check_secure_aggregation(server, config.secure, config.seed, None)  # the sample is checked every round
     outputs.dump_json(out / outputs.CONFIG_FILE, {
         "flower": config.to_dict(), "run_id": run_id, "initial_sha256": weights_sha256(weights),
         "resumed_from_round": state.round, "software": outputs.software(),
@@ -638,7 +840,8 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     writer = RoundWriter(out, "output-dir", lambda s: ckpt.state_bytes(spec, s), round_files, discard=stale)
     loop = LoopConfig(config.num_server_rounds, config.fraction_train, config.seed,
                       secret_sampling=dp is not None and not config.dp_seeded_noise,
-                      min_replies=config.min_train_nodes, target_epsilon=dp.target_epsilon if dp is not None else None)
+                      min_replies=config.min_train_nodes, target_epsilon=dp.target_epsilon if dp is not None else None,
+                      secure=config.secure)
     run_rounds(server, FlowerClients(grid, config, server), loop, writer, report)
     return server.state.history
 

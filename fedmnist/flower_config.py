@@ -42,6 +42,9 @@ class FlowerRunConfig:
     ``RESUMABLE_KEYS``); without it an existing checkpoint is replaced by a fresh run's.
     ``method='scaffold'`` needs ``optimizer='sgd'`` and ``momentum=0.0`` (its control variates assume
     plain local SGD) and no DP; ``server-lr`` is its η_g (negative: 1).
+    ``secure-aggregation``: SecAgg+ on the training replies (``fedmnist.flower_secagg``), with the
+    ``secagg-*`` parameters of ``fedmnist.secure_aggregation.SecAggConfig`` (0 shares or threshold: unset);
+    methods that must see individual replies, server-side DP clipping and ``max-count-ratio`` are refused.
     ``output_dir`` and ``test_file`` are needed by the ServerApp only,
     ``data_dir`` by the ClientApp in Flower's simulation engine only.
     """
@@ -81,6 +84,14 @@ class FlowerRunConfig:
     dp_sampling: str = _key("dp-sampling")
     max_count_ratio: float = _key("max-count-ratio")
     resume: bool = _key("resume")
+    secure_aggregation: bool = _key("secure-aggregation")
+    secagg_num_shares: int = _key("secagg-num-shares")
+    secagg_threshold: int = _key("secagg-threshold")
+    secagg_clip_range: float = _key("secagg-clip-range")
+    secagg_control_range: float = _key("secagg-control-range")
+    secagg_bits: int = _key("secagg-bits")
+    secagg_modulus: int = _key("secagg-modulus")
+    secagg_weight_bound: int = _key("secagg-weight-bound")
 
     def __post_init__(self) -> None:
         for name in ("method", "optimizer"):
@@ -153,6 +164,10 @@ class FlowerRunConfig:
 
         need(self.dp_sampling in SAMPLINGS,
              f"dp-sampling must be one of {', '.join(SAMPLINGS)} (got {self.dp_sampling!r})")
+        if self.secure is not None:
+            from fedmnist.secure_aggregation import check_method_compatible
+
+            check_method_compatible(self.method, self.privacy, self.max_count_ratio or None)
         need(self.max_count_ratio == 0 or (math.isfinite(self.max_count_ratio) and self.max_count_ratio >= 1),
              f"max-count-ratio must be 0 (no cap) or >= 1 (got {self.max_count_ratio})")
         need(self.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {self.num_server_rounds})")
@@ -200,6 +215,14 @@ class FlowerRunConfig:
                         delta=self.dp_delta if self.dp_delta >= 0 else None,
                         target_epsilon=self.target_epsilon if self.target_epsilon >= 0 else None,
                         sampling=self.dp_sampling)
+
+    @property
+    def secure(self):
+        """The ``SecAggConfig`` when ``secure-aggregation`` is on, else None (validated on creation)."""
+        from fedmnist.secure_aggregation import SecAggConfig
+
+        config = SecAggConfig.from_settings(self.to_dict())
+        return config if config.enabled else None
 
     @property
     def client_mu(self) -> float:

@@ -11,7 +11,8 @@ A round, whatever carries the messages:
 3. **send instructions, gather replies**: the methods' instructions (start weights, μ, clip, SCAFFOLD's
    ``c``) are grouped into ``Batch``es — methods that would send identical instructions share one
    set of trainings — and handed to the mode's ``Clients`` (in-process executors, Flower's Grid);
-4. **step** every method through ``Server.step``, then ``Server.end_round``;
+4. **step** every method through ``Server.step`` (a secure batch, ``LoopConfig.secure``: through
+   ``Server.step_secure`` on the one ``SecureAggregate`` the mode unmasked), then ``Server.end_round``;
 5. **write** the round's files and the checkpoint of the ``ServerState`` together (``RoundWriter``,
    one ``fedmnist.io.OutputSet``), so a run killed at any moment resumes from its last complete round.
 
@@ -38,6 +39,7 @@ from fedmnist.server import Reply, RoundRecord, Server, ServerState, rounds_to_t
 if TYPE_CHECKING:
     from fedmnist.client import Instructions
     from fedmnist.privacy import DPConfig
+    from fedmnist.secure_aggregation import SecAggConfig, SecureAggregate
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +135,17 @@ class Batch:
 
 @dataclass
 class Gathered:
-    """What came back for one ``Batch``: the replies and the clients or nodes that gave none (label -> why)."""
+    """What came back for one ``Batch``: the replies and the clients or nodes that gave none (label -> why).
+
+    A secure batch has no replies: ``secure_aggregate`` is what unmasking gave (None: the protocol aborted)
+    and ``contributors`` the client ids in it when the mode knows them (the simulation; Flower does not).
+    """
 
     replies: list[Reply]
     failed: dict[str, str] = field(default_factory=dict)
     train_seconds: float = 0.0
+    secure_aggregate: SecureAggregate | None = None
+    contributors: list[int] = field(default_factory=list)
 
 
 class Clients(Protocol):
@@ -153,12 +161,38 @@ class Clients(Protocol):
         """The ``Server.step`` keywords naming the sample (``sampled_clients``… or ``sampled_nodes``)."""
 
 
-def instruction_batches(server: Server, round_: int) -> list[Batch]:
-    """The round's instructions, one ``Batch`` per distinct (start, μ, clip), SCAFFOLD's alone."""
+def secure_encoding(server: Server, name: str, secure: SecAggConfig, seed: int):
+    """The ``SecureEncoding`` method ``name``'s clients encode with (ConfigError if it cannot run on a sum)."""
+    from fedmnist.secure_aggregation import SecureEncoding
+
+    composition = server.methods[name].secure_composition(server.max_count_ratio)
+    return SecureEncoding.for_method(secure, composition, server.weights(name), seed)
+
+
+def check_secure_aggregation(server: Server, secure: SecAggConfig | None, seed: int,
+                             num_sampled: int | None) -> None:
+    """ConfigError, before round 1, when a method cannot run on a masked sum (with why) or the settings cannot
+    work with ``num_sampled`` nodes a round (None: not known yet, checked every round); no-op without ``secure``."""
+    if secure is None:
+        return
+    for name in server.methods:
+        encoding = secure_encoding(server, name, secure, seed)
+        if num_sampled is not None:
+            secure.for_sample(num_sampled, encoding.layout)
+
+
+def instruction_batches(server: Server, round_: int, secure: SecAggConfig | None = None,
+                        seed: int = 0) -> list[Batch]:
+    """The round's instructions, one ``Batch`` per distinct (start, μ, clip, secure encoding), SCAFFOLD's alone.
+
+    With ``secure`` every method's instructions carry its ``SecureEncoding`` (``seed``: the run's)."""
     batches: dict[tuple, Batch] = {}
     for name, method in server.methods.items():
         told = method.instructions(server.state.method_state[name], server.weights(name), round_)
-        key = (server.start_sha256(name), told.mu, told.clip, name if told.scaffold else None)
+        if secure is not None:
+            told = replace(told, secure=secure_encoding(server, name, secure, seed))
+        key = (server.start_sha256(name), told.mu, told.clip, name if told.scaffold else None,
+               None if told.secure is None else told.secure.layout.composition)
         if key in batches:
             batches[key] = replace(batches[key], methods=(*batches[key].methods, name))
         else:
@@ -207,7 +241,8 @@ class RoundWriter:
 @dataclass(frozen=True)
 class LoopConfig:
     """How the loop runs: rounds (the last one), C, the seed, whether sampling is secret, the accepted
-    replies a round needs (0: a round without any keeps the weights), evaluation cadence, stops."""
+    replies a round needs (0: a round without any keeps the weights), evaluation cadence, stops, and
+    secure aggregation's settings (None: plain rounds)."""
 
     rounds: int
     fraction: float
@@ -217,6 +252,7 @@ class LoopConfig:
     eval_every: int = 1
     target_accuracy: float | None = None
     target_epsilon: float | None = None
+    secure: SecAggConfig | None = None
 
 
 def stop_reason(methods: Sequence[Method], state: ServerState, config: LoopConfig, round_: int) -> str | None:
@@ -241,7 +277,7 @@ def run_round(server: Server, clients: Clients, config: LoopConfig, round_: int)
     rate = poisson_rate(list(server.methods.values()))
     sampled = sample_round(clients.candidates(round_), config.fraction, round_,
                            None if config.secret_sampling else config.seed, rate)
-    batches = instruction_batches(server, round_)
+    batches = instruction_batches(server, round_, config.secure, config.seed)
     gathered = clients.exchange(round_, sampled, batches)
     evaluate_now = round_ % config.eval_every == 0 or round_ == config.rounds
     # a Poisson sample may hold fewer clients than the minimum (or none): its round still counts
@@ -249,6 +285,11 @@ def run_round(server: Server, clients: Clients, config: LoopConfig, round_: int)
     fields = clients.record_fields(sampled)
     for batch, got in zip(batches, gathered, strict=True):
         for name in batch.methods:
+            if batch.instructions.secure is not None:
+                server.step_secure(round_, name, got.secure_aggregate, replied_clients=got.contributors,
+                                   failed=got.failed, min_replies=min_replies, evaluate=evaluate_now,
+                                   train_seconds=got.train_seconds, round_started=started, **fields)
+                continue
             server.step(round_, name, got.replies, failed=got.failed, min_replies=min_replies,
                         evaluate=evaluate_now, train_seconds=got.train_seconds, round_started=started, **fields)
     return server.end_round(round_, time.perf_counter() - started)

@@ -55,20 +55,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
+from fedmnist.settings import SETTINGS as DECLARED
+from fedmnist.settings import default
 
-DEFAULT_CLIP_RANGE = 1.0
+DEFAULT_CLIP_RANGE: float = default("secagg-clip-range")
 """R: bound of every coordinate of a member's update (an MNIST round moves a weight by far less)."""
 
-DEFAULT_CONTROL_RANGE = 10.0
+DEFAULT_CONTROL_RANGE: float = default("secagg-control-range")
 """R_c: bound of every coordinate of SCAFFOLD's Δc (a difference of average gradients)."""
 
-DEFAULT_BITS = 22
+DEFAULT_BITS: int = default("secagg-bits")
 """Quantisation bits: L = 2^22 − 1 steps, Flower's ``quantization_range`` default (2^22)."""
 
-DEFAULT_MODULUS = 2**32
+DEFAULT_MODULUS: int = default("secagg-modulus")
 """M: the field of the masks (Flower's ``modulus_range`` default)."""
 
-DEFAULT_WEIGHT_BOUND = 60_000
+DEFAULT_WEIGHT_BOUND: int = default("secagg-weight-bound")
 """W: the largest example count a member may weigh with (the MNIST training set, so any partition fits)."""
 
 MAX_MODULUS = 2**62
@@ -109,24 +111,15 @@ def _need(ok: bool, message: str) -> None:
 
 # --- settings ------------------------------------------------------------------------------------
 
-SETTINGS = (
-    ("secure-aggregation", "enabled", bool, False, "mask the round's replies with SecAgg+: the server "
-                                                   "learns only their sum"),
-    ("secagg-num-shares", "num_shares", int, 0, "nodes holding shares of each node's secrets, itself "
-                                                "included; odd, or 0 for every sampled node"),
-    ("secagg-threshold", "threshold", int, 0, "shares needed to rebuild a secret (> half of them); 0 for a "
-                                              "majority"),
-    ("secagg-clip-range", "clip_range", float, DEFAULT_CLIP_RANGE, "R: update coordinates are clipped to "
-                                                                   "[-R, R] before quantisation"),
-    ("secagg-control-range", "control_range", float, DEFAULT_CONTROL_RANGE, "R_c: the same for SCAFFOLD's "
-                                                                            "control-variate deltas"),
-    ("secagg-bits", "bits", int, DEFAULT_BITS, "quantisation bits per coordinate"),
-    ("secagg-modulus", "modulus", int, DEFAULT_MODULUS, "M: the masks' field, a power of two"),
-    ("secagg-weight-bound", "weight_bound", int, DEFAULT_WEIGHT_BOUND, "W: the largest example count a "
-                                                                       "member may weigh with"),
-)
-"""Every setting once: (run-config key, ``SecAggConfig`` field, type, default, help). 0 stands for
-"unset" where the run config cannot hold None (shares, threshold)."""
+FIELDS = {"secure-aggregation": "enabled", "secagg-num-shares": "num_shares", "secagg-threshold": "threshold",
+          "secagg-clip-range": "clip_range", "secagg-control-range": "control_range", "secagg-bits": "bits",
+          "secagg-modulus": "modulus", "secagg-weight-bound": "weight_bound"}
+"""Run-config key (declared in ``fedmnist.settings``) -> ``SecAggConfig`` field."""
+
+SETTINGS = tuple((key, name, DECLARED[key].kind, DECLARED[key].flower_default, DECLARED[key].help)
+                 for key, name in FIELDS.items())
+"""Every setting as (run-config key, ``SecAggConfig`` field, type, default, help), from its one declaration in
+``fedmnist.settings``. The default is the run config's: 0 stands for "unset" (shares, threshold)."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +186,10 @@ class SecAggConfig:
     @classmethod
     def from_settings(cls, values: Mapping[str, object]) -> SecAggConfig:
         """The config from kebab-case settings (a Flower run config, parsed flags); keys not in ``SETTINGS``
-        are ignored, missing ones take their defaults, and 0 shares or threshold means unset."""
+        are ignored, missing or None ones take their defaults, and 0 shares or threshold means unset."""
         given = {}
         for key, name, kind, _, _ in SETTINGS:
-            if key not in values:
+            if key not in values or values[key] is None:  # None: a flag left unset
                 continue
             value = values[key]
             if kind is float and _integer(value):
@@ -489,12 +482,52 @@ def decode_sum(total: np.ndarray, num_contributors: int, layout: VectorLayout,
     )
 
 
+def aggregate_encoded(vectors: Sequence[np.ndarray], layout: VectorLayout, config: SecAggConfig) -> SecureAggregate:
+    """The simulation twin's server half: sum the members' encoded vectors modulo M and decode; the same
+    numbers as the masked protocol, which unmasks exactly this sum. The caller checked the round's sample
+    (``SecAggConfig.for_sample``), so that no sum of its members can wrap."""
+    return decode_sum(sum_vectors(vectors, config.modulus), len(vectors), layout, config)
+
+
 def aggregate_in_clear(contributions: Sequence[Contribution], rngs: Sequence[np.random.Generator],
                        layout: VectorLayout, config: SecAggConfig) -> SecureAggregate:
-    """The simulation twin: encode every contribution, sum modulo M, decode; the same numbers as the
-    masked protocol, which unmasks exactly this sum."""
+    """Encode every contribution, sum modulo M, decode (``aggregate_encoded``) in one call."""
     if len(rngs) != len(contributions):
         raise ValueError(f"{len(rngs)} generators for {len(contributions)} contributions")
     config.for_sample(len(contributions), layout)  # at least two members, and the sum cannot wrap
-    vectors = [encode_contribution(c, layout, config, rng) for c, rng in zip(contributions, rngs)]
-    return decode_sum(sum_vectors(vectors, config.modulus), len(vectors), layout, config)
+    return aggregate_encoded([encode_contribution(c, layout, config, rng) for c, rng in zip(contributions, rngs)],
+                             layout, config)
+
+
+# --- what a member is told -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecureEncoding:
+    """What a member needs to encode its reply in a secure round (``client.Instructions.secure``): the
+    settings, the vector layout (the model's shapes and the method's ``Composition``) and the run's seed,
+    from which ``seeds.quantization_rng(seed, round, client)`` draws its stochastic rounding."""
+
+    config: SecAggConfig
+    layout: VectorLayout
+    seed: int
+
+    @classmethod
+    def for_method(cls, config: SecAggConfig, composition: Composition, weights: Sequence[np.ndarray],
+                   seed: int) -> SecureEncoding:
+        """The encoding of a method with ``composition`` (``Method.secure_composition``) on a model with ``weights``."""
+        return cls(config, VectorLayout.of(weights, composition), int(seed))
+
+    def encode(self, trained: Sequence[np.ndarray], start: Sequence[np.ndarray], num_examples: int,
+               round_: int, client_id: int, control_delta: Sequence[np.ndarray] | None = None,
+               unclipped: bool | None = None) -> np.ndarray:
+        """The member's integer vector for its (clipped) ``trained`` weights, from the round's ``start``; the
+        control delta and the unclipped bit are used only when the composition carries them."""
+        from fedmnist.seeds import quantization_rng
+
+        comp = self.layout.composition
+        contribution = Contribution.from_weights(trained, start, num_examples,
+                                                 control_delta if comp.control else None,
+                                                 unclipped if comp.unclipped_bit else None)
+        return encode_contribution(contribution, self.layout, self.config,
+                                   quantization_rng(self.seed, round_, client_id))

@@ -139,6 +139,21 @@ SETTINGS: dict[str, Setting] = _settings(
             "tests only: anyone who knows the seed can remove the noise)"),
     Setting("max-count-ratio", float, None, "weight no update by more than R x the median sample count claimed; "
             "unset: no cap", metavar="R", flower_unset=0.0),
+    # --- secure aggregation (SecAgg+, fedmnist.secure_aggregation) ---
+    Setting("secure-aggregation", bool, False, "mask the round's replies with SecAgg+: the server learns only "
+            "their sum"),
+    Setting("secagg-num-shares", int, None, "nodes holding shares of each node's secrets, itself included; odd, "
+            "or unset (0 in the run config) for every sampled node", metavar="K", flower_unset=0),
+    Setting("secagg-threshold", int, None, "shares needed to rebuild a secret (more than half of them); unset "
+            "(0 in the run config) for a majority", metavar="T", flower_unset=0),
+    Setting("secagg-clip-range", float, 1.0, "R: update coordinates are clipped to [-R, R] before quantisation",
+            metavar="R"),
+    Setting("secagg-control-range", float, 10.0, "R_c: the same for SCAFFOLD's control-variate deltas",
+            metavar="RC"),
+    Setting("secagg-bits", int, 22, "quantisation bits per coordinate", metavar="BITS"),
+    Setting("secagg-modulus", int, 2**32, "M: the masks' field, a power of two", metavar="M"),
+    Setting("secagg-weight-bound", int, 60_000, "W: the largest example count a member may weigh with",
+            metavar="W"),
 )
 """Every declared setting by canonical name."""
 

@@ -51,6 +51,7 @@ from fedmnist.workers import ClientExecutor, InProcessExecutor, WorkerPool
 if TYPE_CHECKING:
     from fedmnist.data import Mnist
     from fedmnist.privacy import DPConfig
+    from fedmnist.secure_aggregation import SecAggConfig
     from fedmnist.training import ClientTrainer
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,12 @@ PRIVACY_FIELDS = {"dp_noise": "noise_multiplier", "dp_clip": "clip", "dp_adaptiv
                   "dp_delta": "delta", "target_epsilon": "target_epsilon", "dp_sampling": "sampling",
                   "dp_accountant": "accountant"}
 """Flat setting name -> field of ``fedmnist.privacy.DPConfig`` (the optional ``privacy`` component)."""
+SECURE_FIELDS = {"secure_aggregation": "secure-aggregation", "secagg_num_shares": "secagg-num-shares",
+                 "secagg_threshold": "secagg-threshold", "secagg_clip_range": "secagg-clip-range",
+                 "secagg_control_range": "secagg-control-range", "secagg_bits": "secagg-bits",
+                 "secagg_modulus": "secagg-modulus", "secagg_weight_bound": "secagg-weight-bound"}
+"""Flat setting name -> run-config key of ``fedmnist.secure_aggregation.SecAggConfig`` (the optional
+``secure`` component: present when secure aggregation is on)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class SimulationConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     threat: ThreatConfig = field(default_factory=ThreatConfig)
     privacy: DPConfig | None = None
+    secure: SecAggConfig | None = None
     fraction: float = default("fraction-train")
     rounds: int = default("rounds")
     target_accuracy: float = default("target-accuracy")
@@ -114,9 +122,12 @@ class SimulationConfig:
         parts: dict[str, dict] = {}
         own = {}
         privacy: dict = {}
-        own_names = {f.name for f in dataclasses.fields(self)} - set(_COMPONENTS) - {"privacy"}
+        secure: dict = {}
+        own_names = {f.name for f in dataclasses.fields(self)} - set(_COMPONENTS) - {"privacy", "secure"}
         for key, value in settings.items():
-            if key in PRIVACY_FIELDS:
+            if key in SECURE_FIELDS:
+                secure[SECURE_FIELDS[key]] = value
+            elif key in PRIVACY_FIELDS:
                 privacy[PRIVACY_FIELDS[key]] = value
             elif key in FLAT_FIELDS:
                 part, name = FLAT_FIELDS[key]
@@ -138,6 +149,13 @@ class SimulationConfig:
                 raise ConfigError(f"differential privacy needs {' and '.join(missing)} "
                                   "(the noise multiplier z and the clip norm S)")
             own["privacy"] = DPConfig(**merged)
+        if secure:
+            from fedmnist.secure_aggregation import SecAggConfig
+
+            current = {"secure-aggregation": False} if self.secure is None else {
+                key: getattr(self.secure, name) for key, name in _secure_names().items()}
+            merged_secure = SecAggConfig.from_settings({**current, **secure})
+            own["secure"] = merged_secure if merged_secure.enabled else None
         return dataclasses.replace(self, **own)
 
     @property
@@ -175,12 +193,19 @@ class SimulationConfig:
             for method in self.method.methods:
                 check_dp_method(method)
             self.privacy.noise_params(self.clients_per_round)
+        if self.secure is not None:
+            from fedmnist.secure_aggregation import check_method_compatible
+
+            for method in self.method.methods:  # before round 1, with why
+                check_method_compatible(method, self.privacy)
 
     def to_dict(self) -> dict:
-        """Plain, JSON-ready nested fields."""
+        """Plain, JSON-ready nested fields (``secure`` only when secure aggregation is on)."""
         out = asdict(self)
         out["method"]["methods"] = list(self.method.methods)
         out["privacy"] = self.privacy.to_dict() if self.privacy is not None else None
+        if self.secure is None:
+            del out["secure"]  # a plain run's settings, and so its checkpoints' hash, stay as they were
         return out
 
     @classmethod
@@ -191,9 +216,13 @@ class SimulationConfig:
 
         try:
             parts = {name: kind(**values[name]) for name, (kind, _) in _COMPONENTS.items() if name in values}
-            own = {k: v for k, v in values.items() if k not in _COMPONENTS and k != "privacy"}
+            own = {k: v for k, v in values.items() if k not in _COMPONENTS and k not in ("privacy", "secure")}
             if values.get("privacy") is not None:
                 own["privacy"] = DPConfig.from_dict(values["privacy"])
+            if values.get("secure") is not None:
+                from fedmnist.secure_aggregation import SecAggConfig
+
+                own["secure"] = SecAggConfig(**values["secure"])
             return cls(**parts, **own)
         except TypeError as exc:
             raise ConfigError(f"malformed simulation settings ({exc})") from None
@@ -246,6 +275,12 @@ class SimulationResult:
             m: [np.nan if getattr(r, key) is None else getattr(r, key) for r in rows]
             for m, rows in self.metrics.items()
         }
+
+
+def _secure_names() -> dict[str, str]:
+    from fedmnist.secure_aggregation import FIELDS
+
+    return FIELDS
 
 
 def sample_clients(config: SimulationConfig, round_: int) -> list[int]:
@@ -321,6 +356,32 @@ def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start
     return replies, failed
 
 
+def secure_gathered(outcomes: list, config: SimulationConfig, round_: int, batch: Batch, num_sampled: int,
+                    malicious: set[int], states: dict[int, list[np.ndarray]] | None = None) -> Gathered:
+    """The simulation twin of a secure round: the clients' encoded vectors (``client_step``'s), summed modulo M
+    and decoded (``secure_aggregation.aggregate_encoded``), the arithmetic the masked protocol unmasks.
+
+    A model-poisoning attacker encodes its attack with the same code (the server cannot tell it from an
+    honest vector). Fewer survivors than the protocol's threshold t for ``num_sampled`` nodes abort the
+    round, as the masked protocol would: no aggregate.
+    """
+    from fedmnist.secure_aggregation import aggregate_encoded
+
+    secure = batch.instructions.secure
+    replies, failed = collect_replies(outcomes, config, round_, batch.start, batch.start_sha256,
+                                      batch.instructions.mu, malicious, states)
+    encoded = {o.client_id: o.reply.encoded for o in outcomes if not isinstance(o, TaskFailure)}
+    vectors = [secure.encode(r.weights, batch.start, r.num_examples, round_, r.client_id, r.control_delta, True)
+               if r.client_id in malicious else encoded[r.client_id] for r in replies]
+    threshold = secure.config.for_sample(num_sampled, secure.layout).threshold
+    if len(vectors) < threshold:
+        failed["secure aggregation"] = (f"aborted: {len(vectors)} of {num_sampled} sampled clients took part, "
+                                        f"below the threshold t = {threshold}; no aggregate")
+        return Gathered([], failed)
+    return Gathered([], failed, secure_aggregate=aggregate_encoded(vectors, secure.layout, secure.config),
+                    contributors=sorted(int(r.client_id) for r in replies))
+
+
 class SimulatedClients:
     """The simulation's side of the round loop (``fedmnist.rounds.Clients``): clients 1..K trained by an
     executor, each batch's tasks submitted before any is awaited (a worker pool trains them all at once).
@@ -361,6 +422,13 @@ class SimulatedClients:
         with tqdm(total=len(batches), desc=f"ronda {round_}", unit="grupo", leave=False,
                   disable=not self.progress) as bar:
             for batch, state, (t0, tasks) in zip(batches, states, pending):
+                if batch.instructions.secure is not None:
+                    got = secure_gathered(tasks.result(), self.config, round_, batch, len(sampled),
+                                          self.malicious, state)
+                    got.train_seconds = time.perf_counter() - t0
+                    gathered.append(got)
+                    bar.update()
+                    continue
                 replies, failed = collect_replies(tasks.result(), self.config, round_, batch.start,
                                                   batch.start_sha256, batch.instructions.mu, self.malicious, state)
                 gathered.append(Gathered(replies, failed, time.perf_counter() - t0))
@@ -373,7 +441,8 @@ def loop_config(config: SimulationConfig) -> LoopConfig:
     round without replies keeps the weights, the target accuracy stops it only with ``stop_at_target``."""
     return LoopConfig(config.rounds, config.fraction, config.seed, min_replies=0, eval_every=config.eval_every,
                       target_accuracy=config.target_accuracy if config.stop_at_target else None,
-                      target_epsilon=config.privacy.target_epsilon if config.privacy is not None else None)
+                      target_epsilon=config.privacy.target_epsilon if config.privacy is not None else None,
+                      secure=config.secure)
 
 
 def run_simulation(
@@ -471,10 +540,12 @@ def _run(config: SimulationConfig, loop: LoopConfig, out: Path, fed: Federation,
     from fedmnist import checkpoint as ckpt
     from fedmnist import outputs
     from fedmnist.model import weights_sha256
-    from fedmnist.rounds import RoundWriter, run_rounds
+    from fedmnist.rounds import RoundWriter, check_secure_aggregation, run_rounds
 
     done = state.round
     server = Server(methods, state, executor.evaluate, fed.expected_counts)
+    poisson = config.privacy is not None and config.privacy.sampling == "poisson"
+    check_secure_aggregation(server, config.secure, config.seed, None if poisson else config.clients_per_round)
     clients = SimulatedClients(config, executor, server.state, set(malicious), progress)
     config_text = outputs.json_text(_config_payload(config, fed, malicious, data_path))
     spec = ckpt.simulation_spec(config, fed.sha256, malicious)

@@ -250,7 +250,8 @@ def execute_task(trainer: ClientTrainer, data: WorkerData, task: Task) -> Client
         if task.flip_labels:
             y = attacks.flip_labels(y)
         reply, state = client_step(trainer, task.weights, x, y, task.instructions, task.state,
-                                   epochs=task.epochs, batch_size=task.batch_size, seed=task.seed)
+                                   epochs=task.epochs, batch_size=task.batch_size, seed=task.seed,
+                                   client_id=task.client_id)
         return ClientResult(task.client_id, reply, state, time.perf_counter() - t0)
     if isinstance(task, EvalTask):
         stop = data.num_test if task.stop is None else min(task.stop, data.num_test)

@@ -92,6 +92,16 @@ def run(vectors: list[np.ndarray], config: SecAggConfig, layout: VectorLayout, v
 LAYOUT = VectorLayout(tuple(SHAPES), Composition())
 
 
+def assert_looks_uniform_and_uncorrelated(masked: np.ndarray, vector: np.ndarray, modulus: int) -> None:
+    """``masked`` is uniform in [0, M) (chi-square over 64 bins and Kolmogorov-Smirnov, at 1e-6) and uncorrelated
+    with the true encoding ``vector`` (|r| below 5 standard errors); equal coordinates no likelier than chance."""
+    counts = np.bincount((masked * 64) // modulus, minlength=64)
+    assert stats.chisquare(counts).pvalue > 1e-6
+    assert stats.kstest(masked / modulus, "uniform").pvalue > 1e-6
+    assert abs(np.corrcoef(masked, vector)[0, 1]) < 5 / np.sqrt(vector.size)
+    assert np.count_nonzero(masked == vector) <= 3 + 10 * vector.size / modulus
+
+
 # --- the protocol --------------------------------------------------------------------------------
 
 
@@ -176,10 +186,7 @@ def test_secure_aggregation_masked_vectors_look_uniform_and_uncorrelated_with_th
     result, fake, node_ids = run(vectors, config, layout)
     for nid, vector in zip(node_ids, vectors):
         masked = bytes_to_vector(fake.received[COLLECT][nid][MASKED], layout.size, config.modulus)
-        counts = np.bincount((masked * 64) // config.modulus, minlength=64)
-        assert stats.chisquare(counts).pvalue > 1e-6
-        assert stats.kstest(masked / config.modulus, "uniform").pvalue > 1e-6
-        assert abs(np.corrcoef(masked, vector)[0, 1]) < 5 / np.sqrt(vector.size)
+        assert_looks_uniform_and_uncorrelated(masked, vector, config.modulus)
         assert not np.any(masked == vector)  # not even one coordinate in the clear
     # The plain encodings are far from uniform: the same tests reject them.
     assert stats.kstest(vectors[0] / config.modulus, "uniform").pvalue < 1e-6

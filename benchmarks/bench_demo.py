@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     PYTHONPATH=. python benchmarks/bench_demo.py --data ../shared/data/mnist.npz [--min-accuracy 0.95] \\
-        [--out DIR] [any other fedmnist demo flag, e.g. --optimizer sgd --lr 0.05 --momentum 0.9]
+        [--out DIR] [any other fedmnist demo flag, e.g. --optimizer sgd --learning-rate 0.05 --momentum 0.9]
 
 Runs ``fedmnist demo`` through its command-line entry point, with its defaults unless other demo flags
 are given: 5 IID clients of the full 60,000-image training set (each holds out 10 % for its learning

@@ -331,7 +331,7 @@ def test_special_file_in_place_of_the_partition_does_not_hang_train(tmp_path, sm
     os.mkfifo(data_dir / "cliente_1.npz")
 
     # Execute
-    proc = run_cli("-m", "fedmnist.cli", "train", "--client", "1", "--data-dir", data_dir, "--epochs", "1",
+    proc = run_cli("-m", "fedmnist.cli", "train", "--client", "1", "--data-dir", data_dir, "--local-epochs", "1",
                    "--out", out_dir)
 
     # Assert
@@ -363,7 +363,7 @@ def test_negative_seed_is_one_line(tmp_path, capsys, mnist_path, small_federatio
     # Prepare
     out_dir = tmp_path / "salida"
     extra = {"split": ["--data", str(mnist_path)], "init": [],
-             "train": ["--client", "1", "--data-dir", str(small_federation), "--epochs", "1"],
+             "train": ["--client", "1", "--data-dir", str(small_federation), "--local-epochs", "1"],
              "simulate": ["--clients", "3", "--rounds", "1", "--data", str(mnist_path)],
              "aggregation-script": ["--weights-dir", str(tmp_path), "--data-dir", str(small_federation)]}[command]
 
@@ -411,7 +411,7 @@ def test_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
         args = ["aggregate", "--weights-dir", str(weights_dir), "--data-dir", str(small_federation),
                 "--methods", "fedavg"]
     elif command == "train":
-        args = ["train", "--client", "1", "--data-dir", str(small_federation), "--epochs", "1"]
+        args = ["train", "--client", "1", "--data-dir", str(small_federation), "--local-epochs", "1"]
     else:
         args = ["simulate", "--clients", "3", "--rounds", "1", "--methods", "fedavg", "--local-epochs", "1",
                 "--train-subset", "300", "--test-subset", "100", "--quiet", "--data", str(mnist_path)]

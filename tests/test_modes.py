@@ -306,7 +306,7 @@ def run_file_flow(name: str, mnist_file, root) -> list[np.ndarray]:
 
     case, root = CLIENT_STEP_CASES[name], Path(root)
     data, pesos, members = root / "datos", root / "pesos", root / "miembros"
-    training = ["--epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+    training = ["--local-epochs", "1", "--batch-size", "32", "--optimizer", "sgd", "--learning-rate", "0.05",
                 "--momentum", str(case["momentum"]), "--seed", str(SEED), "--validation-split", "0"]
     assert main_split(["--clients", "3", "--partition", case["partition"], "--seed", str(SEED),
                        "--data", str(mnist_file), "--out", str(data)]) == 0

@@ -207,9 +207,11 @@ def restore_state(path: Path, payload: dict, spec: CheckpointSpec, hint: str = "
             raise ConfigError(f"{path}: {method}'s records cover rounds {rounds[:3]}…, not 1..{done}: "
                               "an inconsistent or tampered checkpoint")
         releases = method_state[method].get("releases") if isinstance(built[method], DPMethod) else None
-        if releases is not None and releases != sum(r.num_replies > 0 for r in rows):
-            raise ConfigError(f"{path}: {method}'s privacy state counts {releases!r} noised rounds, but its "
-                              "records show another number: an inconsistent or tampered checkpoint")
+        # a round with replies whose aggregate was not adopted (not finite, or a refused secure sum) released
+        # nothing; more releases than rounds with replies cannot happen
+        if releases is not None and releases > sum(r.num_replies > 0 for r in rows):
+            raise ConfigError(f"{path}: {method}'s privacy state counts {_short(releases)} noised rounds, more than "
+                              "its records have rounds with replies: an inconsistent or tampered checkpoint")
     stored = payload.get(_SHA_KEY)
     if not isinstance(stored, str) or state_sha256({k: v for k, v in payload.items() if k != _SHA_KEY}) != stored:
         raise ConfigError(f"{path}: the integrity hash does not match the contents (weights, state or history "
@@ -237,7 +239,7 @@ def _client_state(path: Path, stored, methods: dict, weights: dict, num_clients:
         out[method] = {}
         for client_id, controls in clients.items():
             if isinstance(client_id, bool) or not isinstance(client_id, int) or not 1 <= client_id <= num_clients:
-                raise ConfigError(f"{path}: {method}'s client state names client {client_id!r}, not one of 1..{num_clients}")
+                raise ConfigError(f"{path}: {method}'s client state names client {_short(client_id)}, not one of 1..{num_clients}")
             try:
                 check_controls(controls, weights[method], f"{method}'s control variate of client {client_id}")
             except ScaffoldError as exc:

@@ -30,7 +30,7 @@ from fedmnist.experiments.mcmahan import (
     MCMAHAN_TUNING_CSV,
 )
 from fedmnist.experiments.privacy import PRIVACY_CSV, TEAM_PRIVACY_CSV
-from fedmnist.io import atomic_write_text
+from fedmnist.io import atomic_write_text, read_text_capped
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ _SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
 """Result file → the tables drawn from its rows."""
 _MU_TUNING = (COURSE_TUNING_CSV, HETERO_TUNING_CSV, ATTACK_TUNING_CSV)
 """The μ-tuning files that together give the ``ajuste_mu`` table."""
+
+ESSAY_MAX_BYTES = 4 << 20
+"""Largest essay read: the essay is about 100 KB."""
 
 
 def _mcmahan_curves(results_dir: Path, rows: list[dict]) -> dict[str, dict[str, dict[int, float]]] | None:
@@ -135,7 +138,7 @@ def update_essay(essay: str | Path, results_dir: str | Path) -> list[str]:
         raise DataError(f"{essay}: essay not found")
     if not results_dir.is_dir():
         raise DataError(f"{results_dir}: results directory not found")
-    text = essay.read_text(encoding="utf-8")
+    text = read_text_capped(essay, ESSAY_MAX_BYTES, "essay", error=DataError)
     tables = render_tables(results_dir)
     try:
         filled = fill_essay_tables(text, tables)

@@ -57,6 +57,7 @@ as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.t
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -362,16 +363,6 @@ def nodes_needed(min_train_nodes: int, fraction: float) -> int:
     while nodes_to_sample(n, fraction) < min_train_nodes:
         n += 1
     return n
-
-
-def sample_nodes(node_ids: list[int], fraction: float, seed: int | None, round_: int,
-                 rate: float | None = None) -> list[int]:
-    """The sorted node ids of ``round_``: ``nodes_to_sample`` of them (or, with a Poisson ``rate``, each
-    with that probability), drawn with (seed, round) over the sorted ids, or secretly when ``seed`` is
-    None (``fedmnist.rounds.sample_round``, the simulation's rule)."""
-    from fedmnist.rounds import sample_round
-
-    return sample_round(node_ids, fraction, round_, seed, rate)
 
 
 @dataclass
@@ -785,9 +776,9 @@ def run_server(grid: Grid, config: FlowerRunConfig, run_id: int | None = None) -
     evaluator = ClientTrainer(config.optimizer, config.learning_rate, config.momentum, model_seed=config.seed)
     path = out / ckpt.CHECKPOINT_FILE
     payload = None
-    if config.resume and path.exists():
+    if config.resume and os.path.lexists(path):  # a dangling link is refused by the reader, not taken for none
         payload = ckpt.read_checkpoint(path, 5)  # the weights, up to two moment sets, SCAFFOLD's c
-    elif path.exists():
+    elif os.path.lexists(path):
         log(INFO, "[fedmnist] %s exists; starting afresh (resume=true continues it)", path)
     method = build_method(config.method, config.method_config)
     weights = initial_weights(config.seed)

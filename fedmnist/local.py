@@ -210,7 +210,7 @@ def member_controls(start: GlobalWeights, client_id: int, config: TrainConfig, p
         server = zero_controls(start.weights)
     path = Path(path)
     training_round = start.round + 1
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling link is refused by the reader, not taken for a first round
         log.info("%s not found: client %d starts SCAFFOLD with c_i = 0", path, client_id)
         own = zero_controls(start.weights)
     else:

@@ -25,7 +25,7 @@ class PartitionConfig:
     """How to split the training set: scheme, number of clients, the scheme's parameter, seed."""
 
     scheme: str = "iid"
-    num_clients: int = 5
+    num_clients: int = default("clients")
     alpha: float = default("alpha")
     shards_per_client: int = default("shards-per-client")
     seed: int = DEFAULT_SEED

@@ -34,6 +34,7 @@ import numpy as np
 from fedmnist.config import check_int
 from fedmnist.errors import ConfigError, FedMnistError, ValidationError
 from fedmnist.exchange import MAX_NUM_EXAMPLES
+from fedmnist.io import quote
 from fedmnist.methods import Method, RoundContext
 
 if TYPE_CHECKING:
@@ -209,7 +210,8 @@ class RoundRecord:
         """Rebuild a record from ``asdict`` output (a checkpoint's); TypeError/KeyError if malformed."""
         names = [f.name for f in fields(cls)]
         if set(values) != set(names):
-            raise KeyError(f"fields {sorted(set(names) ^ set(values))}")
+            differ = sorted(str(k) for k in set(names) ^ set(values))
+            raise KeyError(f"{len(differ)} fields differ from a round record's, e.g. {quote(', '.join(differ[:3]), 80)}")
         return cls(**{n: values[n] for n in names})
 
 
@@ -478,8 +480,16 @@ class Server:
             self._not_adopted(round_, method, warnings)
         else:
             context = RoundContext(round_, num_sampled)
-            aggregated = self._finite_or_none(round_, method, rule.aggregate_sum(
-                current, agg, self.state.method_state[method], context), warnings)
+            try:
+                step = rule.aggregate_sum(current, agg, self.state.method_state[method], context)
+            except SecureAggregationError:  # an aggregate encoded for another method: a set-up error, not the data's
+                raise
+            except ValidationError as exc:  # e.g. a member that did not clip under DP: the sum cannot be used,
+                step = None                 # and nobody can tell whose it was, so the whole round is refused
+                warnings.append(f"the secure aggregate of round {round_} was refused ({exc}): {method}'s global "
+                                "weights and state are unchanged")
+                log.warning("round %d, %s: %s", round_, method, warnings[-1])
+            aggregated = None if step is None else self._finite_or_none(round_, method, step, warnings)
         record, weights, evaluation = self._conclude(
             round_, method, start_sha, aggregated, t0, warnings, num_sampled=num_sampled,
             replied_clients=[int(k) for k in replied_clients], train_loss=train_loss, failures=failures,

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from fedmnist.attacks import DATA_ATTACKS, ThreatConfig, attack_update, choose_m
 from fedmnist.checkpoint import CHECKPOINT_FILE
 from fedmnist.client import ClientState, Instructions
 from fedmnist.config import DEFAULT_SEED, TrainingConfig, _is_int, _need
-from fedmnist.errors import FedMnistError
+from fedmnist.errors import ConfigError, FedMnistError
 from fedmnist.federation import Federation, FederationConfig, prepare_federation
 from fedmnist.io import OutputSet, read_text_capped
 from fedmnist.methods import DRIFT_CORRECTED, Method, MethodConfig, build_methods
@@ -373,7 +374,11 @@ def secure_gathered(outcomes: list, config: SimulationConfig, round_: int, batch
     encoded = {o.client_id: o.reply.encoded for o in outcomes if not isinstance(o, TaskFailure)}
     vectors = [secure.encode(r.weights, batch.start, r.num_examples, round_, r.client_id, r.control_delta, True)
                if r.client_id in malicious else encoded[r.client_id] for r in replies]
-    threshold = secure.config.for_sample(num_sampled, secure.layout).threshold
+    try:  # a fixed-size sample was checked before round 1: only a Poisson sample can be too small here
+        threshold = secure.config.for_sample(num_sampled, secure.layout).threshold
+    except ConfigError as exc:
+        failed["secure aggregation"] = f"aborted: {exc}; no aggregate"
+        return Gathered([], failed)
     if len(vectors) < threshold:
         failed["secure aggregation"] = (f"aborted: {len(vectors)} of {num_sampled} sampled clients took part, "
                                         f"below the threshold t = {threshold}; no aggregate")
@@ -506,12 +511,12 @@ def run_simulation(
     init = initial_weights(config.seed)
     state = ServerState.initial(methods, init)
     checkpoint = out / CHECKPOINT_FILE
-    if resume and checkpoint.exists():
+    if resume and os.path.lexists(checkpoint):  # a dangling link is refused by the reader, not taken for none
         state = load_checkpoint(checkpoint, config, fed.sha256)
         log.info("resuming from %s: %d of %d rounds already done", checkpoint, state.round, config.rounds)
     elif resume:
         log.info("no checkpoint in %s; starting from round 1", out)
-    elif checkpoint.exists():
+    elif os.path.lexists(checkpoint):
         log.info("%s exists; starting afresh (use --resume to continue it)", checkpoint)
     loop = loop_config(config)
     check_privacy_target(methods, state, loop.target_epsilon)

@@ -25,10 +25,10 @@ from fedmnist.flower_app import (
     RoundReplies,
     nodes_to_sample,
     record_to_weights,
-    sample_nodes,
     weights_to_record,
 )
 from fedmnist.model import initial_weights, weight_spec
+from fedmnist.rounds import sample_round
 from fedmnist.seeds import training_seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -338,12 +338,12 @@ def test_sampling_is_seeded_and_takes_the_floor_like_the_simulation():
     for round_ in range(1, 6):
         clients = sample_clients(config, round_)
         assert len(clients) == config.clients_per_round == 2
-        assert sample_nodes(list(node_of.values()), 0.3, SEED, round_) == [node_of[k] for k in clients]
-    assert sample_nodes(nodes, 1.0, SEED, 1) == sorted(nodes)
-    picked = sample_nodes(nodes, 0.5, SEED, 2)
-    assert picked == sample_nodes(list(reversed(nodes)), 0.5, SEED, 2)
+        assert sample_round(list(node_of.values()), 0.3, round_, SEED) == [node_of[k] for k in clients]
+    assert sample_round(nodes, 1.0, 1, SEED) == sorted(nodes)
+    picked = sample_round(nodes, 0.5, 2, SEED)
+    assert picked == sample_round(list(reversed(nodes)), 0.5, 2, SEED)
     assert len(picked) == 2 and picked == sorted(picked) and set(picked) <= set(nodes)
-    assert len({tuple(sample_nodes(nodes, 0.5, SEED, r)) for r in range(1, 20)}) > 1
+    assert len({tuple(sample_round(nodes, 0.5, r, SEED)) for r in range(1, 20)}) > 1
 
 
 def test_round_replies_name_failed_and_missing_nodes():

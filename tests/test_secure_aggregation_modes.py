@@ -340,3 +340,21 @@ def test_secure_aggregation_loopback_tolerates_a_supernode_dropping_out_after_th
     (row,) = json.loads((out / "metricas_por_ronda.json").read_text())["rounds"]
     assert (row["num_sampled"], row["num_replies"], len(row["failed"])) == (4, 3, 1)
     assert "stage 'collect_masked_vectors'" in row["failed"][0] and row["test_accuracy"] > 0.1
+
+
+def test_secure_aggregation_simulation_goes_on_when_a_poisson_sample_is_too_small(small_mnist, tmp_path):
+    from fedmnist.simulation import SimulationConfig, run_simulation
+
+    # K = 3, q = 1/3: some rounds sample fewer than 2 clients, too few for the protocol; they abort, the run goes on
+    config = SimulationConfig.create(num_clients=3, fraction=0.34, rounds=6, local_epochs=1, batch_size=32,
+                                     methods=("fedavg",), seed=SEED, train_subset=300, test_subset=200,
+                                     secure_aggregation=True, secagg_weight_bound=WEIGHT_BOUND, dp_noise=0.5,
+                                     dp_clip=1.0, dp_side="client", dp_sampling="poisson")
+    result = run_simulation(config, out_dir=tmp_path, progress=False, mnist=small_mnist)
+
+    rows = result.metrics["fedavg"]
+    small = [r for r in rows if len(r.sampled_clients) < 2]
+    assert len(rows) == 6 and small, [r.sampled_clients for r in rows]
+    for row in small:
+        assert row.num_replies == 0
+        assert any("secure aggregation" in f and "aborted" in f for f in row.failed), row.failed

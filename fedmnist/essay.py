@@ -23,12 +23,7 @@ from fedmnist.experiments.course import COURSE_CSV, COURSE_TUNING_CSV, INIT_CSV
 from fedmnist.experiments.drift import DRIFT_CSV
 from fedmnist.experiments.fedprox_mu import PROX_CSV
 from fedmnist.experiments.heterogeneity import HETERO_CSV, HETERO_TUNING_CSV
-from fedmnist.experiments.mcmahan import (
-    MCMAHAN_CSV,
-    MCMAHAN_PLATEAU_ROUNDS,
-    MCMAHAN_TARGETS,
-    MCMAHAN_TUNING_CSV,
-)
+from fedmnist.experiments.mcmahan import MCMAHAN_CSV, MCMAHAN_TUNING_CSV
 from fedmnist.experiments.privacy import PRIVACY_CSV, TEAM_PRIVACY_CSV
 from fedmnist.io import atomic_write_text, read_text_capped
 
@@ -60,24 +55,6 @@ ESSAY_MAX_BYTES = 4 << 20
 """Largest essay read: the essay is about 100 KB."""
 
 
-def _mcmahan_curves(results_dir: Path, rows: list[dict]) -> dict[str, dict[str, dict[int, float]]] | None:
-    """Split → method → round → test accuracy of the McMahan runs listed in ``rows``, from their per-round CSVs.
-
-    None (with a warning) when a run's CSV is missing: a partial table would compare unlike sets.
-    """
-    from fedmnist import outputs
-
-    curves: dict[str, dict[str, dict[int, float]]] = {}
-    for r in rows:
-        path = results_dir / "simulaciones" / f"mcmahan_{r['split']}_{r['method']}" / outputs.METRICS_CSV
-        if not path.exists():
-            log.warning("%s is missing: no McMahan plateau table", path)
-            return None
-        curves.setdefault(r["split"], {})[r["method"]] = {
-            int(x["round"]): float(x["test_accuracy"]) for x in read_csv(path) if x["test_accuracy"]}
-    return curves
-
-
 def render_tables(results_dir: str | Path) -> dict[str, str]:
     """The essay's Markdown tables, computed from the result files in ``results_dir``.
 
@@ -98,14 +75,6 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
             tables["ajuste_mu"] = rt.tuning_table(tuning)
         except rt.StaleResults as exc:
             log.warning("%s: %s", results_dir, exc)
-    if (results_dir / MCMAHAN_CSV).exists():
-        plateau = _mcmahan_curves(results_dir, read_csv(results_dir / MCMAHAN_CSV))
-        if plateau is not None:
-            try:
-                tables["mcmahan_meseta"] = rt.plateau_table(plateau, {s: rt.split_label(s) for s in plateau},
-                                                            MCMAHAN_PLATEAU_ROUNDS, MCMAHAN_TARGETS[-1])
-            except rt.StaleResults as exc:
-                log.warning("%s: %s", results_dir, exc)
     return tables
 
 

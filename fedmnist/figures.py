@@ -426,9 +426,9 @@ def plot_drift(
 
 
 def plot_mcmahan(curves: Mapping[str, Sequence[float]], path: str | Path, split: str,
-                 targets: Sequence[float], goal_rounds: int) -> Path:
-    """Every McMahan method's test accuracy per round (10,000 images), zoomed on 90-100 % with the targets
-    and the goal's rounds marked."""
+                 targets: Sequence[float], goal_rounds: int, seeds: int = 1) -> Path:
+    """Every McMahan method's test accuracy per round (10,000 images; mean over ``seeds`` seeds), zoomed on
+    90-100 % with the targets and the goal's rounds marked."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for method, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), np.asarray(values, dtype=float) * 100, marker="o",
@@ -440,7 +440,8 @@ def plot_mcmahan(curves: Mapping[str, Sequence[float]], path: str | Path, split:
     ax.set_xlabel("Ronda")
     ax.set_ylabel("Precisión en las 10 000 imágenes de test (%)\n(eje desde 90 %)")
     partition = "IID" if split == "iid" else "no IID patológica (2 fragmentos por cliente)"
-    ax.set_title(f"Protocolo de McMahan, partición {partition}")
+    ax.set_title(f"Protocolo de McMahan, partición {partition}"
+                 + (f" (media de {seeds} semillas)" if seeds > 1 else " (una semilla)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     return _save(fig, path)

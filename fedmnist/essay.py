@@ -42,7 +42,7 @@ _SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
     (PROX_CSV, lambda rows: {"fedprox_mu": rt.fedprox_mu_table(rows)}),
     (ATTACK_CSV, rt.attack_tables),
     (ATTACK_CSV, lambda rows: {"ataques_convergencia": rt.attack_convergence_table(rows)}),
-    (MCMAHAN_CSV, lambda rows: {"mcmahan": rt.mcmahan_table(rows)}),
+    (MCMAHAN_CSV, rt.mcmahan_tables),
     (MCMAHAN_TUNING_CSV, lambda rows: {"mcmahan_ajuste": rt.mcmahan_tuning_table(rows)}),
     (PRIVACY_CSV, lambda rows: {"privacidad": rt.privacy_table(rows)}),
     (TEAM_PRIVACY_CSV, lambda rows: {"privacidad_equipo": rt.team_privacy_table(rows)}),

@@ -5,7 +5,7 @@ accuracies; comparisons between methods are paired by seed (``fedmnist.stats.pai
 the mean difference in points, its 95 % interval in brackets, and in how many seeds the row's method
 wins. A result file written by an older version of the experiments lacks some columns: the table
 functions raise ``StaleResults`` naming them, and ``fedmnist.essay.render_tables`` skips it. The
-McMahan and privacy tables are one seed or list every seed, and give no interval.
+privacy tables list every seed and give no interval.
 """
 
 from __future__ import annotations
@@ -332,42 +332,6 @@ def attack_convergence_table(rows: Rows) -> str:
     )
 
 
-def plateau_table(curves: Mapping[str, Mapping[str, Mapping[int, float]]], split_names: Mapping[str, str],
-                  window: int, target: float) -> str:
-    """``mcmahan_meseta``: each method's level and steadiness over the last rounds every method ran.
-
-    ``curves`` maps split → method → round → test accuracy (one seed). Runs stop at ``target``, so
-    the window ends at the shortest run's last round; a split whose shortest run is under ``window``
-    rounds is left out. The best method of a round is every method at that round's maximum (ties count).
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1 (got {window})")
-    lines = [f"| partición | método | media (%) | peor ronda (%) | mejor ronda (%) | rondas como mejor método (de {window}) |",
-             "|---|---|---|---|---|---|"]
-    spans = []
-    for split, methods in curves.items():
-        if not methods:
-            continue
-        last = min(max(c, default=0) for c in methods.values())
-        rounds = range(last - window + 1, last + 1)
-        if last < window or any(r not in c for c in methods.values() for r in rounds):
-            continue
-        spans.append(f"{split_names.get(split, split)}, rondas {rounds[0]} a {rounds[-1]}")
-        top = {r: max(c[r] for c in methods.values()) for r in rounds}
-        for method, c in methods.items():
-            values = [c[r] for r in rounds]
-            best = sum(c[r] >= top[r] for r in rounds)
-            lines.append(f"| {split_names.get(split, split)} | {method_name(method)} | {sum(values) / window * 100:.2f} | "
-                         f"{min(values) * 100:.2f} | {max(values) * 100:.2f} | {best} |")
-    if not spans:
-        raise StaleResults(f"no split has {window} rounds evaluated by every method")
-    return "\n".join(lines) + (
-        f"\n\nPrecisión de test por ronda (10 000 imágenes, una semilla) en las {window} últimas rondas que ejecutaron "
-        f"todos los métodos: {'; '.join(spans)}. Los que llegan al {target * 100:g} % se detienen ahí; "
-        "un empate cuenta para todos."
-    )
-
-
 def drift_tables(rows: Rows) -> dict[str, str]:
     """``deriva`` (the drift measures) and ``deriva_precision`` (locals, one-shot FedAvg, FedProx)."""
     _need(
@@ -501,31 +465,98 @@ def split_label(split: str) -> str:
     return {"iid": "IID", "shards": "patológica (2 fragmentos)"}.get(split, split)
 
 
-def mcmahan_table(rows: Rows) -> str:
-    """``mcmahan``: rounds and megabytes per client to 97/98/99 % of every method, against the paper's rounds."""
-    lines = ["| partición | método | ajustes (elegidos en validación) | rondas hasta 97 / 98 / 99 % | "
-             "MB enviados por cliente hasta 97 / 98 / 99 % | mejor precisión (%) | rondas ejecutadas |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        reached = " / ".join(r[f"rounds_to_{t}"] or "—" for t in (97, 98, 99))
-        mb = " / ".join(f"{float(v):.2f}" if (v := r[f"mb_per_client_to_{t}"]) else "—" for t in (97, 98, 99))
-        lines.append(f"| {split_label(r['split'])} | {method_name(r['method'])} | {_settings_label(r['settings'])} | "
-                     f"{reached} | {mb} | {_pct(r['best_round_accuracy'])} | {r['rounds_run']} |")
+MCMAHAN_COLUMNS = ("split", "method", "seed", "settings", "rounds_run", "first_99", "sustained_99", "mean_last10",
+                   "min_last10", "change_last10", "change_last10_half_width", "mb_per_client_to_first_99",
+                   "mb_per_client_to_sustained_99", "paper_rounds_to_99")
+
+
+def _rounds_cell(values: Sequence[str]) -> str:
+    """Rounds per seed: the mean ± interval when every seed reached it, else each seed's (— : never)."""
+    listed = " / ".join(v or "—" for v in values)
+    if len(values) > 1 and all(values):
+        return f"{_ci([float(v) for v in values], 1.0, 1)} ({listed})"
+    return listed if len(values) > 1 else (values[0] or "nunca")
+
+
+def _change_cell(rows: Rows) -> str:
+    """The last-10-round change in points with its interval (across seeds; one seed: its slope's), and
+    whether that interval contains zero ("estable") or not ("sube"/"baja")."""
+    from fedmnist.curves import settled
+    from fedmnist.stats import MeanInterval
+
+    if any(r["change_last10"] == "" for r in rows):
+        return "—"
+    if len(rows) == 1:
+        change = MeanInterval(float(rows[0]["change_last10"]), float(rows[0]["change_last10_half_width"]), 1,
+                              math.nan)
+    else:
+        change = mean_interval([float(r["change_last10"]) for r in rows])
+    word = "estable" if settled(change) else ("sube" if change.mean > 0 else "baja")
+    return f"{change.mean * 100:+.2f} ± {change.half_width * 100:.2f} ({word})"
+
+
+def mcmahan_tables(rows: Rows) -> dict[str, str]:
+    """``mcmahan`` (per method: reaching 99 %, holding it, the last 10 rounds, the bytes) and
+    ``mcmahan_frente_fedavg`` (each method against the project's own FedAvg on the same seeds)."""
+    _need(rows, "mcmahan.csv", MCMAHAN_COLUMNS)
+    lines = ["| partición | método | ajustes (elegidos en validación) | primera ronda ≥ 99 % | "
+             "99 % sostenido desde la ronda | media de las 10 últimas rondas (%) | cambio en las 10 últimas "
+             "rondas (puntos) | MB por cliente hasta la primera / el sostenido | rondas |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    versus = [f"| partición | método (A) | media de las 10 últimas rondas: A − FedAvg | primera ronda ≥ 99 %: "
+              "A − FedAvg | sostenido: A − FedAvg |", "|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["split"], r["method"]) for r in rows))
+    for split, method in keys:
+        sel = sorted((r for r in rows if (r["split"], r["method"]) == (split, method)), key=lambda r: int(r["seed"]))
+        mb = []
+        for key in ("mb_per_client_to_first_99", "mb_per_client_to_sustained_99"):
+            reached = [float(r[key]) for r in sel if r[key]]
+            mb.append(f"{sum(reached) / len(reached):.1f}" if len(reached) == len(sel) else "—")
+        lines.append(f"| {split_label(split)} | {method_name(method)} | {_settings_label(sel[0]['settings'])} | "
+                     f"{_rounds_cell([r['first_99'] for r in sel])} | "
+                     f"{_rounds_cell([r['sustained_99'] for r in sel])} | "
+                     f"{_ci([r['mean_last10'] for r in sel])} | {_change_cell(sel)} | {mb[0]} / {mb[1]} | "
+                     f"{' / '.join(sorted({r['rounds_run'] for r in sel}, key=int))} |")
+        base = [r for r in rows if (r["split"], r["method"]) == (split, "fedavg")]
+        if method == "fedavg" or not base:
+            continue
+        cells = [_paired(_by_seed(sel, "mean_last10"), _by_seed(base, "mean_last10"))]
+        for key in ("first_99", "sustained_99"):
+            a = {r["seed"]: float(r[key]) for r in sel if r[key]}
+            b = {r["seed"]: float(r[key]) for r in base if r[key]}
+            shared = sorted(set(a) & set(b), key=int)
+            if not shared:
+                cells.append("—")
+                continue
+            diff = paired_comparison([a[s] for s in shared], [b[s] for s in shared])
+            cells.append(f"{format_paired(diff, 1.0, 1)} (semillas en que ambos llegan: {len(shared)})")
+        versus.append(f"| {split_label(split)} | {method_name(method)} | " + " | ".join(cells) + " |")
     paper = {r["split"]: r["paper_rounds_to_99"] for r in rows}
-    return "\n".join(lines) + "\n\n— : no alcanzado en las rondas ejecutadas. MB por cliente: lo que " \
-        "sube el conjunto de los clientes hasta esa ronda (rondas × 10 respuestas × MB por respuesta) repartido " \
-        "entre los 100. Artículo (FedAvg, CNN de 1,66 M parámetros): " + \
-        ", ".join(f"{paper[s]} rondas {split_label(s)}" for s in paper) + "."
+    tables = {"mcmahan": "\n".join(lines) + (
+        f"\n\nPrecisión en las 10 000 imágenes de test en cada ronda; {_seeds(rows)} de evaluación, ninguna la "
+        "del ajuste; ninguna ejecución se detiene al llegar al 99 %. Rondas: valor por semilla (— : nunca) y, "
+        "si todas llegan, " + CI_NOTE + ". «Sostenido»: la media móvil de 5 rondas no baja del 99 % desde esa "
+        "ronda hasta el final. Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10, con su "
+        "intervalo entre semillas (con una semilla, el de la pendiente); «estable» si contiene el cero. MB por "
+        "cliente: lo que sube la federación hasta esa ronda repartido entre los 100 clientes (media de las "
+        "semillas; — si alguna no llega). FedAvg del artículo (CNN de 1,66 M parámetros): "
+        + ", ".join(f"{paper[s]} rondas {split_label(s)}" for s in paper) + " hasta el 99 % (primera ronda).")}
+    if len(versus) > 2:
+        tables["mcmahan_frente_fedavg"] = "\n".join(versus) + (
+            f"\n\n{_cap(PAIRED_NOTE)}; rondas en rondas (negativo: A llega antes), medias en puntos.")
+    return tables
 
 
 def mcmahan_tuning_table(rows: Rows) -> str:
     """``mcmahan_ajuste``: every McMahan candidate's validation score, the chosen one marked."""
     lines = ["| partición | método | candidato | precisión de validación (%), media de las 2 últimas rondas | "
              "elegido |", "|---|---|---|---|---|"]
+    seeds = sorted({r.get("tuning_seed", "") for r in rows} - {""})
     for r in rows:
         lines.append(f"| {split_label(r['split'])} ({r['tuning_rounds']} rondas) | {method_name(r['method'])} | "
                      f"{_settings_label(r['settings'])} | {_pct(r['score'])} | {'sí' if r['chosen'] == 'True' else ''} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + (f"\n\nSemilla del ajuste: {', '.join(seeds)} (nunca una de evaluación); validación: "
+                               f"{_images(rows[0]['validation_images'])} de entrenamiento apartadas." if seeds else "")
 
 
 def privacy_table(rows: Rows) -> str:

@@ -374,7 +374,7 @@ def _summary(run_dir):
 
 @pytest.fixture
 def run_tiny_mcmahan(raw_mnist, monkeypatch):
-    """``run(out, max_rounds, **profile)``: run_mcmahan with McMahan's preset shrunk to 3 clients of 100 images."""
+    """``run(out, rounds, **profile)``: run_mcmahan with McMahan's preset shrunk to 3 clients of 100 images."""
     from fedmnist import simulation
     from fedmnist.data import normalize_images
     from fedmnist.training import ClientTrainer
@@ -386,8 +386,8 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
     full_test = (normalize_images(raw_mnist.x_test[:200]), raw_mnist.y_test[:200])
     trainer = ClientTrainer("sgd", 0.05, 0.9)  # what run_experiments passes (AGGRESSIVE_TRAINING's optimizer)
 
-    def run(out, max_rounds, **fields):
-        settings = {"mcmahan": (("iid", 1, max_rounds),), "mcmahan_methods": ("fedavg", "fedmed"),
+    def run(out, rounds, methods=("fedavg", "fedmed"), **fields):
+        settings = {"mcmahan": (("iid", 1, rounds, methods),), "mcmahan_seeds": (5, 6),
                     "mcmahan_grid": {"fedavg": {"learning_rate": (0.05, 0.2)}}, "mcmahan_validation": 1_000,
                     **fields}
         profile = dataclasses.replace(TINY, **settings)
@@ -397,78 +397,91 @@ def run_tiny_mcmahan(raw_mnist, monkeypatch):
 
 
 @pytest.mark.slow
-def test_mcmahan_tunes_on_validation_then_continues_its_checkpoints_when_the_cap_is_raised(tmp_path, run_tiny_mcmahan,
-                                                                                          monkeypatch):
-    # Execute: tuning + one round per method, then a cap of two rounds, and a fresh two-round run
+def test_mcmahan_tunes_on_the_tuning_seed_then_runs_every_evaluation_seed_and_continues_when_rounds_are_raised(
+        tmp_path, run_tiny_mcmahan):
+    # Execute: tuning + one round per method and seed, then two rounds, and a fresh two-round run
     first = run_tiny_mcmahan(tmp_path / "r", 1)
     raised = run_tiny_mcmahan(tmp_path / "r", 2)
     fresh = run_tiny_mcmahan(tmp_path / "fresh", 2)
 
-    # Assert: one tuning run per candidate, FedAvg's winner is every method's local rate
+    # Assert: one tuning run per candidate (tuning seed 42), FedAvg's winner is every method's local rate
     runs = tmp_path / "r" / "simulaciones"
     assert sorted(p.name for p in runs.iterdir()) == [
-        "ajuste_iid_fedavg_lr0.05", "ajuste_iid_fedavg_lr0.2", "mcmahan_iid_fedavg", "mcmahan_iid_fedmed"]
+        "ajuste_iid_fedavg_lr0.05", "ajuste_iid_fedavg_lr0.2", "mcmahan_iid_fedavg_s5", "mcmahan_iid_fedavg_s6",
+        "mcmahan_iid_fedmed_s5", "mcmahan_iid_fedmed_s6"]
+    assert json.loads((runs / "ajuste_iid_fedavg_lr0.2" / "configuracion.json").read_text(
+    ))["simulation"]["seed"] == 42
     trials = read_csv(tmp_path / "r" / experiments.MCMAHAN_TUNING_CSV)
     assert [t["settings"] for t in trials] == ["learning_rate=0.05", "learning_rate=0.2"]
+    assert {t["tuning_seed"] for t in trials} == {"42"}
     winner = max(trials, key=lambda t: float(t["score"]))
     assert [t["chosen"] for t in trials].count("True") == 1 and winner["chosen"] == "True"
     assert {r["learning_rate"] for r in first} == {float(winner["settings"].split("=")[1])}
-    # the raised cap continued round 1's checkpoints and equals the uninterrupted run
+    # seed by seed, every method; no run stops at its target
+    assert [(r["seed"], r["method"], r["rounds_run"]) for r in first] == [
+        (5, "fedavg", 1), (5, "fedmed", 1), (6, "fedavg", 1), (6, "fedmed", 1)]
+    config = json.loads((runs / "mcmahan_iid_fedmed_s6" / "configuracion.json").read_text())["simulation"]
+    assert config["seed"] == 6 and config["stop_at_target"] is False
+    # the raised rounds continued round 1's checkpoints and equal the uninterrupted run
+
     def without_time(rows):
         return [{k: v for k, v in r.items() if k != "run_seconds"} for r in rows]
 
-    assert [(r["method"], r["rounds_run"]) for r in first] == [("fedavg", 1), ("fedmed", 1)]
-    assert _summary(runs / "mcmahan_iid_fedavg")["resumed_from_round"] == 1
+    assert _summary(runs / "mcmahan_iid_fedavg_s5")["resumed_from_round"] == 1
     assert without_time(raised) == without_time(fresh)
-    assert raised[0]["rounds_run"] == 2
+    assert raised[0]["rounds_run"] == 2 and raised[0]["seed"] != raised[2]["seed"]
+    assert raised[0]["final_accuracy"] != raised[2]["final_accuracy"]  # another seed, another run
     table = render_tables(tmp_path / "fresh")
-    assert "| IID | FedAvg | η_l = " in table["mcmahan"] and "— / — / — |" in table["mcmahan"]
+    assert "| IID | FedAvg | η_l = " in table["mcmahan"] and "| nunca / nunca |" not in table["mcmahan"]
+    assert "| IID | FedMed |" in table["mcmahan_frente_fedavg"]
     assert table["mcmahan_ajuste"].count("| sí |") == 1
-    monkeypatch.setattr(essay, "MCMAHAN_PLATEAU_ROUNDS", 2)
-    table = render_tables(tmp_path / "fresh")
-    assert "| IID | FedMed |" in table["mcmahan_meseta"] and "IID, rondas 1 a 2" in table["mcmahan_meseta"]
-    # one run's per-round CSV gone: no plateau table rather than one comparing fewer methods
-    (tmp_path / "fresh" / "simulaciones" / "mcmahan_iid_fedmed" / "metricas_por_ronda.csv").unlink()
-    table = render_tables(tmp_path / "fresh")
-    assert "mcmahan_meseta" not in table and "mcmahan" in table
+    assert (tmp_path / "fresh" / "mcmahan_iid.png").exists()
 
 
 @pytest.mark.slow
 def test_mcmahan_checkpoint_of_another_configuration_is_not_continued(tmp_path, run_tiny_mcmahan):
-    run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={})
-    rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_grid={"fedavg": {"learning_rate": (0.2,)}})
+    run_tiny_mcmahan(tmp_path, 1, methods=("fedavg",), mcmahan_grid={})
+    rows = run_tiny_mcmahan(tmp_path, 1, methods=("fedavg",), mcmahan_grid={"fedavg": {"learning_rate": (0.2,)}})
 
     assert [r["learning_rate"] for r in rows] == [0.2, 0.2]
-    assert _summary(tmp_path / "simulaciones" / "mcmahan_iid_fedavg")["resumed_from_round"] == 0
-
-
-def test_mcmahan_finals_run_best_validation_score_first_and_untuned_last():
-    trials = [{"method": "fedavg", "score": "0.91", "chosen": True},
-              {"method": "fedavg", "score": "0.95", "chosen": False},
-              {"method": "fedavgm", "score": "0.93", "chosen": True},
-              {"method": "fedadam", "score": "0.89", "chosen": True}]
-
-    order = mcmahan.final_order(("fedavg", "fedmed", "fedavgm", "fedadam", "scaffold"), trials)
-
-    # the chosen trial's score decides, not a losing candidate's
-    assert order == ["fedavgm", "fedavg", "fedadam", "fedmed", "scaffold"]
+    assert _summary(tmp_path / "simulaciones" / "mcmahan_iid_fedavg_s5")["resumed_from_round"] == 0
 
 
 @pytest.mark.slow
-def test_mcmahan_table_keeps_the_listed_order_and_is_written_after_each_final(tmp_path, run_tiny_mcmahan,
-                                                                             monkeypatch):
+def test_mcmahan_table_is_written_after_each_run(tmp_path, run_tiny_mcmahan, monkeypatch):
     written = []
     write_csv = mcmahan.write_csv
 
     def spy(path, rows):
         write_csv(path, rows)
         if path.name == experiments.MCMAHAN_CSV:
-            written.append([r["method"] for r in read_csv(path)])
+            written.append([(r["seed"], r["method"]) for r in read_csv(path)])
 
     monkeypatch.setattr(mcmahan, "write_csv", spy)
-    rows = run_tiny_mcmahan(tmp_path, 1, mcmahan_methods=("fedmed", "fedavg"))
+    run_tiny_mcmahan(tmp_path, 1, methods=("fedmed",), mcmahan_grid={})
 
-    # FedAvg is tuned, so its final runs first; the file lists the methods in the profile's order
-    assert written == [["fedavg"], ["fedmed", "fedavg"]]
-    assert [r["method"] for r in rows] == ["fedmed", "fedavg"]
-    assert (tmp_path / "mcmahan_iid.png").exists()
+    assert written == [[("5", "fedmed")], [("5", "fedmed"), ("6", "fedmed")]]
+
+
+def test_mcmahan_run_measures_by_hand():
+    # touches 99 % at round 3, falls back, holds from round 9 (5-round average ≥ 0.99 from there on)
+    values = [0.97, 0.98, 0.99, 0.97, 0.98] + [0.995] * 7
+
+    row = mcmahan.run_measures(values, mb_per_client_round=0.5)
+
+    assert (row["first_97"], row["first_98"], row["first_99"]) == (1, 2, 3)
+    # averages: r9 (.98 + .995·4)/5 = .992 ≥ .99, r8 (.97 + .98 + .995·3)/5 = .987
+    assert row["sustained_99"] == 9
+    assert row["mb_per_client_to_first_99"] == 1.5 and row["mb_per_client_to_sustained_99"] == 4.5
+    assert row["mean_last10"] == pytest.approx((0.99 + 0.97 + 0.98 + 0.995 * 7) / 10)
+    assert row["min_last10"] == 0.97 and row["best_accuracy"] == 0.995
+    assert row["change_last10"] > 0 and row["rounds_run"] == 12
+    never = mcmahan.run_measures([0.9] * 12, 0.5)
+    assert never["first_99"] == never["sustained_99"] == never["mb_per_client_to_first_99"] == ""
+
+
+def test_profile_refuses_a_mcmahan_tuning_seed_among_the_evaluation_seeds():
+    with pytest.raises(ConfigError, match="tuning seed 43"):
+        dataclasses.replace(TINY, mcmahan_tuning_seed=43, mcmahan_seeds=(43, 44))
+    with pytest.raises(ConfigError, match="mcmahan case"):
+        dataclasses.replace(TINY, mcmahan=(("iid", 1, 2),))

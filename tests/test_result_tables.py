@@ -189,19 +189,45 @@ def test_attack_convergence_table_gives_the_last_change_by_hand():
         rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "earlier_accuracy"}])
 
 
-def test_plateau_table_compares_the_last_rounds_every_method_ran_by_hand():
-    # a stopped at round 4 (its target), b ran 5 rounds; with a window of 2 the table uses rounds 3-4
-    curves = {"shards": {"fedavg": {1: 0.5, 2: 0.6, 3: 0.90, 4: 0.94},
-                         "scaffold": {1: 0.4, 2: 0.7, 3: 0.92, 4: 0.94, 5: 0.99}},
-              "iid": {"fedavg": {1: 0.9}, "scaffold": {1: 0.95}}}
+def _mcmahan_row(method, seed, first, held, mean, change, half="0.001", split="iid"):
+    return {"split": split, "method": method, "seed": str(seed), "settings": "learning_rate=0.2",
+            "rounds_run": "50", "first_99": first, "sustained_99": held, "mean_last10": mean, "min_last10": mean,
+            "change_last10": change, "change_last10_half_width": half,
+            "mb_per_client_to_first_99": f"{int(first) * 0.15616:.2f}" if first else "",
+            "mb_per_client_to_sustained_99": f"{int(held) * 0.15616:.2f}" if held else "",
+            "paper_rounds_to_99": "20"}
 
-    table = rt.plateau_table(curves, {"shards": "patológica"}, window=2, target=0.99)
 
-    assert "| patológica | FedAvg | 92.00 | 90.00 | 94.00 | 1 |" in table  # tie at round 4 counts for both
-    assert "| patológica | SCAFFOLD | 93.00 | 92.00 | 94.00 | 2 |" in table
-    assert "patológica, rondas 3 a 4" in table and "llegan al 99 % se detienen" in table
-    assert "iid" not in table  # one round run: shorter than the window
-    with pytest.raises(rt.StaleResults, match="no split has 2 rounds"):
-        rt.plateau_table({"iid": curves["iid"]}, {}, window=2, target=0.99)
-    with pytest.raises(rt.StaleResults):  # a round of the window not evaluated for one method
-        rt.plateau_table({"s": {"a": {1: 0.5, 2: 0.6}, "b": {2: 0.6}}}, {}, window=2, target=0.99)
+def test_mcmahan_tables_by_hand():
+    rows = [_mcmahan_row("fedavg", 43, "20", "25", "0.990", "0.002"),
+            _mcmahan_row("fedavg", 44, "22", "", "0.988", "0.004"),
+            _mcmahan_row("fedavgm", 43, "14", "16", "0.991", "0.000"),
+            _mcmahan_row("fedavgm", 44, "16", "18", "0.992", "0.000")]
+
+    tables = rt.mcmahan_tables(rows)
+
+    # FedAvg: both seeds reach 99 % (mean 21 ± t_{.975,1}·√2/√2 = 12.71), only one holds it
+    assert "| IID | FedAvg | η_l = 0.2 | 21.0 ± 12.7 (20 / 22) | 25 / — | 98.90 ± 1.27 |" in tables["mcmahan"]
+    # changes +0.2 and +0.4 points: mean 0.3 ± 12.71·0.1414/1.414 = 1.27, the interval contains zero
+    # MB to the first 99 %: (20 + 22)/2 · 0.15616; none to the held one (a seed never holds it)
+    assert "+0.30 ± 1.27 (estable) | 3.3 / — | 50 |" in tables["mcmahan"]
+    assert "| IID | FedAvgM | η_l = 0.2 | 15.0 ± 12.7 (14 / 16) | 17.0 ± 12.7 (16 / 18) |" in tables["mcmahan"]
+    assert "2.3 / 2.7 |" in tables["mcmahan"]  # (14 + 16)/2 · 0.15616 and (16 + 18)/2 · 0.15616
+    assert "20 rondas IID" in tables["mcmahan"]
+    # paired against FedAvg: +0.10 and +0.40 points; rounds −6 on both seeds; held only seed 43 shared
+    versus = tables["mcmahan_frente_fedavg"]
+    assert "+0.25 [-1.66, +2.16], 2/2 | -6.0 [-6.0, -6.0], 0/2 (semillas en que ambos llegan: 2) | " \
+        "-9.0, 0/1 (semillas en que ambos llegan: 1) |" in versus
+    with pytest.raises(rt.StaleResults, match="sustained_99"):
+        rt.mcmahan_tables([{k: v for k, v in rows[0].items() if k != "sustained_99"}])
+
+
+def test_mcmahan_change_of_one_seed_uses_its_slope_interval_and_says_when_it_still_rises():
+    rows = [_mcmahan_row("fedavg", 43, "", "", "0.985", "0.004", half="0.001")]
+
+    table = rt.mcmahan_tables(rows)["mcmahan"]
+
+    assert "| nunca | nunca | 98.50 | +0.40 ± 0.10 (sube) |" in table
+    assert "mcmahan_frente_fedavg" not in rt.mcmahan_tables(rows)
+
+

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedmnist.config import _need, check_int
 from fedmnist.data import normalize_images
-from fedmnist.partition import SCHEMES, PartitionConfig, partition
+from fedmnist.partition import SCHEMES, PartitionConfig, class_counts, partition
 from fedmnist.settings import SIMULATION_CLIENTS, default
 
 if TYPE_CHECKING:
@@ -77,6 +77,15 @@ class Federation:
     def expected_counts(self) -> dict[int, int]:
         """Client id -> number of training images: what each client's reply must claim."""
         return {k + 1: int(p.size) for k, p in enumerate(self.client_indices)}
+
+    @property
+    def label_counts(self) -> np.ndarray:
+        """(clients, 10) images of each class every client holds, row k for client k + 1.
+
+        The partitions only skew labels, so these counts fix each client's data distribution
+        (``fedmnist.evaluation.client_accuracies`` uses them).
+        """
+        return class_counts(self.y_train, self.client_indices)
 
 
 def prepare_federation(

@@ -5,7 +5,9 @@ accuracies; comparisons between methods are paired by seed (``fedmnist.stats.pai
 the mean difference in points, its 95 % interval in brackets, and in how many seeds the row's method
 wins. A result file written by an older version of the experiments lacks some columns: the table
 functions raise ``StaleResults`` naming them, and ``fedmnist.essay.render_tables`` skips it. The
-privacy tables list every seed and give no interval.
+privacy tables list every seed and give no interval. The ``*_peor_cliente`` tables say how the honest
+clients fare on their own data under the final model (mean, 10th percentile and worst client,
+``fedmnist.experiments.common.client_columns``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from fedmnist.experiments.common import CLIENT_COLUMNS
 from fedmnist.labels import attack_name, method_name, optimizer_name, partition_name
 from fedmnist.stats import format_mean_interval, format_paired, mean_interval, paired_comparison
 
@@ -298,6 +301,72 @@ def attack_tables(rows: Rows) -> dict[str, str]:
     }
 
 
+CLIENT_HEAD = ("test común (%) | clientes honestos, datos propios: media (%) | percentil 10 (%) | "
+               "peor cliente (%) |")
+CLIENT_NOTE = (
+    "«Datos propios de validación» de un cliente: las imágenes de test re-ponderadas por las proporciones de "
+    "etiquetas de sus datos de entrenamiento, es decir, la precisión esperada exacta con datos nuevos de su "
+    "distribución (sin ruido de muestreo; válido porque las particiones solo sesgan las etiquetas y todas las "
+    "imágenes de una clase vienen del mismo conjunto); percentil 10 con interpolación lineal entre los "
+    "clientes honestos de cada ejecución; peor cliente: su mínimo"
+)
+
+
+def _client_cells(rows: Rows) -> str:
+    """Test accuracy, then the honest clients' mean, 10th percentile and worst, each across seeds."""
+    return f"{_accuracy_cell(rows)} | " + " | ".join(
+        _ci([r[key] for r in rows]) for key in CLIENT_COLUMNS[:3]) + " |"
+
+
+def _honest(rows: Rows) -> str:
+    return "/".join(sorted({r["honest_clients"] for r in rows}, key=int))
+
+
+def _client_note(rows: Rows, who: str) -> str:
+    return (f"\n\nPrecisión (%) del modelo global final: {CI_NOTE}, {_seeds(rows)}. {CLIENT_NOTE}; {who}. En el "
+            f"test común todos los clientes ven el mismo modelo (la precisión final de la tabla principal). "
+            f"{_setting_note(rows)}")
+
+
+def heterogeneity_client_table(rows: Rows) -> str:
+    """``heterogeneidad_peor_cliente``: per split and method, how the clients fare on their own data."""
+    _need(rows, "heterogeneidad.csv", ("partition", "method", *CLIENT_COLUMNS, *RUN_COLUMNS))
+    lines = ["| partición | método | " + CLIENT_HEAD, "|---|---|---|---|---|---|"]
+    for part in dict.fromkeys(r["partition"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["partition"] == part and r["method"] == method]
+            if sel:
+                lines.append(f"| {partition_name(part)} | {method_name(method)} | {_client_cells(sel)}")
+    return "\n".join(lines) + _client_note(rows, f"sin atacantes, cuentan los {_honest(rows)} clientes") + "."
+
+
+def fedprox_mu_client_table(rows: Rows) -> str:
+    """``fedprox_mu_peor_cliente``: per μ, how the clients fare on their own data."""
+    _need(rows, "fedprox_mu.csv", ("mu", "partition", *CLIENT_COLUMNS, *RUN_COLUMNS))
+    lines = ["| μ | " + CLIENT_HEAD, "|---|---|---|---|---|"]
+    for mu in dict.fromkeys(r["mu"] for r in rows):
+        sel = [r for r in rows if r["mu"] == mu]
+        lines.append(f"| {mu}{' (FedAvg)' if float(mu) == 0 else ''} | {_client_cells(sel)}")
+    who = f"sin atacantes, cuentan los {_honest(rows)} clientes"
+    return "\n".join(lines) + _client_note(rows, who) + f"; partición {partition_name(rows[0]['partition'])}."
+
+
+def attack_client_table(rows: Rows) -> str:
+    """``ataques_peor_cliente``: per attack case and method, how the honest clients fare on their own data."""
+    _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", *CLIENT_COLUMNS, *RUN_COLUMNS))
+    lines = ["| partición | ataque | maliciosos | clientes honestos | método | " + CLIENT_HEAD,
+             "|---|---|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for case in dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows):
+        for method in methods:
+            sel = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == method]
+            if sel:
+                lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | {_honest(sel)} | "
+                             f"{method_name(method)} | {_client_cells(sel)}")
+    who = "los clientes maliciosos quedan fuera de la media, el percentil y el peor"
+    return "\n".join(lines) + _client_note(rows, who) + "; «diverge»: como en la tabla de precisión final."
+
+
 def attack_convergence_table(rows: Rows) -> str:
     """``ataques_convergencia``: each rule's change of test accuracy over the runs' last rounds.
 
@@ -503,7 +572,7 @@ def mcmahan_tables(rows: Rows) -> dict[str, str]:
              "99 % sostenido desde la ronda | media de las 10 últimas rondas (%) | cambio en las 10 últimas "
              "rondas (puntos) | MB por cliente hasta la primera / el sostenido | rondas |",
              "|---|---|---|---|---|---|---|---|---|"]
-    versus = [f"| partición | método (A) | media de las 10 últimas rondas: A − FedAvg | primera ronda ≥ 99 %: "
+    versus = ["| partición | método (A) | media de las 10 últimas rondas: A − FedAvg | primera ronda ≥ 99 %: "
               "A − FedAvg | sostenido: A − FedAvg |", "|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["split"], r["method"]) for r in rows))
     for split, method in keys:

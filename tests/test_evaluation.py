@@ -1,4 +1,4 @@
-"""Tests for fedmnist.evaluation: Wilson interval, confusion matrix, summaries and interval overlap."""
+"""Tests for fedmnist.evaluation: Wilson interval, confusion matrix, summaries, interval overlap, clients' accuracy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from fedmnist.evaluation import confusion_matrix, intervals_overlap, summarize, wilson_interval
+from fedmnist.evaluation import (
+    client_accuracies,
+    client_summary,
+    confusion_matrix,
+    intervals_overlap,
+    per_class_accuracy,
+    summarize,
+    wilson_interval,
+)
 
 
 def result_with(correct: int, total: int):
@@ -131,3 +139,82 @@ def test_intervals_overlap():
     assert intervals_overlap(high, close) and intervals_overlap(close, high)
     assert not intervals_overlap(high, low) and not intervals_overlap(low, high)
     assert intervals_overlap(high, high)
+
+
+# --- how each client fares -----------------------------------------------------------------------------
+
+
+class FixedPredictor:
+    """Predicts given labels whatever the weights, and remembers the weights it was asked about."""
+
+    def __init__(self, predicted):
+        self.predicted, self.seen = np.asarray(predicted), []
+
+    def predict(self, weights, x, y):
+        self.seen.append(weights)
+        return 0.5, self.predicted
+
+
+def test_per_class_accuracy_by_hand():
+    # Prepare: class 0 right 1 of 2, class 1 right 2 of 3, class 2 right 1 of 1, no image of 3..9
+    y = np.array([0, 0, 1, 1, 1, 2])
+    predictor = FixedPredictor([0, 1, 1, 1, 0, 2])
+    weights = [np.zeros(2)]
+
+    # Execute
+    accuracy = per_class_accuracy(predictor, weights, np.zeros((6, 28, 28, 1)), y)
+
+    # Assert
+    assert accuracy.shape == (10,)
+    assert accuracy[:3] == pytest.approx([0.5, 2 / 3, 1.0])
+    assert np.isnan(accuracy[3:]).all()  # unknown, not zero
+    assert predictor.seen == [weights]
+
+
+def test_client_accuracies_reweight_the_class_accuracies_by_hand():
+    # Prepare: the model gets every 0 right and every 1 wrong
+    accuracy = np.array([1.0, 0.0] + [0.5] * 8)
+    counts = np.zeros((3, 10), dtype=np.int64)
+    counts[0, 0] = 40  # only zeros
+    counts[1, [0, 1]] = [30, 10]  # three quarters zeros
+    counts[2, 1] = 5  # only ones
+
+    # Execute / Assert
+    assert client_accuracies(accuracy, counts) == pytest.approx([1.0, 0.75, 0.0])
+
+
+def test_a_client_with_the_test_sets_proportions_gets_the_overall_accuracy():
+    # Prepare: 6 test images, 4 right (class accuracies 1/2, 2/3, 1)
+    y = np.array([0, 0, 1, 1, 1, 2])
+    accuracy = per_class_accuracy(FixedPredictor([0, 1, 1, 1, 0, 2]), None, np.zeros(6), y)
+    test_counts = np.bincount(y, minlength=10)[None, :]
+
+    # Execute / Assert
+    assert client_accuracies(accuracy, test_counts) == pytest.approx([4 / 6])
+
+
+def test_client_accuracies_refuse_what_has_no_answer():
+    accuracy = np.array([1.0, np.nan] + [0.5] * 8)
+    holds_one = np.zeros((1, 10))
+    holds_one[0, 1] = 3
+
+    with pytest.raises(ValueError, match=r"classes \[1\].*unknown"):
+        client_accuracies(accuracy, holds_one)
+    with pytest.raises(ValueError, match="hold no image"):
+        client_accuracies(np.ones(10), np.zeros((2, 10)))
+    with pytest.raises(ValueError, match="label counts"):
+        client_accuracies(np.ones(10), np.ones((2, 9)))
+    # a class nobody holds may be unknown
+    assert client_accuracies(accuracy, np.eye(10)[[0]]) == pytest.approx([1.0])
+
+
+def test_client_summary_by_hand():
+    # five clients, sorted 0.5 0.6 0.7 0.8 0.9: the 10th percentile sits 0.1 · 4 = 0.4 of the way from 0.5 to 0.6
+    summary = client_summary(np.array([0.8, 0.5, 0.9, 0.6, 0.7]))
+
+    assert summary == pytest.approx({"mean": 0.7, "p10": 0.54, "worst": 0.5})
+    # ten clients: 0.9 of the way from the lowest to the second lowest
+    assert client_summary(np.r_[0.2, 0.3, np.ones(8)])["p10"] == pytest.approx(0.29)
+    assert client_summary(np.array([0.6])) == pytest.approx({"mean": 0.6, "p10": 0.6, "worst": 0.6})
+    with pytest.raises(ValueError, match="one accuracy per client"):
+        client_summary(np.array([]))

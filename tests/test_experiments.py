@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from fedmnist import essay, experiments
+from fedmnist import experiments
 from fedmnist.errors import ConfigError
 from fedmnist.essay import render_tables
 from fedmnist.experiments import Profile, common, drift, mcmahan, read_csv, run_experiments
@@ -247,8 +247,9 @@ def test_tables_are_rendered_from_the_files(tiny_results):
 
     # Assert: one table per result file, numbers as the mean ± t-interval of the CSV values
     assert set(tables) == {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
-                           "heterogeneidad_diferencias", "fedprox_mu", "ataques", "ataques_diferencias",
-                           "ataques_convergencia", "ajuste_mu"}
+                           "heterogeneidad_diferencias", "heterogeneidad_peor_cliente", "fedprox_mu",
+                           "fedprox_mu_peor_cliente", "ataques", "ataques_diferencias", "ataques_convergencia",
+                           "ataques_peor_cliente", "ajuste_mu"}
     course = read_csv(tiny_results / experiments.COURSE_CSV)
     fedavg = mean_interval([float(r["accuracy"]) for r in course if r["model"] == "fedavg"])
     assert f"| FedAvg | {format_mean_interval(fedavg)} |" in tables["curso"]
@@ -260,6 +261,37 @@ def test_tables_are_rendered_from_the_files(tiny_results):
     assert tables["ajuste_mu"].count("\n| ") == 1 + 2 + 2  # the course, two splits, two attack partitions
     for name, text in tables.items():  # Spanish category names only
         assert not any(word in text for word in ("gaussian |", "signflip", "shards", "| iid")), name
+
+
+CLIENTS_PROFILE = dataclasses.replace(
+    TINY, name="clients", seeds=(3,), rounds=1, partitions=("shards_2",), mu_grid=(0.1,), prox_mus=(0.1,),
+    attack_cases=(("shards_2", "signflip", 1),), attack_methods=("fedavg", "fedmed"), attack_clients=4,
+    attack_rounds=1, attack_train_subset=400)
+"""One seed and one round of each multi-round experiment, with at most 4 clients."""
+
+
+@pytest.mark.slow
+def test_rows_say_how_the_honest_clients_fare(tmp_path, small_npz, monkeypatch):
+    # Prepare
+    monkeypatch.setitem(experiments.PROFILES, "clients", CLIENTS_PROFILE)
+
+    # Execute
+    run_experiments("clients", str(small_npz), tmp_path, only=("heterogeneity", "fedprox_mu", "attacks"),
+                    quiet=True)
+
+    # Assert: every row has the honest clients' mean, 10th percentile and worst accuracy on their own data
+    for name in (experiments.HETERO_CSV, experiments.PROX_CSV, experiments.ATTACK_CSV):
+        rows = read_csv(tmp_path / name)
+        assert rows, name
+        for r in rows:
+            mean, p10, worst = (float(r[k]) for k in common.CLIENT_COLUMNS[:3])
+            # with at most 10 clients the (linear) 10th percentile cannot exceed the mean
+            assert 0 <= worst <= p10 <= mean <= 1, (name, r)
+            attackers = int(r.get("malicious", 0))
+            assert int(r["honest_clients"]) == int(r["clients"]) - attackers
+    assert {r["honest_clients"] for r in read_csv(tmp_path / experiments.ATTACK_CSV)} == {"3"}
+    assert {"heterogeneidad_peor_cliente", "fedprox_mu_peor_cliente", "ataques_peor_cliente"} <= set(
+        render_tables(tmp_path))
 
 
 def test_stale_result_files_are_skipped_not_fatal(tmp_path):

@@ -231,3 +231,67 @@ def test_mcmahan_change_of_one_seed_uses_its_slope_interval_and_says_when_it_sti
     assert "mcmahan_frente_fedavg" not in rt.mcmahan_tables(rows)
 
 
+def client_row(seed: str, final: str, mean: str, p10: str, worst: str, **keys) -> dict:
+    """One run's row with the honest clients' columns (10 clients unless ``keys`` say otherwise)."""
+    return {**RUN, "seed": seed, "final_accuracy": final, "client_mean_accuracy": mean,
+            "client_p10_accuracy": p10, "client_worst_accuracy": worst, "honest_clients": "10", **keys}
+
+
+# two seeds: a spread of 1, 2, 4 or 6 points gives a half-width of 12.7062 · spread / 2 = 6.35, 12.71, 25.41
+# or 38.12 points
+
+
+def test_heterogeneity_client_table_by_hand():
+    rows = [client_row("1", "0.89", "0.88", "0.80", "0.75", partition="iid", method="fedavg"),
+            client_row("2", "0.91", "0.90", "0.84", "0.75", partition="iid", method="fedavg"),
+            client_row("1", "0.70", "0.60", "0.40", "0.10", partition="shards_2", method="fedavg"),
+            client_row("2", "0.72", "0.66", "0.40", "0.12", partition="shards_2", method="fedavg",
+                       diverged="True")]
+
+    table = rt.heterogeneity_client_table(rows)
+
+    assert "| IID | FedAvg | 90.00 ± 12.71 | 89.00 ± 12.71 | 82.00 ± 25.41 | 75.00 ± 0.00 |" in table
+    assert ("| fragmentos (2 por cliente) | FedAvg | 71.00 ± 12.71 (diverge en 1/2) | 63.00 ± 38.12 | "
+            "40.00 ± 0.00 | 11.00 ± 12.71 |") in table
+    assert "datos propios de validación" in table.lower() and "re-ponderadas por las proporciones" in table
+    assert "2 semillas (1, 2)" in table and "cuentan los 10 clientes" in table
+
+
+def test_fedprox_mu_client_table_by_hand():
+    rows = [client_row(seed, final, mean, p10, worst, mu=mu, partition="shards_2")
+            for mu, seed, final, mean, p10, worst in (("0", "1", "0.80", "0.78", "0.50", "0.30"),
+                                                      ("0", "2", "0.82", "0.80", "0.54", "0.36"),
+                                                      ("0.1", "1", "0.85", "0.84", "0.70", "0.60"),
+                                                      ("0.1", "2", "0.85", "0.84", "0.70", "0.60"))]
+
+    table = rt.fedprox_mu_client_table(rows)
+
+    assert "| 0 (FedAvg) | 81.00 ± 12.71 | 79.00 ± 12.71 | 52.00 ± 25.41 | 33.00 ± 38.12 |" in table
+    assert "| 0.1 | 85.00 ± 0.00 | 84.00 ± 0.00 | 70.00 ± 0.00 | 60.00 ± 0.00 |" in table
+    assert "partición fragmentos (2 por cliente)" in table
+
+
+def test_attack_client_table_counts_only_the_honest_clients_by_hand():
+    case = {"partition": "iid", "attack": "gaussian", "malicious": "2", "honest_clients": "8"}
+    rows = [client_row("1", "0.10", "0.10", "0.10", "0.10", method="fedavg", diverged="True", **case),
+            client_row("2", "0.12", "0.12", "0.11", "0.10", method="fedavg", **case),
+            client_row("1", "0.95", "0.95", "0.92", "0.90", method="fedmed", **case),
+            client_row("2", "0.97", "0.96", "0.92", "0.90", method="fedmed", **case)]
+
+    table = rt.attack_client_table(rows)
+
+    assert ("| IID | ruido gaussiano | 2 | 8 | FedAvg | 11.00 ± 12.71 (diverge en 1/2) | 11.00 ± 12.71 | "
+            "10.50 ± 6.35 | 10.00 ± 0.00 |") in table
+    assert "| IID | ruido gaussiano | 2 | 8 | FedMed | 96.00 ± 12.71 | 95.50 ± 6.35 | 92.00 ± 0.00 | 90.00 ± 0.00 |" \
+        in table
+    assert "los clientes maliciosos quedan fuera" in table
+
+
+@pytest.mark.parametrize("table", [rt.heterogeneity_client_table, rt.fedprox_mu_client_table,
+                                   rt.attack_client_table])
+def test_client_tables_of_results_without_the_client_columns_are_stale(table):
+    row = {**RUN, "seed": "1", "partition": "iid", "attack": "none", "malicious": "0", "method": "fedavg",
+           "mu": "0", "final_accuracy": "0.9"}
+
+    with pytest.raises(rt.StaleResults, match="client_mean_accuracy"):
+        table([row])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmnist.experiments.common import choose_mu, run_row, sim_config, simulate, write_csv
+from fedmnist.experiments.common import choose_mu, client_columns, run_row, sim_config, simulate, write_csv
 from fedmnist.experiments.profiles import Profile
 
 ATTACK_CSV = "ataques.csv"
@@ -19,7 +19,8 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
     (``simulaciones/ataques_<partition>_<attack>_<F>_s<seed>``),
     with f = ``attack_krum_f`` for Krum, Multi-Krum and Bulyan whatever the attackers. FedProx's μ is
     chosen on validation per partition, without attackers. A model whose test loss is not finite or
-    above ``DIVERGED_LOSS`` is recorded as diverged (``diverged``, ``first_diverged_round``).
+    above ``DIVERGED_LOSS`` is recorded as diverged (``diverged``, ``first_diverged_round``). Every row
+    also says how the honest clients (the attackers left out) fare under the final model (``client_columns``).
     """
     from fedmnist.figures import plot_attacks
     from fedmnist.labels import partition_settings
@@ -43,12 +44,14 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
                 name = f"ataques_{label}_{attack}_{count}_s{seed}"
                 run = simulate(config, mnist, out_dir / "simulaciones" / name, trainer, full_test,
                                 resume=True, final_from_records=True)
+                clients = client_columns(run, mnist, full_test, trainer)
                 for method in config.method.methods:
                     rows.append({"partition": label, "attack": attack, "malicious": count, "seed": seed,
                                  "method": method, "mu": mu if method == "fedprox" else 0.0,
                                  "krum_f": profile.attack_krum_f, **run_row(run, method),
                                  **_earlier_score(run["result"].metrics[method],
-                                                  profile.attack_convergence_window)})
+                                                  profile.attack_convergence_window),
+                                 **clients[method]})
                 say(f"  attacks {label} {attack} x{count} seed {seed} done")
             write_csv(out_dir / ATTACK_CSV, rows)
         if tuning_rows:

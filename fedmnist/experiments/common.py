@@ -1,7 +1,8 @@
 """What every experiment runner shares: result CSVs, the client executor, and one resumable simulation.
 
 ``simulate`` runs one multi-round simulation in its own directory, continuing its checkpoint, and
-scores its final models; ``run_row`` is what every multi-round CSV records of a method's run;
+scores its final models; ``run_row`` is what every multi-round CSV records of a method's run, and
+``client_columns`` how its honest clients fare under each final model;
 ``choose_mu`` picks FedProx's μ on a validation split of the training set, never on the test set.
 """
 
@@ -12,6 +13,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +21,10 @@ from fedmnist.config import AGGRESSIVE_TRAINING
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.experiments.profiles import Profile
 from fedmnist.io import atomic_write_text, quote, read_text_capped
+
+if TYPE_CHECKING:
+    from fedmnist.data import Mnist
+    from fedmnist.training import ClientTrainer
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +196,42 @@ def run_row(run: dict, method: str) -> dict:
             "rounds_to_95": or_none(result.rounds_to_target.get(method)),
             "method_seconds": round(sum(r.seconds for r in records), 1),
             "run_seconds": round(sum(r.round_seconds for r in records), 1)}
+
+
+CLIENT_COLUMNS = ("client_mean_accuracy", "client_p10_accuracy", "client_worst_accuracy", "honest_clients")
+"""What ``client_columns`` adds to a row: the honest clients' mean, 10th percentile and worst accuracy."""
+
+
+def client_columns(run: dict, mnist: Mnist, full_test: tuple[np.ndarray, np.ndarray],
+                   trainer: ClientTrainer | None = None) -> dict[str, dict]:
+    """Per method, how the honest clients fare under its final global model (``CLIENT_COLUMNS``).
+
+    On the common test set every client sees the same model, so its accuracy there is the row's
+    ``final_accuracy``; on its own data the clients differ, and that is what these columns measure.
+
+    Each honest client's accuracy on its own data is the final model's per-class accuracy on
+    ``full_test`` re-weighted by the client's label proportions (``fedmnist.evaluation.client_accuracies``,
+    the exact expectation: the partitions skew only labels); the row gets their mean, 10th percentile
+    and minimum. Honest: not in ``result.malicious_clients``, whose own data an attack may corrupt. The
+    federation is rebuilt from the run's configuration and ``mnist`` (deterministic, as the run's own).
+    """
+    from fedmnist.evaluation import client_accuracies, client_summary, per_class_accuracy
+    from fedmnist.federation import prepare_federation
+
+    result = run["result"]
+    config = result.config
+    counts = prepare_federation(config.federation, config.seed, mnist=mnist).label_counts
+    malicious = set(result.malicious_clients)
+    honest = [k for k in range(1, len(counts) + 1) if k not in malicious]
+    trainer = trainer or evaluator()
+    columns = {}
+    for method, weights in result.final_weights.items():
+        accuracies = client_accuracies(per_class_accuracy(trainer, weights, *full_test),
+                                       counts[[k - 1 for k in honest]])
+        summary = client_summary(accuracies)
+        columns[method] = dict(zip(CLIENT_COLUMNS, (summary["mean"], summary["p10"], summary["worst"],
+                                                    len(honest))))
+    return columns
 
 
 def _tuning_data(profile: Profile, mnist) -> tuple:

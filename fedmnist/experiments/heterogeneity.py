@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmnist.experiments.common import choose_mu, run_row, sim_config, simulate, write_csv
+from fedmnist.experiments.common import choose_mu, client_columns, run_row, sim_config, simulate, write_csv
 from fedmnist.experiments.profiles import Profile
 
 HETERO_CSV = "heterogeneidad.csv"
@@ -15,7 +15,8 @@ def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test
     """IID versus Dirichlet(α) versus s-shard splits, for FedAvg, FedProx and FedMed, over every seed.
 
     FedProx's μ is chosen on validation for each split (``choose_mu``). Each (split, seed) is one
-    resumable simulation in ``simulaciones/heterogeneidad_<split>_s<seed>``.
+    resumable simulation in ``simulaciones/heterogeneidad_<split>_s<seed>``; every row also says how the
+    clients fare under the final model (``client_columns``).
     """
     from fedmnist.figures import plot_round_curves
     from fedmnist.labels import partition_settings
@@ -31,9 +32,11 @@ def run_heterogeneity(profile: Profile, mnist, out_dir: Path, trainer, full_test
             config = base.replace(seed=seed, mu=mu)
             run_dir = out_dir / "simulaciones" / f"heterogeneidad_{label}_s{seed}"
             run = simulate(config, mnist, run_dir, trainer, full_test, resume=True, final_from_records=True)
+            clients = client_columns(run, mnist, full_test, trainer)
             for method in config.method.methods:
                 rows.append({"partition": label, "seed": seed, "method": method,
-                             "mu": mu if method == "fedprox" else 0.0, **run_row(run, method)})
+                             "mu": mu if method == "fedprox" else 0.0, **run_row(run, method),
+                             **clients[method]})
                 curves[label].setdefault(method, []).append(run["result"].curves()[method])
             say(f"  heterogeneity {label} seed {seed} done")
         write_csv(out_dir / HETERO_CSV, rows)

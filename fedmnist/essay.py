@@ -40,7 +40,12 @@ _SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
     (DRIFT_CSV, rt.drift_tables),
     (HETERO_CSV, rt.heterogeneity_tables),
     (HETERO_CSV, lambda rows: {"heterogeneidad_peor_cliente": rt.heterogeneity_client_table(rows)}),
+    (HETERO_CSV, lambda rows: {"heterogeneidad_cambio": rt.change_table(
+        rows, "heterogeneidad.csv", ("partition", "method"), ("partición", "método"),
+        lambda key: (rt.partition_name(key[0]), rt.method_name(key[1])))}),
     (PROX_CSV, lambda rows: {"fedprox_mu": rt.fedprox_mu_table(rows)}),
+    (PROX_CSV, lambda rows: {"fedprox_mu_cambio": rt.change_table(
+        rows, "fedprox_mu.csv", ("mu",), ("μ",), lambda key: (key[0],))}),
     (PROX_CSV, lambda rows: {"fedprox_mu_peor_cliente": rt.fedprox_mu_client_table(rows)}),
     (ATTACK_CSV, rt.attack_tables),
     (ATTACK_CSV, lambda rows: {"ataques_convergencia": rt.attack_convergence_table(rows)}),

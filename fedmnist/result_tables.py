@@ -226,6 +226,38 @@ def heterogeneity_tables(rows: Rows) -> dict[str, str]:
     }
 
 
+def change_table(rows: Rows, name: str, keys: Sequence[str], headers: Sequence[str], labels) -> str:
+    """``*_cambio``: each setting's change over its last 10 rounds, across seeds, and whether it has settled.
+
+    ``keys`` are the CSV columns that identify a setting, ``headers`` their column titles and ``labels``
+    turns a setting's key values into its cells. A diverged run's change is not a trend: such settings say so.
+    """
+    from fedmnist.curves import settled
+
+    _need(rows, name, (*keys, "seed", "change_last10", "diverged"))
+    lines = ["| " + " | ".join(headers) + " | cambio en las 10 últimas rondas (puntos) | ¿estable? |",
+             "|" + "---|" * (len(headers) + 2)]
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        sel = [r for r in rows if tuple(r[k] for k in keys) == key]
+        if any(_true(r["diverged"]) for r in sel):
+            cells = ["—", "diverge"]
+        elif any(r["change_last10"] == "" for r in sel):
+            cells = ["—", "run demasiado corto"]
+        else:
+            change = mean_interval([float(r["change_last10"]) for r in sel])
+            verdict = settled(change)
+            word = "sin intervalo (una semilla)" if verdict is None else (
+                "sí" if verdict else f"no: {'sube' if change.mean > 0 else 'baja'}")
+            spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
+            cells = [f"{change.mean * 100:+.2f}{spread}", word]
+        lines.append("| " + " | ".join([*labels(key), *cells]) + " |")
+    return "\n".join(lines) + (
+        f"\n\nCambio: pendiente de mínimos cuadrados de la precisión de test en las rondas evaluadas de las 10 "
+        f"últimas × 10; {CI_NOTE}, {_seeds(rows)}. «Estable» solo si el intervalo contiene el cero; si no, la "
+        "curva aún sube (o baja) y su precisión final no es un nivel alcanzado."
+    )
+
+
 def fedprox_mu_table(rows: Rows) -> str:
     """``fedprox_mu``: final accuracy per μ, the last evaluated rounds' mean, the difference with μ = 0."""
     _need(rows, "fedprox_mu.csv", ("mu", "partition", "mean_last3_evaluated_accuracy", *RUN_COLUMNS))

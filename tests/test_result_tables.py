@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedmnist import result_tables as rt
+from fedmnist.labels import method_name, partition_name
 
 RUN = {
     "clients": "10",
@@ -295,3 +296,29 @@ def test_client_tables_of_results_without_the_client_columns_are_stale(table):
 
     with pytest.raises(rt.StaleResults, match="client_mean_accuracy"):
         table([row])
+
+
+def test_change_table_says_settled_only_when_the_interval_contains_zero_by_hand():
+    def row(partition, method, seed, change, diverged="False"):
+        return {"partition": partition, "method": method, "seed": seed, "change_last10": change, "diverged": diverged}
+
+    rows = [row("iid", "fedavg", "1", "0.001"), row("iid", "fedavg", "2", "-0.001"),
+            row("iid", "fedmed", "1", "0.010"), row("iid", "fedmed", "2", "0.012"),
+            row("shards_2", "fedavg", "1", "0.5", diverged="True"), row("shards_2", "fedavg", "2", "0.1"),
+            row("shards_2", "fedmed", "1", ""), row("shards_2", "fedmed", "2", "")]
+
+    table = rt.change_table(rows, "h.csv", ("partition", "method"), ("partición", "método"),
+                            lambda key: (partition_name(key[0]), method_name(key[1])))
+
+    # ±0.1 points: mean 0, half-width 12.706·0.1414/√2 = 1.27 points
+    assert "| IID | FedAvg | +0.00 ± 1.27 | sí |" in table
+    # 1.0 and 1.2 points: mean 1.1 ± 12.706·0.1414/√2 = 1.27 → contains zero, settled
+    assert "| IID | FedMed | +1.10 ± 1.27 | sí |" in table
+    assert "| fragmentos (2 por cliente) | FedAvg | — | diverge |" in table
+    assert "| fragmentos (2 por cliente) | FedMed | — | run demasiado corto |" in table
+    rising = [row("iid", "fedavg", "1", "0.010"), row("iid", "fedavg", "2", "0.011")]
+    assert "| +1.05 ± 0.64 | no: sube |" in rt.change_table(
+        rising, "h.csv", ("partition", "method"), ("p", "m"), lambda key: key)
+    with pytest.raises(rt.StaleResults, match="change_last10"):
+        rt.change_table([{k: v for k, v in rows[0].items() if k != "change_last10"}], "h.csv",
+                        ("partition", "method"), ("p", "m"), lambda key: key)

@@ -180,7 +180,10 @@ def diverged(loss: float | None) -> bool:
 
 
 def run_row(run: dict, method: str) -> dict:
-    """What every multi-round CSV records of one method's run: final metrics, divergence, cost."""
+    """What every multi-round CSV records of one method's run: final metrics, divergence, the change of its
+    last 10 rounds (``fedmnist.curves.recent_change``; empty when the run is too short), cost."""
+    from fedmnist.curves import SETTLE_WINDOW, as_curve, recent_change
+
     result, final = run["result"], run["final"][method]
     records = result.metrics[method]
     first_diverged = next((r.round for r in records if diverged(r.test_loss)), None)
@@ -193,6 +196,7 @@ def run_row(run: dict, method: str) -> dict:
             "ci_high": float(final.ci_high), "final_loss": float(final.loss),
             "diverged": diverged(final.loss), "first_diverged_round": or_none(first_diverged),
             "mean_last3_evaluated_accuracy": float(np.mean(evaluated[-3:])),
+            "change_last10": or_none(recent_change(as_curve(result.curves()[method]), SETTLE_WINDOW)),
             "rounds_to_95": or_none(result.rounds_to_target.get(method)),
             "method_seconds": round(sum(r.seconds for r in records), 1),
             "run_seconds": round(sum(r.round_seconds for r in records), 1)}

@@ -18,6 +18,7 @@ from pathlib import Path
 from fedmnist import result_tables as rt
 from fedmnist.errors import ConfigError, DataError
 from fedmnist.experiments.attacks import ATTACK_CSV, ATTACK_TUNING_CSV
+from fedmnist.experiments.ceiling import CEILING_CSV
 from fedmnist.experiments.common import read_csv
 from fedmnist.experiments.course import COURSE_CSV, COURSE_TUNING_CSV, INIT_CSV
 from fedmnist.experiments.drift import DRIFT_CSV
@@ -37,6 +38,7 @@ TABLE_BLOCK = re.compile(
 _SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
     (COURSE_CSV, lambda rows: {"curso": rt.course_table(rows)}),
     (INIT_CSV, lambda rows: {"inicializacion": rt.initialisation_table(rows)}),
+    (CEILING_CSV, lambda rows: {"techo": rt.ceiling_table(rows)}),
     (DRIFT_CSV, rt.drift_tables),
     (HETERO_CSV, rt.heterogeneity_tables),
     (HETERO_CSV, lambda rows: {"heterogeneidad_peor_cliente": rt.heterogeneity_client_table(rows)}),

@@ -688,3 +688,34 @@ def team_privacy_table(rows: Rows) -> str:
         lines.append(f"| {float(r['noise_multiplier']):g} | {r['rounds']} | {float(r['epsilon']):.1f} | {verdict} | "
                      f"{r['clients_for_epsilon_2'] or 'más de 10⁷'} |")
     return "\n".join(lines)
+
+
+CEILING_COLUMNS = ("seed", "optimizer", "learning_rate", "batch_size", "patience", "max_epochs", "train_images",
+                   "validation_images", "test_images", "epochs_run", "best_epoch", "validation_accuracy",
+                   "test_accuracy", "ci_low", "ci_high", "test_loss")
+
+
+def ceiling_table(rows: Rows) -> str:
+    """``techo``: the central model trained to early stopping, per seed, and its mean across seeds."""
+    _need(rows, "techo.csv", CEILING_COLUMNS)
+    rows = sorted(rows, key=lambda r: int(r["seed"]))
+    lines = ["| semilla | épocas ejecutadas | mejor época | precisión de validación (%) | "
+             "precisión de test (%) [IC 95 % de Wilson] | pérdida de test |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['epochs_run']} | {r['best_epoch']} | {_pct(r['validation_accuracy'])} | "
+                     f"{_pct(r['test_accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | "
+                     f"{float(r['test_loss']):.4f} |")
+    lines.append(f"| media ± IC 95 % | {_ci([r['epochs_run'] for r in rows], 1.0, 1)} | "
+                 f"{_ci([r['best_epoch'] for r in rows], 1.0, 1)} | {_ci([r['validation_accuracy'] for r in rows])} | "
+                 f"{_ci([r['test_accuracy'] for r in rows])} | {_mean_loss(rows, 'test_loss')} |")
+    first = rows[0]
+    training = optimizer_name(first["optimizer"], float(first["learning_rate"]), 0.0)
+    return "\n".join(lines) + (
+        f"\n\n{_cap(CI_NOTE)}: {_seeds(rows)}. Modelo central: la CNN del proyecto desde los pesos iniciales "
+        f"de cada semilla, {training}, lote {first['batch_size']}, con {_images(first['train_images'])} de "
+        f"entrenamiento; tras cada época se mide la pérdida en {_images(first['validation_images'])} de "
+        "entrenamiento apartadas como validación (una extracción distinta en cada semilla) y el entrenamiento "
+        f"se detiene tras {_plural(first['patience'], 'época', 'épocas')} sin que baje (como mucho "
+        f"{_plural(first['max_epochs'], 'época', 'épocas')}); se conserva la época de menor pérdida de "
+        f"validación, evaluada en las {_images(first['test_images'])} de test."
+    )

@@ -17,6 +17,7 @@ anchors, μ and the correction live in variables, so a new client never retraces
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -232,13 +233,17 @@ class ClientTrainer:
         x_val: np.ndarray | None = None,
         y_val: np.ndarray | None = None,
         correction: Weights | None = None,
+        on_epoch: Callable[[dict[str, list[float]]], bool] | None = None,
     ) -> TrainResult:
         """Train from ``global_weights`` on (x, y) for ``epochs`` epochs; deterministic for a seed.
 
         ``mu > 0`` adds FedProx's proximal term anchored at ``global_weights``. ``correction`` (SCAFFOLD's
         ``c − c_i``, one array per weight array) is added to every step's gradient; it needs a trainer
         with plain SGD and momentum 0 (ConfigError otherwise). Data are reshuffled every epoch with a
-        generator seeded by ``seed``, which also fixes the dropout masks.
+        generator seeded by ``seed``, which also fixes the dropout masks. ``on_epoch``, if given, is
+        called after every epoch with the history so far while the model holds that epoch's weights
+        (``get_weights`` copies them); when it returns True the training stops there, optimizer state
+        and all carried over from epoch to epoch as in an uninterrupted run.
         """
         if len(x) == 0:
             raise ConfigError("cannot train on an empty partition")
@@ -277,6 +282,8 @@ class ClientTrainer:
                 val_loss, predicted = self.predict(None, x_val, y_val)
                 history["val_loss"].append(val_loss)
                 history["val_accuracy"].append(float(np.mean(predicted == y_val)))
+            if on_epoch is not None and on_epoch(history):
+                break
         return TrainResult(self.get_weights(), len(x), history, num_steps)
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 
 from fedmnist import experiments
+from fedmnist.data import Mnist, normalize_images
 from fedmnist.errors import ConfigError
 from fedmnist.essay import render_tables
-from fedmnist.experiments import Profile, common, drift, mcmahan, read_csv, run_experiments
+from fedmnist.experiments import Profile, ceiling, common, drift, mcmahan, read_csv, run_experiments
 from fedmnist.experiments import attacks as attack_runs
 from fedmnist.stats import format_mean_interval, mean_interval
 
@@ -328,6 +330,8 @@ def test_full_profile_repeats_five_seeds_on_the_whole_data():
     assert {"fedprox", "multikrum", "bulyan"} <= set(full.attack_methods)
     assert any(p != "iid" and a != "none" for p, a, _ in full.attack_cases)  # attackers in a non-IID split
     assert full.attack_clients >= 4 * full.attack_krum_f + 3
+    assert full.ceiling_seeds == (42, 43, 44, 45, 46) and full.ceiling_train_subset is None
+    assert (full.ceiling_validation, full.ceiling_patience, full.ceiling_max_epochs) == (6_000, 3, 30)
     with pytest.raises(dataclasses.FrozenInstanceError):
         full.rounds = 1  # type: ignore[misc]
 
@@ -340,6 +344,10 @@ def test_full_profile_repeats_five_seeds_on_the_whole_data():
     ({"seeds": (3, 3)}, "distinct"),
     ({"mu_grid": (0.0, 0.1)}, "μ > 0"),
     ({"drift_barrier_pairs": 3}, "drift_barrier_pairs"),
+    ({"ceiling_seeds": ()}, "ceiling_seeds"),
+    ({"ceiling_patience": 0}, "ceiling_patience"),
+    ({"ceiling_max_epochs": 0}, "ceiling_max_epochs"),
+    ({"ceiling_train_subset": 300, "ceiling_validation": 300}, "ceiling_train_subset"),
 ])
 def test_profiles_refuse_settings_the_experiments_cannot_run(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -517,3 +525,152 @@ def test_profile_refuses_a_mcmahan_tuning_seed_among_the_evaluation_seeds():
         dataclasses.replace(TINY, mcmahan_tuning_seed=43, mcmahan_seeds=(43, 44))
     with pytest.raises(ConfigError, match="mcmahan case"):
         dataclasses.replace(TINY, mcmahan=(("iid", 1, 2),))
+
+
+@pytest.mark.parametrize(("losses", "patience", "max_epochs", "stop", "best"), [
+    ([0.9, 0.5, 0.6, 0.55, 0.4, 0.45, 0.5, 0.6], 3, 30, 8, 5),  # epoch 5 improves: patience starts again
+    ([0.9, 0.5, 0.6, 0.55, 0.4, 0.45, 0.5, 0.6], 2, 30, 4, 2),
+    ([0.9, 0.5, 0.6, 0.55, 0.4, 0.45, 0.5, 0.6], 1, 30, 3, 2),
+    ([0.9, 0.5, 0.6, 0.55, 0.4, 0.45, 0.5, 0.6], 3, 2, 2, 2),  # the cap stops first
+    ([0.5, 0.5, 0.5], 2, 30, 3, 1),  # an equal loss is no improvement
+    ([0.5, math.nan, 0.7, 0.4], 2, 30, 3, 1),  # a non-finite loss never wins
+])
+def test_stop_epoch_follows_the_patience_rule_by_hand(losses, patience, max_epochs, stop, best):
+    assert ceiling.stop_epoch(losses, patience, max_epochs) == stop
+    assert ceiling.best_epoch(losses[:stop]) == best
+    assert ceiling.should_stop(losses[:stop], patience) == (stop - best >= patience)
+
+
+def test_stop_epoch_refuses_losses_that_end_before_the_training_stops():
+    with pytest.raises(ValueError, match="before the training stops"):
+        ceiling.stop_epoch([0.9, 0.8, 0.7], 2, 30)
+    with pytest.raises(ValueError, match="no validation loss"):
+        ceiling.best_epoch([])
+
+
+class ScriptedTrainer:
+    """Stands in for ``ClientTrainer`` in ``run_ceiling``: epoch e's weights are [e], its validation loss
+    comes from ``losses`` (accuracy 1 − loss); ``predict`` gets every label right with ``good_epoch``'s
+    weights and every label wrong with any other."""
+
+    optimizer_name, learning_rate, momentum = "adam", 1e-3, 0.0
+
+    def __init__(self, losses, good_epoch):
+        self.losses, self.good_epoch, self.trained, self.weights = losses, good_epoch, [], None
+
+    def train(self, weights, x, y, *, epochs, batch_size, seed, x_val, y_val, on_epoch):
+        self.trained.append((len(y), len(y_val), seed))
+        history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+        for epoch in range(1, epochs + 1):
+            self.weights = [np.array([epoch], np.float32)]
+            history["loss"].append(1.0)
+            history["accuracy"].append(0.5)
+            history["val_loss"].append(self.losses[epoch - 1])
+            history["val_accuracy"].append(1 - self.losses[epoch - 1])
+            if on_epoch(history):
+                break
+        return types.SimpleNamespace(weights=self.get_weights(), history=history)
+
+    def get_weights(self):
+        return [w.copy() for w in self.weights]
+
+    def predict(self, weights, x, y):
+        right = int(weights[0][0]) == self.good_epoch
+        return (0.1 if right else 2.0), (y if right else (y + 1) % 10)
+
+
+@pytest.fixture
+def synthetic():
+    """80 random training and 30 test images: ``run_ceiling``'s data when the trainer is scripted."""
+    rng = np.random.default_rng(0)
+    mnist = Mnist(rng.integers(0, 256, (80, 28, 28), dtype=np.uint8), rng.integers(0, 10, 80).astype(np.uint8),
+                  rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), rng.integers(0, 10, 30).astype(np.uint8))
+    return mnist, (normalize_images(mnist.x_test), mnist.y_test)
+
+
+CEILING = dataclasses.replace(TINY, ceiling_seeds=(3, 4), ceiling_validation=20, ceiling_patience=2,
+                              ceiling_max_epochs=10, ceiling_train_subset=60)
+
+
+def test_ceiling_stops_early_and_reports_the_best_epoch_restored(tmp_path, synthetic):
+    # Prepare: validation losses that stop a patience-2 training after epoch 4, epoch 2 the best
+    mnist, full_test = synthetic
+    trainer = ScriptedTrainer([0.9, 0.5, 0.6, 0.55, 0.3, 0.2], good_epoch=2)
+
+    # Execute
+    rows = ceiling.run_ceiling(CEILING, mnist, tmp_path, trainer, full_test, lambda *_: None)
+
+    # Assert: one row per seed; the restored epoch-2 weights score every test image right
+    assert [r["seed"] for r in rows] == ["3", "4"] and tuple(rows[0]) == ceiling.COLUMNS
+    assert rows == read_csv(tmp_path / experiments.CEILING_CSV)
+    assert trainer.trained[0][:2] == (40, 20)  # the first 60 images minus 20 held out
+    assert trainer.trained[0][2] != trainer.trained[1][2]  # each seed its own training order
+    for row in rows:
+        assert (row["epochs_run"], row["best_epoch"], row["stopped_early"]) == ("4", "2", "True")
+        assert float(row["validation_loss"]) == 0.5 and float(row["validation_accuracy"]) == 0.5
+        assert row["validation_losses"] == "0.900000 0.500000 0.600000 0.550000"
+        assert float(row["test_accuracy"]) == 1.0 and float(row["test_loss"]) == pytest.approx(0.1)
+        assert float(row["ci_low"]) < 1.0 == float(row["ci_high"])
+        assert (row["train_images"], row["validation_images"], row["test_images"]) == ("40", "20", "30")
+
+
+def test_ceiling_stops_at_the_cap_when_validation_keeps_improving(tmp_path, synthetic):
+    mnist, full_test = synthetic
+    trainer = ScriptedTrainer([0.9, 0.8, 0.7, 0.6], good_epoch=3)
+
+    rows = ceiling.run_ceiling(dataclasses.replace(CEILING, ceiling_max_epochs=3), mnist, tmp_path, trainer,
+                               full_test, lambda *_: None)
+
+    assert {(r["epochs_run"], r["best_epoch"], r["stopped_early"]) for r in rows} == {("3", "3", "False")}
+    assert {r["test_accuracy"] for r in rows} == {"1.000000"}
+
+
+def test_ceiling_resumes_finished_seeds_and_retrains_on_other_settings(tmp_path, synthetic):
+    # Prepare: a finished run of seeds 3 and 4
+    mnist, full_test = synthetic
+    ceiling.run_ceiling(CEILING, mnist, tmp_path, ScriptedTrainer([0.9, 0.5, 0.6, 0.55], 2), full_test,
+                        lambda *_: None)
+    first = (tmp_path / experiments.CEILING_CSV).read_text()
+
+    # Execute: the same run again, then seeds 4 and 5, then another patience
+    again = ScriptedTrainer([0.9, 0.5, 0.6, 0.55], 2)
+    same = ceiling.run_ceiling(CEILING, mnist, tmp_path, again, full_test, lambda *_: None)
+    kept = (tmp_path / experiments.CEILING_CSV).read_text()
+    extended = ScriptedTrainer([0.9, 0.5, 0.6, 0.55], 2)
+    more = ceiling.run_ceiling(dataclasses.replace(CEILING, ceiling_seeds=(4, 5)), mnist, tmp_path, extended,
+                               full_test, lambda *_: None)
+    other = ScriptedTrainer([0.9, 0.5, 0.6, 0.55, 0.7], 2)
+    patient = ceiling.run_ceiling(dataclasses.replace(CEILING, ceiling_patience=3), mnist, tmp_path, other,
+                                  full_test, lambda *_: None)
+
+    # Assert: nothing retrained when finished; only the new seed; everything under a new setting
+    assert again.trained == [] and kept == first
+    assert [r["seed"] for r in same] == ["3", "4"]
+    assert len(extended.trained) == 1 and [r["seed"] for r in more] == ["4", "5"]
+    assert more[0] == same[1]
+    assert len(other.trained) == 2 and {r["epochs_run"] for r in patient} == {"5"}
+
+
+@pytest.mark.slow
+def test_ceiling_trains_the_real_cnn_to_its_best_validation_epoch(tmp_path, small_npz, monkeypatch):
+    # Prepare: two seeds, 500 training and 200 validation images of the real MNIST, at most 3 epochs
+    profile = dataclasses.replace(CEILING, name="tiny", ceiling_validation=200, ceiling_train_subset=700,
+                                  ceiling_patience=1, ceiling_max_epochs=3)
+    monkeypatch.setitem(experiments.PROFILES, "tiny", profile)
+
+    # Execute
+    rows = run_experiments("tiny", str(small_npz), tmp_path, only=("ceiling",), quiet=True)["ceiling"]
+
+    # Assert: the recorded curve says where the rule stopped and which epoch was kept
+    assert [r["seed"] for r in rows] == ["3", "4"]
+    for row in rows:
+        curve = [float(v) for v in row["validation_losses"].split()]
+        assert int(row["epochs_run"]) == len(curve) == ceiling.stop_epoch(curve, 1, 3)
+        assert 1 <= int(row["best_epoch"]) == ceiling.best_epoch(curve) <= int(row["epochs_run"])
+        assert float(row["validation_loss"]) == curve[int(row["best_epoch"]) - 1]
+        assert float(row["ci_low"]) <= float(row["test_accuracy"]) <= float(row["ci_high"])
+        assert float(row["test_accuracy"]) > 0.5 and row["test_images"] == str(TEST_IMAGES)
+    assert rows[0]["validation_losses"] != rows[1]["validation_losses"]
+    assert "ceiling" in json.loads((tmp_path / experiments.ENV_FILE).read_text())["seconds_per_experiment"]
+    table = render_tables(tmp_path)["techo"]
+    assert "| media ± IC 95 % |" in table and "2 semillas (3, 4)" in table

@@ -322,3 +322,40 @@ def test_change_table_says_settled_only_when_the_interval_contains_zero_by_hand(
     with pytest.raises(rt.StaleResults, match="change_last10"):
         rt.change_table([{k: v for k, v in rows[0].items() if k != "change_last10"}], "h.csv",
                         ("partition", "method"), ("p", "m"), lambda key: key)
+
+
+def ceiling_rows() -> list[dict]:
+    settings = {"optimizer": "adam", "learning_rate": "0.001000", "batch_size": "32", "patience": "3",
+                "max_epochs": "30", "train_images": "54000", "validation_images": "6000", "test_images": "10000"}
+    return [  # listed out of seed order: the table sorts them
+        {**settings, "seed": "2", "epochs_run": "10", "best_epoch": "7", "validation_accuracy": "0.991",
+         "test_accuracy": "0.991", "ci_low": "0.9890", "ci_high": "0.9927", "test_loss": "0.05"},
+        {**settings, "seed": "1", "epochs_run": "8", "best_epoch": "5", "validation_accuracy": "0.990",
+         "test_accuracy": "0.989", "ci_low": "0.9867", "ci_high": "0.9910", "test_loss": "0.03"},
+    ]
+
+
+def test_ceiling_table_by_hand():
+    # Prepare: test accuracies 0.989 and 0.991: mean 99.00, s = 0.1414 points, half-width 12.7062 · 0.1 = 1.27;
+    # epochs 8 and 10: mean 9.0, s = √2, half-width 12.7062 · √2 / √2 = 12.7; validation 0.990, 0.991: ± 0.64
+    rows = ceiling_rows()
+
+    # Execute
+    table = rt.ceiling_table(rows)
+
+    # Assert
+    lines = table.splitlines()
+    assert lines[2] == "| 1 | 8 | 5 | 99.00 | 98.90 [98.67, 99.10] | 0.0300 |"
+    assert lines[3] == "| 2 | 10 | 7 | 99.10 | 99.10 [98.90, 99.27] | 0.0500 |"
+    assert lines[4] == "| media ± IC 95 % | 9.0 ± 12.7 | 6.0 ± 12.7 | 99.05 ± 0.64 | 99.00 ± 1.27 | 0.0400 |"
+    assert "2 semillas (1, 2)" in table and "Adam, tasa 0.001, lote 32" in table
+    assert "54 000 imágenes de entrenamiento" in table and "6 000 imágenes de entrenamiento apartadas" in table
+    assert "tras 3 épocas sin que baje (como mucho 30 épocas)" in table
+    assert "las 10 000 imágenes de test" in table
+
+
+def test_ceiling_table_refuses_rows_without_its_columns():
+    rows = [{k: v for k, v in r.items() if k != "best_epoch"} for r in ceiling_rows()]
+
+    with pytest.raises(rt.StaleResults, match="best_epoch"):
+        rt.ceiling_table(rows)

@@ -376,6 +376,30 @@ def test_history_has_val_keys_only_with_validation_data(trainer, start_weights, 
     assert all(len(v) == 2 for v in without.history.values())
 
 
+def test_on_epoch_stops_the_training_where_an_uninterrupted_run_of_that_length_ends(trainer, start_weights, images):
+    # Prepare: a callback that snapshots every epoch's weights and stops after the second of five
+    x, y, x_val, y_val = images
+    seen, snapshots = [], []
+
+    def on_epoch(history):
+        seen.append(len(history["val_loss"]))
+        snapshots.append(trainer.get_weights())
+        return len(history["val_loss"]) == 2
+
+    # Execute
+    stopped = trainer.train(start_weights, x, y, epochs=5, batch_size=BATCH, seed=5, x_val=x_val, y_val=y_val,
+                            on_epoch=on_epoch)
+    two = trainer.train(start_weights, x, y, epochs=2, batch_size=BATCH, seed=5, x_val=x_val, y_val=y_val)
+    one = trainer.train(start_weights, x, y, epochs=1, batch_size=BATCH, seed=5)
+
+    # Assert: two epochs ran, the optimizer state carried on between them, and the snapshots are the epochs'
+    assert seen == [1, 2]
+    assert stopped.history == two.history and stopped.num_steps == two.num_steps
+    assert_weights_identical(stopped.weights, two.weights)
+    assert_weights_identical(snapshots[1], two.weights)
+    assert_weights_identical(snapshots[0], one.weights)
+
+
 def test_second_client_of_another_size_does_not_retrace(start_weights, images):
     # Prepare
     x, y, x_other, y_other = images

@@ -4,8 +4,9 @@
 on the real MNIST with the shared CNN, the same seed and initial weights for every method, and writes
 small result files (CSV, JSON, PNG) plus ``entorno.json`` (command, seeds, software versions, seconds).
 
-One module per experiment of the essay's section 3: ``course`` (§3.1 and §3.2), ``drift`` (§3.3),
-``heterogeneity`` (§3.4), ``fedprox_mu`` (§3.5), ``attacks`` (§3.6), ``mcmahan`` (§3.7) and
+One module per experiment of the essay's section 3: ``course`` (§3.1 and §3.2), ``ceiling`` (the
+central model trained to early stopping on validation over several seeds, the reference of every
+federated number), ``drift`` (§3.3), ``heterogeneity`` (§3.4), ``fedprox_mu`` (§3.5), ``attacks`` (§3.6), ``mcmahan`` (§3.7) and
 ``privacy`` (§3.8); ``profiles`` says how much of each runs, ``common`` holds what the runners
 share, and ``run`` drives them. The course flow, the drift grid (``fedmnist.drift_grid``), the
 heterogeneity, FedProx-μ and attack experiments repeat every run over the profile's seeds and keep
@@ -20,6 +21,7 @@ equal what the committed files give.
 """
 
 from fedmnist.experiments.attacks import ATTACK_CSV, ATTACK_TUNING_CSV
+from fedmnist.experiments.ceiling import CEILING_CSV
 from fedmnist.experiments.common import read_csv
 from fedmnist.experiments.course import COURSE_CSV, COURSE_TUNING_CSV, INIT_CSV
 from fedmnist.experiments.drift import DRIFT_CSV, DRIFT_TUNING_CSV
@@ -33,6 +35,7 @@ from fedmnist.experiments.run import ENV_FILE, EXPERIMENTS, run_experiments
 __all__ = [
     "ATTACK_CSV",
     "ATTACK_TUNING_CSV",
+    "CEILING_CSV",
     "COURSE_CSV",
     "COURSE_TUNING_CSV",
     "DRIFT_CSV",

@@ -33,12 +33,19 @@ WORKERS: dict[str, int | str] = {}
 _EVALUATOR = []
 
 
+def csv_cell(value) -> str:
+    """How ``write_csv`` writes one value (floats with six decimals), as ``read_csv`` gives it back."""
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
 def _csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -114,6 +114,16 @@ class Profile:
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
     dp_seeds: tuple[int, ...] | None = None
     """Seeds of the DP-FedAvg runs (None: ``seeds``)."""
+    ceiling_seeds: tuple[int, ...] = (42, 43, 44, 45, 46)
+    """Seeds of the central reference (``run_ceiling``): initial weights, validation draw and training order."""
+    ceiling_validation: int = 6_000
+    """Training images held out (a draw per seed) to stop the central training and pick its best epoch."""
+    ceiling_patience: int = 3
+    """Epochs without a lower validation loss after which the central training stops."""
+    ceiling_max_epochs: int = 30
+    """Most epochs of the central training, stopped or not."""
+    ceiling_train_subset: int | None = None
+    """First training images the central reference uses before the hold-out (None: all 60,000)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,7 +133,7 @@ class Profile:
         from fedmnist.attacks import ATTACKS
         from fedmnist.labels import partition_settings
 
-        for name in ("seeds", "drift_seeds", "mcmahan_seeds"):
+        for name in ("seeds", "drift_seeds", "mcmahan_seeds", "ceiling_seeds"):
             seeds = getattr(self, name)
             if not seeds or len(set(seeds)) != len(seeds):
                 raise ConfigError(f"profile {self.name}: {name} must be distinct integers >= 0 "
@@ -132,13 +142,16 @@ class Profile:
                 check_int(seed, f"profile {self.name}: every one of {name}", 0)
         for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
                      "attack_eval_every", "attack_convergence_window", "drift_clients", "drift_barrier_images",
-                     "course_epochs"):
+                     "course_epochs", "ceiling_validation", "ceiling_patience", "ceiling_max_epochs"):
             check_int(getattr(self, name), f"profile {self.name}: {name}", 1)
         for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
             grid = getattr(self, name)
             if not grid or not all(isinstance(m, (int, float)) and m > 0 for m in grid):
                 raise ConfigError(f"profile {self.name}: {name} needs FedProx coefficients μ > 0 "
                                   f"(got {grid!r})")
+        if self.ceiling_train_subset is not None:
+            check_int(self.ceiling_train_subset, f"profile {self.name}: ceiling_train_subset",
+                      self.ceiling_validation + 1)
         if not self.drift_epochs or not self.drift_optimizers or not self.drift_partitions:
             raise ConfigError(f"profile {self.name}: the drift grid needs epochs, optimizers and partitions")
         if not 0 <= self.drift_barrier_pairs <= self.drift_clients // 2:
@@ -180,7 +193,8 @@ PROFILES: dict[str, Profile] = {
         drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1, ("fedavg",)),), mcmahan_seeds=(DEFAULT_SEED + 1,), mcmahan_grid={},
         dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
-        dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,),
+        dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,), ceiling_seeds=(DEFAULT_SEED,), ceiling_validation=300,
+        ceiling_patience=1, ceiling_max_epochs=2, ceiling_train_subset=1_500,
     ),
     "full": Profile(
         # sizes chosen so that every experiment but McMahan's and privacy fits about four hours on

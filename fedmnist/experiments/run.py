@@ -15,6 +15,7 @@ import numpy as np
 from fedmnist.config import AGGRESSIVE_TRAINING
 from fedmnist.errors import ConfigError, FedMnistError
 from fedmnist.experiments.attacks import run_attacks
+from fedmnist.experiments.ceiling import run_ceiling
 from fedmnist.experiments.common import WORKERS
 from fedmnist.experiments.course import run_course
 from fedmnist.experiments.drift import run_drift
@@ -28,7 +29,7 @@ from fedmnist.io import atomic_write_text, quote, read_text_capped
 log = logging.getLogger(__name__)
 
 ENV_FILE = "entorno.json"
-EXPERIMENTS = ("course", "drift", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
+EXPERIMENTS = ("course", "ceiling", "drift", "heterogeneity", "fedprox_mu", "attacks", "mcmahan", "privacy")
 
 
 def environment(profile: Profile, out_dir: Path, seconds: dict[str, float]) -> dict:
@@ -107,6 +108,7 @@ def run_experiments(
     trainer = AGGRESSIVE_TRAINING.build_trainer()
     runners = {
         "course": lambda: run_course(profile, mnist, out_dir, trainer, say),
+        "ceiling": lambda: run_ceiling(profile, mnist, out_dir, trainer, full_test, say),
         "drift": lambda: run_drift(profile, mnist, out_dir, trainer, full_test, say),
         "heterogeneity": lambda: run_heterogeneity(profile, mnist, out_dir, trainer, full_test, say),
         "fedprox_mu": lambda: run_fedprox_mu(profile, mnist, out_dir, trainer, full_test, say),

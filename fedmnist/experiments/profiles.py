@@ -198,7 +198,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "full": Profile(
         # sizes chosen so that every experiment but McMahan's and privacy fits about four hours on
-        # two cores with --workers 2 (measured: course ~14 min, drift ~24, heterogeneity ~37, fedprox_mu ~12,
+        # two cores with --workers 2 (measured: course ~14 min, ceiling ~13, drift ~24, heterogeneity ~37, fedprox_mu ~12,
         # attacks ~165 at 60 rounds, the rounds every rule needs to settle); the measured costs go to entorno.json,
         # and per run to the CSVs (run_seconds)
         name="full", seeds=(42, 43, 44, 45, 46), train_subset=3_600, rounds=15, eval_every=2,

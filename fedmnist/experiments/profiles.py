@@ -207,8 +207,8 @@ PROFILES: dict[str, Profile] = {
                       ("dirichlet_0.3", "none", 0), ("dirichlet_0.3", "signflip", 2)),
         attack_methods=("fedavg", "fedprox", "fedmed", "trimmed", "multikrum", "bulyan"),
         attack_train_subset=2_400, attack_rounds=60, attack_eval_every=5, drift_train_subset=8_000,
-        # McMahan: tuned on seed 42 (validation split), evaluated on 43-45 without stopping at 99 %; about
-        # 13-19 s a round with --workers 2, so IID ~2 h and shards ~6 h (resumable, run seed by seed)
+        # McMahan: tuned on seed 42 (validation split), evaluated on 43-45 without stopping at 99 %; 4-8 s a
+        # round with --workers 2 on an otherwise idle 2-core machine: IID ~1 h, shards ~2.5 h (resumable)
         mcmahan=(("iid", 5, 50, ("fedavg", "fedavgm", "fedadagrad")),
                  ("shards", 10, 150, ("fedavg", "scaffold", "fedyogi"))),
         dp_seeds=(42, 43),

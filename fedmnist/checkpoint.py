@@ -207,11 +207,12 @@ def restore_state(path: Path, payload: dict, spec: CheckpointSpec, hint: str = "
             raise ConfigError(f"{path}: {method}'s records cover rounds {rounds[:3]}…, not 1..{done}: "
                               "an inconsistent or tampered checkpoint")
         releases = method_state[method].get("releases") if isinstance(built[method], DPMethod) else None
-        # a round with replies whose aggregate was not adopted (not finite, or a refused secure sum) released
-        # nothing; more releases than rounds with replies cannot happen
-        if releases is not None and releases > sum(r.num_replies > 0 for r in rows):
-            raise ConfigError(f"{path}: {method}'s privacy state counts {_short(releases)} noised rounds, more than "
-                              "its records have rounds with replies: an inconsistent or tampered checkpoint")
+        # every DP round is one release charged to ε, with or without usable replies (Method.empty_round)
+        if releases is not None and releases != done:
+            raise ConfigError(f"{path}: {method}'s privacy state counts {_short(releases)} noised rounds, not the "
+                              f"{done} completed: every round of DP-FedAvg is charged to epsilon, so this "
+                              "checkpoint is inconsistent, tampered with, or from a version that did not charge "
+                              "rounds without replies (resuming it would under-count epsilon)")
     stored = payload.get(_SHA_KEY)
     if not isinstance(stored, str) or state_sha256({k: v for k, v in payload.items() if k != _SHA_KEY}) != stored:
         raise ConfigError(f"{path}: the integrity hash does not match the contents (weights, state or history "

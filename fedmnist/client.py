@@ -146,6 +146,7 @@ def client_step(
     seed: int,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     client_id: int | None = None,
+    steps: int | None = None,
 ) -> tuple[ClientReply, ClientState]:
     """One client's round: train from ``start_weights`` on (x, y) as ``instructions`` say; reply and new state.
 
@@ -153,6 +154,7 @@ def client_step(
     out of the partition gives the history its validation curves and counts in ``num_examples``.
     SCAFFOLD's local rate ``η_l`` is the trainer's. ``state`` None is a client that never trained.
     ``client_id`` picks the quantisation generator of a secure round (required then, unused otherwise).
+    ``steps``: that many minibatch steps instead of ``epochs`` whole epochs (``ClientTrainer.train``).
     Inputs are not modified. Without SCAFFOLD the state comes back as it was given.
 
     Raises
@@ -171,6 +173,8 @@ def client_step(
     if instructions.scaffold:
         own = state.control if state.control is not None else zero_controls(start)
         extra["correction"] = correction(instructions.control, own)
+    if steps is not None:
+        extra["steps"] = steps
     x_val, y_val = validation if validation is not None else (None, None)
     result = trainer.train(start, x, y, epochs=epochs, batch_size=batch_size, mu=instructions.mu, seed=seed,
                            x_val=x_val, y_val=y_val, **extra)

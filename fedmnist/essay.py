@@ -25,7 +25,7 @@ from fedmnist.experiments.drift import DRIFT_CSV
 from fedmnist.experiments.fedprox_mu import PROX_CSV
 from fedmnist.experiments.heterogeneity import HETERO_CSV, HETERO_TUNING_CSV
 from fedmnist.experiments.mcmahan import MCMAHAN_CSV, MCMAHAN_TUNING_CSV
-from fedmnist.experiments.privacy import PRIVACY_CSV, TEAM_PRIVACY_CSV
+from fedmnist.experiments.privacy import PRIVACY_CSV, PRIVACY_TUNING_CSV, TEAM_PRIVACY_CSV
 from fedmnist.io import atomic_write_text, read_text_capped
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ _SOURCES: tuple[tuple[str, Callable[[rt.Rows], dict[str, str]]], ...] = (
     (MCMAHAN_CSV, rt.mcmahan_tables),
     (MCMAHAN_TUNING_CSV, lambda rows: {"mcmahan_ajuste": rt.mcmahan_tuning_table(rows)}),
     (PRIVACY_CSV, lambda rows: {"privacidad": rt.privacy_table(rows)}),
+    (PRIVACY_TUNING_CSV, lambda rows: {"privacidad_ajuste": rt.privacy_tuning_table(rows)}),
     (TEAM_PRIVACY_CSV, lambda rows: {"privacidad_equipo": rt.team_privacy_table(rows)}),
 )
 """Result file → the tables drawn from its rows."""

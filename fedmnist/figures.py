@@ -448,32 +448,34 @@ def plot_mcmahan(curves: Mapping[str, Sequence[float]], path: str | Path, split:
 
 
 def plot_privacy(rows: Sequence[Mapping], path: str | Path) -> Path:
-    """DP-FedAvg's final accuracy against ε (log scale), one line per K, mean over seeds with their range."""
+    """DP-FedAvg(M)'s final accuracy against the ε spent (log scale), one line per K: the mean over seeds
+    with their range; dotted, the non-private baseline of the same K."""
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for num_clients in dict.fromkeys(r["clients"] for r in rows):
+        mine = [r for r in rows if r["clients"] == num_clients]
         points = []
-        for z in dict.fromkeys(r["noise_multiplier"] for r in rows if r["clients"] == num_clients):
-            sel = [r for r in rows if r["clients"] == num_clients and r["noise_multiplier"] == z]
-            acc = np.array([r["final_accuracy"] for r in sel]) * 100
-            eps = float("inf") if sel[0]["epsilon"] == "inf" else float(np.mean([r["epsilon"] for r in sel]))
-            points.append((eps, acc.mean(), acc.min(), acc.max(), z))
-        finite = sorted(p for p in points if np.isfinite(p[0]))
+        for target in dict.fromkeys(r["target_epsilon"] for r in mine):
+            sel = [r for r in mine if r["target_epsilon"] == target]
+            acc = np.array([float(r["final_accuracy"]) for r in sel]) * 100
+            eps = math.inf if target == "" else float(np.mean([float(r["epsilon"]) for r in sel]))
+            points.append((eps, acc.mean(), acc.min(), acc.max()))
+        finite = sorted(p for p in points if math.isfinite(p[0]))
         line = ax.errorbar([p[0] for p in finite], [p[1] for p in finite],
                            yerr=[[p[1] - p[2] for p in finite], [p[3] - p[1] for p in finite]],
-                           marker="o", capsize=3, label=f"K = {num_clients} (m = {num_clients // 10} por ronda)")
+                           marker="o", capsize=3, label=f"K = {num_clients} (m = {mine[0]['clients_per_round']} por ronda)")
         for p in points:
-            if not np.isfinite(p[0]):
+            if not math.isfinite(p[0]):
                 ax.axhline(p[1], color=line[0].get_color(), linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50]))
+    ax.xaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20]))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("ε medio de las semillas (δ = 1e-5, sustitución de un cliente); barras: rango entre semillas")
+    ax.set_xlabel("ε gastado, media de las semillas (añadir o quitar un cliente); barras: rango entre semillas")
     ax.set_ylabel("Precisión final en el test (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("DP-FedAvg: precisión frente a ε (punteado: sin ruido, z = 0)")
+    ax.set_title("DP-FedAvgM: precisión frente a ε (punteado: sin privacidad)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, path)

@@ -18,7 +18,7 @@ what the rest of a round needs to know about it:
   every mode sends its clients (the one place they are assembled).
 
 ``MethodConfig`` holds the methods' settings, validated once; ``build_methods`` turns it into
-``Method`` objects in the order given. ``DPMethod`` wraps FedAvg or FedProx in DP-FedAvg
+``Method`` objects in the order given. ``DPMethod`` wraps FedAvg, FedProx or FedAvgM in DP-FedAvg
 (``fedmnist.privacy``): clipping, calibrated noise and the accountant's ε after every round.
 """
 
@@ -213,6 +213,19 @@ class Method:
             raise SecureAggregationError(f"{self.name} needs a secure aggregate encoded as {want}, this one was "
                                          f"encoded as {agg.composition}: encode with the method's secure_composition()")
 
+    def empty_round(
+        self, global_weights: Sequence[np.ndarray], state: dict, context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict] | None:
+        """The step of a round with no usable update (no reply accepted, no secure aggregate, or one
+        refused): None, the global weights and the state stay as they were (DP-FedAvg releases noise)."""
+        del global_weights, state, context
+        return None
+
+    def unadopted_state(self, state: dict) -> dict:
+        """The state after a round whose aggregate was computed but not adopted (not finite): unchanged
+        (DP-FedAvg counts the release its noise was drawn for)."""
+        return state
+
     def client_clip(self, state: dict) -> float | None:
         """The L2 bound clients must clip their update to before sending it (client-side DP), else None."""
         del state
@@ -262,34 +275,59 @@ class ServerOptMethod(Method):
 
 @dataclass(frozen=True)
 class DPMethod(Method):
-    """DP-FedAvg (McMahan et al. 2018; Andrew et al. 2021 for adaptive S) around FedAvg or FedProx.
+    """DP-FedAvg (McMahan et al. 2018; Andrew et al. 2021 for adaptive S) around FedAvg, FedProx or FedAvgM.
 
     Every client's update is clipped to S (by the server, or by the client with ``side='client'``),
     the clipped updates are averaged with equal weights over the m sampled clients and Gaussian noise
     of standard deviation z·S/m is added (``fedmnist.privacy.dp_fedavg_step``), drawn from a generator
-    seeded by (seed, round). The state is ``DPState.to_dict()``: S and the releases so far, from which
-    the accountant gives ε.
+    seeded by (seed, round). With ``optimizer`` (FedAvgM: DP-FedAvgM, McMahan et al. 2018's server
+    momentum) the noised mean is then fed to the server optimiser, post-processing that costs no privacy.
+    The state is ``DPState.to_dict()`` (S and the releases so far, from which the accountant gives ε) and,
+    with an optimiser, its state under ``"server"``. Every round is one release, with or without usable
+    updates (``empty_round``): the accountant is charged every round the mechanism ran.
     """
 
     dp: object | None = None
     accountant: object | None = None
     seed: int | None = 0
+    optimizer: ServerOptConfig | None = None
 
     def initial_state(self) -> dict:
-        """S as configured, nothing released."""
+        """S as configured, nothing released (and a fresh optimiser state, empty until its first step)."""
         from fedmnist.privacy import DPState
 
-        return DPState.initial(self.dp).to_dict()
+        state = DPState.initial(self.dp).to_dict()
+        return {**state, "server": {}} if self.optimizer is not None else state
+
+    def _dp_state(self, state: dict):
+        from fedmnist.privacy import DPState
+
+        return DPState.from_dict({k: v for k, v in state.items() if k != "server"})
 
     def check_state(self, state: object, weights: Sequence[np.ndarray]) -> None:
-        """Raise ValidationError unless ``state`` is a DP-FedAvg state (S > 0, releases >= 0)."""
-        from fedmnist.privacy import DPState
-
-        del weights
+        """Raise ServerOptError unless ``state`` is a DP-FedAvg state (S > 0, releases >= 0), with a valid
+        optimiser state under ``"server"`` exactly when the method has an optimiser."""
+        if not isinstance(state, dict) or ("server" in state) != (self.optimizer is not None):
+            keys = "'clip', 'releases'" + (", 'server'" if self.optimizer is not None else "")
+            raise ServerOptError(f"{self.name}: a DP-FedAvg state must have exactly {keys}")
         try:
-            DPState.from_dict(state)
+            self._dp_state(state)
         except ConfigError as exc:
             raise ServerOptError(str(exc)) from None
+        if self.optimizer is not None and state["server"] != {}:
+            check_optimizer_state(state["server"], self.optimizer.method, weights)
+
+    def _adopt(self, global_weights: Sequence[np.ndarray], step, state: dict) -> tuple[list[np.ndarray], dict]:
+        """The released step's weights (through the server optimiser, if any) and the next state."""
+        new_state = step.state.to_dict()
+        if self.optimizer is None:
+            return step.weights, new_state
+        weights, server = server_step(self.optimizer, global_weights, step.weights, state.get("server") or None)
+        return weights, {**new_state, "server": server}
+
+    def _num_sampled(self, contributors: int) -> int:
+        """m, the denominator: the accountant's clients per round (McMahan et al.'s fixed denominator)."""
+        return max(self.accountant.clients_per_round, contributors)
 
     def aggregate(
         self, global_weights: Sequence[np.ndarray], results: Results, state: dict,
@@ -303,15 +341,30 @@ class DPMethod(Method):
         accountant assumes (McMahan et al.'s fixed denominator), not by the realised number of
         replies, which under Poisson sampling is itself private.
         """
-        from fedmnist.privacy import DPState, dp_fedavg_step
+        from fedmnist.privacy import dp_fedavg_step
 
         context = context or RoundContext(0, len(results))
         unclipped = context.unclipped if (self.dp.side == "client" and self.dp.adaptive) else None
         rng = self._noise_rng(context.round)
-        step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, DPState.from_dict(state), rng,
-                              unclipped=unclipped, num_sampled=max(self.accountant.clients_per_round, len(results)),
+        step = dp_fedavg_step(global_weights, [w for w, _ in results], self.dp, self._dp_state(state), rng,
+                              unclipped=unclipped, num_sampled=self._num_sampled(len(results)),
                               labels=list(context.labels) or None)
-        return step.weights, step.state.to_dict()
+        return self._adopt(global_weights, step, state)
+
+    def empty_round(
+        self, global_weights: Sequence[np.ndarray], state: dict, context: RoundContext | None = None,
+    ) -> tuple[list[np.ndarray], dict]:
+        """No usable update: the noise alone is released (``privacy.dp_empty_step``) and charged as a round."""
+        from fedmnist.privacy import dp_empty_step
+
+        context = context or RoundContext(0, 0)
+        step = dp_empty_step(global_weights, self.dp, self._dp_state(state), self._num_sampled(0),
+                             self._noise_rng(context.round))
+        return self._adopt(global_weights, step, state)
+
+    def unadopted_state(self, state: dict) -> dict:
+        """A computed release that was not adopted (not finite) still counts: one more release, S kept."""
+        return {**state, "releases": int(state["releases"]) + 1}
 
     def _noise_rng(self, round_: int) -> np.random.Generator:
         """The round's noise generator: seeded by (seed, round) when ``seed`` is set, else the OS's entropy."""
@@ -332,15 +385,15 @@ class DPMethod(Method):
         """One DP-FedAvg step from the sum of the members' client-clipped updates
         (``privacy.dp_fedavg_sum_step``): the same generator, m and accountant as ``aggregate``, the noise
         calibrated to S + ``agg.rounding_slack``, and S's adaptive update from ``agg.unclipped_count``."""
-        from fedmnist.privacy import DPState, dp_fedavg_sum_step
+        from fedmnist.privacy import dp_fedavg_sum_step
 
         self.check_secure(agg)  # equal weights, and the unclipped bits when S is adaptive
         context = context or RoundContext(0, agg.num_contributors)
         step = dp_fedavg_sum_step(global_weights, agg.update_sum, agg.num_contributors, self.dp,
-                                  DPState.from_dict(state), self._noise_rng(context.round),
+                                  self._dp_state(state), self._noise_rng(context.round),
                                   num_unclipped=agg.unclipped_count, slack=agg.rounding_slack,
-                                  num_sampled=max(self.accountant.clients_per_round, agg.num_contributors))
-        return step.weights, step.state.to_dict()
+                                  num_sampled=self._num_sampled(agg.num_contributors))
+        return self._adopt(global_weights, step, state)
 
     def client_clip(self, state: dict) -> float | None:
         """S, which the clients clip to under client-side clipping."""
@@ -446,7 +499,8 @@ class ScaffoldMethod(Method):
 
 
 def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, seed: int | None) -> DPMethod:
-    """``method`` (FedAvg or FedProx) wrapped in DP-FedAvg, with its accountant for K clients, m per round.
+    """``method`` (FedAvg, FedProx or FedAvgM) wrapped in DP-FedAvg, with its accountant for K clients, m per
+    round; FedAvgM's server optimiser then steps from the noised mean.
 
     ``seed`` None draws the noise from the operating system (the deployed modes); an integer makes it
     reproducible and predictable to whoever knows it (the simulation, tests).
@@ -459,7 +513,8 @@ def with_privacy(method: Method, dp, num_clients: int, clients_per_round: int, s
     dp.noise_params(clients_per_round)  # adaptive: z < 2σ_b, checked before round 1
     accountant = PrivacyAccountant.from_config(dp, num_clients, clients_per_round)
     base = {f.name: getattr(method, f.name) for f in dataclass_fields(Method)}
-    return DPMethod(**base, dp=dp, accountant=accountant, seed=seed)
+    optimizer = method.optimizer if isinstance(method, ServerOptMethod) else None
+    return DPMethod(**base, dp=dp, accountant=accountant, seed=seed, optimizer=optimizer)
 
 
 def build_method(name: str, config: MethodConfig, krum_f: int = 1, num_clients: int | None = None) -> Method:

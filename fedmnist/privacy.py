@@ -69,9 +69,11 @@ app do), or each client independently with probability q = m/K."""
 ACCOUNTANTS = ("rdp", "pld")
 """dp-accounting's Rényi-DP accountant, or its privacy-loss-distribution one (tighter; Poisson only)."""
 
-DP_METHODS = ("fedavg", "fedprox")
-"""Methods DP-FedAvg can wrap: their server step is the mean of the updates. The robust rules (median,
-trimmed mean, Krum) do not sum the clipped updates, so the sensitivity argument does not cover them."""
+DP_METHODS = ("fedavg", "fedprox", "fedavgm")
+"""Methods DP-FedAvg can wrap: their server step starts from the mean of the updates. FedAvgM (DP-FedAvgM,
+McMahan et al. 2018's server momentum) applies its momentum to the noised mean, which is post-processing of
+the release and costs no privacy. The robust rules (median, trimmed mean, Krum) do not sum the clipped
+updates, so the sensitivity argument does not cover them."""
 
 DEFAULT_TARGET_QUANTILE = 0.5
 """γ: target fraction of unclipped updates (Andrew et al. 2021; Flower's default)."""
@@ -308,12 +310,25 @@ def noisy_mean(updates: Sequence[Sequence[np.ndarray]], noise_std_on_sum: float,
         raise ValidationError("no client updates to average")
     total = [np.zeros(np.shape(a), dtype=np.float64) for a in updates[0]]
     for update in updates:
-        for i, a in enumerate(update):
-            total[i] += np.asarray(a, dtype=np.float64)
+        _accumulate(total, update)
+    return noisy_sum_mean(total, noise_std_on_sum, num_sampled, rng, noise)
+
+
+def _accumulate(total: list[np.ndarray], update: Sequence[np.ndarray]) -> None:
+    """``total += update`` layer by layer, in float64 (in place: one model's memory however many updates)."""
+    for i, a in enumerate(update):
+        total[i] += np.asarray(a, dtype=np.float64)
+
+
+def noisy_sum_mean(total: Sequence[np.ndarray], noise_std_on_sum: float, num_sampled: int,
+                   rng: np.random.Generator | None = None, noise: Sequence[np.ndarray] | None = None
+                   ) -> list[np.ndarray]:
+    """(``total`` + N(0, σ²·I)) / m in float64 for a sum already formed (an all-zero sum: nobody contributed)."""
+    out = [np.array(a, dtype=np.float64, copy=True) for a in total]
     if noise_std_on_sum > 0:
-        for i, xi in enumerate(_standard_normals([a.shape for a in total], rng, noise)):
-            total[i] += noise_std_on_sum * xi
-    return [layer / num_sampled for layer in total]
+        for i, xi in enumerate(_standard_normals([a.shape for a in out], rng, noise)):
+            out[i] += noise_std_on_sum * xi
+    return [layer / num_sampled for layer in out]
 
 
 def adaptive_noise_params(noise_multiplier: float, clients_per_round: float,
@@ -449,21 +464,21 @@ def dp_fedavg_step(
         raise ValueError(f"{len(labels)} labels for {n} client updates")
     m = _num_sampled(n, num_sampled)
     clip = state.clip
-    updates = [client_update(w, global_weights, _label(labels, i)) for i, w in enumerate(client_weights)]
-    if config.side == "server":
-        if unclipped is not None:
-            raise ValueError("server-side clipping computes the unclipped bits itself; do not pass them")
-        clipped = []
-        bits = []
-        for i, update in enumerate(updates):
-            c, norm = clip_update(update, clip, _label(labels, i))
-            clipped.append(c)
-            bits.append(norm <= clip)
-    else:
+    total = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
+    bits = []
+    if config.side == "server" and unclipped is not None:
+        raise ValueError("server-side clipping computes the unclipped bits itself; do not pass them")
+    if config.side == "client":
+        if config.adaptive and (unclipped is None or len(unclipped) != n):
+            raise ValidationError("client-side adaptive clipping needs every client's unclipped bit "
+                                  f"({0 if unclipped is None else len(unclipped)} for {n} clients)")
+        if not config.adaptive and unclipped is not None:
+            raise ValueError("unclipped bits are only used by adaptive clipping")
         tolerance = _clip_tolerance(global_weights, clip)
-        clipped = []
-        for i, update in enumerate(updates):
-            norm = update_norm(update)
+    for i, weights in enumerate(client_weights):  # one update at a time: memory of one model, not of n
+        update = client_update(weights, global_weights, _label(labels, i))
+        norm = update_norm(update)
+        if config.side == "client":
             if not math.isfinite(norm):
                 raise ValidationError(f"{_label(labels, i)}: the update has non-finite values")
             if norm > clip + tolerance:
@@ -471,16 +486,10 @@ def dp_fedavg_step(
                     f"{_label(labels, i)}: update norm {norm:.6g} exceeds the clip norm S = {clip:.6g}; with "
                     "client-side clipping every client must clip its update before sending it"
                 )
-            clipped.append(clip_update(update, clip, _label(labels, i))[0])  # rounding slack only
-        bits = None
-        if config.adaptive:
-            if unclipped is None or len(unclipped) != n:
-                raise ValidationError("client-side adaptive clipping needs every client's unclipped bit "
-                                      f"({0 if unclipped is None else len(unclipped)} for {n} clients)")
-            bits = [bool(b) for b in unclipped]
-        elif unclipped is not None:
-            raise ValueError("unclipped bits are only used by adaptive clipping")
-    return _release(global_weights, clipped, sum(bits) if config.adaptive else None, m, config, state, clip,
+        clipped, norm = clip_update(update, clip, _label(labels, i))  # client side: rounding slack only
+        _accumulate(total, clipped)
+        bits.append(norm <= clip if config.side == "server" else bool(unclipped[i]) if config.adaptive else None)
+    return _release(global_weights, total, sum(bits) if config.adaptive else None, m, config, state, clip,
                     rng, noise, count_noise)
 
 
@@ -550,7 +559,26 @@ def dp_fedavg_sum_step(
                                   f"integer in [0, {c}] (got {num_unclipped!r})")
     elif num_unclipped is not None:
         raise ValueError("the unclipped count is only used by adaptive clipping")
-    return _release(global_weights, [total], num_unclipped, m, config, state, clip + slack, rng, noise, count_noise)
+    return _release(global_weights, total, num_unclipped, m, config, state, clip + slack, rng, noise, count_noise)
+
+
+def dp_empty_step(global_weights: Sequence[np.ndarray], config: DPConfig, state: DPState, num_sampled: int,
+                  rng: np.random.Generator | None = None, *, noise: Sequence[np.ndarray] | None = None,
+                  count_noise: float | None = None) -> DPRound:
+    """A DP-FedAvg round in which no update can be used (no client sampled, none replied, every reply
+    refused, or a secure sum that was aborted or refused): the same release with an all-zero sum.
+
+    w + N(0, (z_Δ·S)²·I) / m and, when adaptive, b̃ = (0 + N(0, σ_b²)) / m moves S. A missing or refused
+    update counts as a zero contribution, which lies within one member's sensitivity S of any clipped
+    update, so the round is exactly the sampled Gaussian mechanism the accountant charges: it is one
+    release (``DPState.releases`` + 1) like any other round. Publishing the unchanged model instead would
+    make "nothing happened" an output whose probability depends on the members' data, which the
+    accountant does not cover. ``num_sampled`` m: the accountant's clients per round.
+    """
+    m = check_int(num_sampled, "num_sampled", 1, numpy=True, error=ValueError)
+    total = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
+    return _release(global_weights, total, 0 if config.adaptive else None, m, config, state, state.clip,
+                    rng, noise, count_noise)
 
 
 def _num_sampled(num_updates: int, num_sampled: int | None) -> int:
@@ -559,12 +587,13 @@ def _num_sampled(num_updates: int, num_sampled: int | None) -> int:
     return check_int(m, "num_sampled", 1, numpy=True, error=ValueError)
 
 
-def _release(global_weights: Sequence[np.ndarray], clipped: Sequence[Sequence[np.ndarray]],
+def _release(global_weights: Sequence[np.ndarray], total: Sequence[np.ndarray],
              num_unclipped: int | None, m: int, config: DPConfig, state: DPState, sensitivity: float,
              rng: np.random.Generator | None, noise: Sequence[np.ndarray] | None,
              count_noise: float | None) -> DPRound:
-    """The noised release shared by both steps: the adaptive count's noise and S's update first, then
-    w + (Σ clipped + N(0, (z_Δ·sensitivity)²·I)) / m; ``sensitivity`` bounds one member's term of the sum."""
+    """The noised release shared by every step: the adaptive count's noise and S's update first, then
+    w + (``total`` + N(0, (z_Δ·sensitivity)²·I)) / m, ``total`` being Σ clipped updates (float64);
+    ``sensitivity`` bounds one member's term of the sum."""
     clip = state.clip
     z_delta, sigma_b = config.noise_params(m)
     fraction = None
@@ -572,7 +601,7 @@ def _release(global_weights: Sequence[np.ndarray], clipped: Sequence[Sequence[np
     if config.adaptive:
         fraction = noisy_unclipped_fraction(num_unclipped, m, sigma_b, rng, count_noise)
         next_clip = geometric_clip_update(clip, fraction, config.target_quantile, config.clip_learning_rate)
-    mean = noisy_mean(clipped, z_delta * sensitivity, m, rng, noise)
+    mean = noisy_sum_mean(total, z_delta * sensitivity, m, rng, noise)
     weights = [np.asarray(np.asarray(g, dtype=np.float64) + mu, dtype=np.asarray(g).dtype)
                for g, mu in zip(global_weights, mean)]
     return DPRound(weights=weights, clip=clip, noise_std=z_delta * sensitivity / m, unclipped_fraction=fraction,
@@ -835,3 +864,40 @@ def clients_needed(target_epsilon: float, rounds: int, fraction: float, *,
         else:
             low = mid
     return high
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
+                      sampling: str = "poisson", accountant: str = "rdp", digits: int = 3) -> float:
+    """The smallest noise multiplier z, to ``digits`` significant digits, whose ε after ``rounds`` rounds of
+    K = ``num_clients``, m = ``clients_per_round`` is at most ``target_epsilon`` at ``delta``.
+
+    Bisection on z with ``PrivacyAccountant`` itself (ε decreases as z grows), then rounded up to the
+    grid of ``digits`` significant digits and stepped down while the next lower value still meets the
+    target, so ε(z) ≤ target < ε(z − one unit of the last digit). ConfigError when no z up to 10⁴ does
+    (δ too small for the rounds, say).
+    """
+    target = _number(target_epsilon, "target ε")
+    _need(target > 0, f"target ε must be > 0 (got {target})")
+    check_int(rounds, "rounds", 1, numpy=True)
+    check_int(digits, "digits", 1, 8)
+
+    def epsilon(z: float) -> float:
+        return PrivacyAccountant(z, num_clients, clients_per_round, delta, sampling, accountant).epsilon(rounds)
+
+    high = 1.0
+    while epsilon(high) > target:
+        high *= 2
+        _need(high <= 1e4, f"no noise multiplier up to 10⁴ gives ε ≤ {target:g} after {rounds} rounds "
+                           f"(K = {num_clients}, m = {clients_per_round}, δ = {delta:g})")
+    low = high / 2
+    while low > 1e-3 and epsilon(low) <= target:
+        high, low = low, low / 2
+    # ε(low) > target ≥ ε(high)
+    while (high - low) > high * 10.0 ** -(digits + 1):
+        mid = (low + high) / 2
+        low, high = (low, mid) if epsilon(mid) <= target else (mid, high)
+    unit = 10.0 ** (math.floor(math.log10(high)) - digits + 1)
+    z = math.ceil(high / unit - 1e-9) * unit
+    while z - unit > 0 and epsilon(round(z - unit, 12)) <= target:
+        z -= unit
+    return float(round(z, 12))

@@ -552,7 +552,7 @@ def _pct(value: str | float) -> str:
 
 
 _SETTING_SYMBOLS = {"learning_rate": "η_l", "mu": "μ", "server_lr": "η_s", "server_momentum": "β", "tau": "τ",
-                    "beta_1": "β₁", "beta_2": "β₂"}
+                    "beta_1": "β₁", "beta_2": "β₂", "clip_factor": "S / mediana de ‖Δ‖"}
 
 
 def _settings_label(text: str) -> str:
@@ -660,23 +660,86 @@ def mcmahan_tuning_table(rows: Rows) -> str:
                                f"{_images(rows[0]['validation_images'])} de entrenamiento apartadas." if seeds else "")
 
 
+PRIVACY_COLUMNS = ("clients", "clients_per_round", "target_epsilon", "noise_multiplier", "noise_std", "epsilon",
+                   "delta", "clip", "local_steps", "batch_size", "learning_rate", "server_momentum", "rounds",
+                   "seed", "final_accuracy", "change_last10")
+
+
+def _change_cell(values: Sequence[float]) -> str:
+    """The last-10-round change in points: mean ± interval across seeds and whether it has settled."""
+    from fedmnist.curves import settled
+
+    if not values:
+        return "—"
+    interval = mean_interval(values)
+    text = format_mean_interval(interval)
+    verdict = settled(interval)
+    if verdict is None:
+        return text
+    return f"{text} ({'estable' if verdict else 'aún sube' if interval.mean > 0 else 'aún baja'})"
+
+
+def _epsilon_cell(sel: Rows) -> str:
+    spent = [r["epsilon"] for r in sel]
+    if all(e == "inf" for e in spent):
+        return "∞"
+    values = sorted({f"{float(e):.2f}" for e in spent})
+    delta = sorted({f"{float(r['delta']):g}" for r in sel})
+    return f"{' / '.join(values)} (δ = {' / '.join(delta)})"
+
+
 def privacy_table(rows: Rows) -> str:
-    """``privacidad``: DP-FedAvg's ε and final accuracy per seed for every (K, z)."""
-    lines = ["| K (m por ronda) | S | z | ruido en la media (σ = z·S/m) | ε final (δ = 1e-5) | "
-             "precisión final (%) por semilla | media (%) | rondas sin respuesta válida |",
+    """``privacidad``: per (K, target ε) the noise, the ε spent, the final accuracy and its last change
+    across seeds, and Geyer et al.'s (2017) figure at the same K beside it."""
+    from fedmnist.published import GEYER_2017_CITATION, describe, geyer_row
+
+    _need(rows, "privacidad.csv", PRIVACY_COLUMNS)
+    lines = ["| K (m por ronda) | ε objetivo | z | ruido en la media (σ = z·S/m) | ε gastado | "
+             "precisión final (%) | cambio en las 10 últimas rondas (puntos) | Geyer et al. (2017), mismo K |",
              "|---|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys((r["clients"], r["noise_multiplier"]) for r in rows):
-        sel = [r for r in rows if (r["clients"], r["noise_multiplier"]) == key]
+    for key in dict.fromkeys((r["clients"], r["target_epsilon"]) for r in rows):
+        sel = [r for r in rows if (r["clients"], r["target_epsilon"]) == key]
         first = sel[0]
-        eps = "∞ (sin ruido)" if first["epsilon"] == "inf" else \
-            " / ".join(f"{float(r['epsilon']):.2f}" for r in sel)
-        accs = [float(r["final_accuracy"]) for r in sel]
-        lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {float(first['clip']):g} | "
-                     f"{float(first['noise_multiplier']):g} | {float(first['noise_std']):.4f} | {eps} | "
-                     f"{' / '.join(_pct(a) for a in accs)} | {sum(accs) / len(accs) * 100:.2f} | "
-                     f"{' / '.join(r['rounds_without_update'] for r in sel)} |")
-    return "\n".join(lines) + f"\n\n{sel[0]['rounds']} rondas; semillas: " + \
-        ", ".join(dict.fromkeys(r["seed"] for r in rows)) + "."
+        private = first["target_epsilon"] != ""
+        changes = [float(r["change_last10"]) for r in sel if r["change_last10"] != ""]
+        target = f"{float(first['target_epsilon']):g}" if private else "sin privacidad"
+        z = f"{float(first['noise_multiplier']):g}" if private else "—"
+        sigma = f"{float(first['noise_std']):.4f}" if private else "—"
+        published = describe(geyer_row(int(first["clients"]))) if private else "—"
+        lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {target} | {z} | {sigma} | "
+                     f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | "
+                     f"{_change_cell(changes)} | {published} |")
+    dp = [r for r in rows if r["target_epsilon"] != ""]
+    base = [r for r in rows if r["target_epsilon"] == ""]
+    notes = []
+    if dp:
+        r = dp[0]
+        notes.append(f"Filas privadas (DP-FedAvgM, recorte en el servidor, muestreo de Poisson): S = {float(r['clip']):g}, "
+                     f"{r['local_steps']} pasos locales de B = {r['batch_size']}, η_l = {float(r['learning_rate']):g}, "
+                     f"β = {float(r['server_momentum']):g}, {r['rounds']} rondas en todas")
+    if base:
+        r = base[0]
+        notes.append(f"sin privacidad: sin recorte ni ruido, η_l = {float(r['learning_rate']):g}, "
+                     f"β = {float(r['server_momentum']):g}, {r['rounds']} rondas")
+    seeds = ", ".join(dict.fromkeys(r["seed"] for r in rows))
+    return "\n".join(lines) + "\n\n" + _cap("; ".join(notes)) + f". Semillas: {seeds}; {CI_NOTE}. " + \
+        "Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10; estable si su IC 95 % contiene 0. " + \
+        f"Geyer et al.: {GEYER_2017_CITATION}."
+
+
+def privacy_tuning_table(rows: Rows) -> str:
+    """``privacidad_ajuste``: every privacy tuning candidate's validation score, the chosen one marked."""
+    _need(rows, "privacidad_ajuste.csv", ("stage", "clients", "settings", "tuning_rounds", "score", "chosen"))
+    stages = {"baseline": "sin privacidad", "dp": "DP"}
+    lines = ["| etapa | K | candidato | rondas | precisión de validación (%), media de las 2 últimas evaluaciones | "
+             "elegido |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        stage = stages.get(r["stage"], r["stage"])
+        if r["stage"] == "dp" and r.get("target_epsilon"):
+            stage += f" (ε = {float(r['target_epsilon']):g})"
+        lines.append(f"| {stage} | {r['clients']} | {_settings_label(r['settings'])} | {r['tuning_rounds']} | "
+                     f"{_pct(r['score'])} | {'sí' if _true(r['chosen']) else ''} |")
+    return "\n".join(lines)
 
 
 def team_privacy_table(rows: Rows) -> str:

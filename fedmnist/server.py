@@ -397,8 +397,8 @@ class Server:
             aggregated = self._finite_or_none(round_, method, rule.aggregate(
                 self.state.weights[method], [(r.weights, n) for r, n in zip(accepted, counts)],
                 self.state.method_state[method], context), warnings)
-        else:  # min_replies == 0: nothing usable came back, the global model stays as it was
-            warnings.append(f"no accepted reply: {method}'s global weights are unchanged")
+        else:  # min_replies == 0: nothing usable came back
+            aggregated = self._empty_round(round_, method, num_sampled, "no accepted reply", warnings)
         losses = [r.train_loss for r in accepted if r.train_loss is not None]
         record, weights, evaluation = self._conclude(
             round_, method, start_sha, aggregated, t0, warnings, num_sampled=num_sampled,
@@ -429,7 +429,7 @@ class Server:
         ``SecureAggregate`` that unmasking gave (``secure_aggregation``), never from individual replies.
 
         ``agg`` None: nothing was unmasked (too few members survived), which counts as a round without
-        accepted replies. ``replied_clients``: the contributors' client ids when the mode knows them
+        accepted replies; so does an aggregate the method refuses (a member that did not clip under DP). ``replied_clients``: the contributors' client ids when the mode knows them
         (empty, or exactly ``agg.num_contributors`` of them). ``train_loss``: the round's mean training loss
         as the mode aggregated it, or None. The record has ``step``'s fields, ``num_replies`` = the
         contributors and nothing about any one update (a note counts the coordinates saturated at the
@@ -474,10 +474,10 @@ class Server:
         t0 = time.perf_counter()
         num_sampled = len(sampled_clients) or len(sampled_nodes) or contributors
         aggregated = None
-        if agg is None:  # min_replies == 0: nothing was unmasked, the global model stays as it was
-            warnings.append(f"no secure aggregate: {method}'s global weights are unchanged")
+        if agg is None:  # min_replies == 0: nothing was unmasked
+            aggregated = self._empty_round(round_, method, num_sampled, "no secure aggregate", warnings)
         elif not _finite(agg.update_sum, agg.control_delta_sum):
-            self._not_adopted(round_, method, warnings)
+            aggregated = self._not_adopted(round_, method, warnings)
         else:
             context = RoundContext(round_, num_sampled)
             try:
@@ -486,10 +486,12 @@ class Server:
                 raise
             except ValidationError as exc:  # e.g. a member that did not clip under DP: the sum cannot be used,
                 step = None                 # and nobody can tell whose it was, so the whole round is refused
-                warnings.append(f"the secure aggregate of round {round_} was refused ({exc}): {method}'s global "
-                                "weights and state are unchanged")
-                log.warning("round %d, %s: %s", round_, method, warnings[-1])
-            aggregated = None if step is None else self._finite_or_none(round_, method, step, warnings)
+                log.warning("round %d, %s: the secure aggregate of round %d was refused (%s)", round_, method,
+                            round_, exc)
+                aggregated = self._empty_round(round_, method, num_sampled,
+                                               f"the secure aggregate of round {round_} was refused ({exc})", warnings)
+            if step is not None:
+                aggregated = self._finite_or_none(round_, method, step, warnings)
         record, weights, evaluation = self._conclude(
             round_, method, start_sha, aggregated, t0, warnings, num_sampled=num_sampled,
             replied_clients=[int(k) for k in replied_clients], train_loss=train_loss, failures=failures,
@@ -498,21 +500,35 @@ class Server:
             num_replies=contributors)
         return StepResult(record, weights, evaluation, [], {}, warnings)
 
-    @staticmethod
-    def _not_adopted(round_: int, method: str, warnings: list[str]) -> None:
-        warnings.append(f"the aggregate of round {round_} is not finite: {method}'s global weights and "
-                        "state are unchanged")
+    def _empty_round(self, round_: int, method: str, num_sampled: int, why: str,
+                     warnings: list[str]) -> tuple[list[np.ndarray], dict] | None:
+        """A round without a usable update: the method's ``empty_round`` (None: weights and state unchanged;
+        DP-FedAvg releases the noise alone and counts the round), with a note saying which."""
+        rule = self.methods[method]
+        step = rule.empty_round(self.state.weights[method], self.state.method_state[method],
+                                RoundContext(round_, num_sampled))
+        if step is None:
+            warnings.append(f"{why}: {method}'s global weights and state are unchanged")
+            return None
+        warnings.append(f"{why}: {method} released its noise alone, and the round counts towards epsilon")
+        return self._finite_or_none(round_, method, step, warnings)
+
+    def _not_adopted(self, round_: int, method: str, warnings: list[str]) -> tuple[list[np.ndarray], dict] | None:
+        """The current weights and the method's ``unadopted_state`` (None when that is the state as it was)."""
+        warnings.append(f"the aggregate of round {round_} is not finite: {method}'s global weights are unchanged")
         log.warning("round %d, %s: %s", round_, method, warnings[-1])
+        state = self.state.method_state[method]
+        charged = self.methods[method].unadopted_state(state)
+        return None if charged is state else (self.state.weights[method], charged)
 
     def _finite_or_none(self, round_: int, method: str, aggregated: tuple[list[np.ndarray], dict],
                         warnings: list[str]) -> tuple[list[np.ndarray], dict] | None:
-        """The method's (weights, state) when finite, else None with a warning: finite replies can still
-        overflow (a huge update, a server optimiser's moments), and the server never adopts a model or a
-        state it could not resume from."""
+        """The method's (weights, state) when finite; else the weights unchanged and the state as the method
+        says for an unadopted step (``_not_adopted``): finite replies can still overflow (a huge update, a
+        server optimiser's moments), and the server never adopts a model or a state it could not resume from."""
         if _finite(*aggregated):
             return aggregated
-        self._not_adopted(round_, method, warnings)
-        return None
+        return self._not_adopted(round_, method, warnings)
 
     def _conclude(
         self, round_: int, method: str, start_sha: str, aggregated: tuple[list[np.ndarray], dict] | None,

@@ -110,6 +110,9 @@ class SimulationConfig:
     eval_every: int = default("eval-every")
     stop_at_target: bool = default("stop-at-target")
     seed: int = DEFAULT_SEED
+    local_steps: int | None = None
+    """Minibatch steps every client takes per round (None: ``training.epochs`` whole epochs). Fixes the local
+    work when the federation's size, and so each client's number of images, changes."""
 
     @classmethod
     def create(cls, **settings) -> SimulationConfig:
@@ -183,6 +186,8 @@ class SimulationConfig:
         _need(0 < self.target_accuracy <= 1, f"target accuracy must be in (0, 1] (got {self.target_accuracy})")
         _need(_is_int(self.eval_every) and self.eval_every >= 1, f"eval_every must be an integer >= 1 (got {self.eval_every!r})")
         _need(_is_int(self.seed) and self.seed >= 0, f"the seed must be an integer >= 0 (got {self.seed!r})")
+        _need(self.local_steps is None or (_is_int(self.local_steps) and self.local_steps >= 1),
+              f"local steps must be an integer >= 1 or None (got {self.local_steps!r})")
         self.method.check_clients(self.clients_per_round, self.krum_f)
         if any(m in DRIFT_CORRECTED for m in self.method.methods):
             from fedmnist.training import check_scaffold_optimizer
@@ -207,6 +212,8 @@ class SimulationConfig:
         out["privacy"] = self.privacy.to_dict() if self.privacy is not None else None
         if self.secure is None:
             del out["secure"]  # a plain run's settings, and so its checkpoints' hash, stay as they were
+        if self.local_steps is None:
+            del out["local_steps"]  # likewise for runs counted in whole epochs
         return out
 
     @classmethod
@@ -324,7 +331,8 @@ def client_tasks(config: SimulationConfig, round_: int, clients: list[int], star
     flip = config.threat.attack in DATA_ATTACKS
     return [ClientTask(k, start, instructions, training_seed(config.seed, round_, k), config.training.epochs,
                        config.training.batch_size, flip_labels=flip and k in malicious,
-                       state=None if states is None else ClientState(states.get(k))) for k in clients]
+                       state=None if states is None else ClientState(states.get(k)), steps=config.local_steps)
+            for k in clients]
 
 
 def collect_replies(outcomes: list, config: SimulationConfig, round_: int, start: list[np.ndarray],
@@ -638,8 +646,8 @@ def plot_title(config: SimulationConfig) -> str:
     fed = config.federation
     split = {"iid": "IID", "dirichlet": f"Dirichlet (α = {fed.alpha:g})",
              "shards": f"{fed.shards_per_client} fragmentos por cliente"}[fed.partition]
-    title = (f"{split}, K={fed.num_clients}, C={config.fraction:g}, E={config.training.epochs}, "
-             f"B={config.training.batch_size}")
+    local = f"E={config.training.epochs}" if config.local_steps is None else f"{config.local_steps} pasos locales"
+    title = f"{split}, K={fed.num_clients}, C={config.fraction:g}, {local}, B={config.training.batch_size}"
     if config.threat.attack:
         from fedmnist.labels import attack_name
 
@@ -706,7 +714,7 @@ def _privacy_summary(result: SimulationResult) -> dict | None:
 
     accountant = PrivacyAccountant.from_config(config.privacy, config.federation.num_clients,
                                                config.clients_per_round)
-    releases = max(sum(r.num_replies > 0 for r in rows) for rows in result.metrics.values())
+    releases = max(len(rows) for rows in result.metrics.values())  # every round is charged
     verdict = privacy_verdict(accountant, releases)
     return {"settings": config.privacy.to_dict(), "adjacency": accountant.adjacency, "delta": accountant.delta,
             "epsilon": verdict.epsilon, "meaningful": verdict.meaningful, "verdict": verdict.message,

@@ -141,6 +141,8 @@ class ClientTask:
     batch_size: int
     flip_labels: bool = False
     state: ClientState | None = None
+    steps: int | None = None
+    """Minibatch steps instead of whole epochs (``ClientTrainer.train``'s ``steps``); None: ``epochs`` epochs."""
 
     def __post_init__(self) -> None:
         _check_weights(self.weights)
@@ -157,6 +159,9 @@ class ClientTask:
             raise ConfigError(f"client ids start at 1 (got {self.client_id})")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{self.describe()}: epochs and batch size must be at least 1")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer))
+                                       or self.steps < 1):
+            raise ConfigError(f"{self.describe()}: local steps must be an integer >= 1 (got {self.steps!r})")
         if self.seed < 0:
             raise ConfigError(f"{self.describe()}: the seed must be >= 0 (got {self.seed})")
 
@@ -251,7 +256,7 @@ def execute_task(trainer: ClientTrainer, data: WorkerData, task: Task) -> Client
             y = attacks.flip_labels(y)
         reply, state = client_step(trainer, task.weights, x, y, task.instructions, task.state,
                                    epochs=task.epochs, batch_size=task.batch_size, seed=task.seed,
-                                   client_id=task.client_id)
+                                   client_id=task.client_id, steps=task.steps)
         return ClientResult(task.client_id, reply, state, time.perf_counter() - t0)
     if isinstance(task, EvalTask):
         stop = data.num_test if task.stop is None else min(task.stop, data.num_test)

@@ -234,8 +234,14 @@ class ClientTrainer:
         y_val: np.ndarray | None = None,
         correction: Weights | None = None,
         on_epoch: Callable[[dict[str, list[float]]], bool] | None = None,
+        steps: int | None = None,
     ) -> TrainResult:
         """Train from ``global_weights`` on (x, y) for ``epochs`` epochs; deterministic for a seed.
+
+        ``steps`` (None: whole epochs) trains exactly that many minibatch steps of ``batch_size`` instead,
+        over a stream of freshly shuffled passes (a batch may straddle two passes), whatever the size of
+        the partition: what fixes the local work per round across federations of different sizes. The
+        history then has one entry for the whole stream, and ``epochs`` is not used.
 
         ``mu > 0`` adds FedProx's proximal term anchored at ``global_weights``. ``correction`` (SCAFFOLD's
         ``c − c_i``, one array per weight array) is added to every step's gradient; it needs a trainer
@@ -272,10 +278,9 @@ class ClientTrainer:
         if x_val is not None and len(x_val):
             history.update(val_loss=[], val_accuracy=[])
         num_steps = 0
-        for _ in range(epochs):
-            order = tf.convert_to_tensor(rng.permutation(len(x)).astype(np.int32))
-            loss, accuracy, steps = epoch_fn(x_t, y_t, order, tf.constant(batch_size, tf.int32))
-            num_steps += int(steps)
+        for order in _orders(len(x), epochs, batch_size, steps, rng):
+            loss, accuracy, taken = epoch_fn(x_t, y_t, tf.convert_to_tensor(order), tf.constant(batch_size, tf.int32))
+            num_steps += int(taken)
             history["loss"].append(float(loss))
             history["accuracy"].append(float(accuracy))
             if "val_loss" in history:
@@ -285,6 +290,18 @@ class ClientTrainer:
             if on_epoch is not None and on_epoch(history):
                 break
         return TrainResult(self.get_weights(), len(x), history, num_steps)
+
+
+def _orders(n: int, epochs: int, batch_size: int, steps: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """The index orders the compiled epoch runs: one permutation per epoch, or, with ``steps``, one stream of
+    ``steps·batch_size`` indices cut from ⌈steps·batch_size / n⌉ concatenated permutations."""
+    if steps is None:
+        return [rng.permutation(n).astype(np.int32) for _ in range(epochs)]
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ConfigError(f"local steps must be an integer >= 1 (got {steps!r})")
+    need = int(steps) * batch_size
+    passes = -(-need // n)
+    return [np.concatenate([rng.permutation(n) for _ in range(passes)])[:need].astype(np.int32)]
 
 
 def validation_split(

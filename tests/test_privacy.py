@@ -20,8 +20,10 @@ from fedmnist.privacy import (
     clip_client_weights,
     clip_update,
     default_delta,
+    dp_empty_step,
     dp_fedavg_step,
     geometric_clip_update,
+    noise_for_epsilon,
     noisy_unclipped_fraction,
     poisson_sample,
     privacy_verdict,
@@ -242,6 +244,29 @@ def test_step_is_the_equal_weight_mean_of_clipped_updates_plus_noise():
     for c, b in zip(clients, before):
         for w, wb in zip(c, b):
             np.testing.assert_array_equal(w, wb)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_round_without_usable_updates_releases_the_noise_alone_and_counts(adaptive):
+    # Prepare: S = 1.5, z = 0.9, m = 4 clients sampled, none usable
+    rng = np.random.default_rng(8)
+    g = make_layers(rng)
+    config = DPConfig(noise_multiplier=0.9, clip=1.5, adaptive=adaptive, clipped_count_stddev=1.0 if adaptive else None)
+    _, xi = standard_normals(9, SHAPES)
+
+    # Execute
+    result = dp_empty_step(g, config, DPState(1.5, releases=6), 4, noise=xi, count_noise=0.3 if adaptive else None)
+
+    # Assert: w + z_Δ·S·ξ/m by hand, one release more; adaptive: b̃ = (0 + σ_b·0.3)/m moves S
+    z_delta = config.noise_params(4)[0]
+    for got, gl, x in zip(result.weights, g, xi):
+        np.testing.assert_allclose(got, gl + z_delta * 1.5 * x / 4, rtol=1e-5, atol=1e-6)
+    assert result.state.releases == 7 and result.noise_std == pytest.approx(z_delta * 1.5 / 4)
+    if adaptive:
+        assert result.unclipped_fraction == pytest.approx(0.3 / 4)
+        assert result.state.clip == pytest.approx(geometric_clip_update(1.5, 0.3 / 4, 0.5, 0.2))
+    else:
+        assert result.state.clip == 1.5 and result.unclipped_fraction is None
 
 
 def test_step_is_seeded():
@@ -722,3 +747,29 @@ def test_poisson_sample_is_seeded_and_has_rate_q():
 
     assert a == poisson_sample(10_000, 0.1, np.random.default_rng(0))
     assert a == sorted(set(a)) and abs(len(a) - 1000) < 6 * math.sqrt(900)
+
+
+@pytest.mark.parametrize(("target", "rounds", "clients", "per_round", "delta", "sampling"), [
+    (8.0, 30, 1000, 100, 1e-5, "poisson"),
+    (2.0, 30, 1000, 100, 1e-5, "poisson"),
+    (8.0, 12, 100, 10, 1e-5, "without_replacement"),
+])
+def test_noise_for_epsilon_is_the_smallest_z_the_accountant_accepts(target, rounds, clients, per_round, delta,
+                                                                   sampling):
+    z = noise_for_epsilon(target, rounds, clients, per_round, delta, sampling=sampling, digits=3)
+
+    def epsilon(noise):
+        return PrivacyAccountant(noise, clients, per_round, delta, sampling).epsilon(rounds)
+
+    unit = 10.0 ** (math.floor(math.log10(z)) - 2)
+    assert epsilon(z) <= target < epsilon(z - unit)  # three significant digits: one unit less is too little
+    assert z == float(f"{z:.3g}")
+
+
+def test_noise_for_epsilon_grows_with_the_rounds_and_refuses_a_bad_target():
+    fewer = noise_for_epsilon(8.0, 10, 1000, 100, 1e-5, digits=2)
+    more = noise_for_epsilon(8.0, 40, 1000, 100, 1e-5, digits=2)
+
+    assert fewer < more
+    with pytest.raises(ConfigError, match="target ε must be > 0"):
+        noise_for_epsilon(0.0, 10, 1000, 100, 1e-5)

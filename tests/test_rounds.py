@@ -152,3 +152,86 @@ def test_sample_round_is_seeded_over_sorted_ids_or_secret():
     assert sample_round(nodes, 1.0, 1, SEED, rate=1.0) == sorted(nodes)
     assert sample_round(nodes, 1.0, 1, SEED, rate=0.0) == []
 
+
+
+class ReplyLessClients(FakeClients):
+    """FakeClients whose round ``silent`` replies come from the wrong start (all refused by the server)."""
+
+    def __init__(self, num_clients: int, silent: int):
+        super().__init__(num_clients)
+        self.silent = silent
+
+    def exchange(self, round_, sampled, batches):
+        gathered = super().exchange(round_, sampled, batches)
+        if round_ == self.silent:
+            for got in gathered:
+                for reply in got.replies:
+                    reply.start_sha256 = "0" * 64
+        return gathered
+
+
+def test_a_dp_round_without_valid_replies_releases_noise_and_is_charged_to_epsilon(tmp_path, start):
+    from fedmnist.privacy import DPConfig, PrivacyAccountant
+    from fedmnist.seeds import server_rng
+
+    # Prepare: DP-FedAvgM (server momentum on the noised mean), 10 clients, 5 a round, every reply of round 2 refused
+    dp = DPConfig(1.0, 0.05, delta=1e-5, sampling="poisson")
+    methods = with_dp(build_methods(MethodConfig(("fedavgm",), server_momentum=0.5)), dp, 10, 5, SEED)
+    spec = _spec(methods)
+    server = Server(methods, ServerState.initial(methods, start))
+    clients = ReplyLessClients(10, silent=2)
+    seen = {}
+
+    # Execute
+    run_rounds(server, clients, LoopConfig(3, 0.5, SEED), _writer(tmp_path, spec),
+               lambda r, rows: seen.setdefault(r, [w.copy() for w in server.weights("fedavgm")]))
+
+    # Assert: three rounds, three releases: ε after round 2 is the accountant's for two rounds
+    accountant = PrivacyAccountant(1.0, 10, 5, 1e-5, sampling="poisson")
+    rows = server.history("fedavgm")
+    assert rows[1].num_replies == 0 and rows[1].num_sampled > 0
+    assert [r.epsilon for r in rows] == [accountant.epsilon(t) for t in (1, 2, 3)]
+    assert server.state.method_state["fedavgm"]["releases"] == 3
+    assert any("released its noise alone" in n for n in rows[1].notes)
+    # round 2 released w + β·m + z·S·ξ/m: the noise alone, through the server momentum (state "server")
+    noise = server_rng(SEED, 2)
+    xi = [noise.standard_normal(w.shape) for w in start]
+    momentum = [b - a for a, b in zip(seen[1], start)]  # round 1's buffer: m₁ = w₀ − w₁ (zero buffer before)
+    expected = [w1 - 0.5 * m1 + 1.0 * 0.05 * x / 5 for w1, m1, x in zip(seen[1], momentum, xi)]
+    for got, want in zip(seen[2], expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # the checkpoint restores it, and a checkpoint that did not charge a round is refused
+    restored = load_state(tmp_path / CHECKPOINT_FILE, spec)
+    assert restored.method_state["fedavgm"]["releases"] == 3 and restored.method_state["fedavgm"]["server"]["t"] == 3
+    undercharged = ServerState(3, restored.weights, {"fedavgm": {**restored.method_state["fedavgm"], "releases": 2}},
+                               restored.history)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / CHECKPOINT_FILE).write_bytes(state_bytes(spec, undercharged))
+    with pytest.raises(ConfigError, match="counts 2 noised rounds, not the 3 completed"):
+        load_state(tmp_path / "bad" / CHECKPOINT_FILE, spec)
+
+
+def test_a_dp_run_resumed_across_a_round_without_replies_equals_an_uninterrupted_one(tmp_path, start):
+    from fedmnist.privacy import DPConfig
+
+    dp = DPConfig(1.0, 0.05, delta=1e-5, sampling="poisson")
+    methods = with_dp(build_methods(MethodConfig(("fedavgm",), server_momentum=0.5)), dp, 10, 5, SEED)
+    whole = Server(methods, ServerState.initial(methods, start))
+    run_rounds(whole, ReplyLessClients(10, 2), LoopConfig(3, 0.5, SEED), _writer(tmp_path / "whole", _spec(methods)))
+
+    class Killed(Exception):
+        pass
+
+    def kill(round_, rows):
+        if round_ == 2:
+            raise Killed
+
+    cut = Server(methods, ServerState.initial(methods, start))
+    with pytest.raises(Killed):
+        run_rounds(cut, ReplyLessClients(10, 2), LoopConfig(3, 0.5, SEED), _writer(tmp_path / "cut", _spec(methods)),
+                   kill)
+    resumed = Server(methods, load_state(tmp_path / "cut" / CHECKPOINT_FILE, _spec(methods)))
+    run_rounds(resumed, ReplyLessClients(10, 2), LoopConfig(3, 0.5, SEED), _writer(tmp_path / "cut", _spec(methods)))
+
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.state.weights["fedavgm"], whole.state.weights["fedavgm"]))
+    assert [r.comparable() for r in resumed.state.history] == [r.comparable() for r in whole.state.history]

@@ -358,3 +358,9 @@ def test_secure_aggregation_simulation_goes_on_when_a_poisson_sample_is_too_smal
     for row in small:
         assert row.num_replies == 0
         assert any("secure aggregation" in f and "aborted" in f for f in row.failed), row.failed
+        assert any("released its noise alone" in n for n in row.notes), row.notes
+    # an aborted round is still a round of the mechanism: ε after round t is the accountant's for t rounds
+    from fedmnist.privacy import PrivacyAccountant
+
+    accountant = PrivacyAccountant(0.5, 3, 1, rows[0].delta, sampling="poisson")
+    assert [r.epsilon for r in rows] == [accountant.epsilon(t) for t in range(1, 7)]

@@ -196,6 +196,31 @@ def test_client_side_adaptive_dp_refuses_a_reply_without_its_bit(start):
     assert "unclipped bit" in step.record.failed[0] and "client 3" in step.record.failed[0]
 
 
+def test_dp_fedavgm_steps_its_momentum_from_the_noised_mean_and_checks_its_state(start):
+    from fedmnist.methods import ServerOptError, build_methods, with_privacy
+    from fedmnist.privacy import DPConfig, DPState, dp_fedavg_step
+    from fedmnist.seeds import server_rng
+    from fedmnist.server_opt import server_step
+
+    dp = DPConfig(0.5, 0.01)
+    method = with_privacy(build_methods(MethodConfig(("fedavgm",), server_momentum=0.7))[0], dp, 6, 3, seed=1)
+    server = Server([method], ServerState.initial([method], start))
+    replies = [reply(start, k, 0.001 * k) for k in (1, 2, 3)]
+
+    step = server.step(1, "fedavgm", replies, evaluate=False)
+
+    # the DP release (clip, equal weights, z·S/m) then FedAvgM from it: post-processing of the release
+    released = dp_fedavg_step(start, [r.weights for r in replies], dp, DPState(0.01), server_rng(1, 1), num_sampled=3)
+    want, server_state = server_step(method.optimizer, start, released.weights)
+    assert all(np.array_equal(a, b) for a, b in zip(step.weights, want))
+    state = server.state.method_state["fedavgm"]
+    assert state["releases"] == 1 and state["server"]["t"] == server_state["t"] == 1
+    method.check_state(state, start)
+    for bad in ({"clip": 0.01, "releases": 1}, {**state, "server": {"method": "fedadam"}}):
+        with pytest.raises(ServerOptError):
+            method.check_state(bad, start)
+
+
 # --- SCAFFOLD replies ---------------------------------------------------------------------------
 
 

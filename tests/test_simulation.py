@@ -744,3 +744,19 @@ def test_a_diverged_scaffold_client_fails_its_round_and_keeps_its_control(raw_mn
     state = load_checkpoint(tmp_path / CHECKPOINT_FILE, config.replace(rounds=2),
                             prepare_federation(config.federation, config.seed, mnist=raw_mnist).sha256)
     assert state.client_state.get("scaffold", {}) == {}
+
+
+def test_local_steps_are_a_setting_that_leaves_epoch_runs_hash_unchanged():
+    from fedmnist.client import Instructions
+    from fedmnist.simulation import client_tasks
+
+    stepped = TINY.replace(local_steps=7)
+
+    assert "local_steps" not in TINY.to_dict() and stepped.to_dict()["local_steps"] == 7
+    assert SimulationConfig.from_dict(stepped.to_dict()) == stepped and stepped.sha256() != TINY.sha256()
+    assert SimulationConfig.from_dict(TINY.to_dict()).local_steps is None
+    weights = [np.zeros(2, np.float32)]
+    (task,) = client_tasks(stepped, 1, [3], weights, Instructions(1), set())
+    assert task.steps == 7 and client_tasks(TINY, 1, [3], weights, Instructions(1), set())[0].steps is None
+    with pytest.raises(ConfigError, match="local steps must be an integer >= 1"):
+        TINY.replace(local_steps=0).validate()

@@ -222,6 +222,29 @@ def test_num_steps_counts_every_batch(trainer, sgd_trainer, start_weights, image
                              x_val=x_val, y_val=y_val, correction=zero_correction()).num_steps == 2 * 3
 
 
+def test_local_steps_stream_reshuffled_passes_and_take_exactly_that_many_steps(trainer, start_weights, images):
+    from fedmnist.training import _orders
+
+    x, y, _, _ = images
+    # 7 images, B = 3, 5 steps: 15 indices cut from three freshly shuffled passes of 0..6
+    (stream,) = _orders(7, epochs=9, batch_size=3, steps=5, rng=np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    passes = np.concatenate([rng.permutation(7) for _ in range(3)])
+    assert np.array_equal(stream, passes[:15]) and stream.dtype == np.int32
+    assert sorted(stream[:7]) == list(range(7)) and sorted(stream[7:14]) == list(range(7))
+    # whole epochs unchanged: one permutation per epoch, in the generator's order
+    rng = np.random.default_rng(2)
+    assert all(np.array_equal(a, rng.permutation(5)) for a in _orders(5, 2, 3, None, np.random.default_rng(2)))
+    # 4 steps of B = 10 on 64 images (less than one pass) and 25 on 30 (more than eight passes)
+    short = trainer.train(start_weights, x, y, epochs=3, batch_size=10, seed=4, steps=4)
+    long = trainer.train(start_weights, x[:30], y[:30], epochs=1, batch_size=10, seed=4, steps=25)
+    assert short.num_steps == 4 and long.num_steps == 25 and len(short.history["loss"]) == 1
+    assert_weights_identical(short.weights, trainer.train(start_weights, x, y, epochs=1, batch_size=10, seed=4,
+                                                          steps=4).weights)  # epochs are not used
+    with pytest.raises(ConfigError, match="local steps must be an integer >= 1"):
+        trainer.train(start_weights, x, y, epochs=1, batch_size=10, steps=0)
+
+
 def test_scaffold_does_not_retrace_for_a_new_client(start_weights, images):
     # Prepare
     x, y, x_other, y_other = images

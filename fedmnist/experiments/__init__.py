@@ -28,7 +28,7 @@ from fedmnist.experiments.drift import DRIFT_CSV, DRIFT_TUNING_CSV
 from fedmnist.experiments.fedprox_mu import PROX_CSV
 from fedmnist.experiments.heterogeneity import HETERO_CSV, HETERO_TUNING_CSV
 from fedmnist.experiments.mcmahan import MCMAHAN_CSV, MCMAHAN_TUNING_CSV
-from fedmnist.experiments.privacy import PRIVACY_CSV, TEAM_PRIVACY_CSV
+from fedmnist.experiments.privacy import PRIVACY_CSV, PRIVACY_TUNING_CSV, TEAM_PRIVACY_CSV
 from fedmnist.experiments.profiles import PROFILES, Profile
 from fedmnist.experiments.run import ENV_FILE, EXPERIMENTS, run_experiments
 
@@ -48,6 +48,7 @@ __all__ = [
     "MCMAHAN_CSV",
     "MCMAHAN_TUNING_CSV",
     "PRIVACY_CSV",
+    "PRIVACY_TUNING_CSV",
     "PROFILES",
     "PROX_CSV",
     "TEAM_PRIVACY_CSV",

@@ -105,15 +105,44 @@ class Profile:
     mcmahan_validation: int = 6_000
     """Training images held out as the tuning runs' validation set."""
     dp_clients: tuple[int, ...] = (100, 1000)
-    """Federation sizes K of the DP-FedAvg runs (IID, equal parts, C = ``dp_fraction``)."""
-    dp_noises: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
-    dp_rounds: int = 20
+    """Federation sizes K of the privacy experiment (IID, equal parts): the factor varied with the clip, the
+    local steps and the rounds fixed (K = 6,000 clients of 10 images runs too; see the full profile's costs)."""
+    dp_epsilons: tuple[float, ...] = (8.0, 2.0)
+    """Target ε of the DP runs, each met at the fixed rounds by the noise multiplier the accountant gives
+    (``privacy.noise_for_epsilon``); the first is the one the DP settings are tuned at."""
+    dp_delta: float | None = None
+    """δ of every DP run (None: ``privacy.default_delta(K)`` = min(10⁻⁵, 1/(10·K)), below 1/K)."""
     dp_fraction: float = 0.1
-    dp_train_subset: int | None = None
+    """C: each client joins a round with probability q = ⌊C·K⌋/K (Poisson sampling, add-or-remove-one ε);
+    the non-private baselines sample ⌊C·K⌋ clients without replacement."""
+    dp_local_steps: int = 30
+    """Minibatch steps every client takes per round, whatever its number of images (``local_steps``)."""
+    dp_batch_size: int = 10
+    dp_rounds: int = 300
+    """Rounds of every DP run (all K, all ε): the T the noise multipliers are calibrated for."""
+    dp_baseline_rounds: int = 300
+    """Rounds of the non-private baselines: fixed and generous, so that they stop improving (the table
+    reports the change over their last 10 rounds)."""
     dp_eval_every: int = 5
+    dp_train_subset: int | None = None
+    dp_tuning_clients: int = 1000
+    """K of the tuning runs (on the validation split, ``dp_tuning_seed``); their choice holds for every K."""
+    dp_tuning_rounds: int = 60
+    """Rounds of every tuning run (a DP tuning run uses the final runs' noise and stops early)."""
+    dp_validation: int = 6_000
+    """Training images held out as the tuning runs' validation set."""
+    dp_tuning_seed: int = DEFAULT_SEED
+    dp_seeds: tuple[int, ...] = (DEFAULT_SEED + 1, DEFAULT_SEED + 2, DEFAULT_SEED + 3)
+    """Evaluation seeds of the baselines and DP runs (never the tuning seed)."""
+    dp_baseline_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"learning_rate": (0.05, 0.1, 0.2), "server_momentum": (0.0, 0.9)})
+    """Candidates of the non-private baseline (FedAvgM; server momentum 0 is FedAvg), product of the values."""
+    dp_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"clip_factor": (0.1, 0.25, 0.5), "server_momentum": (0.5, 0.9)})
+    """Candidates of the DP runs at the first target ε, with the baseline's client rate: the clip norm S as a
+    factor of the median round-1 update norm, and the server momentum (DP-FedAvgM)."""
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
-    dp_seeds: tuple[int, ...] | None = None
-    """Seeds of the DP-FedAvg runs (None: ``seeds``)."""
+    dp_team_rounds: int = 20
     ceiling_seeds: tuple[int, ...] = (42, 43, 44, 45, 46)
     """Seeds of the central reference (``run_ceiling``): initial weights, validation draw and training order."""
     ceiling_validation: int = 6_000
@@ -175,9 +204,43 @@ class Profile:
                                   f"rounds, methods) (got {case!r})")
             check_int(case[1], f"profile {self.name}: McMahan {case[0]} tuning rounds", 1)
             check_int(case[2], f"profile {self.name}: McMahan {case[0]} rounds", 1)
+        self._validate_privacy()
         if "bulyan" in self.attack_methods and self.attack_clients < 4 * self.attack_krum_f + 3:
             raise ConfigError(f"profile {self.name}: Bulyan with f = {self.attack_krum_f} needs at least "
                               f"{4 * self.attack_krum_f + 3} attack_clients (got {self.attack_clients})")
+
+
+    def _validate_privacy(self) -> None:
+        """ConfigError for privacy settings the experiment cannot run (naming the field)."""
+        name = f"profile {self.name}"
+        for field_name in ("dp_local_steps", "dp_batch_size", "dp_rounds", "dp_baseline_rounds", "dp_eval_every",
+                           "dp_tuning_rounds", "dp_validation", "dp_tuning_clients", "dp_team_rounds"):
+            check_int(getattr(self, field_name), f"{name}: {field_name}", 1)
+        check_int(self.dp_tuning_seed, f"{name}: dp_tuning_seed", 0)
+        if not self.dp_clients or len(set(self.dp_clients)) != len(self.dp_clients):
+            raise ConfigError(f"{name}: dp_clients must be distinct federation sizes (got {self.dp_clients!r})")
+        for k in (*self.dp_clients, self.dp_tuning_clients):
+            check_int(k, f"{name}: every federation size of dp_clients", 2)
+        if not self.dp_seeds or len(set(self.dp_seeds)) != len(self.dp_seeds) or self.dp_tuning_seed in self.dp_seeds:
+            raise ConfigError(f"{name}: dp_seeds must be distinct and exclude the tuning seed {self.dp_tuning_seed} "
+                              f"(got {self.dp_seeds!r})")
+        if not self.dp_epsilons or not all(isinstance(e, (int, float)) and e > 0 for e in self.dp_epsilons):
+            raise ConfigError(f"{name}: dp_epsilons must be target ε > 0 (got {self.dp_epsilons!r})")
+        if not 0 < self.dp_fraction <= 1:
+            raise ConfigError(f"{name}: dp_fraction must be in (0, 1] (got {self.dp_fraction})")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1 / max(self.dp_clients):
+            raise ConfigError(f"{name}: dp_delta must be in (0, 1/K) for every K of dp_clients (got {self.dp_delta})")
+        if set(self.dp_baseline_grid) - {"learning_rate", "server_momentum"} \
+                or set(self.dp_grid) - {"clip_factor", "server_momentum", "learning_rate"}:
+            raise ConfigError(f"{name}: dp_baseline_grid takes learning_rate and server_momentum; dp_grid "
+                              "clip_factor, server_momentum and learning_rate")
+        for grid in (self.dp_baseline_grid, self.dp_grid):
+            for key, values in grid.items():
+                if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ConfigError(f"{name}: the candidates of {key} must be numbers (got {values!r})")
+                if any(v < 0 or (key != "server_momentum" and v == 0) or (key == "server_momentum" and v >= 1)
+                       for v in values):
+                    raise ConfigError(f"{name}: a candidate of {key} is out of range (got {values!r})")
 
 
 PROFILES: dict[str, Profile] = {
@@ -192,9 +255,13 @@ PROFILES: dict[str, Profile] = {
         drift_optimizers=(("adam", 1e-3, 0.0),),
         drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1, ("fedavg",)),), mcmahan_seeds=(DEFAULT_SEED + 1,), mcmahan_grid={},
-        dp_clients=(20,), dp_noises=(0.0, 1.0), dp_rounds=2, dp_train_subset=2_000, dp_eval_every=1,
-        dp_team_noises=(1.0,), dp_seeds=(DEFAULT_SEED,), ceiling_seeds=(DEFAULT_SEED,), ceiling_validation=300,
-        ceiling_patience=1, ceiling_max_epochs=2, ceiling_train_subset=1_500,
+        dp_clients=(20, 40), dp_epsilons=(8.0,), dp_local_steps=2, dp_batch_size=10, dp_rounds=2,
+        dp_baseline_rounds=2, dp_eval_every=1, dp_train_subset=2_000, dp_tuning_clients=20, dp_tuning_rounds=1,
+        dp_validation=400, dp_seeds=(DEFAULT_SEED + 1,), dp_baseline_grid={"learning_rate": (0.1,),
+                                                                            "server_momentum": (0.0, 0.9)},
+        dp_grid={"clip_factor": (0.5,), "server_momentum": (0.9,)}, dp_team_noises=(1.0,), dp_team_rounds=2,
+        ceiling_seeds=(DEFAULT_SEED,), ceiling_validation=300, ceiling_patience=1, ceiling_max_epochs=2,
+        ceiling_train_subset=1_500,
     ),
     "full": Profile(
         # sizes chosen so that every experiment but McMahan's and privacy fits about four hours on
@@ -211,6 +278,13 @@ PROFILES: dict[str, Profile] = {
         # round with --workers 2 on an otherwise idle 2-core machine: IID ~1 h, shards ~2.5 h (resumable)
         mcmahan=(("iid", 5, 50, ("fedavg", "fedavgm", "fedadagrad")),
                  ("shards", 10, 150, ("fedavg", "scaffold", "fedyogi"))),
-        dp_seeds=(42, 43),
+        # privacy (the defaults of the dp_* fields): IID, C = 0.1 (Poisson under DP), 30 local steps of B = 10, SGD,
+        # FedAvgM, 300 rounds for the baselines and for every (K, ε), seeds 43-45, tuned at K = 1,000 on a
+        # 6,000-image validation split with seed 42 (12 tuning runs of 60 rounds). Measured per round, in one
+        # process on this 2-core machine while other jobs ran (wall s / CPU s): K = 100 (m = 10) 6 / 2.3,
+        # K = 1,000 (m = 100) 14-21 / 14-15, K = 6,000 of 10 images (m ≈ 600 Poisson, DP) ~100 / 91 at 2.1 GB peak.
+        # Expected with --workers 2 on the idle machine (about CPU / 2): K = 1,000 ~7.5 s, K = 100 ~1 s, so
+        # tuning ~1.5 h, baselines ~2.1 h, DP runs ~4.2 h: ~8 h in all (~16-20 h at the load measured).
+        # K = 6,000 (add it to dp_clients) costs ~45 s a round: ~33 h more for its baseline and both ε.
     ),
 }

@@ -1,0 +1,172 @@
+"""The privacy experiment (essay §3.8): its one-factor-at-a-time grid, its table, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedmnist import experiments
+from fedmnist.checkpoint import flat_settings
+from fedmnist.errors import ConfigError
+from fedmnist.experiments import privacy as exp
+from fedmnist.experiments.profiles import PROFILES, Profile
+from fedmnist.published import GEYER_2017, PENDING, describe, geyer_row
+from fedmnist.result_tables import StaleResults, privacy_table, privacy_tuning_table
+
+GRID = Profile(name="grid", seeds=(1, 2), dp_clients=(100, 1000), dp_epsilons=(8.0, 2.0), dp_rounds=20,
+               dp_baseline_rounds=50)
+CHOSEN = {"baseline": {"learning_rate": 0.2, "server_momentum": 0.0},
+          "dp": {"learning_rate": 0.1, "clip_factor": 0.5, "server_momentum": 0.9, "clip": 0.35}}
+
+
+def _diff(a, b) -> set[str]:
+    fa, fb = flat_settings(a.to_dict()), flat_settings(b.to_dict())
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+def test_cases_vary_one_factor_at_a_time_with_clip_steps_and_rounds_fixed():
+    cases = exp.privacy_cases(GRID)
+
+    assert [(c.clients, c.target_epsilon, c.rounds) for c in cases] == [
+        (100, None, 50), (1000, None, 50), (100, 8.0, 20), (100, 2.0, 20), (1000, 8.0, 20), (1000, 2.0, 20)]
+    configs = {(c.clients, c.target_epsilon): exp.final_config(GRID, c, 43, CHOSEN) for c in cases}
+    # K alone: the same z (q = m/K = 0.1 and δ = 1e-5 at both K), clip, local steps, batch, rates, rounds
+    assert _diff(configs[100, 8.0], configs[1000, 8.0]) == {"federation.num_clients"}
+    assert _diff(configs[100, 2.0], configs[1000, 2.0]) == {"federation.num_clients"}
+    # ε alone: only the noise multiplier
+    assert _diff(configs[1000, 8.0], configs[1000, 2.0]) == {"privacy.noise_multiplier"}
+    private = configs[1000, 8.0]
+    assert private.privacy.clip == 0.35 and private.local_steps == GRID.dp_local_steps == 30
+    assert private.privacy.sampling == "poisson" and private.method.server_momentum == 0.9
+    assert configs[1000, 2.0].privacy.noise_multiplier > private.privacy.noise_multiplier
+    baseline = configs[1000, None]
+    assert baseline.privacy is None and baseline.training.learning_rate == 0.2 and baseline.rounds == 50
+    assert _diff(configs[100, None], baseline) == {"federation.num_clients"}
+
+
+def test_noise_multiplier_meets_the_target_at_the_fixed_rounds():
+    from fedmnist.privacy import PrivacyAccountant
+
+    for k in (100, 1000):
+        z = exp.noise_multiplier(GRID, k, 8.0)
+        accountant = PrivacyAccountant(z, k, k // 10, exp.delta_for(GRID, k), sampling="poisson")
+        assert accountant.epsilon(GRID.dp_rounds) <= 8.0 < accountant.epsilon(GRID.dp_rounds + 5)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"dp_seeds": (42, 43)}, "exclude the tuning seed"),
+    ({"dp_clients": (100, 100)}, "distinct federation sizes"),
+    ({"dp_epsilons": (0.0,)}, "target ε > 0"),
+    ({"dp_delta": 0.01}, "dp_delta must be in"),
+    ({"dp_grid": {"clip_factor": (0.0,)}}, "out of range"),
+    ({"dp_baseline_grid": {"mu": (0.1,)}}, "dp_baseline_grid takes"),
+    ({"dp_local_steps": 0}, "dp_local_steps"),
+])
+def test_profiles_refuse_privacy_settings_the_experiment_cannot_run(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(GRID, **changes)
+
+
+def test_full_profile_tunes_apart_from_three_evaluation_seeds_and_charges_k_1000():
+    full = PROFILES["full"]
+
+    assert len(full.dp_seeds) >= 3 and full.dp_tuning_seed not in full.dp_seeds
+    assert 1000 in full.dp_clients and 100 in full.dp_clients and full.dp_tuning_clients == 1000
+    assert 8.0 in full.dp_epsilons and 2.0 in full.dp_epsilons and full.dp_delta is None
+
+
+def _row(clients, target, seed, accuracy, change, epsilon="inf", z=0.0):
+    private = target != ""
+    return {"clients": str(clients), "clients_per_round": str(clients // 10), "sampling": "poisson",
+            "local_steps": "30", "batch_size": "10", "learning_rate": "0.100000", "server_momentum": "0.900000",
+            "clip": "0.350000" if private else "", "rounds": "300", "target_epsilon": target,
+            "noise_multiplier": f"{z:.6f}", "noise_std": f"{z * 0.35 / (clients // 10):.6f}",
+            "epsilon": epsilon, "delta": "0.000010" if private else "", "seed": str(seed),
+            "final_accuracy": f"{accuracy:.6f}", "change_last10": f"{change:.6f}"}
+
+
+def test_privacy_table_by_hand():
+    rows = [_row(1000, "", s, a, c) for s, a, c in ((43, 0.97, 0.0005), (44, 0.98, 0.0010), (45, 0.99, 0.0015))]
+    rows += [_row(1000, "8.000000", s, a, c, "7.9912", 1.36) for s, a, c in
+             ((43, 0.90, 0.004), (44, 0.92, 0.005), (45, 0.94, 0.006))]
+
+    lines = privacy_table(rows).splitlines()
+
+    # mean ± t(0.975, 2)·sd/√3: 0.02·4.3027/√3 = 4.97 points; the changes: 0.2 ± 0.25 points (contains 0),
+    # and 0.5 ± 0.25 (does not: still rising)
+    assert lines[2] == "| 1000 (100) | sin privacidad | — | — | ∞ | 98.00 ± 2.48 | 0.10 ± 0.12 (estable) | — |"
+    assert lines[3] == (f"| 1000 (100) | 8 | 1.36 | 0.0048 | 7.99 (δ = 1e-05) | 92.00 ± 4.97 | 0.50 ± 0.25 (aún sube) | "
+                        f"{describe(geyer_row(1000))} |")
+    caption = lines[-1]
+    assert "S = 0.35, 30 pasos locales de B = 10, η_l = 0.1, β = 0.9, 300 rondas" in caption
+    assert "Semillas: 43, 44, 45" in caption and "Geyer" in caption
+    with pytest.raises(StaleResults):
+        privacy_table([{"clients": "100", "noise_multiplier": "1"}])
+
+
+def test_geyer_rows_are_pending_until_read_in_the_paper():
+    assert [r.clients for r in GEYER_2017] == [100, 1000, 10000]
+    assert all(r.accuracy is None for r in GEYER_2017)  # not found in the stored copies: never guessed
+    assert describe(geyer_row(1000)) == PENDING and describe(geyer_row(6000)) == "—"
+    read = dataclasses.replace(GEYER_2017[1], epsilon=8.0, delta=1e-3, accuracy=0.5, rounds=10, clients_per_round=7)
+    assert describe(read) == "50.0 % (ε = 8, δ = 0.001, 10 rondas, m = 7)"  # a made-up row: the format only
+
+
+def test_privacy_tuning_table_marks_the_choice():
+    rows = [{"stage": "baseline", "clients": "1000", "settings": "learning_rate=0.1 server_momentum=0.9",
+             "tuning_rounds": "60", "target_epsilon": "", "score": "0.951", "chosen": "True"},
+            {"stage": "dp", "clients": "1000", "settings": "learning_rate=0.1 clip_factor=0.5 server_momentum=0.9",
+             "tuning_rounds": "60", "target_epsilon": "8.000000", "score": "0.9", "chosen": "False"}]
+
+    lines = privacy_tuning_table(rows).splitlines()
+
+    assert lines[2] == "| sin privacidad | 1000 | η_l = 0.1, β = 0.9 | 60 | 95.10 | sí |"
+    assert lines[3] == "| DP (ε = 8) | 1000 | η_l = 0.1, S / mediana de ‖Δ‖ = 0.5, β = 0.9 | 60 | 90.00 |  |"
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory, raw_mnist):
+    """2,400 training and 500 test images of the real MNIST (a tenth of each class), as an npz file."""
+    def stratified(labels, per_class):
+        return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+
+    train, test = stratified(raw_mnist.y_train, 240), stratified(raw_mnist.y_test, 50)
+    path = tmp_path_factory.mktemp("mnist") / "mnist.npz"
+    np.savez(path, x_train=raw_mnist.x_train[train], y_train=raw_mnist.y_train[train],
+             x_test=raw_mnist.x_test[test], y_test=raw_mnist.y_test[test])
+    return path
+
+
+@pytest.mark.slow
+def test_quick_privacy_experiment_end_to_end(tmp_path, small_npz):
+    from fedmnist.essay import render_tables
+    from fedmnist.experiments import read_csv, run_experiments
+    from fedmnist.privacy import PrivacyAccountant
+
+    quick = PROFILES["quick"]
+    run_experiments("quick", str(small_npz), tmp_path, only=("privacy",), quiet=True)
+
+    rows = read_csv(tmp_path / experiments.PRIVACY_CSV)
+    assert [(r["clients"], r["target_epsilon"]) for r in rows] == [("20", ""), ("40", ""), ("20", "8.000000"),
+                                                                    ("40", "8.000000")]
+    trials = read_csv(tmp_path / experiments.PRIVACY_TUNING_CSV)
+    assert [t["stage"] for t in trials] == ["baseline", "baseline"] and [t["chosen"] for t in trials].count("True") == 1
+    winner = next(t for t in trials if t["chosen"] == "True")
+    for row in rows:
+        assert row["local_steps"] == "2" and int(row["rounds"]) == quick.dp_rounds == quick.dp_baseline_rounds
+        if row["target_epsilon"] == "":  # the baseline: its own tuned settings, no clip, no ε
+            assert row["epsilon"] == "inf" and row["clip"] == ""
+            assert f"server_momentum={float(row['server_momentum']):g}" in winner["settings"]
+            continue
+        k, m, z = int(row["clients"]), int(row["clients_per_round"]), float(row["noise_multiplier"])
+        assert z == exp.noise_multiplier(quick, k, 8.0)
+        spent = PrivacyAccountant(z, k, m, float(row["delta"]), sampling="poisson").epsilon(quick.dp_rounds)
+        assert float(row["epsilon"]) == pytest.approx(spent, abs=1e-4) and spent <= 8.0
+        assert float(row["server_momentum"]) == 0.9 and float(row["clip"]) > 0
+    assert len({r["clip"] for r in rows if r["target_epsilon"]}) == 1  # one clip norm for every K
+    tables = render_tables(tmp_path)
+    assert "| 20 (2) | 8 | " in tables["privacidad"] and "Geyer" in tables["privacidad"]  # no K = 20 in the paper: —
+    assert tables["privacidad_ajuste"].count("| sí |") == 1
+    assert (tmp_path / "privacidad.png").is_file() and (tmp_path / experiments.TEAM_PRIVACY_CSV).is_file()

@@ -579,21 +579,29 @@ def _rounds_cell(values: Sequence[str]) -> str:
     return listed if len(values) > 1 else (values[0] or "nunca")
 
 
-def _change_cell(rows: Rows) -> str:
-    """The last-10-round change in points with its interval (across seeds; one seed: its slope's), and
-    whether that interval contains zero ("estable") or not ("sube"/"baja")."""
+def _change_text(change) -> str:
+    """A last-10-round change (``MeanInterval`` or None) in points with its interval, and whether that interval
+    contains zero ("estable") or not ("sube"/"baja"); the mean alone when there is no interval."""
     from fedmnist.curves import settled
+
+    if change is None:
+        return "—"
+    spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
+    verdict = settled(change)
+    word = "" if verdict is None else " (estable)" if verdict else " (sube)" if change.mean > 0 else " (baja)"
+    return f"{change.mean * 100:+.2f}{spread}{word}"
+
+
+def _mcmahan_change(rows: Rows):
+    """The McMahan runs' last-10-round change: across seeds, or one seed's slope interval."""
     from fedmnist.stats import MeanInterval
 
     if any(r["change_last10"] == "" for r in rows):
-        return "—"
+        return None
     if len(rows) == 1:
-        change = MeanInterval(float(rows[0]["change_last10"]), float(rows[0]["change_last10_half_width"]), 1,
-                              math.nan)
-    else:
-        change = mean_interval([float(r["change_last10"]) for r in rows])
-    word = "estable" if settled(change) else ("sube" if change.mean > 0 else "baja")
-    return f"{change.mean * 100:+.2f} ± {change.half_width * 100:.2f} ({word})"
+        return MeanInterval(float(rows[0]["change_last10"]), float(rows[0]["change_last10_half_width"]), 1,
+                            math.nan)
+    return mean_interval([float(r["change_last10"]) for r in rows])
 
 
 def mcmahan_tables(rows: Rows) -> dict[str, str]:
@@ -616,7 +624,7 @@ def mcmahan_tables(rows: Rows) -> dict[str, str]:
         lines.append(f"| {split_label(split)} | {method_name(method)} | {_settings_label(sel[0]['settings'])} | "
                      f"{_rounds_cell([r['first_99'] for r in sel])} | "
                      f"{_rounds_cell([r['sustained_99'] for r in sel])} | "
-                     f"{_ci([r['mean_last10'] for r in sel])} | {_change_cell(sel)} | {mb[0]} / {mb[1]} | "
+                     f"{_ci([r['mean_last10'] for r in sel])} | {_change_text(_mcmahan_change(sel))} | {mb[0]} / {mb[1]} | "
                      f"{' / '.join(sorted({r['rounds_run'] for r in sel}, key=int))} |")
         base = [r for r in rows if (r["split"], r["method"]) == (split, "fedavg")]
         if method == "fedavg" or not base:
@@ -665,20 +673,6 @@ PRIVACY_COLUMNS = ("clients", "clients_per_round", "target_epsilon", "noise_mult
                    "seed", "final_accuracy", "change_last10")
 
 
-def _change_cell(values: Sequence[float]) -> str:
-    """The last-10-round change in points: mean ± interval across seeds and whether it has settled."""
-    from fedmnist.curves import settled
-
-    if not values:
-        return "—"
-    interval = mean_interval(values)
-    text = format_mean_interval(interval)
-    verdict = settled(interval)
-    if verdict is None:
-        return text
-    return f"{text} ({'estable' if verdict else 'aún sube' if interval.mean > 0 else 'aún baja'})"
-
-
 def _epsilon_cell(sel: Rows) -> str:
     spent = [r["epsilon"] for r in sel]
     if all(e == "inf" for e in spent):
@@ -708,7 +702,7 @@ def privacy_table(rows: Rows) -> str:
         published = describe(geyer_row(int(first["clients"]))) if private else "—"
         lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {target} | {z} | {sigma} | "
                      f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | "
-                     f"{_change_cell(changes)} | {published} |")
+                     f"{_change_text(mean_interval(changes) if changes else None)} | {published} |")
     dp = [r for r in rows if r["target_epsilon"] != ""]
     base = [r for r in rows if r["target_epsilon"] == ""]
     notes = []

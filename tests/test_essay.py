@@ -17,10 +17,11 @@ from fedmnist.experiments import ENV_FILE, PROFILES
 REPO = Path(__file__).resolve().parents[1]
 ESSAY = REPO / "ensayo_aprendizaje_federado.md"
 RESULTS = REPO / "resultados"
-EXPECTED_TABLES = {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
-                   "heterogeneidad_diferencias", "fedprox_mu", "ajuste_mu", "ataques", "ataques_diferencias",
-                   "ataques_convergencia", "mcmahan", "mcmahan_ajuste", "mcmahan_meseta",
-                   "privacidad", "privacidad_equipo"}
+EXPECTED_TABLES = {"curso", "inicializacion", "techo", "deriva", "deriva_precision", "heterogeneidad",
+                   "heterogeneidad_diferencias", "heterogeneidad_cambio", "heterogeneidad_peor_cliente",
+                   "fedprox_mu", "fedprox_mu_cambio", "fedprox_mu_peor_cliente", "ajuste_mu", "ataques",
+                   "ataques_diferencias", "ataques_convergencia", "mcmahan", "mcmahan_frente_fedavg",
+                   "mcmahan_ajuste", "privacidad_equipo"}
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ every k rounds). Three readings of one run:
   stays at or above the target until the run's last round; ``None`` ("never") when the average at the
   end is below it. Unlike the first crossing it cannot be met by one lucky round.
 * ``recent_change``: how much the curve moved over its last ``window`` rounds, as the least-squares
-  slope of the evaluated points in ``[T − window, T]`` times ``window``. Across seeds, ``settled`` says
+  slope of the evaluated points in ``(T − window, T]`` times ``window``. Across seeds, ``settled`` says
   whether the 95 % interval of those changes contains zero: only then may a text call a run converged,
-  a plateau, or "enough rounds".
+  a plateau, or "enough rounds". It is a test of *no detectable change*, not proof of a flat curve: with
+  three seeds the interval is wide (t = 4.30), so tables print it beside the change itself.
 """
 
 from __future__ import annotations
@@ -82,12 +83,12 @@ def _window_points(curve: Curve, window: int) -> tuple[np.ndarray, np.ndarray]:
     if window < 1:
         raise ValueError(f"window must be >= 1 (got {window})")
     last = max(curve)
-    rounds = np.array([r for r in sorted(curve) if r >= last - window], dtype=np.float64)
+    rounds = np.array([r for r in sorted(curve) if r > last - window], dtype=np.float64)
     return rounds, np.array([curve[int(r)] for r in rounds], dtype=np.float64)
 
 
 def recent_change(curve: Curve, window: int = SETTLE_WINDOW) -> float | None:
-    """The change over the last ``window`` rounds: least-squares slope of ``[T − window, T]`` × ``window``.
+    """The change over the last ``window`` rounds: least-squares slope of ``(T − window, T]`` × ``window``.
 
     None when fewer than two evaluated rounds fall in that span (or the run is shorter than ``window``).
     """
@@ -103,7 +104,8 @@ def recent_change_interval(curve: Curve, window: int = SETTLE_WINDOW) -> MeanInt
     """One run's ``recent_change`` with the 95 % interval of its slope (n − 2 degrees of freedom).
 
     For a single seed, where there is no spread across seeds to measure; None with fewer than three
-    evaluated rounds in the span.
+    evaluated rounds in the span. It treats the rounds as independent, which successive accuracies are
+    not quite, so the interval is on the narrow side.
     """
     change = recent_change(curve, window)
     if change is None:

@@ -900,4 +900,6 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clie
     z = math.ceil(high / unit - 1e-9) * unit
     while z - unit > 0 and epsilon(round(z - unit, 12)) <= target:
         z -= unit
-    return float(round(z, 12))
+    z = float(round(z, 12))
+    _need(epsilon(z) <= target, f"the accountant's ε is not monotone near z = {z:g}: no safe noise multiplier found")
+    return z

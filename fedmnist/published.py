@@ -50,7 +50,7 @@ def geyer_row(clients: int) -> PublishedDP | None:
 
 
 def describe(row: PublishedDP | None) -> str:
-    """A table cell: ``92.0 % (ε = 8, δ = 1e-3, 54 rondas, m = 100)``, ``PENDING`` when not read, — when absent."""
+    """A table cell: ``<accuracy> % (ε = …, δ = …, <rounds> rondas, m = …)``, ``PENDING`` when not read, — when absent."""
     if row is None:
         return "—"
     if row.accuracy is None:

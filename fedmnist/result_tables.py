@@ -235,7 +235,7 @@ def change_table(rows: Rows, name: str, keys: Sequence[str], headers: Sequence[s
     from fedmnist.curves import settled
 
     _need(rows, name, (*keys, "seed", "change_last10", "diverged"))
-    lines = ["| " + " | ".join(headers) + " | cambio en las 10 últimas rondas (puntos) | ¿estable? |",
+    lines = ["| " + " | ".join(headers) + " | cambio en las 10 últimas rondas (puntos) | ¿sin cambio detectable? |",
              "|" + "---|" * (len(headers) + 2)]
     for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
         sel = [r for r in rows if tuple(r[k] for k in keys) == key]
@@ -253,8 +253,9 @@ def change_table(rows: Rows, name: str, keys: Sequence[str], headers: Sequence[s
         lines.append("| " + " | ".join([*labels(key), *cells]) + " |")
     return "\n".join(lines) + (
         f"\n\nCambio: pendiente de mínimos cuadrados de la precisión de test en las rondas evaluadas de las 10 "
-        f"últimas × 10; {CI_NOTE}, {_seeds(rows)}. «Estable» solo si el intervalo contiene el cero; si no, la "
-        "curva aún sube (o baja) y su precisión final no es un nivel alcanzado."
+        f"últimas × 10; {CI_NOTE}, {_seeds(rows)}. «Sí» si el intervalo contiene el cero (con pocas semillas es "
+        "ancho: no prueba una curva plana); si no, la curva aún sube (o baja) y su precisión final no es un nivel "
+        "alcanzado."
     )
 
 
@@ -581,14 +582,15 @@ def _rounds_cell(values: Sequence[str]) -> str:
 
 def _change_text(change) -> str:
     """A last-10-round change (``MeanInterval`` or None) in points with its interval, and whether that interval
-    contains zero ("estable") or not ("sube"/"baja"); the mean alone when there is no interval."""
+    contains zero ("sin cambio detectable") or not ("sube"/"baja"); the mean alone when there is no interval."""
     from fedmnist.curves import settled
 
     if change is None:
         return "—"
     spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
     verdict = settled(change)
-    word = "" if verdict is None else " (estable)" if verdict else " (sube)" if change.mean > 0 else " (baja)"
+    word = "" if verdict is None else " (sin cambio detectable)" if verdict else \
+        " (sube)" if change.mean > 0 else " (baja)"
     return f"{change.mean * 100:+.2f}{spread}{word}"
 
 
@@ -602,6 +604,23 @@ def _mcmahan_change(rows: Rows):
         return MeanInterval(float(rows[0]["change_last10"]), float(rows[0]["change_last10_half_width"]), 1,
                             math.nan)
     return mean_interval([float(r["change_last10"]) for r in rows])
+
+
+def _rounds_versus(a_rows: Rows, b_rows: Rows, key: str) -> str:
+    """A − FedAvg in rounds to ``key`` over the seeds where both reach it, how many of them A reaches first,
+    and the seeds where only one of the two reaches it at all."""
+    a = {r["seed"]: float(r[key]) for r in a_rows if r[key]}
+    b = {r["seed"]: float(r[key]) for r in b_rows if r[key]}
+    shared = sorted(set(a) & set(b), key=int)
+    only = [f"solo A en {len(set(a) - set(b))}" if set(a) - set(b) else "",
+            f"solo FedAvg en {len(set(b) - set(a))}" if set(b) - set(a) else ""]
+    tail = "; ".join(o for o in only if o)
+    if not shared:
+        return f"— ({tail})" if tail else "—"
+    diff = paired_comparison([a[s] for s in shared], [b[s] for s in shared])
+    d = diff.difference
+    text = f"{d.mean:+.1f}" + ("" if math.isnan(d.half_width) else f" [{d.low:+.1f}, {d.high:+.1f}]")
+    return f"{text}, antes en {diff.losses}/{diff.n}" + (f" ({tail})" if tail else "")
 
 
 def mcmahan_tables(rows: Rows) -> dict[str, str]:
@@ -631,14 +650,7 @@ def mcmahan_tables(rows: Rows) -> dict[str, str]:
             continue
         cells = [_paired(_by_seed(sel, "mean_last10"), _by_seed(base, "mean_last10"))]
         for key in ("first_99", "sustained_99"):
-            a = {r["seed"]: float(r[key]) for r in sel if r[key]}
-            b = {r["seed"]: float(r[key]) for r in base if r[key]}
-            shared = sorted(set(a) & set(b), key=int)
-            if not shared:
-                cells.append("—")
-                continue
-            diff = paired_comparison([a[s] for s in shared], [b[s] for s in shared])
-            cells.append(f"{format_paired(diff, 1.0, 1)} (semillas en que ambos llegan: {len(shared)})")
+            cells.append(_rounds_versus(sel, base, key))
         versus.append(f"| {split_label(split)} | {method_name(method)} | " + " | ".join(cells) + " |")
     paper = {r["split"]: r["paper_rounds_to_99"] for r in rows}
     tables = {"mcmahan": "\n".join(lines) + (
@@ -652,7 +664,9 @@ def mcmahan_tables(rows: Rows) -> dict[str, str]:
         + ", ".join(f"{paper[s]} rondas {split_label(s)}" for s in paper) + " hasta el 99 % (primera ronda).")}
     if len(versus) > 2:
         tables["mcmahan_frente_fedavg"] = "\n".join(versus) + (
-            f"\n\n{_cap(PAIRED_NOTE)}; rondas en rondas (negativo: A llega antes), medias en puntos.")
+            "\n\nDiferencias A − FedAvg emparejadas por semilla: la media de las 10 últimas rondas en puntos, "
+            "media [IC 95 %] y semillas en que A supera a FedAvg; las rondas, en rondas (negativo: A llega antes), "
+            "sobre las semillas en que ambos llegan, con las semillas en que A llega antes.")
     return tables
 
 

@@ -96,7 +96,7 @@ def test_privacy_table_by_hand():
 
     # mean ± t(0.975, 2)·sd/√3: 0.02·4.3027/√3 = 4.97 points; the changes: 0.2 ± 0.25 points (contains 0),
     # and 0.5 ± 0.25 (does not: still rising)
-    assert lines[2] == "| 1000 (100) | sin privacidad | — | — | ∞ | 98.00 ± 2.48 | +0.10 ± 0.12 (estable) | — |"
+    assert lines[2] == "| 1000 (100) | sin privacidad | — | — | ∞ | 98.00 ± 2.48 | +0.10 ± 0.12 (sin cambio detectable) | — |"
     assert lines[3] == (f"| 1000 (100) | 8 | 1.36 | 0.0048 | 7.99 (δ = 1e-05) | 92.00 ± 4.97 | +0.50 ± 0.25 (sube) | "
                         f"{describe(geyer_row(1000))} |")
     caption = lines[-1]

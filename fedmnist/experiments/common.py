@@ -171,6 +171,11 @@ def sim_config(profile: Profile, seed: int, **changes):
     return base.replace(**changes)
 
 
+def settings_text(settings: dict) -> str:
+    """Chosen settings as ``name=value`` pairs for a CSV cell (``learning_rate=0.2 server_momentum=0.3``)."""
+    return " ".join(f"{k}={v:g}" for k, v in settings.items())
+
+
 def or_none(value):
     """An empty CSV cell for None."""
     return "" if value is None else value

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import curves
-from fedmnist.experiments.common import or_none, simulate, write_csv
+from fedmnist.experiments.common import or_none, settings_text, simulate, write_csv
 from fedmnist.experiments.profiles import Profile
 
 MCMAHAN_CSV = "mcmahan.csv"
@@ -62,7 +62,7 @@ def run_mcmahan(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
                 # SCAFFOLD's clients send their control-variate delta beside the weights: twice the bytes
                 per_reply = reply_mb * (2 if method == "scaffold" else 1)
                 row = {"split": split, "method": method, "seed": seed,
-                       "learning_rate": config.training.learning_rate, "settings": _settings_text(chosen[method]),
+                       "learning_rate": config.training.learning_rate, "settings": settings_text(chosen[method]),
                        **run_measures(runs[method, seed], per_reply * config.clients_per_round
                                       / config.federation.num_clients),
                        "final_accuracy": float(run["final"][method].accuracy), "mb_per_reply": round(per_reply, 4),
@@ -143,13 +143,9 @@ def _tune_mcmahan(profile: Profile, preset, split: str, rounds: int, methods: Se
         if method == "fedavg" and "learning_rate" in winner.settings:
             shared["learning_rate"] = winner.settings["learning_rate"]
         for trial in trials:
-            rows.append({"split": split, "method": method, "settings": _settings_text(trial.settings),
+            rows.append({"split": split, "method": method, "settings": settings_text(trial.settings),
                          "tuning_rounds": rounds, "tuning_seed": preset.seed,
                          "validation_images": profile.mcmahan_validation,
                          "last_validation_accuracy": float(trial.curve[-1]), "score": trial.score,
                          "chosen": trial is winner, "run_seconds": round(trial.seconds, 1)})
     return chosen, rows
-
-
-def _settings_text(settings: dict) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in settings.items())

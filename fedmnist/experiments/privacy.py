@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import curves
-from fedmnist.experiments.common import simulate, write_csv
+from fedmnist.experiments.common import settings_text, simulate, write_csv
 from fedmnist.experiments.profiles import Profile
 
 PRIVACY_CSV = "privacidad.csv"
@@ -227,7 +227,7 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
         trials = [run_one(option) for option in options]
         winner = best(trials)
         for t in trials:
-            rows.append({"stage": stage, "clients": k, "settings": _settings_text(t.settings), "tuning_rounds": rounds,
+            rows.append({"stage": stage, "clients": k, "settings": settings_text(t.settings), "tuning_rounds": rounds,
                          "tuning_seed": seed, "validation_images": profile.dp_validation,
                          "target_epsilon": profile.dp_epsilons[0] if stage == "dp" else "",
                          "last_validation_accuracy": float(t.curve[-1]), "score": t.score, "chosen": t is winner,
@@ -263,12 +263,9 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
         for row in rows:
             row["median_update_norm"] = norms.get(rate, "")
         write_csv(out_dir / PRIVACY_TUNING_CSV, rows)
-    say(f"  privacy: baseline {_settings_text(baseline)}; DP {_settings_text(dp)}")
+    say(f"  privacy: baseline {settings_text(baseline)}; DP {settings_text(dp)}")
     return {"baseline": baseline, "dp": dp}
 
-
-def _settings_text(settings: dict) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in settings.items())
 
 
 # --- a course team ------------------------------------------------------------------------------------

@@ -658,7 +658,8 @@ def mcmahan_tables(rows: Rows) -> dict[str, str]:
         "del ajuste; ninguna ejecución se detiene al llegar al 99 %. Rondas: valor por semilla (— : nunca) y, "
         "si todas llegan, " + CI_NOTE + ". «Sostenido»: la media móvil de 5 rondas no baja del 99 % desde esa "
         "ronda hasta el final. Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10, con su "
-        "intervalo entre semillas (con una semilla, el de la pendiente); «estable» si contiene el cero. MB por "
+        "intervalo entre semillas (con una semilla, el de la pendiente); «sin cambio detectable» si contiene el "
+        "cero. MB por "
         "cliente: lo que sube la federación hasta esa ronda repartido entre los 100 clientes (media de las "
         "semillas; — si alguna no llega). FedAvg del artículo (CNN de 1,66 M parámetros): "
         + ", ".join(f"{paper[s]} rondas {split_label(s)}" for s in paper) + " hasta el 99 % (primera ronda).")}

@@ -249,9 +249,9 @@ def test_tables_are_rendered_from_the_files(tiny_results):
 
     # Assert: one table per result file, numbers as the mean ± t-interval of the CSV values
     assert set(tables) == {"curso", "inicializacion", "deriva", "deriva_precision", "heterogeneidad",
-                           "heterogeneidad_diferencias", "heterogeneidad_peor_cliente", "fedprox_mu",
-                           "fedprox_mu_peor_cliente", "ataques", "ataques_diferencias", "ataques_convergencia",
-                           "ataques_peor_cliente", "ajuste_mu"}
+                           "heterogeneidad_diferencias", "heterogeneidad_peor_cliente", "heterogeneidad_cambio",
+                           "fedprox_mu", "fedprox_mu_peor_cliente", "fedprox_mu_cambio", "ataques",
+                           "ataques_diferencias", "ataques_convergencia", "ataques_peor_cliente", "ajuste_mu"}
     course = read_csv(tiny_results / experiments.COURSE_CSV)
     fedavg = mean_interval([float(r["accuracy"]) for r in course if r["model"] == "fedavg"])
     assert f"| FedAvg | {format_mean_interval(fedavg)} |" in tables["curso"]

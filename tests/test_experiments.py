@@ -525,6 +525,8 @@ def test_profile_refuses_a_mcmahan_tuning_seed_among_the_evaluation_seeds():
         dataclasses.replace(TINY, mcmahan_tuning_seed=43, mcmahan_seeds=(43, 44))
     with pytest.raises(ConfigError, match="mcmahan case"):
         dataclasses.replace(TINY, mcmahan=(("iid", 1, 2),))
+    with pytest.raises(ConfigError, match=r"unknown McMahan method.*fedavgg"):
+        dataclasses.replace(TINY, mcmahan=(("iid", 1, 2, ("fedavg", "fedavgg")),))
 
 
 @pytest.mark.parametrize(("losses", "patience", "max_epochs", "stop", "best"), [

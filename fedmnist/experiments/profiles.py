@@ -161,6 +161,7 @@ class Profile:
         """Raise ConfigError for settings the experiments cannot run (naming the field)."""
         from fedmnist.attacks import ATTACKS
         from fedmnist.labels import partition_settings
+        from fedmnist.methods import available_methods
 
         for name in ("seeds", "drift_seeds", "mcmahan_seeds", "ceiling_seeds"):
             seeds = getattr(self, name)
@@ -204,6 +205,10 @@ class Profile:
                                   f"rounds, methods) (got {case!r})")
             check_int(case[1], f"profile {self.name}: McMahan {case[0]} tuning rounds", 1)
             check_int(case[2], f"profile {self.name}: McMahan {case[0]} rounds", 1)
+            unknown = [m for m in case[3] if m not in available_methods()]
+            if unknown:
+                raise ConfigError(f"profile {self.name}: unknown McMahan method(s) {', '.join(map(str, unknown))}; "
+                                  f"available: {', '.join(available_methods())}")
         self._validate_privacy()
         if "bulyan" in self.attack_methods and self.attack_clients < 4 * self.attack_krum_f + 3:
             raise ConfigError(f"profile {self.name}: Bulyan with f = {self.attack_krum_f} needs at least "

@@ -143,25 +143,32 @@ def _writing(path: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _publish(tmp: str, path: Path, token) -> Iterator[None]:
+    """Around the writing of ``tmp``: on success rename it over ``path`` (and sync the folder), on any
+    error delete it; release the temporary's token either way."""
+    try:
+        yield
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        _release(token)
+
+
+@contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``, on error delete it."""
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp, token = _create_temp(path, ".tmp")
-        try:
-            with os.fdopen(fd, mode) as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        finally:
-            _release(token)
+        with _publish(tmp, path, token), os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -183,17 +190,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp, token = _create_temp(path, suffix or path.suffix)
         os.close(fd)
-        try:
+        with _publish(tmp, path, token):
             yield Path(tmp)
             _fsync_file(tmp)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        finally:
-            _release(token)
 
 
 def quote(text: object, limit: int = 80) -> str:

@@ -599,8 +599,7 @@ class Server:
 
 
 def rounds_to_target(rows: Sequence[RoundRecord], target: float) -> int | None:
-    """The first round whose test accuracy reaches ``target``, or None."""
-    for row in rows:
-        if row.test_accuracy is not None and row.test_accuracy >= target:
-            return row.round
-    return None
+    """The first round whose test accuracy reaches ``target``, or None (``fedmnist.curves.first_round``)."""
+    from fedmnist.curves import first_round
+
+    return first_round({r.round: r.test_accuracy for r in rows if r.test_accuracy is not None}, target)

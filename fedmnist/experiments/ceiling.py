@@ -60,11 +60,16 @@ def stop_epoch(losses: Sequence[float], patience: int, max_epochs: int) -> int:
 
 
 def _ceiling_trainer(trainer, training):
-    """``trainer`` if it trains as ``training`` says, else a new one that does."""
-    momentum = training.momentum if training.optimizer == "sgd" else 0.0
-    if (trainer is not None and trainer.optimizer_name == training.optimizer
-            and math.isclose(trainer.learning_rate, training.learning_rate) and trainer.momentum == momentum):
-        return trainer
+    """``trainer`` if it trains as ``training`` says (``training.check_trainer``), else a new one that does."""
+    from fedmnist.errors import ConfigError
+    from fedmnist.training import check_trainer
+
+    if trainer is not None:
+        try:
+            check_trainer(trainer, training)
+            return trainer
+        except ConfigError:
+            pass
     return training.build_trainer()
 
 

@@ -48,7 +48,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -866,6 +866,7 @@ def clients_needed(target_epsilon: float, rounds: int, fraction: float, *,
     return high
 
 
+@cache
 def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
                       sampling: str = "poisson", accountant: str = "rdp", digits: int = 3) -> float:
     """The smallest noise multiplier z, to ``digits`` significant digits, whose ε after ``rounds`` rounds of

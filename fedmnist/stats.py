@@ -111,6 +111,33 @@ def paired_comparison(
     )
 
 
+def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test of ``a`` − ``b`` (the test behind ``paired_comparison``'s
+    interval); 1.0 when it is undefined (one pair, or every difference equal), the conservative reading."""
+    from scipy.stats import ttest_1samp
+
+    first, second = _values(a, "a"), _values(b, "b")
+    if first.size != second.size:
+        raise ValueError(f"paired values need equal lengths (got {first.size} and {second.size})")
+    diff = first - second
+    if diff.size < 2 or np.all(diff == diff[0]):
+        return 1.0
+    return float(ttest_1samp(diff, 0.0).pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of one family of comparisons (same order as given): a
+    comparison is significant at level α for the whole family when its adjusted p is below α."""
+    values = _values(p_values, "p_values")
+    order = np.argsort(values, kind="stable")
+    adjusted = np.empty_like(values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (values.size - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
 def format_mean_interval(interval: MeanInterval, scale: float = 100.0, digits: int = 2) -> str:
     """``mean ± half-width`` scaled (percent by default); the mean alone for a single value."""
     mean = interval.mean * scale

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedmnist import attacks
 from fedmnist.client import ClientReply, ClientState, Instructions, client_step
+from fedmnist.config import check_int
 from fedmnist.data import IMAGE_SHAPE, NUM_CLASSES, normalize_images
 from fedmnist.errors import ConfigError, DataError, WorkerError
 
@@ -159,9 +160,8 @@ class ClientTask:
             raise ConfigError(f"client ids start at 1 (got {self.client_id})")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{self.describe()}: epochs and batch size must be at least 1")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer))
-                                       or self.steps < 1):
-            raise ConfigError(f"{self.describe()}: local steps must be an integer >= 1 (got {self.steps!r})")
+        if self.steps is not None:
+            check_int(self.steps, f"{self.describe()}: local steps", 1, numpy=True)
         if self.seed < 0:
             raise ConfigError(f"{self.describe()}: the seed must be >= 0 (got {self.seed})")
 

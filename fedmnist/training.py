@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fedmnist.config import OPTIMIZERS, TrainingConfig, check_seed
+from fedmnist.config import OPTIMIZERS, TrainingConfig, check_int, check_seed
 from fedmnist.errors import ConfigError
 from fedmnist.model import DEFAULT_SEED, Weights, build_model, weights_mismatch
 from fedmnist.settings import MEMBER_PROXIMAL_MU, default
@@ -297,9 +297,7 @@ def _orders(n: int, epochs: int, batch_size: int, steps: int | None, rng: np.ran
     ``steps·batch_size`` indices cut from ⌈steps·batch_size / n⌉ concatenated permutations."""
     if steps is None:
         return [rng.permutation(n).astype(np.int32) for _ in range(epochs)]
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ConfigError(f"local steps must be an integer >= 1 (got {steps!r})")
-    need = int(steps) * batch_size
+    need = check_int(steps, "local steps", 1, numpy=True) * batch_size
     passes = -(-need // n)
     return [np.concatenate([rng.permutation(n) for _ in range(passes)])[:need].astype(np.int32)]
 

@@ -175,3 +175,44 @@ def test_the_prose_number_check_catches_an_invented_number(tmp_path):
 
     # Assert: the file's number passes, the invented one is named, a table's own cell is not prose
     assert _unknown_numbers(text, tmp_path) == ["12.34"]
+
+
+def _holm_survivors(family):
+    """The labels of ``family`` (label → (a rows by seed, b rows by seed, column)) whose Holm-adjusted paired
+    p-value is below 0.05."""
+    from fedmnist.stats import holm, paired_p_value
+
+    p = []
+    for a, b, key in family.values():
+        seeds = sorted(set(a) & set(b), key=int)
+        p.append(paired_p_value([float(a[s][key]) for s in seeds], [float(b[s][key]) for s in seeds]))
+    return {label for label, adjusted in zip(family, holm(p)) if adjusted < 0.05}
+
+
+def test_the_holm_readings_the_essay_quotes_follow_from_the_csvs(essay):
+    from fedmnist.experiments.common import read_csv
+
+    attack = read_csv(RESULTS / "ataques.csv")
+
+    def by_seed(case, method):
+        return {r["seed"]: r for r in attack if (r["partition"], r["attack"], r["malicious"]) == case
+                and r["method"] == method}
+
+    cases = list(dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in attack))
+    rules = [m for m in dict.fromkeys(r["method"] for r in attack) if m != "fedavg"]
+    table = {(c, m): (by_seed(c, m), by_seed(c, "fedavg"), "final_accuracy") for c in cases for m in rules}
+    clean = {k: v for k, v in table.items() if k[0][1] == "none" and k[1] != "fedprox"}
+    # §2: of the 8 clean prices, the 6 whose interval excludes zero survive; of the 25-cell table, 9 survive
+    assert len(clean) == 8 and len(_holm_survivors(clean)) == 6
+    assert len(table) == 25 and _holm_survivors(table) == (
+        {(c, m) for c in cases if c[0] == "iid" and c[1] != "none" for m in rules if m != "fedprox"}
+        | {(("dirichlet_0.3", "none", "0"), "multikrum")})
+    assert "(25 comparaciones)" in essay and "las 6 cuyo intervalo excluye el cero" in essay
+    # §3.7: none of the six comparisons with the project's FedAvg survives
+    mcmahan = read_csv(RESULTS / "mcmahan.csv")
+    runs = {m: {r["seed"]: r for r in mcmahan if r["method"] == m and r["split"] == "iid"}
+            for m in ("fedavg", "fedavgm", "fedadagrad")}
+    six = {(m, key): (runs[m], runs["fedavg"], key) for m in ("fedavgm", "fedadagrad")
+           for key in ("first_99", "sustained_99", "mean_last10")}
+    assert len(six) == 6 and not _holm_survivors(six)
+    assert "con la corrección de Holm sobre las seis" in essay

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from fedmnist import stats
 from fedmnist.stats import (
     format_mean_interval,
     format_paired,
@@ -82,3 +83,17 @@ def test_a_consistent_difference_is_resolved():
 
     assert comparison.resolved and comparison.wins == 3
     assert format_mean_interval(mean_interval([0.95, 0.96, 0.97])) == "96.00 ± 2.48"
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.02, 0.04 → ×3, ×2, ×1 = 0.03, 0.04, 0.04 (monotone), back in the given order
+    assert stats.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_p_value_matches_the_interval_and_is_conservative_when_undefined():
+    a, b = [1.0, 2.0, 4.0], [0.0, 0.5, 1.0]  # differences 1, 1.5, 3: t = 1.833/(1.041/√3) = 3.05, 2 dof
+    assert stats.paired_p_value(a, b) == pytest.approx(0.0927, abs=1e-3)
+    assert stats.paired_comparison(a, b).difference.low < 0  # p > 0.05 ⇔ the 95 % interval contains 0
+    assert stats.paired_p_value([1.0, 2.0], [0.0, 1.0]) == 1.0  # every difference equal
+    assert stats.paired_p_value([1.0], [0.0]) == 1.0

@@ -251,14 +251,18 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
                                                       tuning_mnist)
         return norms[learning_rate]
 
+    def clip_for(option: dict) -> float:
+        """S: the option's fraction of the median round-1 update norm, to two significant digits."""
+        return float(f"{option['clip_factor'] * norm(option['learning_rate']):.2g}")
+
     def dp_trial(option: dict) -> Trial:
-        clip = float(f"{option['clip_factor'] * norm(option['learning_rate']):.2g}")
+        clip = clip_for(option)
         base = base_config(profile, k, rounds, seed, option["learning_rate"], option["server_momentum"])
         config = dp_config(base, profile, k, first, clip)
         return trial("dp", option, config, f"privacidad_ajuste_K{k}_eps{first:g}_{candidate_label(option)}")
 
     dp = choose("dp", candidates(dp_grid), dp_trial)
-    dp["clip"] = float(f"{dp['clip_factor'] * norm(dp['learning_rate']):.2g}")
+    dp["clip"] = clip_for(dp)
     if rows:
         for row in rows:
             row["median_update_norm"] = norms.get(rate, "")

@@ -170,3 +170,24 @@ def test_quick_privacy_experiment_end_to_end(tmp_path, small_npz):
     assert "| 20 (2) | 8 | " in tables["privacidad"] and "Geyer" in tables["privacidad"]  # no K = 20 in the paper: —
     assert tables["privacidad_ajuste"].count("| sí |") == 1
     assert (tmp_path / "privacidad.png").is_file() and (tmp_path / experiments.TEAM_PRIVACY_CSV).is_file()
+
+
+def test_median_update_norm_is_the_median_of_the_round_1_client_updates(small_mnist):
+    from fedmnist.federation import prepare_federation
+    from fedmnist.model import initial_weights
+    from fedmnist.privacy import client_update, update_norm
+    from fedmnist.seeds import training_seed
+    from fedmnist.simulation import sample_clients
+
+    profile = dataclasses.replace(PROFILES["quick"], dp_train_subset=None)
+    config = exp.base_config(profile, 20, 1, 7, 0.1, 0.0)
+    fed = prepare_federation(config.federation, config.seed, mnist=small_mnist)
+    trainer = config.training.build_trainer(config.seed)
+    start = initial_weights(config.seed)
+    clients = sample_clients(config, 1)
+    norms = [update_norm(client_update(trainer.train(
+        start, *fed.client_data(k), epochs=1, batch_size=config.training.batch_size,
+        seed=training_seed(config.seed, 1, k), steps=config.local_steps).weights, start)) for k in clients]
+
+    assert len(clients) == 2 and len(set(norms)) == 2
+    assert exp.median_update_norm(config, small_mnist) == float(f"{np.median(norms):.2g}") > 0

@@ -111,26 +111,26 @@ def median_update_norm(config, mnist) -> float:
 
     The DP runs' clip norms are factors of it. It is measured on the tuning data (training images, like
     every tuning choice), so it is not itself private: a deployment would take S from public data or clip
-    adaptively (``--dp-adaptive``, Andrew et al. 2021).
+    adaptively (``--dp-adaptive``, Andrew et al. 2021). The clients train through the simulation's own
+    ``client_tasks`` and executor, so they are exactly round 1 of a run with ``config``.
     """
+    from fedmnist.client import Instructions
     from fedmnist.federation import prepare_federation
     from fedmnist.model import initial_weights
     from fedmnist.privacy import client_update, update_norm
-    from fedmnist.seeds import training_seed
-    from fedmnist.simulation import sample_clients
-    from fedmnist.training import ClientTrainer
+    from fedmnist.simulation import client_tasks, sample_clients
+    from fedmnist.tasks import TaskFailure, WorkerData
+    from fedmnist.workers import InProcessExecutor
 
     fed = prepare_federation(config.federation, config.seed, mnist=mnist)
-    training = config.training
-    trainer = ClientTrainer(training.optimizer, training.learning_rate, training.momentum, model_seed=config.seed)
     start = initial_weights(config.seed)
-    norms = []
-    for client_id in sample_clients(config, 1):
-        x, y = fed.client_data(client_id)
-        trained = trainer.train(start, x, y, epochs=training.epochs, batch_size=training.batch_size,
-                                seed=training_seed(config.seed, 1, client_id), steps=config.local_steps)
-        norms.append(update_norm(client_update(trained.weights, start)))
-    return float(f"{np.median(norms):.2g}")
+    tasks = client_tasks(config, 1, sample_clients(config, 1), start, Instructions(1), malicious=set())
+    with InProcessExecutor(WorkerData.from_federation(fed), config.training, model_seed=config.seed) as executor:
+        outcomes = executor.submit(tasks).result()
+    failed = [outcome.message for outcome in outcomes if isinstance(outcome, TaskFailure)]
+    if failed:
+        raise RuntimeError(f"measuring the round-1 update norms: {failed[0]}")
+    return float(f"{np.median([update_norm(client_update(o.weights, start)) for o in outcomes]):.2g}")
 
 
 def run_privacy(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:

@@ -259,10 +259,10 @@ def _run_block(
     rows, tuning_rows, mus = [], [], {}
     for epochs in grid.epochs:
         plain = task_outcomes(pending[epochs]["plain"])
-        locals_ = [o.weights for o in plain]
+        locals_ = [o.reply.weights for o in plain]
         prox = {mu: task_outcomes(p) for mu, p in pending[epochs]["prox"].items()}
         averages = {
-            mu: weighted_average([(o.weights, o.num_examples) for o in outcomes])
+            mu: weighted_average([(o.reply.weights, o.reply.num_examples) for o in outcomes])
             for mu, outcomes in prox.items()
         }
         if tuning:
@@ -285,7 +285,7 @@ def _run_block(
         else:
             mu = chosen[epochs]
         mus[epochs] = mu
-        fedavg = weighted_average([(o.weights, o.num_examples) for o in plain])
+        fedavg = weighted_average([(o.reply.weights, o.reply.num_examples) for o in plain])
         models = [*locals_, fedavg, averages[mu]]
         evaluations = [executor.submit_evaluation(w) for w in models]
         pairs = [(locals_[2 * i], locals_[2 * i + 1]) for i in range(grid.barrier_pairs)]
@@ -308,8 +308,8 @@ def _run_block(
                 "epochs": epochs,
                 "batch_size": grid.batch_size,
                 "clients": grid.clients,
-                "images_per_client": float(np.mean([o.num_examples for o in plain])),
-                "local_steps": float(np.mean([o.num_steps for o in plain])),
+                "images_per_client": float(np.mean([o.reply.num_examples for o in plain])),
+                "local_steps": float(np.mean([o.reply.num_steps for o in plain])),
                 "update_norm": float(np.mean(update_norms(start, locals_))),
                 "update_cosine": float(np.mean(update_cosines(start, locals_))),
                 "barrier": float(np.mean(barriers)) if barriers else float("nan"),
@@ -323,7 +323,7 @@ def _run_block(
                 "mu": mu,
                 "fedprox_accuracy": float(scores[-1].accuracy),
                 "fedprox_loss": float(scores[-1].loss),
-                "fedprox_update_norm": float(np.mean(update_norms(start, [o.weights for o in prox[mu]]))),
+                "fedprox_update_norm": float(np.mean(update_norms(start, [o.reply.weights for o in prox[mu]]))),
                 "train_task_seconds": round(
                     sum(o.seconds for o in plain) + sum(o.seconds for p in prox.values() for o in p), 1
                 ),

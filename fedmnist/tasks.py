@@ -197,31 +197,6 @@ class ClientResult:
     state: ClientState | None = None
     seconds: float = 0.0
 
-    @property
-    def weights(self) -> Weights:
-        """The weights the client sends."""
-        return self.reply.weights
-
-    @property
-    def num_examples(self) -> int:
-        """FedAvg's n_k."""
-        return self.reply.num_examples
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        """Per-epoch loss and accuracy."""
-        return self.reply.history
-
-    @property
-    def num_steps(self) -> int:
-        """The optimizer steps taken."""
-        return self.reply.num_steps
-
-    @property
-    def train_loss(self) -> float:
-        """The last local epoch's mean training loss."""
-        return self.reply.train_loss
-
 
 @dataclass(eq=False)
 class EvalPart:

@@ -69,11 +69,11 @@ def two_rounds(executor) -> dict[str, np.ndarray]:
         assert [type(o) for o in outcomes] == [ClientResult] * len(tasks), outcomes
         assert [o.client_id for o in outcomes] == [t.client_id for t in tasks]  # task order
         for outcome in outcomes:
-            assert outcome.num_examples == PER_CLIENT and len(outcome.history["loss"]) == 1
-            assert outcome.num_steps == PER_CLIENT // 10
-            for i, w in enumerate(outcome.weights):
+            assert outcome.reply.num_examples == PER_CLIENT and len(outcome.reply.history["loss"]) == 1
+            assert outcome.reply.num_steps == PER_CLIENT // 10
+            for i, w in enumerate(outcome.reply.weights):
                 out[f"r{round_}_client{outcome.client_id}_{i}"] = w
-        start = aggregate("fedavg", [(o.weights, o.num_examples) for o in outcomes])
+        start = aggregate("fedavg", [(o.reply.weights, o.reply.num_examples) for o in outcomes])
         for i, w in enumerate(start):
             out[f"r{round_}_global_{i}"] = w
         metrics = executor.evaluate(start)
@@ -315,7 +315,7 @@ def test_killed_worker_fails_its_client_and_is_replaced(data, one_worker):
         assert pool.pids != [first] and not alive(first)
         for outcome in outcomes[1:]:  # the replacement computes the very same numbers
             assert isinstance(outcome, ClientResult)
-            for i, w in enumerate(outcome.weights):
+            for i, w in enumerate(outcome.reply.weights):
                 assert np.array_equal(w, one_worker[f"r1_client{outcome.client_id}_{i}"])
         replacement = pool.pids[0]
     finally:

@@ -108,7 +108,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
         trials = []
         for mu, batch in tuning_batches.items():
             t0 = time.perf_counter()
-            results = [(o.weights, o.num_examples) for o in task_outcomes(batch)]
+            results = [(o.reply.weights, o.reply.num_examples) for o in task_outcomes(batch)]
             score = float(evaluate(evaluator(), weighted_average(results), x_val, y_val).accuracy)
             trials.append(Trial("fedprox", {"mu": mu}, (score,), score, time.perf_counter() - t0))
             say(f"  course tuning mu={mu:g}: validation accuracy {score:.4f}")
@@ -127,7 +127,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
             updates = {}
             for label in ("plain", "prox"):
                 updates[label] = [
-                    make_update(TrainResult(o.weights, o.num_examples, o.history, o.num_steps), start,
+                    make_update(TrainResult(o.reply.weights, o.reply.num_examples, o.reply.history, o.reply.num_steps), start,
                                 configs[label], k)
                     for k, o in enumerate(task_outcomes(batches[seed][label]), start=1)]
             report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
@@ -137,7 +137,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
             seed_rows += [(f"local_{u.client_id}", e, 0.0) for u, e in report.locals_]
             central = task_outcomes(batches[seed]["central"])[0]
             seed_rows.append(("central", evaluate(evaluator(), central.weights, x_test, y_test), 0.0))
-            independent = [(o.weights, o.num_examples) for o in task_outcomes(batches[seed]["independent"])]
+            independent = [(o.reply.weights, o.reply.num_examples) for o in task_outcomes(batches[seed]["independent"])]
             shared = [(u.weights, u.num_examples) for u in updates["plain"]]
             for label, results in (("compartida", shared), ("independiente", independent)):
                 evaluation = evaluate(evaluator(), weighted_average(results), x_test, y_test)

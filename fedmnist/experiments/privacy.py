@@ -130,7 +130,7 @@ def median_update_norm(config, mnist) -> float:
     failed = [outcome.message for outcome in outcomes if isinstance(outcome, TaskFailure)]
     if failed:
         raise RuntimeError(f"measuring the round-1 update norms: {failed[0]}")
-    return float(f"{np.median([update_norm(client_update(o.weights, start)) for o in outcomes]):.2g}")
+    return float(f"{np.median([update_norm(client_update(o.reply.weights, start)) for o in outcomes]):.2g}")
 
 
 def run_privacy(profile: Profile, mnist, out_dir: Path, trainer, full_test, say) -> list[dict]:

@@ -259,6 +259,24 @@ def _tuning_data(profile: Profile, mnist) -> tuple:
     return tuning, (normalize_images(tuning.x_test), tuning.y_test)
 
 
+def tuning_trial(config, method: str, settings: dict, tuning: tuple, run_dir: Path, trainer, name: str | None = None,
+                 final_from_records: bool = False):
+    """One tuning trial: ``config`` run on the tuning data (resuming ``run_dir``), scored by ``method``'s curve.
+
+    ``tuning`` is ``(tuning_mnist, validation)``, the training set minus the held-out images and those images
+    as the test set; the score is ``tuning_score`` of the validation curve. ``name`` labels the trial
+    (default: the method).
+    """
+    from fedmnist.tuning import Trial, tuning_score
+
+    tuning_mnist, validation = tuning
+    run = simulate(config, tuning_mnist, run_dir, trainer, validation, resume=True,
+                   final_from_records=final_from_records)
+    curve = run["result"].curves()[method]
+    seconds = sum(r.round_seconds for r in run["result"].metrics[method])
+    return Trial(name or method, settings, tuple(curve), tuning_score(curve), seconds)
+
+
 def choose_mu(profile: Profile, experiment: str, label: str, base, mnist, out_dir: Path, trainer, say
               ) -> tuple[float, list[dict]]:
     """FedProx's μ for one setting, chosen on validation; the candidates' rows.
@@ -268,18 +286,16 @@ def choose_mu(profile: Profile, experiment: str, label: str, base, mnist, out_di
     the best ``tuning_score`` (mean validation accuracy of the last two evaluated rounds) wins. The runs
     continue their checkpoints in ``simulaciones/ajuste_mu_<experiment>_<label>_mu<μ>``.
     """
-    from fedmnist.tuning import Trial, best, tuning_score
+    from fedmnist.tuning import best
 
-    tuning, validation = _tuning_data(profile, mnist)
+    tuning = _tuning_data(profile, mnist)
+    validation = tuning[1]
     trials = []
     for mu in profile.mu_grid:
         config = base.replace(seed=profile.seeds[0], methods=("fedprox",), mu=mu, num_malicious=0,
                               attack=None)
-        run = simulate(config, tuning, out_dir / "simulaciones" / f"ajuste_mu_{experiment}_{label}_mu{mu:g}",
-                       trainer, validation, resume=True, final_from_records=True)
-        curve = run["result"].curves()["fedprox"]
-        seconds = sum(r.round_seconds for r in run["result"].metrics["fedprox"])
-        trials.append(Trial("fedprox", {"mu": mu}, tuple(curve), tuning_score(curve), seconds))
+        trials.append(tuning_trial(config, "fedprox", {"mu": mu}, tuning, out_dir / "simulaciones" /
+                                   f"ajuste_mu_{experiment}_{label}_mu{mu:g}", trainer, final_from_records=True))
         say(f"  {experiment} {label}: tuning mu={mu:g}, validation {trials[-1].score:.4f}")
     chosen = best(trials)
     rows = [{"experiment": experiment, "setting": label, "mu": t.settings["mu"],

@@ -127,8 +127,8 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
             updates = {}
             for label in ("plain", "prox"):
                 updates[label] = [
-                    make_update(TrainResult(o.reply.weights, o.reply.num_examples, o.reply.history, o.reply.num_steps), start,
-                                configs[label], k)
+                    make_update(TrainResult(o.reply.weights, o.reply.num_examples, o.reply.history,
+                                            o.reply.num_steps), start, configs[label], k)
                     for k, o in enumerate(task_outcomes(batches[seed][label]), start=1)]
             report = run_aggregation(updates["plain"], x_test, y_test, prox_updates=updates["prox"],
                                      evaluator=evaluator(), start=start)
@@ -136,7 +136,7 @@ def run_course(profile: Profile, mnist, out_dir: Path, trainer, say) -> list[dic
                          for name, r in report.methods.items()]
             seed_rows += [(f"local_{u.client_id}", e, 0.0) for u, e in report.locals_]
             central = task_outcomes(batches[seed]["central"])[0]
-            seed_rows.append(("central", evaluate(evaluator(), central.weights, x_test, y_test), 0.0))
+            seed_rows.append(("central", evaluate(evaluator(), central.reply.weights, x_test, y_test), 0.0))
             independent = [(o.reply.weights, o.reply.num_examples) for o in task_outcomes(batches[seed]["independent"])]
             shared = [(u.weights, u.num_examples) for u in updates["plain"]]
             for label, results in (("compartida", shared), ("independiente", independent)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import curves
-from fedmnist.experiments.common import or_none, settings_text, simulate, write_csv
+from fedmnist.experiments.common import or_none, settings_text, simulate, tuning_trial, write_csv
 from fedmnist.experiments.profiles import Profile
 
 MCMAHAN_CSV = "mcmahan.csv"
@@ -114,7 +114,7 @@ def _tune_mcmahan(profile: Profile, preset, split: str, rounds: int, methods: Se
     set its own. A method with one candidate is not tuned.
     """
     from fedmnist.data import normalize_images
-    from fedmnist.tuning import Trial, best, candidate_label, candidates, tuning_score, validation_split
+    from fedmnist.tuning import best, candidate_label, candidates, validation_split
 
     tuning_mnist = validation_split(mnist, profile.mcmahan_validation, preset.seed)
     validation = (normalize_images(tuning_mnist.x_test), tuning_mnist.y_test)
@@ -133,10 +133,8 @@ def _tune_mcmahan(profile: Profile, preset, split: str, rounds: int, methods: Se
             settings = {**shared, **option}
             config = base.replace(methods=(method,), **settings)
             name = f"ajuste_{split}_{method}_{candidate_label(settings)}"
-            run = simulate(config, tuning_mnist, out_dir / "simulaciones" / name, trainer, validation, resume=True)
-            curve = run["result"].curves()[method]
-            seconds = sum(r.round_seconds for r in run["result"].metrics[method])
-            trials.append(Trial(method, settings, tuple(curve), tuning_score(curve), seconds))
+            trials.append(tuning_trial(config, method, settings, (tuning_mnist, validation),
+                                       out_dir / "simulaciones" / name, trainer))
             say(f"  tuning {split} {method} {candidate_label(settings)}: validation {trials[-1].score:.4f}")
         winner = best(trials)
         chosen[method] = dict(winner.settings)

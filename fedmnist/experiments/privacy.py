@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmnist import curves
-from fedmnist.experiments.common import settings_text, simulate, write_csv
+from fedmnist.experiments.common import settings_text, simulate, tuning_trial, write_csv
 from fedmnist.experiments.profiles import Profile
 
 PRIVACY_CSV = "privacidad.csv"
@@ -126,7 +126,7 @@ def median_update_norm(config, mnist) -> float:
     start = initial_weights(config.seed)
     tasks = client_tasks(config, 1, sample_clients(config, 1), start, Instructions(1), malicious=set())
     with InProcessExecutor(WorkerData.from_federation(fed), config.training, model_seed=config.seed) as executor:
-        outcomes = executor.submit(tasks).result()
+        outcomes = executor.run(tasks)
     failed = [outcome.message for outcome in outcomes if isinstance(outcome, TaskFailure)]
     if failed:
         raise RuntimeError(f"measuring the round-1 update norms: {failed[0]}")
@@ -206,7 +206,7 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
     absolute ``clip``).
     """
     from fedmnist.data import normalize_images
-    from fedmnist.tuning import Trial, best, candidate_label, candidates, tuning_score, validation_split
+    from fedmnist.tuning import Trial, best, candidate_label, candidates, validation_split
 
     tuning_mnist = validation_split(mnist, profile.dp_validation, profile.dp_tuning_seed)
     validation = (normalize_images(tuning_mnist.x_test), tuning_mnist.y_test)
@@ -214,10 +214,8 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
     rows: list[dict] = []
 
     def trial(stage: str, settings: dict, config, name: str) -> Trial:
-        run = simulate(config, tuning_mnist, out_dir / "simulaciones" / name, trainer, validation, resume=True)
-        curve = run["result"].curves()[METHOD]
-        seconds = sum(r.round_seconds for r in run["result"].metrics[METHOD])
-        found = Trial(stage, settings, tuple(curve), tuning_score(curve), seconds)
+        found = tuning_trial(config, METHOD, settings, (tuning_mnist, validation), out_dir / "simulaciones" / name,
+                             trainer, name=stage)
         say(f"  privacy tuning {stage} {candidate_label(settings)}: validation {found.score:.4f}")
         return found
 

@@ -50,7 +50,8 @@ identity a reply cannot forge.
 
 A round with fewer than ``min-train-nodes`` accepted replies stops the run with a ``RoundFailedError``
 whose message Flower shows as the run's status details (``flwr ls``); the files of earlier rounds stay
-as they were. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.toml``, overridden by
+as they were. Under DP-FedAvg such a round runs anyway, on what was accepted (the noise alone if
+nothing), and is charged to ε: stopping would reveal, uncharged, how many replies were valid. The run configuration (``[tool.flwr.app.config]`` of ``pyproject.toml``, overridden by
 ``flwr run --run-config``) becomes one ``FlowerRunConfig`` in ``FlowerRunConfig.from_run_config``.
 """
 

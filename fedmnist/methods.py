@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -163,6 +163,9 @@ class Method:
     rule: Aggregator
     client_mu: float = 0.0
     params: dict = field(default_factory=dict)
+    releases_every_round: ClassVar[bool] = False
+    """Whether every round the method runs is a release that must be charged (DP-FedAvg): such a round is
+    never aborted for too few replies, since the abort itself would say, uncharged, how many were valid."""
 
     def initial_state(self) -> dict:
         """The server state before round 1 (the stateless rules keep none)."""
@@ -291,6 +294,7 @@ class DPMethod(Method):
     accountant: object | None = None
     seed: int | None = 0
     optimizer: ServerOptConfig | None = None
+    releases_every_round: ClassVar[bool] = True
 
     def initial_state(self) -> dict:
         """S as configured, nothing released (and a fresh optimiser state, empty until its first step)."""

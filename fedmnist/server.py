@@ -215,6 +215,12 @@ class RoundRecord:
         return cls(**{n: values[n] for n in names})
 
 
+def _charged_anyway(why: str) -> str:
+    """The note of a DP round run below the minimum of replies instead of being aborted."""
+    return (f"{why}: under DP the round runs anyway and counts towards epsilon (aborting it would reveal, "
+            "uncharged, how many replies were valid)")
+
+
 @dataclass
 class ServerState:
     """Everything the server carries between rounds: what a checkpoint saves and ``--resume`` restores.
@@ -353,7 +359,8 @@ class Server:
         RejectedReply
             With ``strict``, for the first reply refused.
         RoundFailedError
-            Fewer than ``min_replies`` accepted replies (the state is left unchanged).
+            Fewer than ``min_replies`` accepted replies (the state is left unchanged); never for a method
+            that ``releases_every_round`` (DP-FedAvg), whose round runs and is charged with a note.
         AggregationError
             The rule rejects the accepted replies (e.g. Krum with n <= 2f + 2).
         """
@@ -372,10 +379,11 @@ class Server:
         accepted.sort(key=lambda r: r.client_id)
         failures = [f"{k}: {v}" for k, v in (failed or {}).items()] + list(rejected.values())
         if len(accepted) < min_replies:
-            raise RoundFailedError(
-                f"round {round_} ({method}): only {len(accepted)} accepted replies, {min_replies} needed"
-                + (f"; failed: {'; '.join(failures)}" if failures else "")
-            )
+            why = f"only {len(accepted)} accepted replies, {min_replies} needed"
+            if not rule.releases_every_round:
+                raise RoundFailedError(f"round {round_} ({method}): {why}"
+                                       + (f"; failed: {'; '.join(failures)}" if failures else ""))
+            warnings.append(_charged_anyway(why))
         warnings += dominant_clients(accepted)
         counts = [r.num_examples for r in accepted]
         if self.max_count_ratio is not None and accepted:
@@ -443,7 +451,8 @@ class Server:
         SecureAggregationError
             ``agg`` does not fit the global model, or ``replied_clients`` does not match its contributors.
         RoundFailedError
-            Fewer than ``min_replies`` contributors (the state is left unchanged).
+            Fewer than ``min_replies`` contributors (the state is left unchanged); never for a method that
+            ``releases_every_round`` (DP-FedAvg), whose round runs and is charged with a note.
         """
         from fedmnist.secure_aggregation import SecureAggregationError
 
@@ -460,12 +469,14 @@ class Server:
             raise SecureAggregationError(f"round {round_} ({method}): {len(replied_clients)} replied clients for "
                                          f"{contributors} contributors to the secure aggregate")
         failures = [f"{k}: {v}" for k, v in (failed or {}).items()]
-        if contributors < min_replies:
-            raise RoundFailedError(
-                f"round {round_} ({method}): only {contributors} members in the secure aggregate, {min_replies} "
-                "needed" + (f"; failed: {'; '.join(failures)}" if failures else "")
-            )
         warnings: list[str] = []
+        if contributors < min_replies:
+            why = f"only {contributors} members in the secure aggregate, {min_replies} needed"
+            if not rule.releases_every_round:
+                raise RoundFailedError(f"round {round_} ({method}): {why}"
+                                       + (f"; failed: {'; '.join(failures)}" if failures else ""))
+            warnings.append(_charged_anyway(why))
+            log.warning("round %d, %s: %s", round_, method, warnings[-1])
         if agg is not None and agg.saturated:
             warnings.append(f"{agg.saturated} coordinates of the members' updates (or control-variate deltas) lay "
                             "beyond the quantisation range and were aggregated saturated: raise secagg-clip-range "

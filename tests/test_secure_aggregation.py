@@ -757,3 +757,15 @@ def test_secure_aggregation_step_refuses_an_aggregate_encoded_for_another_method
                                                      r"was encoded as Composition\("):
         server.step_secure(ROUND, next(iter(server.methods)), agg)
     assert server.state.history == []
+
+
+
+def test_secure_dp_round_below_the_minimum_is_released_and_charged_not_aborted(cnn_start):
+    # whether enough members survived must not decide, uncharged, whether anything is released
+    method = _dp_method(adaptive=False)
+    server = _server(method, cnn_start)
+    step = server.step_secure(ROUND, "fedavg", None, min_replies=2, evaluate=False)
+    assert any("only 0 members in the secure aggregate, 2 needed: under DP the round runs anyway" in n
+               for n in step.warnings)
+    assert server.state.method_state["fedavg"]["releases"] == 1
+    assert step.record.epsilon == method.accountant.epsilon(1)

@@ -287,3 +287,21 @@ def test_a_client_id_claimed_twice_is_refused_in_every_reply_whatever_the_order(
     # Assert: neither claimant is kept, so the order cannot pick the winner
     assert step.record.replied_clients == [1]
     assert len(step.rejected) == 2 and all("appears twice" in why for why in step.rejected.values())
+
+
+def test_a_dp_round_below_the_minimum_runs_and_is_charged_instead_of_stopping(start):
+    from fedmnist.methods import with_privacy
+    from fedmnist.privacy import DPConfig
+
+    method = with_privacy(build_methods(MethodConfig(("fedavg",)))[0], DPConfig(0.5, 1.0), 3, 3, seed=1)
+    server = Server([method], ServerState.initial([method], start))
+    bad = reply(start, 1, 0.1)
+    bad.weights[0][...] = np.inf  # refused on its content: a data-dependent count of valid replies
+
+    one = server.step(1, "fedavg", [bad, reply(start, 2, 0.1)], min_replies=2, evaluate=False)
+    none = server.step(2, "fedavg", [], min_replies=2, evaluate=False)
+
+    assert one.record.replied_clients == [2] and "only 1 accepted replies, 2 needed" in one.record.notes[0]
+    assert any("no accepted reply" in n and "counts towards epsilon" in n for n in none.record.notes)
+    assert server.state.method_state["fedavg"]["releases"] == 2
+    assert none.record.epsilon == method.accountant.epsilon(2) and [r.round for r in server.state.history] == [1, 2]

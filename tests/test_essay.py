@@ -216,3 +216,16 @@ def test_the_holm_readings_the_essay_quotes_follow_from_the_csvs(essay):
            for key in ("first_99", "sustained_99", "mean_last10")}
     assert len(six) == 6 and not _holm_survivors(six)
     assert "con la corrección de Holm sobre las seis" in essay
+    # §3.7, 2 shards: of the two last-10-round comparisons with FedAvg only FedYogi's survives (the round
+    # columns have no test: FedAvg reaches 99 % in one seed)
+    shards = {m: {r["seed"]: r for r in mcmahan if r["method"] == m and r["split"] == "shards"}
+              for m in ("fedavg", "scaffold", "fedyogi")}
+    two = {m: (shards[m], shards["fedavg"], "mean_last10") for m in ("scaffold", "fedyogi")}
+    assert _holm_survivors(two) == {"fedyogi"}
+    from fedmnist.stats import holm, paired_p_value
+
+    scaffold_p, yogi_p = holm([paired_p_value([float(shards[m][s]["mean_last10"]) for s in "43 44 45".split()],
+                                              [float(shards["fedavg"][s]["mean_last10"]) for s in "43 44 45".split()])
+                               for m in ("scaffold", "fedyogi")])
+    assert (f"la de FedYogi resiste por poco (p ajustada {yogi_p:.3f}) y la de SCAFFOLD no ({scaffold_p:.3f})"
+            in " ".join(essay.split()))

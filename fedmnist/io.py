@@ -558,19 +558,11 @@ class OutputSet:
             self._make_out_dir()
         journal_path = self.out_dir / f".fedmnist-journal-{os.getpid()}-{self._token}.json"
         fd, tmp, token = _create_temp(Path("fedmnist-journal"), ".json", directory=self.out_dir)
-        try:
+        with _publish(tmp, journal_path, token):  # the rename is the commit point
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(journal, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, journal_path)  # the commit point
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        finally:
-            _release(token)
-        _fsync_dir(self.out_dir)
         return journal_path, journal
 
     def abort(self) -> None:

@@ -226,36 +226,43 @@ def heterogeneity_tables(rows: Rows) -> dict[str, str]:
     }
 
 
+def _last10_change(sel: Rows) -> tuple[str, str]:
+    """A setting's last-10-round change across seeds (cell text) and whether it has settled (verdict)."""
+    from fedmnist.curves import settled
+
+    if any(_true(r["diverged"]) for r in sel):
+        return "—", "diverge"
+    if any(r["change_last10"] == "" for r in sel):
+        return "—", "run demasiado corto"
+    change = mean_interval([float(r["change_last10"]) for r in sel])
+    verdict = settled(change)
+    word = "sin intervalo (una semilla)" if verdict is None else (
+        "sí" if verdict else f"no: {'sube' if change.mean > 0 else 'baja'}")
+    spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
+    return f"{change.mean * 100:+.2f}{spread}", word
+
+
+CHANGE_NOTE = (
+    "pendiente de mínimos cuadrados de la precisión de test en las rondas evaluadas de las 10 últimas × 10"
+)
+
+
 def change_table(rows: Rows, name: str, keys: Sequence[str], headers: Sequence[str], labels) -> str:
     """``*_cambio``: each setting's change over its last 10 rounds, across seeds, and whether it has settled.
 
     ``keys`` are the CSV columns that identify a setting, ``headers`` their column titles and ``labels``
     turns a setting's key values into its cells. A diverged run's change is not a trend: such settings say so.
     """
-    from fedmnist.curves import settled
-
     _need(rows, name, (*keys, "seed", "change_last10", "diverged"))
     lines = ["| " + " | ".join(headers) + " | cambio en las 10 últimas rondas (puntos) | ¿sin cambio detectable? |",
              "|" + "---|" * (len(headers) + 2)]
     for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
         sel = [r for r in rows if tuple(r[k] for k in keys) == key]
-        if any(_true(r["diverged"]) for r in sel):
-            cells = ["—", "diverge"]
-        elif any(r["change_last10"] == "" for r in sel):
-            cells = ["—", "run demasiado corto"]
-        else:
-            change = mean_interval([float(r["change_last10"]) for r in sel])
-            verdict = settled(change)
-            word = "sin intervalo (una semilla)" if verdict is None else (
-                "sí" if verdict else f"no: {'sube' if change.mean > 0 else 'baja'}")
-            spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
-            cells = [f"{change.mean * 100:+.2f}{spread}", word]
-        lines.append("| " + " | ".join([*labels(key), *cells]) + " |")
+        lines.append("| " + " | ".join([*labels(key), *_last10_change(sel)]) + " |")
     return "\n".join(lines) + (
-        f"\n\nCambio: pendiente de mínimos cuadrados de la precisión de test en las rondas evaluadas de las 10 "
-        f"últimas × 10; {CI_NOTE}, {_seeds(rows)}. «Sí» si el intervalo contiene el cero (con pocas semillas es "
-        "ancho: no prueba una curva plana); si no, la curva aún sube (o baja) y su precisión final no es un nivel "
-        "alcanzado."
+        f"\n\nCambio: {CHANGE_NOTE}; {CI_NOTE}, {_seeds(rows)}. «Sí» si el intervalo contiene el cero (con pocas "
+        "semillas es ancho: no prueba una curva plana); si no, la curva aún sube (o baja) y su precisión final no "
+        "es un nivel alcanzado."
     )
 
 
@@ -385,52 +392,64 @@ def fedprox_mu_client_table(rows: Rows) -> str:
 
 
 def attack_client_table(rows: Rows) -> str:
-    """``ataques_peor_cliente``: per attack case and method, how the honest clients fare on their own data."""
+    """``ataques_peor_cliente``: per attack case and method, how the honest clients fare on their own data.
+
+    The last column pairs each rule's worst honest client with FedAvg's, seed by seed: what the rule
+    costs (or saves) the client it serves worst.
+    """
     _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", *CLIENT_COLUMNS, *RUN_COLUMNS))
-    lines = ["| partición | ataque | maliciosos | clientes honestos | método | " + CLIENT_HEAD,
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| partición | ataque | maliciosos | clientes honestos | método | " + CLIENT_HEAD
+             + " peor cliente − FedAvg (puntos) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    worst = "client_worst_accuracy"
     for case in dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows):
+        in_case = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case]
+        base = _by_seed([r for r in in_case if r["method"] == "fedavg"], worst)
         for method in methods:
-            sel = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == method]
+            sel = [r for r in in_case if r["method"] == method]
             if sel:
+                diff = "—" if method == "fedavg" else _paired(_by_seed(sel, worst), base)
                 lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | {_honest(sel)} | "
-                             f"{method_name(method)} | {_client_cells(sel)}")
+                             f"{method_name(method)} | {_client_cells(sel)} {diff} |")
     who = "los clientes maliciosos quedan fuera de la media, el percentil y el peor"
-    return "\n".join(lines) + _client_note(rows, who) + "; «diverge»: como en la tabla de precisión final."
+    return "\n".join(lines) + _client_note(rows, who) + (
+        f"; «diverge»: como en la tabla de precisión final. Última columna: {PAIRED_NOTE}, del peor cliente honesto."
+    )
 
 
 def attack_convergence_table(rows: Rows) -> str:
-    """``ataques_convergencia``: each rule's change of test accuracy over the runs' last rounds.
+    """``ataques_convergencia``: each rule's change of test accuracy over the last 10 rounds, per attack case.
 
-    A change near zero says the rule has settled within the rounds run; a large one, that the final
-    accuracy of ``ataques`` is a point on a curve still moving (slowness, not a ceiling).
+    A change whose interval contains zero says the rule has settled within the rounds run; one that
+    excludes it is marked (sube / baja): that rule's final accuracy in ``ataques`` is a point on a curve
+    still moving, not a level reached.
     """
-    _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", "rounds", "final_accuracy",
-                                "earlier_round", "earlier_accuracy"))
+    _need(rows, "ataques.csv", ("partition", "attack", "malicious", "method", "seed", "change_last10", "diverged"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [
         "| partición | ataque | maliciosos | " + " | ".join(method_name(m) for m in methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
     ]
-    spans = set()
     for case in dict.fromkeys((r["partition"], r["attack"], r["malicious"]) for r in rows):
         cells = []
         for m in methods:
-            sel = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == m
-                   and r["earlier_accuracy"] not in ("", None)]
+            sel = [r for r in rows if (r["partition"], r["attack"], r["malicious"]) == case and r["method"] == m]
             if not sel:
                 cells.append("—")
                 continue
-            spans.update((r["earlier_round"], r["rounds"]) for r in sel)
-            text = _accuracy_cell([{**r, "change": float(r["final_accuracy"]) - float(r["earlier_accuracy"])}
-                                   for r in sel], "change")
-            cells.append(text if text.startswith("-") else f"+{text}")
+            text, word = _last10_change(sel)
+            if word == "diverge":
+                text = f"diverge en {sum(_true(r['diverged']) for r in sel)}/{len(sel)}"
+            elif word.startswith("no: "):
+                text = f"{text} ({word[4:]})"
+            cells.append(text)
         lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | " + " | ".join(cells) + " |")
-    between = "; ".join(f"de la ronda {a} a la {b}" for a, b in sorted(spans, key=lambda s: (int(s[1]), int(s[0]))))
     return "\n".join(lines) + (
-        f"\n\nCambio de la precisión de test (puntos) en las últimas rondas ({between or 'sin rondas previas evaluadas'}): "
-        f"{CI_NOTE}, {_seeds(rows)}; cerca de cero, la regla se ha estabilizado; «diverge»: como en la tabla de precisión final."
+        f"\n\nCambio de la precisión de test (puntos) en las 10 últimas rondas: {CHANGE_NOTE}; {CI_NOTE}, "
+        f"{_seeds(rows)}. «(sube)» o «(baja)»: el intervalo excluye el cero, la regla no se ha estabilizado y su "
+        "precisión final no es un nivel alcanzado; sin marca, no se detecta cambio (con pocas semillas el intervalo "
+        "es ancho: no prueba una curva plana); «diverge»: como en la tabla de precisión final."
     )
 
 

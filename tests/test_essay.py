@@ -20,7 +20,7 @@ RESULTS = REPO / "resultados"
 EXPECTED_TABLES = {"curso", "inicializacion", "techo", "deriva", "deriva_precision", "heterogeneidad",
                    "heterogeneidad_diferencias", "heterogeneidad_cambio", "heterogeneidad_peor_cliente",
                    "fedprox_mu", "fedprox_mu_cambio", "fedprox_mu_peor_cliente", "ajuste_mu", "ataques",
-                   "ataques_diferencias", "ataques_convergencia", "mcmahan", "mcmahan_frente_fedavg",
+                   "ataques_diferencias", "ataques_convergencia", "ataques_peor_cliente", "mcmahan", "mcmahan_frente_fedavg",
                    "mcmahan_ajuste", "privacidad_equipo"}
 
 
@@ -208,6 +208,14 @@ def test_the_holm_readings_the_essay_quotes_follow_from_the_csvs(essay):
         {(c, m) for c in cases if c[0] == "iid" and c[1] != "none" for m in rules if m != "fedprox"}
         | {(("dirichlet_0.3", "none", "0"), "multikrum")})
     assert "(25 comparaciones)" in essay and "las 6 cuyo intervalo excluye el cero" in essay
+    # §3.6, the worst honest client without attackers: of the 8 comparisons only IID's median and Bulyan
+    # survive; of Dirichlet's 4, only the trimmed mean
+    worst = {k: (a, b, "client_worst_accuracy") for k, (a, b, _) in clean.items()}
+    assert _holm_survivors(worst) == {(("iid", "none", "0"), "fedmed"), (("iid", "none", "0"), "bulyan")}
+    dirichlet = {k: v for k, v in worst.items() if k[0][0] == "dirichlet_0.3"}
+    assert len(dirichlet) == 4 and _holm_survivors(dirichlet) == {(("dirichlet_0.3", "none", "0"), "trimmed")}
+    assert ("sobre las 8 comparaciones del peor cliente sin atacantes (4\nreglas × 2 particiones) solo resisten las "
+            "dos de IID (la mediana y Bulyan), y sobre las 4 de Dirichlet\nsolo la media recortada") in essay
     # §3.7: none of the six comparisons with the project's FedAvg survives
     mcmahan = read_csv(RESULTS / "mcmahan.csv")
     runs = {m: {r["seed"]: r for r in mcmahan if r["method"] == m and r["split"] == "iid"}

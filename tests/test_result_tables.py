@@ -170,24 +170,24 @@ def test_stale_rows_raise_naming_the_missing_columns():
         rt.attack_tables([])
 
 
-def test_attack_convergence_table_gives_the_last_change_by_hand():
-    def row(seed, method, final, earlier, diverged="False"):
+def test_attack_convergence_table_gives_the_last10_change_and_its_verdict_by_hand():
+    def row(seed, method, change, diverged="False"):
         return {"partition": "dirichlet_0.3", "attack": "none", "malicious": "0", "seed": seed, "method": method,
-                "rounds": "40", "final_accuracy": final, "earlier_round": "30", "earlier_accuracy": earlier,
-                "diverged": diverged}
+                "change_last10": change, "diverged": diverged}
 
-    rows = [row("1", "fedavg", "0.95", "0.94"), row("2", "fedavg", "0.96", "0.94"),
-            row("1", "bulyan", "0.80", "0.90", "True"), row("2", "bulyan", "0.85", "0.90"),
-            {**row("1", "fedmed", "0.9", ""), "earlier_round": ""}]
+    rows = [row("1", "fedavg", "0.01"), row("2", "fedavg", "0.02"),
+            row("1", "fedmed", "0.010"), row("2", "fedmed", "0.011"),
+            row("1", "bulyan", "-0.10", "True"), row("2", "bulyan", "-0.05"),
+            row("1", "trimmed", ""), row("2", "trimmed", "0.0")]
 
     table = rt.attack_convergence_table(rows)
 
-    # FedAvg: +1 and +2 points, mean 1.50, half-width 12.7062 · 0.7071 / √2 = 6.35; Bulyan -10 and -5
-    assert ("| Dirichlet (α = 0.3) | ninguno | 0 | +1.50 ± 6.35 | -7.50 ± 31.77 (diverge en 1/2) | — |"
-            in table)
-    assert "de la ronda 30 a la 40" in table
-    with pytest.raises(rt.StaleResults, match="earlier_accuracy"):
-        rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "earlier_accuracy"}])
+    # FedAvg: +1 and +2 points, mean 1.50, half-width 12.7062 · 0.7071 / √2 = 6.35, contains 0: no mark.
+    # FedMed: +1.0 and +1.1, half-width 12.7062 · 0.0707 / √2 = 0.64, excludes 0: still rising.
+    assert "| Dirichlet (α = 0.3) | ninguno | 0 | +1.50 ± 6.35 | +1.05 ± 0.64 (sube) | diverge en 1/2 | — |" in table
+    assert "10 últimas rondas" in table
+    with pytest.raises(rt.StaleResults, match="change_last10"):
+        rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "change_last10"}])
 
 
 def _mcmahan_row(method, seed, first, held, mean, change, half="0.001", split="iid"):
@@ -283,9 +283,10 @@ def test_attack_client_table_counts_only_the_honest_clients_by_hand():
     table = rt.attack_client_table(rows)
 
     assert ("| IID | ruido gaussiano | 2 | 8 | FedAvg | 11.00 ± 12.71 (diverge en 1/2) | 11.00 ± 12.71 | "
-            "10.50 ± 6.35 | 10.00 ± 0.00 |") in table
-    assert "| IID | ruido gaussiano | 2 | 8 | FedMed | 96.00 ± 12.71 | 95.50 ± 6.35 | 92.00 ± 0.00 | 90.00 ± 0.00 |" \
-        in table
+            "10.50 ± 6.35 | 10.00 ± 0.00 | — |") in table
+    # worst client, paired by seed with FedAvg's: 0.90 − 0.10 and 0.90 − 0.10, both seeds above
+    assert ("| IID | ruido gaussiano | 2 | 8 | FedMed | 96.00 ± 12.71 | 95.50 ± 6.35 | 92.00 ± 0.00 | 90.00 ± 0.00 | "
+            "+80.00 [+80.00, +80.00], 2/2 |") in table
     assert "los clientes maliciosos quedan fuera" in table
 
 

@@ -63,8 +63,8 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
 def _earlier_score(records, window: int) -> dict:
     """The test accuracy ``window`` rounds before the last (or the latest evaluated round before that).
 
-    With the final accuracy it says whether a run has stabilised; empty when no round that early was
-    evaluated.
+    The raw earlier point of the curve, for reading it beside the final accuracy; whether the run has
+    settled is ``change_last10``'s interval across seeds. Empty when no round that early was evaluated.
     """
     last = records[-1].round if records else 0
     earlier = [r for r in records if r.round <= last - window and r.test_accuracy is not None]

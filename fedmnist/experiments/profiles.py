@@ -77,8 +77,9 @@ class Profile:
     attack_train_subset: int = 4_800
     attack_eval_every: int = 5
     attack_convergence_window: int = 10
-    """Rounds over which the attack table measures each rule's last change (has it stabilised?); no
-    change is measured in runs of that many rounds or fewer."""
+    """How many rounds before the last the attack rows' ``earlier_round``/``earlier_accuracy`` look back (the
+    raw earlier point of each curve; empty in runs of that many rounds or fewer). Whether a rule has settled
+    is read from ``change_last10``, as in every experiment."""
     drift_seeds: tuple[int, ...] = (42, 43, 44)
     drift_clients: int = 5
     drift_train_subset: int = 10_000

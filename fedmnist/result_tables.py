@@ -443,6 +443,8 @@ def attack_convergence_table(rows: Rows) -> str:
                 text = f"diverge en {sum(_true(r['diverged']) for r in sel)}/{len(sel)}"
             elif word.startswith("no: "):
                 text = f"{text} ({word[4:]})"
+            elif word != "sí":
+                text = f"{text} ({'una semilla, sin intervalo' if word.startswith('sin intervalo') else word})"
             cells.append(text)
         lines.append(f"| {partition_name(case[0])} | {attack_name(case[1])} | {case[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (

@@ -178,13 +178,18 @@ def test_attack_convergence_table_gives_the_last10_change_and_its_verdict_by_han
     rows = [row("1", "fedavg", "0.01"), row("2", "fedavg", "0.02"),
             row("1", "fedmed", "0.010"), row("2", "fedmed", "0.011"),
             row("1", "bulyan", "-0.10", "True"), row("2", "bulyan", "-0.05"),
-            row("1", "trimmed", ""), row("2", "trimmed", "0.0")]
+            row("1", "trimmed", ""), row("2", "trimmed", "0.0"),
+            row("1", "multikrum", "-0.011"), row("2", "multikrum", "-0.010")]
 
     table = rt.attack_convergence_table(rows)
 
     # FedAvg: +1 and +2 points, mean 1.50, half-width 12.7062 · 0.7071 / √2 = 6.35, contains 0: no mark.
-    # FedMed: +1.0 and +1.1, half-width 12.7062 · 0.0707 / √2 = 0.64, excludes 0: still rising.
-    assert "| Dirichlet (α = 0.3) | ninguno | 0 | +1.50 ± 6.35 | +1.05 ± 0.64 (sube) | diverge en 1/2 | — |" in table
+    # FedMed: +1.0 and +1.1, half-width 12.7062 · 0.0707 / √2 = 0.64, excludes 0: still rising; Multi-Krum
+    # the mirror image, still falling.
+    assert ("| Dirichlet (α = 0.3) | ninguno | 0 | +1.50 ± 6.35 | +1.05 ± 0.64 (sube) | diverge en 1/2 | "
+            "— (run demasiado corto) | -1.05 ± 0.64 (baja) |") in table
+    one_seed = rt.attack_convergence_table([row("1", "fedavg", "0.01")])
+    assert "| +1.00 (una semilla, sin intervalo) |" in one_seed
     assert "10 últimas rondas" in table
     with pytest.raises(rt.StaleResults, match="change_last10"):
         rt.attack_convergence_table([{k: v for k, v in rows[0].items() if k != "change_last10"}])

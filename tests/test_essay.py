@@ -237,3 +237,22 @@ def test_the_holm_readings_the_essay_quotes_follow_from_the_csvs(essay):
                                for m in ("scaffold", "fedyogi")])
     assert (f"la de FedYogi resiste por poco (p ajustada {yogi_p:.3f}) y la de SCAFFOLD no ({scaffold_p:.3f})"
             in " ".join(essay.split()))
+
+
+def test_the_attack_rows_last10_change_is_the_slope_of_their_committed_curves():
+    # ataques_convergencia reads change_last10; each row's value must be recent_change of its own run's curve
+    from fedmnist.curves import SETTLE_WINDOW, recent_change
+    from fedmnist.experiments.common import read_csv
+
+    rows = read_csv(RESULTS / "ataques.csv")
+    checked = 0
+    for r in rows:
+        if r["diverged"] == "True":
+            continue
+        name = f"ataques_{r['partition']}_{r['attack']}_{r['malicious']}_s{r['seed']}"
+        curve = {int(c["round"]): float(c["test_accuracy"])
+                 for c in read_csv(RESULTS / "simulaciones" / name / "metricas_por_ronda.csv")
+                 if c["method"] == r["method"] and c["test_accuracy"] != ""}
+        assert float(r["change_last10"]) == pytest.approx(recent_change(curve, SETTLE_WINDOW), abs=1e-6), name
+        checked += 1
+    assert checked >= 130

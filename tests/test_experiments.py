@@ -15,7 +15,6 @@ from fedmnist.data import Mnist, normalize_images
 from fedmnist.errors import ConfigError
 from fedmnist.essay import render_tables
 from fedmnist.experiments import Profile, ceiling, common, drift, mcmahan, read_csv, run_experiments
-from fedmnist.experiments import attacks as attack_runs
 from fedmnist.stats import format_mean_interval, mean_interval
 
 TINY = Profile(
@@ -24,7 +23,7 @@ TINY = Profile(
     mu_grid=(0.01, 0.1), prox_mus=(0.0, 0.1),
     attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1), ("shards_2", "signflip", 1)),
     attack_methods=("fedavg", "fedprox", "fedmed", "bulyan"), attack_clients=7, attack_krum_f=1,
-    attack_rounds=2, attack_train_subset=700, attack_eval_every=1, attack_convergence_window=1,
+    attack_rounds=2, attack_train_subset=700, attack_eval_every=1,
     drift_seeds=(3, 4), drift_clients=4,
     drift_train_subset=400,
     drift_optimizers=(("adam", 1e-3, 0.0), ("sgd", 0.05, 0.9)), drift_epochs=(1, 2),
@@ -207,33 +206,10 @@ def test_attacks_run_fedprox_and_bulyan_and_record_divergence(tiny_results):
     for r in rows:
         assert r["diverged"] == str(common.diverged(float(r["final_loss"])))
         assert r["krum_f"] == "1" and r["clients"] == "7"
-        assert r["earlier_round"] == "1"  # the convergence window: one round before the last (2)
     for partition in ("iid", "shards_2"):
         mu = _chosen(tuning, setting=partition)
         prox = [r for r in rows if r["partition"] == partition and r["method"] == "fedprox"]
         assert {float(r["mu"]) for r in prox} == {mu}
-
-
-def test_earlier_score_is_the_latest_evaluated_round_before_the_window():
-    from types import SimpleNamespace as R
-
-    records = [R(round=r, test_accuracy=(r / 100 if r % 5 == 0 else None)) for r in range(1, 41)]
-    records.append(R(round=41, test_accuracy=0.5))
-
-    assert attack_runs._earlier_score(records, 10) == {"earlier_round": 30, "earlier_accuracy": 0.30}
-    assert attack_runs._earlier_score(records[:38], 10) == {"earlier_round": 25, "earlier_accuracy": 0.25}
-    assert attack_runs._earlier_score(records[:12], 10) == {"earlier_round": "", "earlier_accuracy": ""}
-
-
-@pytest.mark.slow
-def test_attack_convergence_reads_the_run_curve(tiny_results):
-    rows = read_csv(tiny_results / experiments.ATTACK_CSV)
-    curve = read_csv(tiny_results / "simulaciones" / "ataques_iid_none_0_s3" / "metricas_por_ronda.csv")
-    first = {r["method"]: r["test_accuracy"] for r in curve if r["round"] == "1"}
-    run = [r for r in rows if (r["partition"], r["attack"], r["seed"]) == ("iid", "none", "3")]
-    assert len(run) == len(first) == 4
-    for r in run:
-        assert float(r["earlier_accuracy"]) == pytest.approx(float(first[r["method"]]), abs=1e-6)
 
 
 def test_diverged_means_a_non_finite_or_exploded_test_loss():

@@ -48,28 +48,10 @@ def run_attacks(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
                 for method in config.method.methods:
                     rows.append({"partition": label, "attack": attack, "malicious": count, "seed": seed,
                                  "method": method, "mu": mu if method == "fedprox" else 0.0,
-                                 "krum_f": profile.attack_krum_f, **run_row(run, method),
-                                 **_earlier_score(run["result"].metrics[method],
-                                                  profile.attack_convergence_window),
-                                 **clients[method]})
+                                 "krum_f": profile.attack_krum_f, **run_row(run, method), **clients[method]})
                 say(f"  attacks {label} {attack} x{count} seed {seed} done")
             write_csv(out_dir / ATTACK_CSV, rows)
         if tuning_rows:
             write_csv(out_dir / ATTACK_TUNING_CSV, tuning_rows)
     plot_attacks(rows, out_dir / "ataques.png")
     return rows
-
-
-def _earlier_score(records, window: int) -> dict:
-    """The test accuracy ``window`` rounds before the last (or the latest evaluated round before that).
-
-    The raw earlier point of the curve, for reading it beside the final accuracy; whether the run has
-    settled is ``change_last10``'s interval across seeds. Empty when no round that early was evaluated.
-    """
-    last = records[-1].round if records else 0
-    earlier = [r for r in records if r.round <= last - window and r.test_accuracy is not None]
-    if not earlier:
-        return {"earlier_round": "", "earlier_accuracy": ""}
-    return {"earlier_round": earlier[-1].round, "earlier_accuracy": float(earlier[-1].test_accuracy)}
-
-

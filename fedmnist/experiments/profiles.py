@@ -76,10 +76,6 @@ class Profile:
     attack_rounds: int = 20
     attack_train_subset: int = 4_800
     attack_eval_every: int = 5
-    attack_convergence_window: int = 10
-    """How many rounds before the last the attack rows' ``earlier_round``/``earlier_accuracy`` look back (the
-    raw earlier point of each curve; empty in runs of that many rounds or fewer). Whether a rule has settled
-    is read from ``change_last10``, as in every experiment."""
     drift_seeds: tuple[int, ...] = (42, 43, 44)
     drift_clients: int = 5
     drift_train_subset: int = 10_000
@@ -172,7 +168,7 @@ class Profile:
             for seed in seeds:
                 check_int(seed, f"profile {self.name}: every one of {name}", 0)
         for name in ("validation_size", "clients", "rounds", "eval_every", "attack_clients", "attack_rounds",
-                     "attack_eval_every", "attack_convergence_window", "drift_clients", "drift_barrier_images",
+                     "attack_eval_every", "drift_clients", "drift_barrier_images",
                      "course_epochs", "ceiling_validation", "ceiling_patience", "ceiling_max_epochs"):
             check_int(getattr(self, name), f"profile {self.name}: {name}", 1)
         for name in ("course_mu_grid", "mu_grid", "drift_mu_grid"):
@@ -257,7 +253,7 @@ PROFILES: dict[str, Profile] = {
         prox_mus=(0.0, 0.1), attack_cases=(("iid", "none", 0), ("iid", "gaussian", 1)),
         attack_methods=("fedavg", "fedmed", "bulyan"),
         attack_clients=7, attack_krum_f=1, attack_rounds=2, attack_train_subset=1_400, attack_eval_every=1,
-        attack_convergence_window=1, drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
+        drift_seeds=(DEFAULT_SEED, DEFAULT_SEED + 1), drift_train_subset=1_500,
         drift_optimizers=(("adam", 1e-3, 0.0),),
         drift_epochs=(1, 2), drift_partitions=("iid",), drift_mu_grid=(0.01, 0.1), drift_barrier_images=300,
         mcmahan=(("iid", 1, 1, ("fedavg",)),), mcmahan_seeds=(DEFAULT_SEED + 1,), mcmahan_grid={},

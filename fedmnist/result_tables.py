@@ -719,25 +719,29 @@ def _epsilon_cell(sel: Rows) -> str:
 
 
 def privacy_table(rows: Rows) -> str:
-    """``privacidad``: per (K, target ε) the noise, the ε spent, the final accuracy and its last change
-    across seeds, and Geyer et al.'s (2017) figure at the same K beside it."""
+    """``privacidad``: per (K, target ε) the noise, the ε spent, the final accuracy, its difference from the
+    same K's non-private row paired by seed, its last change across seeds, and Geyer et al.'s (2017) figure
+    at the same K beside it."""
     from fedmnist.published import GEYER_2017_CITATION, describe, geyer_row
 
     _need(rows, "privacidad.csv", PRIVACY_COLUMNS)
     lines = ["| K (m por ronda) | ε objetivo | z | ruido en la media (σ = z·S/m) | ε gastado | "
-             "precisión final (%) | cambio en las 10 últimas rondas (puntos) | Geyer et al. (2017), mismo K |",
-             "|---|---|---|---|---|---|---|---|"]
+             "precisión final (%) | frente a sin privacidad, mismo K (puntos) | "
+             "cambio en las 10 últimas rondas (puntos) | Geyer et al. (2017), mismo K |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys((r["clients"], r["target_epsilon"]) for r in rows):
         sel = [r for r in rows if (r["clients"], r["target_epsilon"]) == key]
         first = sel[0]
         private = first["target_epsilon"] != ""
+        reference = [r for r in rows if r["clients"] == first["clients"] and r["target_epsilon"] == ""]
+        cost = _paired(_by_seed(sel), _by_seed(reference)) if private else "—"
         changes = [float(r["change_last10"]) for r in sel if r["change_last10"] != ""]
         target = f"{float(first['target_epsilon']):g}" if private else "sin privacidad"
         z = f"{float(first['noise_multiplier']):g}" if private else "—"
         sigma = f"{float(first['noise_std']):.4f}" if private else "—"
         published = describe(geyer_row(int(first["clients"]))) if private else "—"
         lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {target} | {z} | {sigma} | "
-                     f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | "
+                     f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | {cost} | "
                      f"{_change_text(mean_interval(changes) if changes else None)} | {published} |")
     dp = [r for r in rows if r["target_epsilon"] != ""]
     base = [r for r in rows if r["target_epsilon"] == ""]
@@ -753,6 +757,8 @@ def privacy_table(rows: Rows) -> str:
                      f"β = {float(r['server_momentum']):g}, {r['rounds']} rondas")
     seeds = ", ".join(dict.fromkeys(r["seed"] for r in rows))
     return "\n".join(lines) + "\n\n" + _cap("; ".join(notes)) + f". Semillas: {seeds}; {CI_NOTE}. " + \
+        "Frente a sin privacidad: diferencia pareada por semilla con la fila sin privacidad del mismo K, media " + \
+        "[IC 95 %] y semillas en que la fila privada la supera. " + \
         "Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10; estable si su IC 95 % contiene 0. " + \
         f"Geyer et al.: {GEYER_2017_CITATION}."
 

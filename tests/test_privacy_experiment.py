@@ -18,7 +18,8 @@ from fedmnist.result_tables import StaleResults, privacy_table, privacy_tuning_t
 GRID = Profile(name="grid", seeds=(1, 2), dp_clients=(100, 1000), dp_epsilons=(8.0, 2.0), dp_rounds=20,
                dp_baseline_rounds=50)
 CHOSEN = {"baseline": {"learning_rate": 0.2, "server_momentum": 0.0},
-          "dp": {"learning_rate": 0.1, "clip_factor": 0.5, "server_momentum": 0.9, "clip": 0.35}}
+          "dp": {8.0: {"learning_rate": 0.1, "clip_factor": 0.5, "server_momentum": 0.9, "clip": 0.35},
+                 2.0: {"learning_rate": 0.1, "clip_factor": 0.25, "server_momentum": 0.5, "clip": 0.18}}}
 
 
 def _diff(a, b) -> set[str]:
@@ -35,8 +36,10 @@ def test_cases_vary_one_factor_at_a_time_with_clip_steps_and_rounds_fixed():
     # K alone: the same z (q = m/K = 0.1 and δ = 1e-5 at both K), clip, local steps, batch, rates, rounds
     assert _diff(configs[100, 8.0], configs[1000, 8.0]) == {"federation.num_clients"}
     assert _diff(configs[100, 2.0], configs[1000, 2.0]) == {"federation.num_clients"}
-    # ε alone: only the noise multiplier
-    assert _diff(configs[1000, 8.0], configs[1000, 2.0]) == {"privacy.noise_multiplier"}
+    # ε: the noise multiplier and that ε's own tuned clip and server momentum, nothing else
+    assert _diff(configs[1000, 8.0], configs[1000, 2.0]) == {"privacy.noise_multiplier", "privacy.clip",
+                                                             "method.server_momentum"}
+    assert configs[1000, 2.0].privacy.clip == 0.18 and configs[1000, 2.0].method.server_momentum == 0.5
     private = configs[1000, 8.0]
     assert private.privacy.clip == 0.35 and private.local_steps == GRID.dp_local_steps == 30
     assert private.privacy.sampling == "poisson" and private.method.server_momentum == 0.9
@@ -44,6 +47,49 @@ def test_cases_vary_one_factor_at_a_time_with_clip_steps_and_rounds_fixed():
     baseline = configs[1000, None]
     assert baseline.privacy is None and baseline.training.learning_rate == 0.2 and baseline.rounds == 50
     assert _diff(configs[100, None], baseline) == {"federation.num_clients"}
+
+
+def test_each_target_epsilon_is_tuned_on_its_own(tmp_path, small_mnist, monkeypatch):
+    from fedmnist.experiments import read_csv
+    from fedmnist.tuning import Trial
+
+    profile = dataclasses.replace(GRID, dp_validation=100, dp_tuning_clients=20,
+                                  dp_baseline_grid={"learning_rate": (0.05, 0.1), "server_momentum": (0.9,)},
+                                  dp_grid={"clip_factor": (0.1, 0.5), "server_momentum": (0.5,)})
+    runs = []
+
+    def fake_trial(config, method, settings, tuning, run_dir, trainer, name=None):
+        runs.append((run_dir.name, config))
+        if config.privacy is None:  # the baseline: client rate 0.1 wins
+            score = 0.9 + settings["learning_rate"]
+        else:  # more noise (ε = 2) favours the smaller clip, less noise (ε = 8) the larger
+            small_clip = config.privacy.noise_multiplier > exp.noise_multiplier(profile, 20, 8.0)
+            score = 0.8 + 0.1 * ((settings["clip_factor"] == 0.1) == small_clip)
+        return Trial(name or method, settings, (score,), score, 1.0)
+
+    monkeypatch.setattr(exp, "tuning_trial", fake_trial)
+    monkeypatch.setattr(exp, "median_update_norm", lambda config, mnist: 2.0)
+
+    chosen = exp.tune_privacy(profile, small_mnist, tmp_path, trainer=None, say=lambda text: None)
+
+    assert chosen["baseline"] == {"learning_rate": 0.1, "server_momentum": 0.9}
+    assert chosen["dp"][8.0] == {"learning_rate": 0.1, "clip_factor": 0.5, "server_momentum": 0.5, "clip": 1.0}
+    assert chosen["dp"][2.0] == {"learning_rate": 0.1, "clip_factor": 0.1, "server_momentum": 0.5, "clip": 0.2}
+    names = [name for name, _ in runs]
+    assert names[2:] == ["privacidad_ajuste_K20_eps8_lr0.1_clip_factor0.1_mom0.5",
+                         "privacidad_ajuste_K20_eps8_lr0.1_clip_factor0.5_mom0.5",
+                         "privacidad_ajuste_K20_eps2_lr0.1_clip_factor0.1_mom0.5",
+                         "privacidad_ajuste_K20_eps2_lr0.1_clip_factor0.5_mom0.5"]
+    for name, config in runs[2:]:  # every DP trial's noise is calibrated for its own ε at the final rounds
+        target = 8.0 if "_eps8_" in name else 2.0
+        assert config.privacy.noise_multiplier == exp.noise_multiplier(profile, 20, target)
+    trials = read_csv(tmp_path / exp.PRIVACY_TUNING_CSV)
+    assert [(t["stage"], t["target_epsilon"], t["chosen"]) for t in trials] == [
+        ("baseline", "", "False"), ("baseline", "", "True"), ("dp", "8.000000", "False"), ("dp", "8.000000", "True"),
+        ("dp", "2.000000", "True"), ("dp", "2.000000", "False")]
+    cases = exp.privacy_cases(profile)
+    finals = {(c.clients, c.target_epsilon): exp.final_config(profile, c, 43, chosen) for c in cases}
+    assert finals[1000, 2.0].privacy.clip == 0.2 and finals[1000, 8.0].privacy.clip == 1.0
 
 
 def test_noise_multiplier_meets_the_target_at_the_fixed_rounds():
@@ -91,14 +137,18 @@ def test_privacy_table_by_hand():
     rows = [_row(1000, "", s, a, c) for s, a, c in ((43, 0.97, 0.0005), (44, 0.98, 0.0010), (45, 0.99, 0.0015))]
     rows += [_row(1000, "8.000000", s, a, c, "7.9912", 1.36) for s, a, c in
              ((43, 0.90, 0.004), (44, 0.92, 0.005), (45, 0.94, 0.006))]
+    rows += [_row(100, "8.000000", 43, 0.80, 0.0, "7.9", 2.0)]  # no K = 100 reference: nothing to pair with
 
     lines = privacy_table(rows).splitlines()
 
     # mean ± t(0.975, 2)·sd/√3: 0.02·4.3027/√3 = 4.97 points; the changes: 0.2 ± 0.25 points (contains 0),
     # and 0.5 ± 0.25 (does not: still rising)
-    assert lines[2] == "| 1000 (100) | sin privacidad | — | — | ∞ | 98.00 ± 2.48 | +0.10 ± 0.12 (sin cambio detectable) | — |"
-    assert lines[3] == (f"| 1000 (100) | 8 | 1.36 | 0.0048 | 7.99 (δ = 1e-05) | 92.00 ± 4.97 | +0.50 ± 0.25 (sube) | "
-                        f"{describe(geyer_row(1000))} |")
+    # the private row against the same K's reference, seed by seed: −7, −6, −5 points → −6 ± 4.3027·1/√3
+    assert lines[2] == ("| 1000 (100) | sin privacidad | — | — | ∞ | 98.00 ± 2.48 | — | "
+                        "+0.10 ± 0.12 (sin cambio detectable) | — |")
+    assert lines[3] == (f"| 1000 (100) | 8 | 1.36 | 0.0048 | 7.99 (δ = 1e-05) | 92.00 ± 4.97 | -6.00 [-8.48, -3.52], 0/3 | "
+                        f"+0.50 ± 0.25 (sube) | {describe(geyer_row(1000))} |")
+    assert lines[4].startswith("| 100 (10) | 8 | 2 |") and lines[4].split(" | ")[6] == "—"
     caption = lines[-1]
     assert "S = 0.35, 30 pasos locales de B = 10, η_l = 0.1, β = 0.9, 300 rondas" in caption
     assert "Semillas: 43, 44, 45" in caption and "Geyer" in caption

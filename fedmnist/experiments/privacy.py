@@ -1,14 +1,15 @@
 """Essay §3.8: client-level DP-FedAvg(M) on K = 100 and 1,000 IID clients, one factor at a time.
 
 1. **Tuning** (validation split of the training set, ``dp_tuning_seed``, K = ``dp_tuning_clients``): the
-   non-private baseline's client rate and server momentum (``dp_baseline_grid``), then the DP runs' clip
-   norm and server momentum (``dp_grid``) at the first target ε, with the baseline's client rate.
+   non-private baseline's client rate and server momentum (``dp_baseline_grid``), then, for every target ε
+   on its own, the DP runs' clip norm and server momentum (``dp_grid``), with the baseline's client rate.
 2. **Baselines**: non-private FedAvg(M), no clipping, for every K and evaluation seed, for
    ``dp_baseline_rounds`` rounds (fixed and generous; the CSV records the change over the last 10).
 3. **DP runs**: for every K and target ε, every evaluation seed, ``dp_rounds`` rounds of DP-FedAvg(M) with
-   the tuned clip norm, the same local steps, batch size, client rate and server momentum: only K or ε
-   changes between two rows. The noise multiplier z is the smallest that keeps ε ≤ target after those
-   rounds at δ (``privacy.noise_for_epsilon``), and every round is charged.
+   that ε's tuned clip norm and server momentum and the same local steps, batch size and client rate:
+   between two rows of one ε only K changes, and each ε runs at its own best settings. The noise multiplier
+   z is the smallest that keeps ε ≤ target after those rounds at δ (``privacy.noise_for_epsilon``), and
+   every round is charged.
 
 Every run lives in ``simulaciones/<name>`` and continues its checkpoint, so the command resumes where it
 stopped; the CSVs are rewritten after every run.
@@ -50,8 +51,8 @@ class PrivacyCase:
 def privacy_cases(profile: Profile) -> list[PrivacyCase]:
     """The experiment's cells in run order: every K's baseline, then every (K, ε), in ``dp_clients`` order.
 
-    One factor at a time: the DP cells share rounds (and, in ``final_config``, the clip norm, local steps,
-    batch size, client rate, server momentum and C); between two cells only K or the target ε differs.
+    One factor at a time: the DP cells share rounds, local steps, batch size, client rate and C; two cells
+    of one target ε share the clip norm and server momentum too (``final_config``), so only K differs.
     """
     baselines = [PrivacyCase(k, None, profile.dp_baseline_rounds) for k in profile.dp_clients]
     private = [PrivacyCase(k, eps, profile.dp_rounds) for k in profile.dp_clients for eps in profile.dp_epsilons]
@@ -100,7 +101,7 @@ def final_config(profile: Profile, case: PrivacyCase, seed: int, chosen: dict):
         settings = chosen["baseline"]
         return base_config(profile, case.clients, case.rounds, seed, settings["learning_rate"],
                            settings["server_momentum"])
-    settings = chosen["dp"]
+    settings = chosen["dp"][case.target_epsilon]
     base = base_config(profile, case.clients, case.rounds, seed, settings["learning_rate"],
                        settings["server_momentum"])
     return dp_config(base, profile, case.clients, case.target_epsilon, settings["clip"])
@@ -196,14 +197,15 @@ def result_row(case: PrivacyCase, config, run: dict) -> dict:
 
 
 def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[str, dict]:
-    """The baseline's and the DP runs' settings, chosen by validation accuracy; trials in ``privacidad_ajuste.csv``.
+    """The baseline's and every target ε's DP settings, chosen by validation accuracy; trials in
+    ``privacidad_ajuste.csv``.
 
     Runs on the training set minus ``dp_validation`` held-out images (their test set), with the tuning
     seed and K = ``dp_tuning_clients``, for ``dp_tuning_rounds`` rounds each. First the baseline grid
-    (client rate × server momentum, no privacy); then, with the winner's client rate, the DP grid (clip
-    factor × server momentum) at the first target ε, z calibrated for the final runs' ``dp_rounds``. A grid
-    with one candidate is not run. Returns ``{"baseline": {...}, "dp": {...}}`` (the DP one with its
-    absolute ``clip``).
+    (client rate × server momentum, no privacy); then, with the winner's client rate and for each target ε
+    of ``dp_epsilons``, the DP grid (clip factor × server momentum), z calibrated for the final runs'
+    ``dp_rounds`` at that ε. A grid with one candidate is not run. Returns ``{"baseline": {...}, "dp":
+    {ε: {...}}}`` (each DP one with its absolute ``clip``).
     """
     from fedmnist.data import normalize_images
     from fedmnist.tuning import Trial, best, candidate_label, candidates, validation_split
@@ -219,7 +221,7 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
         say(f"  privacy tuning {stage} {candidate_label(settings)}: validation {found.score:.4f}")
         return found
 
-    def choose(stage: str, options: list[dict], run_one) -> dict:
+    def choose(stage: str, options: list[dict], run_one, target_epsilon: float | None = None) -> dict:
         if len(options) == 1:
             return dict(options[0])
         trials = [run_one(option) for option in options]
@@ -227,7 +229,7 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
         for t in trials:
             rows.append({"stage": stage, "clients": k, "settings": settings_text(t.settings), "tuning_rounds": rounds,
                          "tuning_seed": seed, "validation_images": profile.dp_validation,
-                         "target_epsilon": profile.dp_epsilons[0] if stage == "dp" else "",
+                         "target_epsilon": "" if target_epsilon is None else target_epsilon,
                          "last_validation_accuracy": float(t.curve[-1]), "score": t.score, "chosen": t is winner,
                          "run_seconds": round(t.seconds, 1)})
             write_csv(out_dir / PRIVACY_TUNING_CSV, rows)
@@ -240,7 +242,6 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
     baseline = choose("baseline", candidates(profile.dp_baseline_grid), baseline_trial)
     rate = baseline["learning_rate"]
     dp_grid = {"learning_rate": (rate,), **profile.dp_grid}
-    first = profile.dp_epsilons[0]
     norms: dict[float, float] = {}
 
     def norm(learning_rate: float) -> float:
@@ -253,21 +254,24 @@ def tune_privacy(profile: Profile, mnist, out_dir: Path, trainer, say) -> dict[s
         """S: the option's fraction of the median round-1 update norm, to two significant digits."""
         return float(f"{option['clip_factor'] * norm(option['learning_rate']):.2g}")
 
-    def dp_trial(option: dict) -> Trial:
+    def dp_trial(option: dict, target: float) -> Trial:
         clip = clip_for(option)
         base = base_config(profile, k, rounds, seed, option["learning_rate"], option["server_momentum"])
-        config = dp_config(base, profile, k, first, clip)
-        return trial("dp", option, config, f"privacidad_ajuste_K{k}_eps{first:g}_{candidate_label(option)}")
+        config = dp_config(base, profile, k, target, clip)
+        return trial(f"dp eps{target:g}", option, config,
+                     f"privacidad_ajuste_K{k}_eps{target:g}_{candidate_label(option)}")
 
-    dp = choose("dp", candidates(dp_grid), dp_trial)
-    dp["clip"] = clip_for(dp)
+    dp: dict[float, dict] = {}
+    for target in profile.dp_epsilons:
+        dp[target] = choose("dp", candidates(dp_grid), lambda option, t=target: dp_trial(option, t), target)
+        dp[target]["clip"] = clip_for(dp[target])
     if rows:
         for row in rows:
             row["median_update_norm"] = norms.get(rate, "")
         write_csv(out_dir / PRIVACY_TUNING_CSV, rows)
-    say(f"  privacy: baseline {settings_text(baseline)}; DP {settings_text(dp)}")
+    say(f"  privacy: baseline {settings_text(baseline)}; "
+        + "; ".join(f"DP eps {t:g} {settings_text(s)}" for t, s in dp.items()))
     return {"baseline": baseline, "dp": dp}
-
 
 
 # --- a course team ------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class Profile:
     local steps and the rounds fixed (K = 6,000 clients of 10 images runs too; see the full profile's costs)."""
     dp_epsilons: tuple[float, ...] = (8.0, 2.0)
     """Target ε of the DP runs, each met at the fixed rounds by the noise multiplier the accountant gives
-    (``privacy.noise_for_epsilon``); the first is the one the DP settings are tuned at."""
+    (``privacy.noise_for_epsilon``); the DP settings are tuned at each of them on its own."""
     dp_delta: float | None = None
     """δ of every DP run (None: ``privacy.default_delta(K)`` = min(10⁻⁵, 1/(10·K)), below 1/K)."""
     dp_fraction: float = 0.1
@@ -136,7 +136,7 @@ class Profile:
     """Candidates of the non-private baseline (FedAvgM; server momentum 0 is FedAvg), product of the values."""
     dp_grid: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {"clip_factor": (0.1, 0.25, 0.5), "server_momentum": (0.5, 0.9)})
-    """Candidates of the DP runs at the first target ε, with the baseline's client rate: the clip norm S as a
+    """Candidates of the DP runs at every target ε, with the baseline's client rate: the clip norm S as a
     factor of the median round-1 update norm, and the server momentum (DP-FedAvgM)."""
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
     dp_team_rounds: int = 20

@@ -135,9 +135,10 @@ class Profile:
         default_factory=lambda: {"learning_rate": (0.05, 0.1, 0.2), "server_momentum": (0.0, 0.9)})
     """Candidates of the non-private baseline (FedAvgM; server momentum 0 is FedAvg), product of the values."""
     dp_grid: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {"clip_factor": (0.1, 0.25, 0.5), "server_momentum": (0.5, 0.9)})
+        default_factory=lambda: {"clip_factor": (0.05, 0.1, 0.25, 0.5, 1.0), "server_momentum": (0.5, 0.9)})
     """Candidates of the DP runs at every target ε, with the baseline's client rate: the clip norm S as a
-    factor of the median round-1 update norm, and the server momentum (DP-FedAvgM)."""
+    factor of the median round-1 update norm, and the server momentum (DP-FedAvgM). The clip factors span
+    a factor 20 so that neither ε's choice sits at an edge (ε = 8 favours large clips, ε = 2 small ones)."""
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
     dp_team_rounds: int = 20
     ceiling_seeds: tuple[int, ...] = (42, 43, 44, 45, 46)

@@ -775,7 +775,19 @@ def privacy_tuning_table(rows: Rows) -> str:
             stage += f" (ε = {float(r['target_epsilon']):g})"
         lines.append(f"| {stage} | {r['clients']} | {_settings_label(r['settings'])} | {r['tuning_rounds']} | "
                      f"{_pct(r['score'])} | {'sí' if _true(r['chosen']) else ''} |")
-    return "\n".join(lines)
+    notes = []
+    seeds = sorted({r.get("tuning_seed", "") for r in rows} - {""})
+    if seeds:
+        notes.append(f"Semilla del ajuste: {', '.join(seeds)} (nunca una de evaluación); validación: "
+                     f"{_images(rows[0]['validation_images'])} de entrenamiento apartadas")
+    norms = sorted({r.get("median_update_norm", "") for r in rows} - {""})
+    if norms:
+        notes.append(f"mediana de las normas ‖Δ‖ de la ronda 1 sin privacidad: {float(norms[0]):g} "
+                     "(S = factor × mediana, a dos cifras)")
+    if any(r["stage"] == "dp" for r in rows):
+        notes.append("cada ensayo con DP usa el z de las ejecuciones finales de su ε (calibrado para todas sus "
+                     "rondas) y se detiene en las rondas indicadas")
+    return "\n".join(lines) + (f"\n\n{_cap('; '.join(notes))}." if notes else "")
 
 
 def team_privacy_table(rows: Rows) -> str:

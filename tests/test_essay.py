@@ -21,7 +21,7 @@ EXPECTED_TABLES = {"curso", "inicializacion", "techo", "deriva", "deriva_precisi
                    "heterogeneidad_diferencias", "heterogeneidad_cambio", "heterogeneidad_peor_cliente",
                    "fedprox_mu", "fedprox_mu_cambio", "fedprox_mu_peor_cliente", "ajuste_mu", "ataques",
                    "ataques_diferencias", "ataques_convergencia", "ataques_peor_cliente", "mcmahan", "mcmahan_frente_fedavg",
-                   "mcmahan_ajuste", "privacidad_equipo"}
+                   "mcmahan_ajuste", "privacidad", "privacidad_ajuste", "privacidad_equipo"}
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +256,24 @@ def test_the_attack_rows_last10_change_is_the_slope_of_their_committed_curves():
         assert float(r["change_last10"]) == pytest.approx(recent_change(curve, SETTLE_WINDOW), abs=1e-6), name
         checked += 1
     assert checked >= 130
+
+
+def test_each_privacy_tuning_choice_is_inside_its_clip_grid_as_the_essay_says(essay):
+    # §3.8: "los dos óptimos quedan dentro de la rejilla"; the chosen clip factor of every ε has a tried
+    # neighbour on each side, at the chosen momentum, and each ε's best is the chosen row
+    from fedmnist.experiments.common import read_csv
+
+    def parse_settings(text):
+        return {k: float(v) for k, v in (item.split("=", 1) for item in text.split())}
+
+    assert "los dos óptimos quedan dentro de la rejilla" in " ".join(essay.split())
+    rows = [r for r in read_csv(RESULTS / "privacidad_ajuste.csv") if r["stage"] == "dp"]
+    targets = sorted({r["target_epsilon"] for r in rows})
+    assert len(targets) == 2
+    for target in targets:
+        sel = [dict(r, **{"parsed": parse_settings(r["settings"])}) for r in rows if r["target_epsilon"] == target]
+        chosen = [r for r in sel if r["chosen"] == "True"]
+        assert len(chosen) == 1 and float(chosen[0]["score"]) == max(float(r["score"]) for r in sel)
+        clip, momentum = chosen[0]["parsed"]["clip_factor"], chosen[0]["parsed"]["server_momentum"]
+        tried = sorted(r["parsed"]["clip_factor"] for r in sel if r["parsed"]["server_momentum"] == momentum)
+        assert tried[0] < clip < tried[-1], (target, clip, tried)

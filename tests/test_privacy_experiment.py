@@ -174,6 +174,15 @@ def test_privacy_tuning_table_marks_the_choice():
 
     assert lines[2] == "| sin privacidad | 1000 | η_l = 0.1, β = 0.9 | 60 | 95.10 | sí |"
     assert lines[3] == "| DP (ε = 8) | 1000 | η_l = 0.1, S / mediana de ‖Δ‖ = 0.5, β = 0.9 | 60 | 90.00 |  |"
+    assert lines[5] == ("Cada ensayo con DP usa el z de las ejecuciones finales de su ε (calibrado para todas sus "
+                        "rondas) y se detiene en las rondas indicadas.")  # no seed, validation or norm recorded
+    for r in rows:
+        r.update(tuning_seed="42", validation_images="6000", median_update_norm="0.890000")
+    caption = privacy_tuning_table(rows).splitlines()[-1]
+    assert caption == ("Semilla del ajuste: 42 (nunca una de evaluación); validación: 6 000 imágenes de entrenamiento "
+                       "apartadas; mediana de las normas ‖Δ‖ de la ronda 1 sin privacidad: 0.89 (S = factor × "
+                       "mediana, a dos cifras); cada ensayo con DP usa el z de las ejecuciones finales de su ε "
+                       "(calibrado para todas sus rondas) y se detiene en las rondas indicadas.")
 
 
 @pytest.fixture(scope="module")

@@ -747,10 +747,15 @@ def privacy_table(rows: Rows) -> str:
     base = [r for r in rows if r["target_epsilon"] == ""]
     notes = []
     if dp:
+        per_target = {}
+        for r in dp:
+            per_target.setdefault(f"{float(r['target_epsilon']):g}", set()).add(
+                f"S = {float(r['clip']):g}, β = {float(r['server_momentum']):g}")
+        tuned = "; ".join(f"ε = {t}: {' / '.join(sorted(v))}" for t, v in per_target.items())
         r = dp[0]
-        notes.append(f"Filas privadas (DP-FedAvgM, recorte en el servidor, muestreo de Poisson): S = {float(r['clip']):g}, "
-                     f"{r['local_steps']} pasos locales de B = {r['batch_size']}, η_l = {float(r['learning_rate']):g}, "
-                     f"β = {float(r['server_momentum']):g}, {r['rounds']} rondas en todas")
+        notes.append(f"filas privadas (DP-FedAvg(M), recorte en el servidor, muestreo de Poisson), con el recorte y el "
+                     f"momento ajustados para cada ε: {tuned}; en todas, {r['local_steps']} pasos locales de "
+                     f"B = {r['batch_size']}, η_l = {float(r['learning_rate']):g}, {r['rounds']} rondas")
     if base:
         r = base[0]
         notes.append(f"sin privacidad: sin recorte ni ruido, η_l = {float(r['learning_rate']):g}, "

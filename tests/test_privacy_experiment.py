@@ -138,6 +138,7 @@ def test_privacy_table_by_hand():
     rows += [_row(1000, "8.000000", s, a, c, "7.9912", 1.36) for s, a, c in
              ((43, 0.90, 0.004), (44, 0.92, 0.005), (45, 0.94, 0.006))]
     rows += [_row(100, "8.000000", 43, 0.80, 0.0, "7.9", 2.0)]  # no K = 100 reference: nothing to pair with
+    rows += [dict(_row(100, "2.000000", 43, 0.70, 0.0, "1.9", 5.0), clip="0.089000", server_momentum="0.500000")]
 
     lines = privacy_table(rows).splitlines()
 
@@ -150,7 +151,9 @@ def test_privacy_table_by_hand():
                         f"+0.50 ± 0.25 (sube) | {describe(geyer_row(1000))} |")
     assert lines[4].startswith("| 100 (10) | 8 | 2 |") and lines[4].split(" | ")[6] == "—"
     caption = lines[-1]
-    assert "S = 0.35, 30 pasos locales de B = 10, η_l = 0.1, β = 0.9, 300 rondas" in caption
+    # each ε's own tuned clip and momentum, then what every private row shares
+    assert ("con el recorte y el momento ajustados para cada ε: ε = 8: S = 0.35, β = 0.9; ε = 2: S = 0.089, β = 0.5; "
+            "en todas, 30 pasos locales de B = 10, η_l = 0.1, 300 rondas") in caption
     assert "Semillas: 43, 44, 45" in caption and "Geyer" in caption
     with pytest.raises(StaleResults):
         privacy_table([{"clients": "100", "noise_multiplier": "1"}])

@@ -135,10 +135,11 @@ class Profile:
         default_factory=lambda: {"learning_rate": (0.05, 0.1, 0.2), "server_momentum": (0.0, 0.9)})
     """Candidates of the non-private baseline (FedAvgM; server momentum 0 is FedAvg), product of the values."""
     dp_grid: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {"clip_factor": (0.05, 0.1, 0.25, 0.5, 1.0), "server_momentum": (0.5, 0.9)})
+        default_factory=lambda: {"clip_factor": (0.05, 0.1, 0.25, 0.5, 1.0), "server_momentum": (0.0, 0.5, 0.9)})
     """Candidates of the DP runs at every target ε, with the baseline's client rate: the clip norm S as a
-    factor of the median round-1 update norm, and the server momentum (DP-FedAvgM). The clip factors span
-    a factor 20 so that neither ε's choice sits at an edge (ε = 8 favours large clips, ε = 2 small ones)."""
+    factor of the median round-1 update norm, and the server momentum (0: DP-FedAvg; else DP-FedAvgM). The
+    clip factors span a factor 20 and the momentum reaches 0 so that no ε's choice sits at an edge it could
+    not see past (ε = 8 favours large clips, ε = 2 small ones; both prefer β = 0.5 to 0.9)."""
     dp_team_noises: tuple[float, ...] = (1.0, 4.0, 16.0)
     dp_team_rounds: int = 20
     ceiling_seeds: tuple[int, ...] = (42, 43, 44, 45, 46)
@@ -283,11 +284,10 @@ PROFILES: dict[str, Profile] = {
                  ("shards", 10, 150, ("fedavg", "scaffold", "fedyogi"))),
         # privacy (the defaults of the dp_* fields): IID, C = 0.1 (Poisson under DP), 30 local steps of B = 10, SGD,
         # FedAvgM, 300 rounds for the baselines and for every (K, ε), seeds 43-45, tuned at K = 1,000 on a
-        # 6,000-image validation split with seed 42 (12 tuning runs of 60 rounds). Measured per round, in one
-        # process on this 2-core machine while other jobs ran (wall s / CPU s): K = 100 (m = 10) 6 / 2.3,
-        # K = 1,000 (m = 100) 14-21 / 14-15, K = 6,000 of 10 images (m ≈ 600 Poisson, DP) ~100 / 91 at 2.1 GB peak.
-        # Expected with --workers 2 on the idle machine (about CPU / 2): K = 1,000 ~7.5 s, K = 100 ~1 s, so
-        # tuning ~1.5 h, baselines ~2.1 h, DP runs ~4.2 h: ~8 h in all (~16-20 h at the load measured).
-        # K = 6,000 (add it to dp_clients) costs ~45 s a round: ~33 h more for its baseline and both ε.
+        # 6,000-image validation split with seed 42 (36 tuning runs of 60 rounds: 6 baseline, 15 per ε).
+        # Measured per round with --workers 2 on this 2-core machine: K = 100 (m = 10) 0.62 s, K = 1,000
+        # (m = 100) ~5.1 s (4.7-6.0 s under DP), so tuning ~3 h, baselines ~1.4 h, DP runs ~3 h: ~7.5 h.
+        # K = 6,000 of 10 images (m ≈ 600 Poisson, DP) took ~100 s a round in one process (2.1 GB peak);
+        # at an estimated ~45 s with --workers 2, adding it to dp_clients costs ~33 h more.
     ),
 }

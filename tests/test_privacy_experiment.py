@@ -105,6 +105,7 @@ def test_noise_multiplier_meets_the_target_at_the_fixed_rounds():
     ({"dp_seeds": (42, 43)}, "exclude the tuning seed"),
     ({"dp_clients": (100, 100)}, "distinct federation sizes"),
     ({"dp_epsilons": (0.0,)}, "target ε > 0"),
+    ({"dp_epsilons": (8.0, 8)}, "distinct target ε"),  # one ε tuned and run twice under the same names
     ({"dp_delta": 0.01}, "dp_delta must be in"),
     ({"dp_grid": {"clip_factor": (0.0,)}}, "out of range"),
     ({"dp_baseline_grid": {"mu": (0.1,)}}, "dp_baseline_grid takes"),

@@ -228,8 +228,10 @@ class Profile:
         if not self.dp_seeds or len(set(self.dp_seeds)) != len(self.dp_seeds) or self.dp_tuning_seed in self.dp_seeds:
             raise ConfigError(f"{name}: dp_seeds must be distinct and exclude the tuning seed {self.dp_tuning_seed} "
                               f"(got {self.dp_seeds!r})")
-        if not self.dp_epsilons or not all(isinstance(e, (int, float)) and e > 0 for e in self.dp_epsilons):
-            raise ConfigError(f"{name}: dp_epsilons must be target ε > 0 (got {self.dp_epsilons!r})")
+        if not self.dp_epsilons or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+                                           for e in self.dp_epsilons) \
+                or len(set(self.dp_epsilons)) != len(self.dp_epsilons):
+            raise ConfigError(f"{name}: dp_epsilons must be distinct target ε > 0 (got {self.dp_epsilons!r})")
         if not 0 < self.dp_fraction <= 1:
             raise ConfigError(f"{name}: dp_fraction must be in (0, 1] (got {self.dp_fraction})")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1 / max(self.dp_clients):

@@ -601,17 +601,20 @@ def _rounds_cell(values: Sequence[str]) -> str:
     return listed if len(values) > 1 else (values[0] or "nunca")
 
 
-def _change_text(change) -> str:
+def _change_text(change, diverged: tuple[int, int] = (0, 0)) -> str:
     """A last-10-round change (``MeanInterval`` or None) in points with its interval, and whether that interval
-    contains zero ("sin cambio detectable") or not ("sube"/"baja"); the mean alone when there is no interval."""
+    contains zero ("sin cambio detectable") or not ("sube"/"baja"); the mean alone when there is no interval.
+
+    ``diverged`` (seeds whose model diverged, seeds) replaces the verdict: a run whose weights blew up has no
+    level to settle at, whatever its slope says."""
     from fedmnist.curves import settled
 
     if change is None:
         return "—"
     spread = "" if math.isnan(change.half_width) else f" ± {change.half_width * 100:.2f}"
     verdict = settled(change)
-    word = "" if verdict is None else " (sin cambio detectable)" if verdict else \
-        " (sube)" if change.mean > 0 else " (baja)"
+    word = f" (diverge en {diverged[0]}/{diverged[1]} semillas)" if diverged[0] else "" if verdict is None else \
+        " (sin cambio detectable)" if verdict else " (sube)" if change.mean > 0 else " (baja)"
     return f"{change.mean * 100:+.2f}{spread}{word}"
 
 
@@ -706,7 +709,7 @@ def mcmahan_tuning_table(rows: Rows) -> str:
 
 PRIVACY_COLUMNS = ("clients", "clients_per_round", "target_epsilon", "noise_multiplier", "noise_std", "epsilon",
                    "delta", "clip", "local_steps", "batch_size", "learning_rate", "server_momentum", "rounds",
-                   "seed", "final_accuracy", "change_last10")
+                   "seed", "final_accuracy", "final_loss", "change_last10")
 
 
 def _epsilon_cell(sel: Rows) -> str:
@@ -722,6 +725,7 @@ def privacy_table(rows: Rows) -> str:
     """``privacidad``: per (K, target ε) the noise, the ε spent, the final accuracy, its difference from the
     same K's non-private row paired by seed, its last change across seeds, and Geyer et al.'s (2017) figure
     at the same K beside it."""
+    from fedmnist.experiments.common import DIVERGED_LOSS, diverged
     from fedmnist.published import GEYER_2017_CITATION, describe, geyer_row
 
     _need(rows, "privacidad.csv", PRIVACY_COLUMNS)
@@ -740,9 +744,10 @@ def privacy_table(rows: Rows) -> str:
         z = f"{float(first['noise_multiplier']):g}" if private else "—"
         sigma = f"{float(first['noise_std']):.4f}" if private else "—"
         published = describe(geyer_row(int(first["clients"]))) if private else "—"
+        blown = (sum(diverged(float(r["final_loss"])) for r in sel), len(sel))
         lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {target} | {z} | {sigma} | "
                      f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | {cost} | "
-                     f"{_change_text(mean_interval(changes) if changes else None)} | {published} |")
+                     f"{_change_text(mean_interval(changes) if changes else None, blown)} | {published} |")
     dp = [r for r in rows if r["target_epsilon"] != ""]
     base = [r for r in rows if r["target_epsilon"] == ""]
     notes = []
@@ -764,8 +769,11 @@ def privacy_table(rows: Rows) -> str:
     return "\n".join(lines) + "\n\n" + _cap("; ".join(notes)) + f". Semillas: {seeds}; {CI_NOTE}. " + \
         "Frente a sin privacidad: diferencia pareada por semilla con la fila sin privacidad del mismo K, media " + \
         "[IC 95 %] y semillas en que la fila privada la supera. " + \
-        "Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10; estable si su IC 95 % contiene 0. " + \
-        f"Geyer et al.: {GEYER_2017_CITATION}."
+        "Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10; estable si su IC 95 % contiene 0" + \
+        ("" if not any(diverged(float(r["final_loss"])) for r in rows) else
+         f"; «diverge»: semillas cuyo modelo final tiene una pérdida de test no finita o mayor que {DIVERGED_LOSS:g} "
+         "(los pesos se disparan; un modelo al azar tiene ln 10 ≈ 2.3), y entonces el cambio no dice que se haya "
+         "estabilizado") + f". Geyer et al.: {GEYER_2017_CITATION}."
 
 
 def privacy_tuning_table(rows: Rows) -> str:

@@ -124,14 +124,14 @@ def test_full_profile_tunes_apart_from_three_evaluation_seeds_and_charges_k_1000
     assert 8.0 in full.dp_epsilons and 2.0 in full.dp_epsilons and full.dp_delta is None
 
 
-def _row(clients, target, seed, accuracy, change, epsilon="inf", z=0.0):
+def _row(clients, target, seed, accuracy, change, epsilon="inf", z=0.0, loss=0.05):
     private = target != ""
     return {"clients": str(clients), "clients_per_round": str(clients // 10), "sampling": "poisson",
             "local_steps": "30", "batch_size": "10", "learning_rate": "0.100000", "server_momentum": "0.900000",
             "clip": "0.350000" if private else "", "rounds": "300", "target_epsilon": target,
             "noise_multiplier": f"{z:.6f}", "noise_std": f"{z * 0.35 / (clients // 10):.6f}",
             "epsilon": epsilon, "delta": "0.000010" if private else "", "seed": str(seed),
-            "final_accuracy": f"{accuracy:.6f}", "change_last10": f"{change:.6f}"}
+            "final_accuracy": f"{accuracy:.6f}", "final_loss": f"{loss:.6f}", "change_last10": f"{change:.6f}"}
 
 
 def test_privacy_table_by_hand():
@@ -155,9 +155,23 @@ def test_privacy_table_by_hand():
     # each ε's own tuned clip and momentum, then what every private row shares
     assert ("con el recorte y el momento ajustados para cada ε: ε = 8: S = 0.35, β = 0.9; ε = 2: S = 0.089, β = 0.5; "
             "en todas, 30 pasos locales de B = 10, η_l = 0.1, 300 rondas") in caption
-    assert "Semillas: 43, 44, 45" in caption and "Geyer" in caption
+    assert "Semillas: 43, 44, 45" in caption and "Geyer" in caption and "«diverge»" not in caption
     with pytest.raises(StaleResults):
         privacy_table([{"clients": "100", "noise_multiplier": "1"}])
+
+
+def test_privacy_table_says_when_a_private_row_diverged_instead_of_calling_it_settled():
+    # Prepare: a reference, and private rows whose weights blew up in two of three seeds (a flat slope at chance)
+    rows = [_row(100, "", s, 0.987, 0.0) for s in (43, 44, 45)]
+    rows += [_row(100, "8.000000", s, a, c, "7.91", 1.37, loss) for s, a, c, loss in
+             ((43, 0.08, 0.001, 3.8e5), (44, 0.07, -0.001, float("inf")), (45, 0.11, 0.0, 2.31))]
+
+    lines = privacy_table(rows).splitlines()
+
+    # Assert: the reference keeps its verdict, the private row names its diverged seeds, the caption defines it
+    assert lines[2].endswith("(sin cambio detectable) | — |")
+    assert "(diverge en 2/3 semillas)" in lines[3] and "sin cambio detectable" not in lines[3]
+    assert "«diverge»: semillas cuyo modelo final tiene una pérdida de test no finita o mayor que 1000" in lines[-1]
 
 
 def test_geyer_rows_are_pending_until_read_in_the_paper():

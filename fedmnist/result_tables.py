@@ -721,11 +721,18 @@ def _epsilon_cell(sel: Rows) -> str:
     return f"{' / '.join(values)} (δ = {' / '.join(delta)})"
 
 
+def _blew_up(row: Mapping[str, str]) -> bool:
+    """Whether a ``privacidad.csv`` row's final test loss says its model diverged; an empty loss does not."""
+    from fedmnist.experiments.common import diverged
+
+    return row["final_loss"] != "" and diverged(float(row["final_loss"]))
+
+
 def privacy_table(rows: Rows) -> str:
     """``privacidad``: per (K, target ε) the noise, the ε spent, the final accuracy, its difference from the
     same K's non-private row paired by seed, its last change across seeds, and Geyer et al.'s (2017) figure
     at the same K beside it."""
-    from fedmnist.experiments.common import DIVERGED_LOSS, diverged
+    from fedmnist.experiments.common import DIVERGED_LOSS
     from fedmnist.published import GEYER_2017_CITATION, describe, geyer_row
 
     _need(rows, "privacidad.csv", PRIVACY_COLUMNS)
@@ -744,7 +751,7 @@ def privacy_table(rows: Rows) -> str:
         z = f"{float(first['noise_multiplier']):g}" if private else "—"
         sigma = f"{float(first['noise_std']):.4f}" if private else "—"
         published = describe(geyer_row(int(first["clients"]))) if private else "—"
-        blown = (sum(diverged(float(r["final_loss"])) for r in sel), len(sel))
+        blown = (sum(_blew_up(r) for r in sel), len(sel))
         lines.append(f"| {first['clients']} ({first['clients_per_round']}) | {target} | {z} | {sigma} | "
                      f"{_epsilon_cell(sel)} | {_ci([float(r['final_accuracy']) for r in sel])} | {cost} | "
                      f"{_change_text(mean_interval(changes) if changes else None, blown)} | {published} |")
@@ -770,7 +777,7 @@ def privacy_table(rows: Rows) -> str:
         "Frente a sin privacidad: diferencia pareada por semilla con la fila sin privacidad del mismo K, media " + \
         "[IC 95 %] y semillas en que la fila privada la supera. " + \
         "Cambio: pendiente de mínimos cuadrados de las 10 últimas rondas × 10; estable si su IC 95 % contiene 0" + \
-        ("" if not any(diverged(float(r["final_loss"])) for r in rows) else
+        ("" if not any(_blew_up(r) for r in rows) else
          f"; «diverge»: semillas cuyo modelo final tiene una pérdida de test no finita o mayor que {DIVERGED_LOSS:g} "
          "(los pesos se disparan; un modelo al azar tiene ln 10 ≈ 2.3), y entonces el cambio no dice que se haya "
          "estabilizado") + f". Geyer et al.: {GEYER_2017_CITATION}."

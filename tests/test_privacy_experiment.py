@@ -172,6 +172,9 @@ def test_privacy_table_says_when_a_private_row_diverged_instead_of_calling_it_se
     assert lines[2].endswith("(sin cambio detectable) | — |")
     assert "(diverge en 2/3 semillas)" in lines[3] and "sin cambio detectable" not in lines[3]
     assert "«diverge»: semillas cuyo modelo final tiene una pérdida de test no finita o mayor que 1000" in lines[-1]
+    # a row without a recorded loss is not counted as diverged (and does not break the table)
+    rows[-1] = dict(rows[-1], final_loss="")
+    assert "(diverge en 2/3 semillas)" in privacy_table(rows).splitlines()[3]
 
 
 def test_geyer_rows_are_pending_until_read_in_the_paper():

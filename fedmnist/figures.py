@@ -475,7 +475,7 @@ def plot_privacy(rows: Sequence[Mapping], path: str | Path) -> Path:
     ax.set_xlabel("ε gastado, media de las semillas (añadir o quitar un cliente); barras: rango entre semillas")
     ax.set_ylabel("Precisión final en el test (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("DP-FedAvgM: precisión frente a ε (punteado: sin privacidad)")
+    ax.set_title("DP-FedAvg(M): precisión frente a ε (punteado: sin privacidad)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, path)

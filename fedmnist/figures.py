@@ -450,9 +450,10 @@ def plot_mcmahan(curves: Mapping[str, Sequence[float]], path: str | Path, split:
 def plot_privacy(rows: Sequence[Mapping], path: str | Path) -> Path:
     """DP-FedAvg(M)'s final accuracy against the ε spent (log scale), one line per K: the mean over seeds
     with their range; dotted, the non-private baseline of the same K."""
-    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    spent: list[float] = []
     for num_clients in dict.fromkeys(r["clients"] for r in rows):
         mine = [r for r in rows if r["clients"] == num_clients]
         points = []
@@ -462,6 +463,7 @@ def plot_privacy(rows: Sequence[Mapping], path: str | Path) -> Path:
             eps = math.inf if target == "" else float(np.mean([float(r["epsilon"]) for r in sel]))
             points.append((eps, acc.mean(), acc.min(), acc.max()))
         finite = sorted(p for p in points if math.isfinite(p[0]))
+        spent += [p[0] for p in finite]
         line = ax.errorbar([p[0] for p in finite], [p[1] for p in finite],
                            yerr=[[p[1] - p[2] for p in finite], [p[3] - p[1] for p in finite]],
                            marker="o", capsize=3, label=f"K = {num_clients} (m = {mine[0]['clients_per_round']} por ronda)")
@@ -469,13 +471,17 @@ def plot_privacy(rows: Sequence[Mapping], path: str | Path) -> Path:
             if not math.isfinite(p[0]):
                 ax.axhline(p[1], color=line[0].get_color(), linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20]))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ticks = sorted({round(e, 1) for e in spent})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("ε gastado, media de las semillas (añadir o quitar un cliente); barras: rango entre semillas")
+    if spent:
+        ax.set_xlim(min(spent) / 1.4, max(spent) * 1.4)
+    ax.set_xlabel("ε gastado: media de las semillas (vecindad: añadir o quitar un cliente)")
     ax.set_ylabel("Precisión final en el test (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("DP-FedAvg(M): precisión frente a ε (punteado: sin privacidad)")
+    ax.set_title("DP-FedAvg(M): precisión frente a ε\nbarras: rango entre semillas; punteado: sin privacidad",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="center right")
     return _save(fig, path)

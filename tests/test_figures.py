@@ -150,3 +150,25 @@ def test_every_results_figure_is_written_in_spanish(tmp_path, drawn):
     assert "Precisión en las 10 000 imágenes de test (%)" in joined
     assert "div.\n2/2" in " ".join(texts(drawn[2]))  # FedAvg under the Gaussian attack diverged in both seeds
     assert "fragmentos (2 por cliente)" in " ".join(texts(drawn[-1]))
+
+
+def test_privacy_figure_marks_each_epsilon_spent(tmp_path, drawn):
+    # Prepare: two K, a baseline (no target) and two targets whose spent ε are not round numbers
+    rows = [
+        {"clients": k, "clients_per_round": k // 10, "target_epsilon": t, "epsilon": e, "final_accuracy": a}
+        for k in (100, 1000)
+        for t, e, a in (("", "", "0.99"), ("8", "7.91", "0.97"), ("2", "2.004", "0.95"))
+    ]
+
+    # Execute
+    path = figures.plot_privacy(rows, tmp_path / "privacidad.png")
+
+    # Assert
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    check(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "7.9"]
+    low, high = ax.get_xlim()
+    assert low < 2.004 and high > 7.91
+    assert len([line for line in ax.get_lines() if line.get_linestyle() == ":"]) == 2  # one baseline per K

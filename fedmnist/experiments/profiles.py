@@ -288,7 +288,8 @@ PROFILES: dict[str, Profile] = {
         # FedAvgM, 300 rounds for the baselines and for every (K, ε), seeds 43-45, tuned at K = 1,000 on a
         # 6,000-image validation split with seed 42 (42 tuning runs of 60 rounds: 6 baseline, 18 per ε).
         # Measured per round with --workers 2 on this 2-core machine: K = 100 (m = 10) 0.62 s, K = 1,000
-        # (m = 100) 4.6-4.9 s (4.7-6.0 s under DP), so tuning ~3.5 h, baselines ~80 min, DP runs ~3 h: ~8 h.
+        # (m = 100) 4.6-4.9 s (5.3-5.6 s under DP, unpaused ε = 8 runs), so tuning ~3.5 h, baselines ~80 min,
+        # DP runs 3 h 36 min of run_seconds: ~8 h of compute (9 h 50 min of run_seconds with pauses).
         # K = 6,000 of 10 images (m ≈ 600 Poisson, DP) took ~100 s a round in one process (2.1 GB peak);
         # at an estimated ~45 s with --workers 2, adding it to dp_clients costs ~33 h more.
     ),

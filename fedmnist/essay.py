@@ -25,8 +25,10 @@ from fedmnist.experiments.drift import DRIFT_CSV
 from fedmnist.experiments.fedprox_mu import PROX_CSV
 from fedmnist.experiments.heterogeneity import HETERO_CSV, HETERO_TUNING_CSV
 from fedmnist.experiments.mcmahan import MCMAHAN_CSV, MCMAHAN_TUNING_CSV
-from fedmnist.experiments.privacy import PRIVACY_CSV, PRIVACY_TUNING_CSV, TEAM_PRIVACY_CSV
+from fedmnist.experiments.privacy import METHOD as PRIVACY_METHOD
+from fedmnist.experiments.privacy import PRIVACY_CSV, PRIVACY_TUNING_CSV, TEAM_PRIVACY_CSV, case_of, run_dir
 from fedmnist.io import atomic_write_text, read_text_capped
+from fedmnist.outputs import METRICS_CSV
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,11 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
                 tables.update(render(read_csv(results_dir / name)))
             except rt.StaleResults as exc:
                 log.warning("%s: %s", results_dir / name, exc)
+    if (results_dir / PRIVACY_CSV).exists():
+        try:
+            tables["privacidad_estabilidad"] = _privacy_stability(results_dir)
+        except rt.StaleResults as exc:
+            log.warning("%s: %s", results_dir / PRIVACY_CSV, exc)
     tuning = [row for name in _MU_TUNING if (results_dir / name).exists() for row in read_csv(results_dir / name)]
     if tuning:
         try:
@@ -87,6 +94,23 @@ def render_tables(results_dir: str | Path) -> dict[str, str]:
         except rt.StaleResults as exc:
             log.warning("%s: %s", results_dir, exc)
     return tables
+
+
+def _privacy_stability(results_dir: Path) -> str:
+    """The ``privacidad_estabilidad`` table: every final privacy run's per-round metrics, with the tuning runs'
+    length (``privacidad_ajuste.csv``) as the round whose accuracy it quotes."""
+
+    def per_round(row) -> rt.Rows:
+        path = run_dir(results_dir, case_of(row), row["seed"]) / METRICS_CSV
+        if not path.exists():
+            raise rt.StaleResults(f"{path} is missing: run fedmnist experiments --only privacy")
+        return [m for m in read_csv(path) if m.get("method", PRIVACY_METHOD) == PRIVACY_METHOD]
+
+    tuning = results_dir / PRIVACY_TUNING_CSV
+    lengths = {r.get("tuning_rounds", "") for r in read_csv(tuning) if r.get("stage") == "dp"} \
+        if tuning.exists() else set()
+    at_round = int(lengths.pop()) if len(lengths) == 1 and "" not in lengths else None
+    return rt.privacy_stability_table(read_csv(results_dir / PRIVACY_CSV), per_round, at_round)
 
 
 def essay_tables(text: str) -> dict[str, str]:

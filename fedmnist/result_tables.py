@@ -13,7 +13,9 @@ clients fare on their own data under the final model (mean, 10th percentile and 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 from fedmnist.experiments.common import CLIENT_COLUMNS
 from fedmnist.labels import attack_name, method_name, optimizer_name, partition_name
@@ -781,6 +783,73 @@ def privacy_table(rows: Rows) -> str:
          f"; «diverge»: semillas cuyo modelo final tiene una pérdida de test no finita o mayor que {DIVERGED_LOSS:g} "
          "(los pesos se disparan; un modelo al azar tiene ln 10 ≈ 2.3), y entonces el cambio no dice que se haya "
          "estabilizado") + f". Geyer et al.: {GEYER_2017_CITATION}."
+
+
+PRIVACY_TARGETS = (0.92, 0.95)
+"""Test accuracies whose first round, and the round from which every later evaluation stays at or above
+them, ``privacidad_estabilidad`` gives (0.92: the issue's goal at K = 1,000 and ε ≤ 8)."""
+SLOPE_WINDOW = 100
+"""Last rounds whose least-squares change ``privacidad_estabilidad`` gives: the 10 of ``change_last10`` hold
+only two evaluations of a run evaluated every 5 rounds."""
+LATE_WINDOW = 50
+"""Last rounds in which ``privacidad_estabilidad`` counts the unstable rounds again, to show where they fall."""
+UNSTABLE_TRAIN_LOSS = 10.0
+"""A round whose mean training loss over the accepted replies is above this (or not finite) had some client
+train unstably from the global weights: the loss of a model at chance level is ln 10 ≈ 2.3."""
+STABILITY_COLUMNS = ("round", "test_accuracy", "train_loss", "num_sampled", "num_replies")
+
+
+def _train_loss_text(value: float) -> str:
+    return f"{value:.2f}" if 0.01 <= value < 1e4 else f"{value:.2g}"
+
+
+def privacy_stability_table(rows: Rows, per_round: Callable[[Mapping[str, str]], Rows],
+                            at_round: int | None = None) -> str:
+    """``privacidad_estabilidad``: how each run of ``privacidad.csv`` got to its final accuracy, from its
+    per-round metrics (``per_round(row)``): the rounds it first reaches and then holds each of
+    ``PRIVACY_TARGETS``, its accuracy at ``at_round`` (the tuning runs' length; None: no column), the change
+    over its last ``SLOPE_WINDOW`` rounds, the replies it lost and the rounds with an unstable mean training
+    loss (with how many fall in the last ``LATE_WINDOW`` rounds), the first round with either, and the median
+    of the per-round training loss."""
+    from fedmnist.curves import first_round, recent_change, sustained_round
+
+    _need(rows, "privacidad.csv", ("clients", "clients_per_round", "target_epsilon", "seed"))
+    targets = " | ".join(f"{t * 100:g} %: primera ronda / se mantiene desde" for t in PRIVACY_TARGETS)
+    at_header = f" precisión en la ronda {at_round} (%) |" if at_round else ""
+    lines = [f"| K (m por ronda) | ε objetivo | semilla | {targets} |{at_header} cambio en las "
+             f"{SLOPE_WINDOW} últimas rondas (puntos) | respuestas perdidas (rondas con alguna; de ellas en "
+             f"las {LATE_WINDOW} últimas) | rondas con `train_loss` medio > {UNSTABLE_TRAIN_LOSS:g} (en las "
+             f"{LATE_WINDOW} últimas) | primera ronda con alguna de las dos | mediana de `train_loss` por ronda |",
+             "|---" * (8 + len(PRIVACY_TARGETS) + bool(at_round)) + "|"]
+    for row in rows:
+        metrics = per_round(row)
+        _need(metrics, f"the per-round metrics of the seed-{row['seed']} run", STABILITY_COLUMNS)
+        curve = {int(m["round"]): float(m["test_accuracy"]) for m in metrics if m["test_accuracy"] != ""}
+        losses = {int(m["round"]): float(m["train_loss"]) for m in metrics if m["train_loss"] != ""}
+        lost = {int(m["round"]): int(m["num_sampled"]) - int(m["num_replies"]) for m in metrics}
+        lost_rounds = [r for r, n in lost.items() if n > 0]
+        unstable = [r for r, v in losses.items() if not v <= UNSTABLE_TRAIN_LOSS]
+        late_from = max(lost) - LATE_WINDOW
+        reached = " | ".join(f"{first_round(curve, t) or 'nunca'} / {sustained_round(curve, t, 1) or 'nunca'}"
+                             for t in PRIVACY_TARGETS)
+        at_cell = f" {_pct(curve[at_round]) if at_round in curve else '—'} |" if at_round else ""
+        change = recent_change(curve, SLOPE_WINDOW) if curve else None
+        losses_sorted = sorted(losses.values())
+        median = float(np.median(losses_sorted)) if losses_sorted else None
+        target = f"{float(row['target_epsilon']):g}" if row["target_epsilon"] != "" else "sin privacidad"
+        lines.append(f"| {row['clients']} ({row['clients_per_round']}) | {target} | {row['seed']} | {reached} |"
+                     f"{at_cell} {'—' if change is None else f'{change * 100:+.2f}'} | "
+                     f"{sum(lost.values())} ({len(lost_rounds)}; {sum(r > late_from for r in lost_rounds)}) | "
+                     f"{len(unstable)} ({sum(r > late_from for r in unstable)}) | {min(lost_rounds + unstable, default='—')} | "
+                     f"{'—' if median is None else _train_loss_text(median)} |")
+    return "\n".join(lines) + (
+        "\n\nUna fila por ejecución final de `privacidad.csv`, leída de su `metricas_por_ronda.csv` (una "
+        "evaluación cada pocas rondas). «Se mantiene desde»: la ronda desde la que todas las evaluaciones "
+        "siguientes quedan en o por encima del umbral (nunca: la última queda por debajo). Cambio: pendiente "
+        f"de mínimos cuadrados de las {SLOPE_WINDOW} últimas rondas × {SLOPE_WINDOW}. Respuestas perdidas: "
+        "clientes muestreados menos respuestas agregadas (la causa de cada una, en la columna `failed`). "
+        "`train_loss`: la pérdida de "
+        "entrenamiento media de las respuestas aceptadas en la ronda; no hay valor en una ronda sin ninguna.")
 
 
 def privacy_tuning_table(rows: Rows) -> str:

@@ -21,7 +21,8 @@ EXPECTED_TABLES = {"curso", "inicializacion", "techo", "deriva", "deriva_precisi
                    "heterogeneidad_diferencias", "heterogeneidad_cambio", "heterogeneidad_peor_cliente",
                    "fedprox_mu", "fedprox_mu_cambio", "fedprox_mu_peor_cliente", "ajuste_mu", "ataques",
                    "ataques_diferencias", "ataques_convergencia", "ataques_peor_cliente", "mcmahan", "mcmahan_frente_fedavg",
-                   "mcmahan_ajuste", "privacidad", "privacidad_ajuste", "privacidad_equipo"}
+                   "mcmahan_ajuste", "privacidad", "privacidad_ajuste", "privacidad_equipo",
+                   "privacidad_estabilidad"}
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +283,48 @@ def test_each_privacy_tuning_choice_is_inside_its_clip_grid_as_the_essay_says(es
     # and the momentum: the essay says whether the chosen one is the smallest tried (an edge) in both ε
     at_edge = all(chosen == smallest for chosen, smallest in momenta)
     assert ("es en cambio el menor de los probados en los dos ε" in " ".join(essay.split())) == at_edge
+
+
+def test_the_private_runs_instability_the_essay_counts_follows_from_their_curves(essay):
+    # §3.8 on K = 1,000, ε = 8: the ranges of lost replies, unstable rounds (all and the last 50) and the
+    # first round with either come from privacidad_estabilidad; every lost reply's recorded cause is a
+    # diverged local training; at ε = 2 none is lost and at most one round per seed is unstable
+    from fedmnist.experiments.common import read_csv
+
+    table = render_tables(RESULTS)["privacidad_estabilidad"]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:] if line.startswith("| 1000")]
+    eps8 = [c for c in cells if c[1] == "8"]
+    eps2 = [c for c in cells if c[1] == "2"]
+    assert len(eps8) == len(eps2) == 3
+
+    def numbers(cell):
+        return [int(n) for n in re.findall(r"\d+", cell)]
+
+    lost = [numbers(c[7]) for c in eps8]
+    unstable = [numbers(c[8]) for c in eps8]
+    prose = " ".join(essay.split())
+    assert f"entre {min(n[0] for n in lost)} y {max(n[0] for n in lost)} (según la semilla) se pierden" in prose
+    assert f"en {min(n[0] for n in unstable)} a {max(n[0] for n in unstable)} rondas la pérdida" in prose
+    assert f"(de {min(n[1] for n in unstable)} a {max(n[1] for n in unstable)} de las 50 últimas rondas" in prose
+    assert f"y de {min(n[2] for n in lost)} a {max(n[2] for n in lost)} algún descarte" in prose
+    assert "Ninguna de las dos cosas ocurre antes de la ronda 160" in prose
+    assert min(int(c[9]) for c in eps8) >= 160
+    assert all(numbers(c[7])[0] == 0 and numbers(c[8])[0] <= 1 for c in eps2)
+    assert "ninguna respuesta se descarta y solo una o ninguna ronda" in prose
+    causes = [cause for seed in (43, 44, 45)
+              for r in read_csv(RESULTS / "simulaciones" / f"privacidad_K1000_eps8_s{seed}" / "metricas_por_ronda.csv")
+              for cause in r["failed"].split(" | ") if cause]
+    assert sum(n[0] for n in lost) == len(causes)
+    assert all("DivergedError" in cause for cause in causes)
+
+
+def test_privacy_stability_table_is_left_out_while_a_run_lacks_its_metrics(tmp_path, caplog):
+    # Prepare: privacidad.csv without the run folders it names
+    (tmp_path / "privacidad.csv").write_bytes((RESULTS / "privacidad.csv").read_bytes())
+
+    # Execute
+    tables = render_tables(tmp_path)
+
+    # Assert: the privacy table is drawn, the per-run one is not, and the warning names the missing file
+    assert "privacidad" in tables and "privacidad_estabilidad" not in tables
+    assert "metricas_por_ronda.csv is missing" in caplog.text and "privacidad_K100_ref_s43" in caplog.text

@@ -366,3 +366,51 @@ def test_ceiling_table_refuses_rows_without_its_columns():
 
     with pytest.raises(rt.StaleResults, match="best_epoch"):
         rt.ceiling_table(rows)
+
+
+def _round(n, accuracy="", loss="0.5", sampled=10, replies=10):
+    return {"round": str(n), "test_accuracy": accuracy, "train_loss": loss, "num_sampled": str(sampled),
+            "num_replies": str(replies)}
+
+
+def test_privacy_stability_table_by_hand():
+    # Prepare: a 120-round run evaluated every 10 rounds: 92 % first at 20, lost at 40, held from 60; 95 % at
+    # 100 and 120 (so held from 100); two replies lost in round 5 and one in round 110; a non-finite and
+    # a huge mean training loss in rounds 90 and 115; a round with no reply has no loss
+    accuracy = {10: 0.90, 20: 0.925, 30: 0.93, 40: 0.91, 50: 0.91, 60: 0.92, 70: 0.93, 80: 0.94, 90: 0.94,
+                100: 0.95, 110: 0.96, 120: 0.955}
+    metrics = [_round(n, str(accuracy.get(n, "")), loss) for n, loss in
+               ((n, {90: "inf", 115: "1e12"}.get(n, "0.5")) for n in range(1, 121))]
+    metrics[4] = _round(5, loss="0.3", replies=8)
+    metrics[109] = _round(110, str(accuracy[110]), loss="0.4", replies=9)
+    metrics[119] = _round(120, str(accuracy[120]), loss="", replies=0)
+    row = {"clients": "100", "clients_per_round": "10", "target_epsilon": "8", "seed": "43"}
+    asked = []
+
+    def per_round(r):
+        asked.append(r["seed"])
+        return metrics
+
+    # Execute
+    table = rt.privacy_stability_table([row], per_round, at_round=60)
+    untimed = rt.privacy_stability_table([row], per_round)
+
+    # Assert: firsts and holds, accuracy at round 60, the slope of the last 100 rounds (10 evaluations),
+    # 13 lost replies in 3 rounds (1 of them in the last 50), 2 unstable rounds (both late), first at 5
+    import numpy as np
+
+    rounds = np.arange(30, 121, 10)
+    slope = np.polyfit(rounds, [accuracy[r] for r in rounds], 1)[0] * 100 * 100
+    cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert cells == ["100 (10)", "8", "43", "20 / 60", "100 / 100", "92.00", f"{slope:+.2f}", "13 (3; 2)",
+                     "2 (2)", "5", "0.50"]
+    assert asked == ["43", "43"]
+    assert "ronda 60" in table and "ronda 60" not in untimed and len(untimed.splitlines()[2].split("|")) == 12
+
+
+def test_privacy_stability_table_refuses_metrics_without_its_columns():
+    row = {"clients": "100", "clients_per_round": "10", "target_epsilon": "", "seed": "43"}
+
+    with pytest.raises(rt.StaleResults, match="num_replies"):
+        rt.privacy_stability_table([row], lambda r: [{"round": "1", "test_accuracy": "0.5", "train_loss": "1",
+                                                       "num_sampled": "10"}])

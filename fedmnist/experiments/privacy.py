@@ -18,6 +18,7 @@ stopped; the CSVs are rewritten after every run.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,17 @@ class PrivacyCase:
     def label(self) -> str:
         """``K1000_ref`` or ``K1000_eps8``: the runs' directory stem."""
         return f"K{self.clients}_" + ("ref" if self.target_epsilon is None else f"eps{self.target_epsilon:g}")
+
+
+def case_of(row: Mapping[str, str]) -> PrivacyCase:
+    """The case a ``privacidad.csv`` row was run for."""
+    target = row["target_epsilon"]
+    return PrivacyCase(int(row["clients"]), None if target == "" else float(target), int(row["rounds"]))
+
+
+def run_dir(out_dir: Path, case: PrivacyCase, seed: int | str) -> Path:
+    """Where one final run lives: ``simulaciones/privacidad_K1000_eps8_s43``."""
+    return Path(out_dir) / "simulaciones" / f"privacidad_{case.label}_s{seed}"
 
 
 def privacy_cases(profile: Profile) -> list[PrivacyCase]:
@@ -150,8 +162,8 @@ def run_privacy(profile: Profile, mnist, out_dir: Path, trainer, full_test, say)
         seeds_curves = []
         for seed in profile.dp_seeds:
             config = final_config(profile, case, seed, chosen)
-            run = simulate(config, mnist, out_dir / "simulaciones" / f"privacidad_{case.label}_s{seed}", trainer,
-                           full_test, resume=True, final_from_records=True)
+            run = simulate(config, mnist, run_dir(out_dir, case, seed), trainer, full_test, resume=True,
+                           final_from_records=True)
             rows.append(result_row(case, config, run))
             seeds_curves.append(curves.as_curve(run["result"].curves()[METHOD]))
             say(f"  privacy {case.label} seed {seed}: {rows[-1]['final_accuracy']:.4f}, epsilon {rows[-1]['epsilon']}")
